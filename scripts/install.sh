@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Installs slam-fairseq and everything it runs with, on a fresh machine or beside a working set-up.
+#
+# - keeps a torch that imports (GPU machines bring their own); else installs torch==${TORCH_VERSION}
+#   by exact version, never letting pip resolve torch freely (that pulls GBs of CUDA packages);
+# - keeps a fairseq 0.12 that imports; else installs a Python-3.11-capable fairseq 0.12 build
+#   (ve-fairseq wheels for CPython 3.11/3.12, fairseq-fixed from source otherwise) WITHOUT its
+#   torchaudio requirement (torchaudio cannot load beside torch 2.13 CPU), plus fairseq's real deps;
+# - installs espeak-ng and sox (speech synthesis for the demo corpus and the tests) when run as root
+#   with apt-get;
+# - installs this package in editable mode, and pytest with --tests.
+#
+# Usage: bash scripts/install.sh [--tests]      (PYTHON=python3.11 TORCH_VERSION=2.13.0 to override)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+WITH_TESTS=0
+for argument in "$@"; do
+  case "$argument" in
+    --tests) WITH_TESTS=1 ;;
+    *) echo "install.sh: unknown argument $argument (expected --tests)" >&2; exit 2 ;;
+  esac
+done
+pip_install() { "$PYTHON" -m pip install --disable-pip-version-check -q "$@"; }
+say() { echo "[install] $*"; }
+
+# 1. Speech synthesis tools (Debian/Ubuntu).
+if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -d /usr/share/games/fortunes ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "apt-get install espeak-ng sox libsox-fmt-mp3 fortunes"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox libsox-fmt-mp3 fortunes >/dev/null
+  else
+    say "WARNING: espeak-ng/sox missing and no root apt-get: the demo corpus and speech tests need them"
+  fi
+fi
+
+# 2. PyTorch: keep a working one.
+if "$PYTHON" -c "import torch" 2>/dev/null; then
+  say "keeping torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+else
+  say "installing torch==$TORCH_VERSION"
+  pip_install "torch==$TORCH_VERSION"
+fi
+
+# 3. fairseq 0.12: keep a working one.
+FAIRSEQ_DEPS=(cffi cython "hydra-core>=1.3.2" omegaconf "numpy>=1.21.3" regex "sacrebleu>=1.4.12" tqdm bitarray scikit-learn packaging)
+if "$PYTHON" -c "import fairseq, fairseq.models, fairseq_cli.train" 2>/dev/null; then
+  say "keeping fairseq $("$PYTHON" -c 'import fairseq; print(fairseq.__version__)' 2>/dev/null)"
+else
+  if "$PYTHON" -m pip show -q fairseq >/dev/null 2>&1; then
+    say "the installed 'fairseq' does not import on this Python: replacing it"
+    "$PYTHON" -m pip uninstall -y -q fairseq
+  fi
+  PY_TAG=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+  case "$PY_TAG" in
+    311|312) FAIRSEQ_DIST="ve-fairseq==0.12.3" ;;
+    *) FAIRSEQ_DIST="fairseq-fixed==0.12.3.1" ;;
+  esac
+  say "installing $FAIRSEQ_DIST without torchaudio, and fairseq's other dependencies"
+  pip_install "${FAIRSEQ_DEPS[@]}"
+  pip_install --no-deps "$FAIRSEQ_DIST"
+  "$PYTHON" -c "import fairseq, fairseq.models, fairseq_cli.train" 2>/dev/null \
+    || { echo "install.sh: fairseq installed but does not import" >&2; exit 1; }
+fi
+
+# 4. This package (its requirements name neither torch nor fairseq, see setup.py).
+say "installing slam-fairseq (editable)"
+pip_install --no-build-isolation -e .
+if [ "$WITH_TESTS" = 1 ]; then pip_install pytest; fi
+"$PYTHON" -c "import slam_fairseq" 2>&1 | grep -v tensorboardX || true
+say "done"

@@ -1,0 +1,9 @@
+"""slam-fairseq: SLAM (speech + text jointly pre-trained Conformer encoder) as a fairseq user dir.
+
+``fairseq-train --user-dir slam_fairseq`` imports this package, which registers the tasks, models
+and criterions below with fairseq.
+"""
+from slam_fairseq import compat  # noqa: F401  (first: fixes fairseq 0.12 on today's torch and numpy)
+from slam_fairseq import criterions, models, tasks  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""Narrow fixes that let fairseq 0.12 run on today's PyTorch and NumPy, applied on plugin import.
+
+- PyTorch >= 2.6 loads checkpoints with ``weights_only=True``; fairseq 0.12 checkpoints written
+  from the command line may hold an ``argparse.Namespace`` (``args``) and NumPy scalars in logged
+  meters. We allow-list exactly those types instead of switching the safe loader off.
+- fairseq's on-the-fly filterbanks need pyKaldi or torchaudio; we plug in kaldi-native-fbank.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SAFE_TYPES = [argparse.Namespace]
+
+
+def _numpy_scalar_types() -> list:
+    types = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
+    try:
+        from numpy._core.multiarray import scalar  # numpy 2
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar  # type: ignore
+    return types + [scalar]
+
+
+def allow_fairseq_checkpoint_types() -> None:
+    """Register the types fairseq checkpoints hold with torch's weights-only unpickler."""
+    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
+    if add_safe_globals is not None:
+        add_safe_globals(CHECKPOINT_SAFE_TYPES + _numpy_scalar_types())
+
+
+def install_fairseq_fbank_backend() -> None:
+    try:
+        from slam_fairseq.data.fairseq_audio_compat import install_fbank_backend
+    except ImportError:  # pragma: no cover - only while the shim is absent
+        return
+    install_fbank_backend()
+
+
+allow_fairseq_checkpoint_types()
+install_fairseq_fbank_backend()

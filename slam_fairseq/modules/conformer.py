@@ -1,0 +1,154 @@
+"""Conformer block (macaron FFN halves, self-attention, convolution, FFN half, LayerNorm).
+
+Differences from the textbook block, both required by SLAM's multimodal use:
+- the convolution module normalises with :class:`MaskedGroupNorm` instead of BatchNorm;
+- padded positions never reach a real one: the depthwise convolution sees zeros at padding and the
+  GroupNorm statistics are taken over real frames only, so a sequence gives the same output alone
+  or in a padded batch.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from slam_fairseq.modules.attention import RotarySelfAttention
+
+__all__ = ["ConformerLayer", "ConformerStack", "MaskedGroupNorm"]
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm over (channels-in-group x real time steps); padded steps do not enter the statistics.
+
+    Statistics are computed in float32 so fp16/bf16 training stays stable.
+    """
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """
+        Args:
+            x: (B, C, T).
+            padding_mask: (B, T) bool, True at padding.
+        """
+        batch_size, channels, length = x.shape
+        groups = self.num_groups
+        x_float = x.float().view(batch_size, groups, channels // groups, length)
+        real = (~padding_mask).to(torch.float32).view(batch_size, 1, 1, length)
+        count = real.sum(dim=(2, 3), keepdim=True).clamp(min=1.0) * (channels // groups)
+        mean = (x_float * real).sum(dim=(2, 3), keepdim=True) / count
+        variance = (((x_float - mean) * real) ** 2).sum(dim=(2, 3), keepdim=True) / count
+        normalized = ((x_float - mean) * torch.rsqrt(variance + self.eps)).view(batch_size, channels, length)
+        if self.affine:
+            normalized = normalized * self.weight.float()[None, :, None] + self.bias.float()[None, :, None]
+        return normalized.to(x.dtype)
+
+
+class _FeedForward(nn.Module):
+    """Pre-LayerNorm position-wise FFN with Swish (one macaron half; the 0.5 is applied by the layer)."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, dropout: float, activation_dropout: float) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.activation_dropout(F.silu(self.fc1(self.layer_norm(x))))
+        return self.dropout(self.fc2(hidden))
+
+
+class _ConvolutionModule(nn.Module):
+    """Pointwise conv + GLU, masked depthwise conv, masked GroupNorm, Swish, pointwise conv."""
+
+    def __init__(self, embed_dim: int, kernel_size: int, norm_groups: int, dropout: float) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"depthwise kernel_size must be odd, got {kernel_size}")
+        if embed_dim % norm_groups != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by conv_norm_groups {norm_groups}")
+        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.pointwise_in = nn.Linear(embed_dim, 2 * embed_dim)
+        self.depthwise = nn.Conv1d(embed_dim, embed_dim, kernel_size, padding=kernel_size // 2,
+                                   groups=embed_dim)
+        self.norm = MaskedGroupNorm(norm_groups, embed_dim)
+        self.pointwise_out = nn.Linear(embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D); padding_mask: (B, T). Returns (B, T, D)."""
+        hidden = F.glu(self.pointwise_in(self.layer_norm(x)), dim=-1)
+        hidden = hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0).transpose(1, 2)
+        hidden = F.silu(self.norm(self.depthwise(hidden), padding_mask))
+        return self.dropout(self.pointwise_out(hidden.transpose(1, 2)))
+
+
+class ConformerLayer(nn.Module):
+    """One macaron Conformer block.
+
+    Args:
+        embed_dim: model width D.
+        ffn_dim: hidden size of each feed-forward half.
+        num_heads: attention heads.
+        kernel_size: depthwise convolution kernel (odd).
+        conv_norm_groups: groups of the convolution module's GroupNorm.
+        dropout, attention_dropout, activation_dropout: as in fairseq.
+    """
+
+    def __init__(self, embed_dim: int, ffn_dim: int, num_heads: int, kernel_size: int,
+                 conv_norm_groups: int = 1, dropout: float = 0.1, attention_dropout: float = 0.1,
+                 activation_dropout: float = 0.1) -> None:
+        super().__init__()
+        self.ffn_first = _FeedForward(embed_dim, ffn_dim, dropout, activation_dropout)
+        self.attention_norm = nn.LayerNorm(embed_dim)
+        self.attention = RotarySelfAttention(embed_dim, num_heads, attention_dropout)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.convolution = _ConvolutionModule(embed_dim, kernel_size, conv_norm_groups, dropout)
+        self.ffn_second = _FeedForward(embed_dim, ffn_dim, dropout, activation_dropout)
+        self.final_norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D); padding_mask: (B, T) bool, True at padding. Returns (B, T, D)."""
+        x = x + 0.5 * self.ffn_first(x)
+        x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask))
+        x = x + self.convolution(x, padding_mask)
+        x = x + 0.5 * self.ffn_second(x)
+        return self.final_norm(x)
+
+
+class ConformerStack(nn.Module):
+    """A stack of :class:`ConformerLayer`, optionally with activation checkpointing per layer.
+
+    Args:
+        num_layers: number of blocks.
+        checkpoint_activations: recompute each block in backward (``torch.utils.checkpoint``) to
+            trade compute for memory on large presets.
+        other arguments: see :class:`ConformerLayer`.
+    """
+
+    def __init__(self, num_layers: int, embed_dim: int, ffn_dim: int, num_heads: int,
+                 kernel_size: int, conv_norm_groups: int = 1, dropout: float = 0.1,
+                 attention_dropout: float = 0.1, activation_dropout: float = 0.1,
+                 checkpoint_activations: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            ConformerLayer(embed_dim, ffn_dim, num_heads, kernel_size, conv_norm_groups, dropout,
+                           attention_dropout, activation_dropout)
+            for _ in range(num_layers))
+        self.checkpoint_activations = checkpoint_activations
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
+                return_all_hiddens: bool = False) -> List[torch.Tensor]:
+        """x: (B, T, D). Returns the outputs of every layer (or only the last, in a list)."""
+        hiddens = []
+        for layer in self.layers:
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, padding_mask, use_reentrant=False)
+            else:
+                x = layer(x, padding_mask)
+            if return_all_hiddens:
+                hiddens.append(x)
+        return hiddens if return_all_hiddens else [x]

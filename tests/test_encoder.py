@@ -1,0 +1,190 @@
+"""The SLAM encoder's properties: exact lengths, no padding leak, GroupNorm, sizes, gradients."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from torch import nn
+
+from slam_fairseq.encoders.slam_encoder import SlamEncoder, SlamEncoderSizes
+from slam_fairseq.models.slam import SlamConfig, build_slam_encoder, config_from, slam_paper, slam_tiny
+from slam_fairseq.modules.conformer import ConformerStack, MaskedGroupNorm
+from slam_fairseq.modules.subsampling import Conv2dSubsampling, subsampled_lengths
+
+PAD = 1
+
+
+def tiny_encoder(**overrides) -> SlamEncoder:
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=50, padding_idx=PAD, embed_dim=32, ffn_dim=64, num_heads=4, kernel_size=5,
+                 speech_layers=2, multimodal_layers=2, conv_channels=8, conv_norm_groups=4)
+    sizes.update(overrides)
+    return SlamEncoder(SlamEncoderSizes(**sizes)).eval()
+
+
+@pytest.mark.parametrize("length", [7, 8, 9, 10, 11, 50, 51, 52, 53, 400, 1001])
+def test_subsampled_lengths_match_the_convolutions(length):
+    subsampling = Conv2dSubsampling(80, 4, 16)
+    output, output_lengths = subsampling(torch.randn(1, length, 80), torch.tensor([length]))
+    assert output.shape[1] == output_lengths.item() == subsampled_lengths(torch.tensor(length)).item()
+    # closed form: two floor((L - 3) / 2) + 1
+    assert output.shape[1] == ((length - 3) // 2 + 1 - 3) // 2 + 1
+
+
+def test_too_short_speech_is_refused():
+    with pytest.raises(ValueError, match="too short"):
+        Conv2dSubsampling(80, 4, 16)(torch.randn(1, 6, 80), torch.tensor([6]))
+
+
+def _padded_speech(lengths):
+    features = torch.randn(len(lengths), max(lengths), 80)
+    for row, length in enumerate(lengths):
+        features[row, length:] = 1e3 * torch.randn(max(lengths) - length, 80)  # loud garbage padding
+    return features, torch.tensor(lengths)
+
+
+def test_speech_alone_equals_speech_in_a_padded_batch():
+    encoder = tiny_encoder()
+    features, lengths = _padded_speech([143, 61, 97])
+    speech_batch, joint_batch = encoder.encode_speech(features, lengths)
+    for row in range(3):
+        length = int(lengths[row])
+        speech_alone, joint_alone = encoder.encode_speech(features[row:row + 1, :length], lengths[row:row + 1])
+        real = joint_alone.output.shape[1]
+        assert torch.allclose(joint_alone.output[0], joint_batch.output[row, :real], atol=1e-5)
+        assert torch.allclose(speech_alone.output[0], speech_batch.output[row, :real], atol=1e-5)
+        assert not joint_batch.padding_mask[row, :real].any() and joint_batch.padding_mask[row, real:].all()
+
+
+def test_text_alone_equals_text_in_a_padded_batch():
+    encoder = tiny_encoder()
+    tokens = torch.randint(4, 50, (3, 17))
+    lengths = [17, 5, 11]
+    for row, length in enumerate(lengths):
+        tokens[row, length:] = PAD
+    batch = encoder.encode_text(tokens)
+    for row, length in enumerate(lengths):
+        alone = encoder.encode_text(tokens[row:row + 1, :length])
+        assert torch.allclose(alone.output[0], batch.output[row, :length], atol=1e-5)
+
+
+def test_pair_alone_equals_pair_in_a_padded_batch_and_parts_are_recovered():
+    encoder = tiny_encoder()
+    features, lengths = _padded_speech([90, 40, 70])
+    tokens = torch.randint(4, 50, (3, 9))
+    text_lengths = [3, 9, 6]
+    for row, length in enumerate(text_lengths):
+        tokens[row, length:] = PAD
+    _, batch = encoder.encode_pair(features, lengths, tokens)
+    text_part, speech_part = batch.text_part(), batch.speech_part()
+    for row in range(3):
+        _, alone = encoder.encode_pair(features[row:row + 1, :lengths[row]], lengths[row:row + 1],
+                                       tokens[row:row + 1, :text_lengths[row]])
+        real = alone.output.shape[1]
+        assert real == int(batch.speech_lengths[row]) + text_lengths[row]
+        assert torch.allclose(alone.output[0], batch.output[row, :real], atol=1e-5)
+        assert torch.allclose(alone.text_part()[0], text_part[row, :text_lengths[row]], atol=1e-5)
+        speech_length = int(batch.speech_lengths[row])
+        assert torch.allclose(alone.speech_part()[0], speech_part[row, :speech_length], atol=1e-5)
+
+
+def test_masked_group_norm_ignores_padding_and_matches_group_norm_without_it():
+    norm = MaskedGroupNorm(4, 8)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 30)
+    no_padding = torch.zeros(2, 30, dtype=torch.bool)
+    assert torch.allclose(norm(x, no_padding), nn.GroupNorm.forward(norm, x), atol=1e-5)
+    padding = no_padding.clone()
+    padding[:, 20:] = True
+    garbage = x.clone()
+    garbage[:, :, 20:] = 1e4
+    assert torch.allclose(norm(garbage, padding)[:, :, :20], nn.GroupNorm.forward(norm, x[:, :, :20]), atol=1e-4)
+
+
+def test_group_norm_in_every_convolution_module_and_no_batch_norm_anywhere():
+    encoder = tiny_encoder()
+    modules = list(encoder.modules())
+    assert not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in modules)
+    group_norms = [module for module in modules if isinstance(module, nn.GroupNorm)]
+    assert len(group_norms) == 4  # one per Conformer layer: 2 speech + 2 multimodal
+    assert all(isinstance(module, MaskedGroupNorm) for module in group_norms)
+
+
+def _preset_config(preset) -> SlamConfig:
+    namespace = argparse.Namespace()
+    preset(namespace)
+    return config_from(namespace, SlamConfig)
+
+
+def test_slam_paper_has_about_0_6_billion_parameters():
+    cfg = _preset_config(slam_paper)
+    assert (cfg.speech_encoder_layers, cfg.multimodal_encoder_layers, cfg.encoder_embed_dim,
+            cfg.encoder_ffn_embed_dim, cfg.conv_kernel_size, cfg.encoder_attention_heads) == (8, 16, 1024, 4096, 5, 8)
+    with torch.device("meta"):
+        encoder = build_slam_encoder(cfg, 32000, PAD)
+    count = sum(parameter.numel() for parameter in encoder.parameters())
+    assert 0.55e9 < count < 0.65e9, count
+
+
+def test_slam_tiny_is_small_and_a_preset_keeps_explicit_values():
+    cfg = _preset_config(slam_tiny)
+    assert cfg.encoder_embed_dim == 64 and cfg.speech_encoder_layers == 2
+    explicit = argparse.Namespace(encoder_embed_dim=128)
+    slam_tiny(explicit)
+    assert config_from(explicit, SlamConfig).encoder_embed_dim == 128
+
+
+def test_gradients_reach_every_parameter_through_speech_text_and_pairs():
+    encoder = tiny_encoder()
+    encoder.train()
+    features, lengths = _padded_speech([60, 44])
+    tokens = torch.randint(4, 50, (2, 6))
+    speech, joint = encoder.encode_pair(features, lengths, tokens, frame_mask=torch.rand(2, 14) < 0.5)
+    loss = joint.output.pow(2).mean() + speech.output.pow(2).mean()
+    loss.backward()
+    missing = [name for name, parameter in encoder.named_parameters()
+               if parameter.grad is None or not parameter.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    no_dropout = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    plain, checkpointed = tiny_encoder(**no_dropout), tiny_encoder(checkpoint_activations=True, **no_dropout)
+    checkpointed.load_state_dict(plain.state_dict())
+    features, lengths = _padded_speech([50, 33])
+    gradients = []
+    for encoder in (plain, checkpointed):
+        encoder.train()
+        for module in encoder.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        encoder.zero_grad()
+        encoder(features, lengths).output.sum().backward()
+        gradients.append([p.grad.clone() for p in encoder.parameters() if p.grad is not None])
+    assert len(gradients[0]) == len(gradients[1])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*gradients))
+
+
+def test_bf16_forward_is_finite_and_close_to_fp32():
+    encoder = tiny_encoder()
+    features, lengths = _padded_speech([60, 40])
+    reference = encoder(features, lengths).output
+    low = tiny_encoder().to(torch.bfloat16)
+    low.load_state_dict(encoder.state_dict())
+    output = low(features.bfloat16(), lengths).output.float()
+    assert torch.isfinite(output).all()
+    assert (output - reference).abs().mean() < 0.1 * reference.abs().mean()
+
+
+def test_text_longer_than_max_text_positions_is_refused():
+    encoder = tiny_encoder(max_text_positions=8)
+    with pytest.raises(ValueError, match="max_text_positions"):
+        encoder.encode_text(torch.randint(4, 50, (1, 9)))
+
+
+def test_stack_returns_every_layer_when_asked():
+    stack = ConformerStack(3, 16, 32, 2, 3).eval()
+    hiddens = stack(torch.randn(1, 10, 16), torch.zeros(1, 10, dtype=torch.bool), return_all_hiddens=True)
+    assert len(hiddens) == 3 and not torch.allclose(hiddens[0], hiddens[2])
