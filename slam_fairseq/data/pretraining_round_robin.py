@@ -1,0 +1,200 @@
+"""One update = one batch of every modality: the round-robin zip behind ``slam_pretraining``.
+
+Each modality is batched on its own (``make_modality_batches``: sorted by size, fairseq's
+``data_utils.batch_by_size`` with that modality's limits, never rounded to a batch-size multiple,
+so the last batch is kept). :class:`RoundRobinBatchDataset` then zips them: its item ``(epoch,
+step)`` is the list of examples of step ``step`` for every modality, and its collater returns
+``{"speech": ..., "text": ..., "pair": ...}`` (``docs/pretraining_batches.md``).
+
+- Training (``cycle=True``): an epoch is one pass over the *epoch modality* (by default the one
+  with the most batches); every other modality is cycled: its batches are visited in a fresh
+  random order each cycle, and the cycles continue across epochs (step ``s`` of epoch ``e`` is
+  position ``(e - 1) * steps + s`` of every modality's endless cycle), so every batch of a small
+  modality is seen equally often.
+- Validation (``cycle=False``): every batch of every modality once; steps past a modality's last
+  batch leave that modality out. The masks are those of epoch 1 at every validation (fairseq
+  reuses one validation iterator and counts its epochs up), so validation losses are comparable.
+
+The batch list handed to fairseq's :class:`EpochBatchIterator` is ``[[(epoch, step)], ...]``,
+rebuilt every epoch (a callable batch sampler). fairseq shuffles it, shards it over GPUs and
+checkpoints the position in it as usual, so ``--restore-file`` resumes mid-epoch. Because the
+epoch travels in the key, masks and cycle positions never depend on state held by data-loader
+workers (which fairseq keeps alive across epochs).
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from fairseq.data import FairseqDataset, data_utils, iterators
+
+from slam_fairseq.data.pretraining_modality_dataset import PretrainingModalityDataset
+from slam_fairseq.data.pretraining_seeding import BATCH_CYCLE_ORDER, masking_rng
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODALITIES", "make_modality_batches", "RoundRobinBatchDataset",
+           "RoundRobinEpochBatchIterator"]
+
+MODALITIES = ("speech", "text", "pair")
+StepKey = Tuple[int, int]
+
+
+def make_modality_batches(dataset: PretrainingModalityDataset, max_tokens: Optional[int],
+                          max_sentences: Optional[int], max_positions: Tuple[int, int],
+                          seed: int) -> List[np.ndarray]:
+    """Batches of one modality, by size; too long examples are skipped with a counted warning.
+
+    Args:
+        dataset: a speech, text or pair dataset.
+        max_tokens: size limit of a padded batch (frames for speech and pairs, tokens for text).
+        max_sentences: examples per batch.
+        max_positions: (speech frames, text tokens) an example may have.
+        seed: orders ties among equal sizes.
+    Returns:
+        a list of (B_i,) int64 index arrays.
+    """
+    with data_utils.numpy_seed(seed):
+        indices = dataset.ordered_indices()
+    too_long = dataset.max_size_exceeded(max_positions)[indices]
+    if too_long.any():
+        logger.warning(f"{dataset.name}: skipped {int(too_long.sum())} of {len(indices)} {dataset.modality} "
+                       f"examples longer than max positions ({max_positions[0]} speech frames "
+                       f"(--max-source-positions), {max_positions[1]} text tokens (--max-text-positions))")
+        indices = indices[~too_long]
+    if max_tokens is not None:
+        too_big = dataset.sizes[indices] > max_tokens
+        if too_big.any():
+            logger.warning(f"{dataset.name}: skipped {int(too_big.sum())} {dataset.modality} examples "
+                           f"larger than a whole batch ({max_tokens} max tokens)")
+            indices = indices[~too_big]
+    if len(indices) == 0:
+        raise ValueError(f"{dataset.name}: every {dataset.modality} example was skipped "
+                         "(see the warnings above): raise the length or batch limits")
+    return data_utils.batch_by_size(indices, dataset.num_tokens, num_tokens_vec=dataset.sizes[indices],
+                                    max_tokens=max_tokens, max_sentences=max_sentences,
+                                    required_batch_size_multiple=1)
+
+
+class RoundRobinBatchDataset(FairseqDataset):
+    """Zip of per-modality batches; one item per update (see the module docstring).
+
+    Args:
+        datasets: modality name -> dataset, in :data:`MODALITIES` order.
+        seed: the run's seed (cycle orders).
+        cycle: cycle the smaller modalities (training) or visit every batch once (validation).
+        epoch_modality: ``largest`` or a modality name: the modality one epoch passes over once.
+    """
+
+    def __init__(self, datasets: Dict[str, PretrainingModalityDataset], seed: int, cycle: bool = True,
+                 epoch_modality: str = "largest") -> None:
+        super().__init__()
+        if not datasets:
+            raise ValueError("no pre-training data to zip")
+        unknown = set(datasets) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"unknown modalities {sorted(unknown)}; expected some of {MODALITIES}")
+        self.datasets = OrderedDict((name, datasets[name]) for name in MODALITIES if name in datasets)
+        if epoch_modality != "largest" and epoch_modality not in self.datasets:
+            raise ValueError(f"epoch modality {epoch_modality!r} has no data here (have {list(self.datasets)})")
+        self.seed = int(seed)
+        self.cycle = cycle
+        self.epoch_modality_choice = epoch_modality
+        self.batches: Dict[str, List[np.ndarray]] = {}
+        self.epoch_modality = ""
+        self.num_steps = 0
+        self._cycle_orders: Dict[Tuple[str, int], np.ndarray] = {}
+
+    # -- planning ------------------------------------------------------------------------------
+    def set_batches(self, batches: Dict[str, Sequence[np.ndarray]]) -> None:
+        """Install each modality's batches (from :func:`make_modality_batches`)."""
+        if set(batches) != set(self.datasets):
+            raise ValueError(f"batches for {sorted(batches)}, datasets for {sorted(self.datasets)}")
+        self.batches = {name: [np.asarray(b, dtype=np.int64) for b in batches[name]] for name in self.datasets}
+        if self.epoch_modality_choice == "largest":
+            self.epoch_modality = max(self.datasets, key=lambda name: len(self.batches[name]))
+        else:
+            self.epoch_modality = self.epoch_modality_choice
+        counts = {name: len(self.batches[name]) for name in self.datasets}
+        self.num_steps = max(counts.values()) if not self.cycle else counts[self.epoch_modality]
+        self._cycle_orders = {}
+        logger.info(f"round robin over {counts} batches: {self.num_steps} steps per epoch"
+                    + (f" (one pass over {self.epoch_modality}, the others cycled)" if self.cycle else ""))
+
+    def _cycle_order(self, name: str, cycle: int) -> np.ndarray:
+        key = (name, cycle)
+        if key not in self._cycle_orders:
+            if len(self._cycle_orders) > 4 * len(MODALITIES):
+                self._cycle_orders.clear()
+            rng = masking_rng(self.seed, 1, cycle, BATCH_CYCLE_ORDER, extra=[MODALITIES.index(name)])
+            self._cycle_orders[key] = rng.permutation(len(self.batches[name]))
+        return self._cycle_orders[key]
+
+    def step_indices(self, epoch: int, step: int) -> Dict[str, np.ndarray]:
+        """Example indices of every modality at ``step`` of ``epoch`` (1-based epoch)."""
+        chosen = {}
+        for name in self.datasets:
+            count = len(self.batches[name])
+            if not self.cycle:
+                if step < count:
+                    chosen[name] = self.batches[name][step]
+                continue
+            position = (epoch - 1) * self.num_steps + step
+            order = self._cycle_order(name, position // count)
+            chosen[name] = self.batches[name][order[position % count]]
+        return chosen
+
+    def batch_sampler(self, dataset, epoch: int) -> List[List[StepKey]]:
+        """fairseq's callable batch sampler: one single-key "batch" per step of ``epoch``."""
+        if not self.num_steps:
+            raise RuntimeError("RoundRobinBatchDataset.set_batches was not called")
+        epoch = int(epoch) if self.cycle else 1  # validation: the same masks at every validation
+        return [[(epoch, step)] for step in range(self.num_steps)]
+
+    # -- FairseqDataset ------------------------------------------------------------------------
+    def __getitem__(self, key: StepKey) -> Dict[str, List[Dict[str, Any]]]:
+        epoch, step = key
+        return {name: [self.datasets[name].get_item(int(index), epoch) for index in indices]
+                for name, indices in self.step_indices(epoch, step).items()}
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def collater(self, samples: List[Dict[str, List[Dict[str, Any]]]]) -> Dict[str, Any]:
+        if not samples:
+            return {}  # an empty shard slot: fairseq turns it into a dummy batch
+        if len(samples) != 1:
+            raise ValueError(f"a round-robin batch is one step, got {len(samples)}")
+        return {name: self.datasets[name].collater(items) for name, items in samples[0].items()}
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        for dataset in self.datasets.values():
+            dataset.set_epoch(epoch)
+
+    @property
+    def can_reuse_epoch_itr_across_epochs(self) -> bool:
+        return True
+
+    def num_tokens(self, key: StepKey) -> int:
+        epoch, step = key
+        return int(sum(self.datasets[name].sizes[indices].sum()
+                       for name, indices in self.step_indices(epoch, step).items()))
+
+    def size(self, key: StepKey) -> int:
+        return self.num_tokens(key)
+
+
+class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
+    """fairseq's ``EpochBatchIterator`` over a :class:`RoundRobinBatchDataset`.
+
+    The only change: loading a state of another epoch drops the cached batch list, so the keys
+    carry the restored epoch (fairseq refreshes it on ``next_epoch_itr`` only).
+    """
+
+    def load_state_dict(self, state_dict):
+        if state_dict.get("epoch", self.epoch) != self.epoch:
+            self._frozen_batches = None
+        return super().load_state_dict(state_dict)

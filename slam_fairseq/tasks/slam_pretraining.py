@@ -1,0 +1,435 @@
+"""Task ``slam_pretraining``: SLAM's speech + text + pairs pre-training, in two stages.
+
+Data (``docs/data_formats.md``): ``DATA/speech_<split>.tsv`` (MSM), ``DATA/text_<split>.{bin,idx}``
+or ``.txt`` (span masking), ``DATA/pair_<split>.tsv`` (TLM + STM), ``DATA/config.yaml`` (dictionary,
+SentencePiece model, optional global CMVN). Every modality is optional; the ones the schedule needs
+must be there (checked at setup).
+
+One update = one batch of every *active* modality (``docs/pretraining_batches.md``). The task's
+``train_step`` runs the criterion once per modality (``{"speech": batch}``, then ``{"text":
+batch}``, then ``{"pair": batch}``) with a backward pass after each, so memory holds one
+modality's graph at a time and the update's gradient is the sum of the per-modality gradients.
+
+Schedule: before update ``--stage2-start-update N`` (0-based count of finished updates) the
+``--stage1-modalities`` are active (speech, text: MSM + span masking); from update N on the
+``--stage2-modalities`` (adding pairs: TLM + STM). The stage is a function of the update number,
+so a resumed run is in the right stage. ``-1`` (default) means stage 1 only.
+
+Batching: each modality is batched on its own, ``--max-tokens-{speech,text,pair}`` (feature frames
+for speech and pairs, tokens for text) and ``--max-sentences-{speech,text,pair}``; where one is
+unset, fairseq's ``--max-tokens`` / ``--batch-size`` apply to that modality. An epoch is one pass
+over ``--epoch-modality`` (default: the modality with the most batches); the others are cycled.
+"""
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II, MISSING
+
+from slam_fairseq.data.manifest_format import pair_manifest_name, speech_manifest_name
+from slam_fairseq.data.pretraining_data_config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
+from slam_fairseq.data.pretraining_frame_masking import FrameMaskingSettings, expected_masked_fraction
+from slam_fairseq.data.pretraining_pair_dataset import PretrainingPairDataset
+from slam_fairseq.data.pretraining_round_robin import (MODALITIES, RoundRobinBatchDataset,
+                                                       RoundRobinEpochBatchIterator,
+                                                       make_modality_batches)
+from slam_fairseq.data.pretraining_span_masking import (SPAN_DISTRIBUTIONS, SpanMaskingSettings,
+                                                        TextVocabulary)
+from slam_fairseq.data.pretraining_speech_dataset import (PretrainingSpeechDataset, SpeechFeatureReader,
+                                                          read_speech_rows)
+from slam_fairseq.data.pretraining_text_dataset import (PretrainingTextDataset, load_text_tokens,
+                                                        text_source_paths)
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = {"speech": "MSM", "text": "span masking", "pair": "TLM + STM"}
+
+
+def _option(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class SlamPretrainingConfig(FairseqDataclass):
+    data: str = _option(MISSING, "data directory (config.yaml, speech_/text_/pair_<split> files)")
+
+    # -- schedule ---------------------------------------------------------------------------------
+    stage1_modalities: str = _option(
+        "speech,text", "comma-separated modalities of stage 1 (speech: MSM, text: span masking, pair: TLM + STM)")
+    stage2_modalities: str = _option("speech,text,pair", "comma-separated modalities of stage 2")
+    stage2_start_update: int = _option(
+        -1, "stage 2 is active once this many updates are done (0: from the start; -1: never, stage 1 only)")
+    epoch_modality: ChoiceEnum(["largest", *MODALITIES]) = _option(
+        "largest", "the modality one epoch passes over once (largest: the one with the most batches); "
+                   "the others are cycled")
+
+    # -- batching ---------------------------------------------------------------------------------
+    max_tokens_speech: Optional[int] = _option(None, "feature frames per speech batch (default --max-tokens)")
+    max_tokens_text: Optional[int] = _option(None, "tokens per text batch (default --max-tokens)")
+    max_tokens_pair: Optional[int] = _option(None, "feature frames per pair batch (default --max-tokens)")
+    max_sentences_speech: Optional[int] = _option(None, "utterances per speech batch (default --batch-size)")
+    max_sentences_text: Optional[int] = _option(None, "sentences per text batch (default --batch-size)")
+    max_sentences_pair: Optional[int] = _option(None, "pairs per pair batch (default --batch-size)")
+    max_source_positions: int = _option(
+        6000, "longest speech input in feature frames; longer ones are skipped (counted)")
+    max_text_positions: int = _option(
+        1024, "longest text in tokens (eos included); longer ones are skipped (counted)")
+    feature_normalization: ChoiceEnum(FEATURE_NORMALIZATIONS) = _option(
+        "auto", "auto: global CMVN when config.yaml names stats, else per utterance")
+
+    # -- text span masking (SpanBERT) -------------------------------------------------------------
+    text_mask_prob: float = _option(0.15, "fraction of text tokens masked")
+    text_span_length: int = _option(5, "span length (fixed distribution)")
+    text_span_distribution: ChoiceEnum(SPAN_DISTRIBUTIONS) = _option(
+        "fixed", "fixed spans of --text-span-length, or SpanBERT's geometric lengths")
+    text_span_geometric_p: float = _option(0.2, "geometric distribution's p (SpanBERT: 0.2)")
+    text_span_max_length: int = _option(10, "longest geometric span (SpanBERT: 10)")
+    text_random_token_prob: float = _option(0.1, "share of masked tokens replaced by a random token")
+    text_leave_unmasked_prob: float = _option(0.1, "share of masked tokens left unchanged")
+
+    # -- MSM (w2v-BERT) ---------------------------------------------------------------------------
+    speech_mask_prob: float = _option(
+        0.065, "probability that a subsampled frame starts a masked span (0.065 x 10: about 49%)")
+    speech_mask_length: int = _option(10, "masked span length in subsampled frames")
+
+    # -- TLM and STM ------------------------------------------------------------------------------
+    tlm_text_mask_prob: float = _option(0.5, "fraction of a pair's text tokens masked")
+    tlm_text_span_length: int = _option(5, "TLM text span length")
+    tlm_speech_mask_prob: float = _option(
+        0.13, "TLM span start probability over subsampled frames (0.13 x 10: about 75%)")
+    tlm_speech_mask_length: int = _option(10, "TLM masked span length")
+    stm_negative_prob: float = _option(
+        0.5, "share of pair rows re-paired with another row's transcript (STM negatives)")
+
+    # -- from the rest of the configuration -------------------------------------------------------
+    seed: int = II("common.seed")
+    max_update: int = II("optimization.max_update")
+    train_subset: str = II("dataset.train_subset")
+
+
+def parse_modalities(value: str, option: str) -> Tuple[str, ...]:
+    names = [name.strip() for name in str(value).split(",") if name.strip()]
+    unknown = [name for name in names if name not in MODALITIES]
+    if unknown or not names:
+        raise ValueError(f"{option}: {value!r} must be a comma-separated subset of {MODALITIES}")
+    return tuple(name for name in MODALITIES if name in names)
+
+
+def _objectives(modalities) -> str:
+    return ", ".join(OBJECTIVES[name] for name in MODALITIES if name in modalities) or "nothing"
+
+
+def _is_fully_sharded(model) -> bool:
+    return "FullySharded" in type(model).__name__
+
+
+def merge_logging_outputs(outputs: List[Dict[str, Any]], sample_size: int) -> Dict[str, Any]:
+    """Sum the per-modality logging outputs key by key (as fairseq sums them across GPUs);
+    ``sample_size`` becomes the step's (1: the per-modality losses are summed, not averaged)."""
+    merged: Dict[str, Any] = {}
+    for output in outputs:
+        for key, value in output.items():
+            merged[key] = merged[key] + value if key in merged else value
+    if "sample_size" in merged:
+        merged["sample_size"] = sample_size
+    return merged
+
+
+@register_task("slam_pretraining", dataclass=SlamPretrainingConfig)
+class SlamPretrainingTask(FairseqTask):
+    """See the module docstring. ``source_dictionary`` is the data dictionary plus ``<mask>``."""
+
+    cfg: SlamPretrainingConfig
+
+    def __init__(self, cfg: SlamPretrainingConfig, data_config: PretrainingDataConfig) -> None:
+        super().__init__(cfg)
+        self.data_config = data_config
+        self.dictionary = data_config.dictionary
+        self.vocabulary = TextVocabulary.from_dictionary(self.dictionary)
+        self.stage1_modalities = parse_modalities(cfg.stage1_modalities, "--stage1-modalities")
+        self.stage2_modalities = parse_modalities(cfg.stage2_modalities, "--stage2-modalities")
+        self.loaded_modalities = tuple(
+            name for name in MODALITIES if name in self.stage1_modalities
+            or (self.stage2_reachable and name in self.stage2_modalities))
+        self.text_masking = SpanMaskingSettings(
+            cfg.text_mask_prob, cfg.text_span_length, str(cfg.text_span_distribution), cfg.text_span_geometric_p,
+            cfg.text_span_max_length, cfg.text_random_token_prob, cfg.text_leave_unmasked_prob)
+        self.tlm_text_masking = SpanMaskingSettings(
+            cfg.tlm_text_mask_prob, cfg.tlm_text_span_length, str(cfg.text_span_distribution),
+            cfg.text_span_geometric_p, cfg.text_span_max_length, cfg.text_random_token_prob,
+            cfg.text_leave_unmasked_prob)
+        self.speech_masking = FrameMaskingSettings(cfg.speech_mask_prob, cfg.speech_mask_length)
+        self.tlm_speech_masking = FrameMaskingSettings(cfg.tlm_speech_mask_prob, cfg.tlm_speech_mask_length)
+        self.model_max_positions: Optional[Tuple[int, int]] = None
+        self.num_updates_seen = 0
+        self._announced_stage: Optional[int] = None
+
+    # -- setup ------------------------------------------------------------------------------------
+    @classmethod
+    def setup_task(cls, cfg: SlamPretrainingConfig, **kwargs):
+        task = cls(cfg, PretrainingDataConfig(cfg.data, str(cfg.feature_normalization)))
+        task.check_training_data()
+        logger.info(f"dictionary: {len(task.dictionary)} symbols (<mask> = {task.vocabulary.mask}); "
+                    f"features: {task.data_config.describe_normalization()}")
+        logger.info(task.describe_schedule())
+        return task
+
+    @property
+    def stage2_reachable(self) -> bool:
+        start, max_update = int(self.cfg.stage2_start_update), int(self.cfg.max_update or 0)
+        return start >= 0 and (max_update <= 0 or start < max_update)
+
+    def describe_schedule(self) -> str:
+        cfg = self.cfg
+        masks = (f"masks: text {cfg.text_mask_prob:.0%} in {cfg.text_span_distribution} spans"
+                 + (f" of {cfg.text_span_length}" if str(cfg.text_span_distribution) == "fixed" else "")
+                 + f", MSM about {expected_masked_fraction(cfg.speech_mask_prob, cfg.speech_mask_length):.0%}"
+                 f" of frames, TLM {cfg.tlm_text_mask_prob:.0%} of text and about "
+                 f"{expected_masked_fraction(cfg.tlm_speech_mask_prob, cfg.tlm_speech_mask_length):.0%} of frames")
+        stage1 = f"stage 1: {_objectives(self.stage1_modalities)}"
+        stage2 = f"stage 2: {_objectives(self.stage2_modalities)}"
+        if not self.stage2_reachable:
+            never = "" if cfg.stage2_start_update < 0 else \
+                f" (--stage2-start-update {cfg.stage2_start_update} >= --max-update {cfg.max_update})"
+            return f"{stage1}; no stage 2{never}; {masks}"
+        if cfg.stage2_start_update == 0:
+            return f"{stage2} from the first update; {masks}"
+        return f"{stage1} for updates 0 .. {cfg.stage2_start_update - 1}, then {stage2}; {masks}"
+
+    def modality_files(self, split: str) -> Dict[str, List[str]]:
+        """The files each modality of ``split`` is read from (what must exist)."""
+        text = text_source_paths(self.cfg.data, split)
+        return {"speech": [str(self.data_config.data_dir / speech_manifest_name(split))],
+                "text": [f"{text['bin']} + {text['idx']}", str(text["txt"])],
+                "pair": [str(self.data_config.data_dir / pair_manifest_name(split))]}
+
+    def available_modalities(self, split: str) -> Tuple[str, ...]:
+        data_dir = self.data_config.data_dir
+        text = text_source_paths(self.cfg.data, split)
+        present = {
+            "speech": (data_dir / speech_manifest_name(split)).is_file(),
+            "text": (text["bin"].is_file() and text["idx"].is_file()) or text["txt"].is_file(),
+            "pair": (data_dir / pair_manifest_name(split)).is_file(),
+        }
+        return tuple(name for name in MODALITIES if present[name])
+
+    def check_training_data(self) -> None:
+        """Fail at setup, not mid-run, when the schedule needs data that is not there."""
+        split = self.cfg.train_subset
+        available = self.available_modalities(split)
+        files = self.modality_files(split)
+        stage1 = [name for name in self.stage1_modalities if name in available]
+        if not stage1:
+            wanted = "; ".join(f"{name}: {' or '.join(files[name])}" for name in self.stage1_modalities)
+            raise FileNotFoundError(f"no training data for stage 1 ({_objectives(self.stage1_modalities)}) "
+                                    f"in {self.cfg.data} for split {split!r}: expected {wanted}")
+        for name in self.stage1_modalities:
+            if name not in available:
+                logger.warning(f"stage 1 has no {name} data ({' or '.join(files[name])} missing): "
+                               f"{OBJECTIVES[name]} is left out")
+        if self.stage2_reachable:
+            for name in self.stage2_modalities:
+                if name not in available and name not in self.stage1_modalities:
+                    raise FileNotFoundError(
+                        f"stage 2 is configured (--stage2-start-update {self.cfg.stage2_start_update}, "
+                        f"--max-update {self.cfg.max_update}) and needs {name} data for {OBJECTIVES[name]}, "
+                        f"but {' or '.join(files[name])} does not exist; add it, or train stage 1 only "
+                        "with --stage2-start-update -1")
+
+    # -- data -------------------------------------------------------------------------------------
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs) -> None:
+        available = self.available_modalities(split)
+        modalities = [name for name in self.loaded_modalities if name in available]
+        if not modalities:
+            files = self.modality_files(split)
+            wanted = "; ".join(f"{name}: {' or '.join(files[name])}" for name in self.loaded_modalities)
+            raise FileNotFoundError(f"no pre-training data for split {split!r} in {self.cfg.data}: expected {wanted}")
+        missing = [name for name in self.loaded_modalities if name not in available]
+        if missing:
+            logger.info(f"split {split!r} has no {', '.join(missing)} data; using {', '.join(modalities)}")
+        datasets = {name: self._build_modality(name, split) for name in modalities}
+        for name, dataset in datasets.items():
+            logger.info(f"{split} {name}: {len(dataset)} examples from {dataset.name}")
+        is_train = split == self.cfg.train_subset
+        epoch_modality = str(self.cfg.epoch_modality)
+        if not is_train or epoch_modality not in datasets:
+            epoch_modality = "largest"
+        self.datasets[split] = RoundRobinBatchDataset(datasets, self.cfg.seed, cycle=is_train,
+                                                      epoch_modality=epoch_modality)
+
+    def _build_modality(self, name: str, split: str):
+        data_dir, seed = self.cfg.data, self.cfg.seed
+        transform, dim = self.data_config.feature_transform, self.data_config.input_feat_per_channel
+        if name == "speech":
+            rows = read_speech_rows(self.data_config.data_dir / speech_manifest_name(split))
+            return PretrainingSpeechDataset(SpeechFeatureReader(rows, data_dir, transform, dim),
+                                            self.speech_masking, seed)
+        if name == "text":
+            tokens = load_text_tokens(data_dir, split, self.dictionary, self.data_config.encode_lines)
+            return PretrainingTextDataset(tokens, self.vocabulary, self.text_masking, seed)
+        rows = read_speech_rows(self.data_config.data_dir / pair_manifest_name(split), need_transcript=True)
+        transcripts = self.data_config.encode_lines(rows.transcripts)
+        return PretrainingPairDataset(SpeechFeatureReader(rows, data_dir, transform, dim), transcripts,
+                                      self.vocabulary, self.tlm_text_masking, self.tlm_speech_masking,
+                                      self.cfg.stm_negative_prob, seed)
+
+    def position_limits(self) -> Tuple[int, int]:
+        """(speech frames, text tokens): the task's limits, lowered to the model's when known."""
+        limits = (int(self.cfg.max_source_positions), int(self.cfg.max_text_positions))
+        if self.model_max_positions is not None:
+            limits = tuple(min(a, int(b)) if b is not None else a for a, b in zip(limits, self.model_max_positions))
+        return limits
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1,
+                           num_shards=1, shard_id=0, num_workers=0, epoch=1, data_buffer_size=0,
+                           disable_iterator_cache=False, skip_remainder_batch=False,
+                           grouped_shuffling=False, update_epoch_batch_itr=False):
+        """fairseq's ``EpochBatchIterator`` over one round-robin step per batch.
+
+        Per-modality limits replace ``max_tokens``/``max_sentences`` where set. Lengths are limited
+        by ``--max-source-positions``/``--max-text-positions`` (and the model's): too long examples
+        are always skipped with a counted warning (also in validation), and ``max_positions``
+        (which fairseq mixes with ``--max-tokens``) and ``required_batch_size_multiple`` are
+        ignored, so no batch, the last included, is dropped.
+        """
+        if not isinstance(dataset, RoundRobinBatchDataset):
+            return super().get_batch_iterator(
+                dataset, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
+                required_batch_size_multiple, seed, num_shards, shard_id, num_workers, epoch,
+                data_buffer_size, disable_iterator_cache, skip_remainder_batch, grouped_shuffling,
+                update_epoch_batch_itr)
+        reuse = not disable_iterator_cache and not update_epoch_batch_itr
+        if reuse and dataset in self.dataset_to_epoch_iter:
+            return self.dataset_to_epoch_iter[dataset]
+        limits = self.position_limits()
+        batches = {}
+        for name, modality_dataset in dataset.datasets.items():
+            tokens = getattr(self.cfg, f"max_tokens_{name}")
+            sentences = getattr(self.cfg, f"max_sentences_{name}")
+            batches[name] = make_modality_batches(
+                modality_dataset, tokens if tokens is not None else max_tokens,
+                sentences if sentences is not None else max_sentences, limits, seed)
+        dataset.set_batches(batches)
+        dataset.set_epoch(epoch)
+        iterator = RoundRobinEpochBatchIterator(
+            dataset=dataset, collate_fn=dataset.collater, batch_sampler=dataset.batch_sampler,
+            seed=seed, num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+            buffer_size=data_buffer_size, skip_remainder_batch=skip_remainder_batch,
+            grouped_shuffling=grouped_shuffling, reuse_dataloader=True, persistent_workers=True)
+        if reuse:
+            self.dataset_to_epoch_iter[dataset] = iterator
+        return iterator
+
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        model = super().build_model(cfg, from_checkpoint)
+        if hasattr(model, "max_positions"):
+            positions = model.max_positions()
+            if isinstance(positions, (tuple, list)) and len(positions) == 2:
+                self.model_max_positions = tuple(positions)
+        return model
+
+    def max_positions(self) -> Tuple[int, int]:
+        return (int(self.cfg.max_source_positions), int(self.cfg.max_text_positions))
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def stage_at(self, update_num: int) -> int:
+        """1 or 2: the stage of the update that starts after ``update_num`` finished updates."""
+        if self.stage2_reachable and update_num >= int(self.cfg.stage2_start_update):
+            return 2
+        return 1
+
+    def active_modalities(self, update_num: int) -> Tuple[str, ...]:
+        return self.stage2_modalities if self.stage_at(update_num) == 2 else self.stage1_modalities
+
+    def _announce_stage(self, update_num: int) -> int:
+        stage = self.stage_at(update_num)
+        if stage != self._announced_stage:
+            if stage == 2 and (self._announced_stage == 1 or update_num == self.cfg.stage2_start_update):
+                added = [name for name in self.stage2_modalities if name not in self.stage1_modalities]
+                logger.info(f"stage 2 starts at update {self.cfg.stage2_start_update}: adding "
+                            f"{_objectives(added)} (active: {_objectives(self.stage2_modalities)})")
+            else:
+                logger.info(f"training in stage {stage} from update {update_num}: "
+                            f"{_objectives(self.active_modalities(update_num))}")
+            self._announced_stage = stage
+        return stage
+
+    # -- steps ------------------------------------------------------------------------------------
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
+        """One forward + backward per active modality; returns (summed loss, 1, summed logs).
+
+        Each per-modality loss is divided by the criterion's sample size before backward (a no-op
+        for ``slam_multitask``, which returns 1), and the step returns sample size 1, so the
+        update's gradient is the sum of the per-modality gradients.
+        """
+        from fairseq import metrics
+        from fairseq.optim.amp_optimizer import AMPOptimizer
+
+        model.train()
+        model.set_num_updates(update_num)
+        stage = self._announce_stage(update_num)
+        metrics.log_scalar("stage", stage, weight=0, priority=300, round=0)
+        modalities = [name for name in self.active_modalities(update_num) if name in sample]
+        use_amp = isinstance(optimizer, AMPOptimizer)
+        total_loss, outputs = torch.zeros(()), []
+        for position, name in enumerate(modalities):
+            is_last = position == len(modalities) - 1
+            sync = contextlib.nullcontext()
+            if not is_last and hasattr(model, "no_sync") and not _is_fully_sharded(model):
+                sync = model.no_sync()  # DDP: all-reduce once, after the last modality's backward
+            with sync:
+                with torch.autograd.profiler.record_function(f"forward-{name}"), \
+                        (torch.autocast("cuda") if use_amp else contextlib.nullcontext()):
+                    loss, sample_size, logging_output = criterion(model, {name: sample[name]})
+                if ignore_grad:
+                    loss = loss * 0
+                sample_size = float(sample_size)
+                if sample_size not in (0.0, 1.0):
+                    loss = loss / sample_size
+                with torch.autograd.profiler.record_function(f"backward-{name}"):
+                    optimizer.backward(loss)
+            total_loss = total_loss.to(loss.device) + loss.detach().float()
+            outputs.append(logging_output)
+        self.num_updates_seen = update_num + 1
+        sample_size = 1 if modalities else 0
+        return total_loss, sample_size, merge_logging_outputs(outputs, sample_size)
+
+    def valid_step(self, sample, model, criterion):
+        """As ``train_step`` without backward, for the modalities active at the last update.
+
+        Random draws of the criterion (distractors, Gumbel noise) are seeded by ``--seed`` and the
+        batch's ids, so a checkpoint's validation loss does not depend on the run's history.
+        """
+        from fairseq import utils
+
+        model.eval()
+        modalities = [name for name in self.active_modalities(self.num_updates_seen) if name in sample]
+        total_loss, outputs = torch.zeros(()), []
+        ids = [MODALITIES.index(name) for name in modalities]
+        ids += [int(i) for name in modalities for i in sample[name]["id"].tolist()]
+        seed = int(np.random.SeedSequence([int(self.cfg.seed), *ids]).generate_state(1)[0] >> 1)
+        with torch.no_grad(), utils.set_torch_seed(seed):
+            for name in modalities:
+                loss, sample_size, logging_output = criterion(model, {name: sample[name]})
+                sample_size = float(sample_size)
+                if sample_size not in (0.0, 1.0):
+                    loss = loss / sample_size
+                total_loss = total_loss.to(loss.device) + loss.detach().float()
+                outputs.append(logging_output)
+        sample_size = 1 if modalities else 0
+        return total_loss, sample_size, merge_logging_outputs(outputs, sample_size)

@@ -1,0 +1,234 @@
+"""Task ``slam_pretraining``: setup checks, the two-stage schedule, batching, the per-modality
+train step, and real ``fairseq-train`` / ``fairseq-hydra-train`` runs (stage switch, checkpoint,
+stop-and-resume with the same losses as an uninterrupted run).
+
+The command-line runs use the criterion ``slam_multitask`` when the user dir registers it, else
+the stand-in criterion of ``pretraining_fixtures``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pretraining_fixtures as fixtures  # noqa: E402
+
+from slam_fairseq.data.pretraining_round_robin import RoundRobinBatchDataset  # noqa: E402
+from slam_fairseq.tasks.slam_pretraining import SlamPretrainingConfig, SlamPretrainingTask  # noqa: E402
+
+REPO_ROOT = fixtures.REPO_ROOT
+USER_DIR = str(REPO_ROOT / "slam_fairseq")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Real (espeak-ng) speech: 8 speech utterances, 12 text lines, 6 pairs for training."""
+    return fixtures.build_data_dir(tmp_path_factory.mktemp("pretraining_task") / "data")
+
+
+def make_task(data: Path, **overrides) -> SlamPretrainingTask:
+    values = dict(data=str(data), seed=1, max_update=10, train_subset="train")
+    values.update(overrides)
+    return SlamPretrainingTask.setup_task(SlamPretrainingConfig(**values))
+
+
+# -- setup -------------------------------------------------------------------------------------------
+def test_dictionary_has_mask(data_dir):
+    task = make_task(data_dir)
+    dictionary = task.source_dictionary
+    assert dictionary.index("<mask>") == len(dictionary) - 1 != dictionary.unk()
+
+
+def test_stage2_without_pairs_fails_at_setup(data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    (copy / "pair_train.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"stage 2 is configured .*pair_train\.tsv does not exist"):
+        make_task(copy, stage2_start_update=5)
+    make_task(copy, stage2_start_update=-1)  # stage 1 only: speech + text are enough
+    task = make_task(copy, stage2_start_update=10, max_update=10)  # stage 2 is never reached
+    assert "no stage 2" in task.describe_schedule()
+
+
+def test_no_stage1_data_fails_at_setup(data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    for name in ("speech_train.tsv", "text_train.txt"):
+        (copy / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"no training data for stage 1 .*speech_train\.tsv"):
+        make_task(copy)
+    (copy / "config.yaml").unlink()
+    with pytest.raises(ValueError, match=r"config\.yaml: no data config"):
+        make_task(copy)
+
+
+# -- schedule -----------------------------------------------------------------------------------------
+def test_stage_is_a_function_of_the_update_number(data_dir):
+    task = make_task(data_dir, stage2_start_update=3)
+    assert [task.stage_at(update) for update in range(6)] == [1, 1, 1, 2, 2, 2]
+    assert task.active_modalities(2) == ("speech", "text")
+    assert task.active_modalities(3) == ("speech", "text", "pair")
+    assert make_task(data_dir, stage2_start_update=0).active_modalities(0) == ("speech", "text", "pair")
+    never = make_task(data_dir)  # default -1: stage 1 only, pairs are not even loaded
+    assert never.active_modalities(10 ** 6) == ("speech", "text") and "pair" not in never.loaded_modalities
+    custom = make_task(data_dir, stage2_start_update=2, stage1_modalities="text", stage2_modalities="text,pair")
+    assert custom.active_modalities(1) == ("text",) and custom.active_modalities(2) == ("text", "pair")
+
+
+# -- batching ----------------------------------------------------------------------------------------
+def test_batch_iterator_uses_per_modality_limits_and_fairseq_fallbacks(data_dir):
+    task = make_task(data_dir, stage2_start_update=0, max_sentences_speech=2, max_sentences_pair=4)
+    task.load_dataset("train")
+    dataset = task.dataset("train")
+    assert isinstance(dataset, RoundRobinBatchDataset)
+    iterator = task.get_batch_iterator(dataset, max_sentences=5, seed=1, epoch=1)
+    sizes = {name: sorted(len(batch) for batch in batches) for name, batches in dataset.batches.items()}
+    assert sizes == {"speech": [2, 2, 2, 2], "text": [2, 5, 5], "pair": [2, 4]}
+    assert dataset.epoch_modality == "speech" and len(iterator) == 4
+    for sample in iterator.next_epoch_itr():
+        assert set(sample) == {"speech", "text", "pair"}
+    assert task.get_batch_iterator(dataset, max_sentences=5, seed=1, epoch=1) is iterator
+
+
+# -- train step ------------------------------------------------------------------------------------
+class _LinearModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+
+    def set_num_updates(self, num_updates) -> None:
+        pass
+
+
+class _RecordingCriterion:
+    """loss = weight . e_m * (1 + m) for modality m: each modality moves its own coordinate."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __call__(self, model, sample):
+        (name,) = sample.keys()
+        self.calls.append(name)
+        position = ("speech", "text", "pair").index(name)
+        loss = model.weight[position] * (1 + position)
+        return loss, 1, {"loss": float(loss.detach()), "sample_size": 1, f"{name}_rows": 1}
+
+
+class _Optimizer:
+    def __init__(self) -> None:
+        self.backward_calls = 0
+
+    def backward(self, loss) -> None:
+        self.backward_calls += 1
+        loss.backward()
+
+
+def test_train_step_backpropagates_each_active_modality_and_sums_gradients(data_dir, caplog):
+    task = make_task(data_dir, stage2_start_update=3)
+    sample = {name: {"id": torch.tensor([0, 1])} for name in ("speech", "text", "pair")}
+    model, criterion = _LinearModel(), _RecordingCriterion()
+
+    with caplog.at_level(logging.INFO, logger="slam_fairseq.tasks.slam_pretraining"):
+        optimizer = _Optimizer()
+        loss, sample_size, logs = task.train_step(sample, model, criterion, optimizer, update_num=2)
+        assert criterion.calls == ["speech", "text"] and optimizer.backward_calls == 2
+        assert model.weight.grad.tolist() == [1.0, 2.0, 0.0]
+        assert sample_size == 1 and logs["sample_size"] == 1 and logs["speech_rows"] == logs["text_rows"] == 1
+
+        model.weight.grad = None
+        criterion.calls.clear()
+        optimizer = _Optimizer()
+        task.train_step(sample, model, criterion, optimizer, update_num=3)
+        assert criterion.calls == ["speech", "text", "pair"] and optimizer.backward_calls == 3
+        assert model.weight.grad.tolist() == [1.0, 2.0, 3.0], "the gradient is the sum over modalities"
+    assert "stage 2 starts at update 3: adding TLM + STM" in caplog.text
+
+    model.weight.grad = None
+    task.train_step(sample, model, criterion, _Optimizer(), update_num=4, ignore_grad=True)
+    assert model.weight.grad.tolist() == [0.0, 0.0, 0.0]
+
+    criterion.calls.clear()
+    _, sample_size, _ = task.valid_step(sample, model, criterion)
+    assert criterion.calls == ["speech", "text", "pair"] and sample_size == 1
+
+
+# -- command line ----------------------------------------------------------------------------------
+def _criterion():
+    """(criterion name, whether the stand-in must be registered)."""
+    if fixtures.criterion_registered("slam_multitask"):
+        return "slam_multitask", False
+    return fixtures.STAND_IN_CRITERION, True
+
+
+def _train_args(data_dir: Path, save_dir: Path, criterion: str, max_update: int):
+    return [str(data_dir), "--user-dir", USER_DIR, "--task", "slam_pretraining", "--arch", "slam_tiny",
+            "--criterion", criterion, "--optimizer", "adam", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
+            "--warmup-updates", "2", "--batch-size", "8", "--max-sentences-speech", "2",
+            "--max-sentences-text", "4", "--max-sentences-pair", "3", "--stage2-start-update", "3",
+            "--max-update", str(max_update), "--save-dir", str(save_dir), "--no-epoch-checkpoints",
+            "--cpu", "--seed", "7", "--log-format", "json", "--log-interval", "1",
+            "--ddp-backend", "legacy_ddp"]
+
+
+def _losses(records):
+    return {int(r["num_updates"]): {k: v for k, v in r.items() if k == "stage" or k.endswith("loss")}
+            for r in records}
+
+
+def _check(run):
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    return run.stdout + run.stderr
+
+
+def test_cli_stage_switch_checkpoint_and_resume_match_an_uninterrupted_run(data_dir, tmp_path):
+    criterion, stand_in = _criterion()
+    # 8 speech utterances in batches of 2: an epoch is 4 updates; stage 2 from update 3;
+    # the interrupted run stops after update 6, in the middle of epoch 2.
+    whole = _check(fixtures.run_fairseq(_train_args(data_dir, tmp_path / "whole", criterion, 8), stand_in))
+    first = _check(fixtures.run_fairseq(_train_args(data_dir, tmp_path / "split", criterion, 6), stand_in))
+    assert (tmp_path / "split" / "checkpoint_last.pt").is_file()
+    second = _check(fixtures.run_fairseq(_train_args(data_dir, tmp_path / "split", criterion, 8), stand_in))
+
+    assert "stage 2 starts at update 3: adding TLM + STM" in whole
+    assert "stage 2 starts at update 3: adding TLM + STM" in first
+    assert "Loaded checkpoint" in second and "training in stage 2 from update 6" in second
+
+    expected = _losses(fixtures.json_log_records(whole))
+    assert sorted(expected) == list(range(1, 9))
+    assert [expected[u]["stage"] for u in range(1, 9)] == ["1", "1", "1", "2", "2", "2", "2", "2"]
+    stage1_keys, stage2_keys = set(expected[3]), set(expected[4])
+    assert stage1_keys < stage2_keys, "stage 2 logs more objectives"
+
+    resumed = _losses(fixtures.json_log_records(first))
+    resumed.update(_losses(fixtures.json_log_records(second)))
+    assert sorted(resumed) == list(range(1, 9))
+    for update in range(1, 9):
+        assert resumed[update] == expected[update], f"update {update} differs after resuming"
+    whole_valid = fixtures.json_log_records(whole, "valid")
+    split_valid = fixtures.json_log_records(first, "valid") + fixtures.json_log_records(second, "valid")
+    assert whole_valid[0]["valid_loss"] == split_valid[0]["valid_loss"]  # end of epoch 1
+    assert whole_valid[-1]["valid_loss"] == split_valid[-1]["valid_loss"]  # end of training
+
+
+def test_hydra_tiny_demo_config_starts(data_dir, tmp_path):
+    criterion, stand_in = _criterion()
+    args = ["--config-dir", str(REPO_ROOT / "examples" / "pretraining" / "config"),
+            "--config-name", "slam_tiny_demo", f"task.data={data_dir}", f"common.user_dir={USER_DIR}",
+            "optimization.max_update=3", "task.stage2_start_update=2",
+            f"checkpoint.save_dir={tmp_path / 'checkpoints'}", "dataset.num_workers=0"]
+    if stand_in:
+        args.append(f"criterion._name={criterion}")
+    output = _check(fixtures.run_fairseq(args, stand_in, module="hydra_train", cwd=tmp_path))
+    assert "stage 2 starts at update 2: adding TLM + STM" in output
+    assert len(fixtures.json_log_records(output)) == 3
+    assert (tmp_path / "checkpoints" / "checkpoint_last.pt").is_file()
+    params = int(output.split("num. shared model params: ")[1].split(" ")[0].replace(",", ""))
+    assert params < 2_000_000, "the tiny demo must build a tiny model"
