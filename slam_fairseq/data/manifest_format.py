@@ -5,11 +5,12 @@ name; see ``docs/data_formats.md``.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 S2T_COLUMNS = ("id", "audio", "n_frames", "tgt_text", "speaker")
 OPTIONAL_COLUMNS = ("src_text", "src_lang", "tgt_lang")
@@ -49,6 +50,12 @@ def read_s2t_manifest(path: str) -> List[Dict[str, str]]:
     return rows
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write a file so that a crash leaves either the old file or the new one, never half of one."""
     path = str(path)
@@ -58,6 +65,7 @@ def atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
             out.write(text)
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -155,23 +163,19 @@ def write_fairseq_dictionary(spm_model_path: str, dictionary_path: Optional[str]
     return str(dictionary_path)
 
 
-def atomic_output_path(path: str):
-    """Context manager yielding a temporary path next to ``path``; renamed onto ``path`` when the
-    block succeeds, deleted when it raises (binary outputs: zips, npz, SentencePiece models)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def _manager():
-        target = str(path)
-        directory = os.path.dirname(os.path.abspath(target))
-        os.makedirs(directory, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(target))
-        os.close(handle)
-        try:
-            yield temporary
-            os.replace(temporary, target)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-
-    return _manager()
+@contextlib.contextmanager
+def atomic_output_path(path: str) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; it is renamed onto ``path`` when the block succeeds
+    and deleted when it raises (binary outputs: zips, npz, SentencePiece models)."""
+    target = str(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(target))
+    os.close(handle)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)

@@ -1,0 +1,96 @@
+"""fairseq S2T data configs (``config.yaml``, ``config_<task>.yaml``), as fairseq's recipes write them.
+
+Same keys as ``examples/speech_to_text/data_utils.gen_config_yaml`` so that fairseq's own
+``speech_to_text`` task reads them: ``input_channels``, ``input_feat_per_channel``,
+``vocab_filename``, ``bpe_tokenizer: {bpe: sentencepiece, sentencepiece_model}``, ``specaugment``
+(LB policy by default), ``transforms`` (``_train``: cmvn + specaugment, ``*``: cmvn),
+``global_cmvn: {stats_npz_path}``, ``prepend_tgt_lang_tag``. File names are written relative to the
+data directory (fairseq resolves them against the config's directory); ``audio_root`` is the data
+directory's absolute path, because fairseq resolves manifest ``audio`` paths against it (relative
+to the working directory when empty). Move a data directory: update ``audio_root``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+from manifests.core import UsageError
+from slam_fairseq.data.manifest_format import atomic_write_text
+
+# fairseq's S2TDataConfigWriter.set_specaugment_*_policy
+SPECAUGMENT_POLICIES = {
+    "lb": dict(time_wrap_W=0, freq_mask_N=1, freq_mask_F=27, time_mask_N=1, time_mask_T=100, time_mask_p=1.0),
+    "ld": dict(time_wrap_W=0, freq_mask_N=2, freq_mask_F=27, time_mask_N=2, time_mask_T=100, time_mask_p=1.0),
+    "sm": dict(time_wrap_W=0, freq_mask_N=2, freq_mask_F=15, time_mask_N=2, time_mask_T=70, time_mask_p=0.2),
+    "ss": dict(time_wrap_W=0, freq_mask_N=2, freq_mask_F=27, time_mask_N=2, time_mask_T=70, time_mask_p=0.2),
+}
+
+
+def speech_config(out_dir, cmvn: str = "utterance", gcmvn_name: Optional[str] = None,
+                  specaugment_policy: Optional[str] = None, num_mel_bins: int = 80) -> Dict[str, Any]:
+    """The speech part of a config: feature size, audio root, CMVN and SpecAugment transforms."""
+    if cmvn not in ("utterance", "global"):
+        raise UsageError(f"cmvn {cmvn!r}: expected utterance or global")
+    config: Dict[str, Any] = {"input_channels": 1, "input_feat_per_channel": num_mel_bins,
+                              "audio_root": str(Path(out_dir).resolve())}
+    transforms = {"*": [f"{cmvn}_cmvn"]}
+    if specaugment_policy is not None:
+        config["specaugment"] = dict(SPECAUGMENT_POLICIES[specaugment_policy])
+        transforms["_train"] = [f"{cmvn}_cmvn", "specaugment"]
+    config["transforms"] = transforms
+    if cmvn == "global":
+        if gcmvn_name is None:
+            raise UsageError("global CMVN needs a stats file")
+        config["global_cmvn"] = {"stats_npz_path": gcmvn_name}
+    return config
+
+
+def vocabulary_config(spm_model_name: str, dictionary_name: str,
+                      prepend_tgt_lang_tag: bool = False) -> Dict[str, Any]:
+    """The text part of a config: fairseq dictionary and SentencePiece model (names in the data dir)."""
+    config: Dict[str, Any] = {"vocab_filename": dictionary_name,
+                              "bpe_tokenizer": {"bpe": "sentencepiece", "sentencepiece_model": spm_model_name}}
+    if prepend_tgt_lang_tag:
+        config["prepend_tgt_lang_tag"] = True
+    return config
+
+
+def write_config(path, config: Dict[str, Any]) -> Path:
+    """Write a config atomically (replacing the file)."""
+    atomic_write_text(str(path), yaml.safe_dump(config, sort_keys=True))
+    return Path(path)
+
+
+def merge_config(path, updates: Dict[str, Any]) -> Path:
+    """Update some keys of a config, keeping the others (several scripts fill ``config.yaml``:
+    ``prep_text`` the vocabulary, the speech scripts the feature keys)."""
+    path = Path(path)
+    config: Dict[str, Any] = {}
+    if path.is_file():
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    config.update(updates)
+    return write_config(path, config)
+
+
+def merge_speech_keys(path, out_dir, cmvn: str, gcmvn_name: Optional[str] = None) -> str:
+    """Merge the speech keys into the SLAM data config (``config.yaml``), which several scripts fill.
+
+    ``--cmvn global`` sets ``global_cmvn`` (and ``transforms``) to this run's statistics;
+    ``--cmvn utterance`` keeps a ``global_cmvn`` another script (e.g. ``prep_librilight``) put
+    there, so that running the scripts in any order does not drop it. Returns a line for the summary.
+    """
+    path = Path(path)
+    existing = read_config(path) if path.is_file() else {}
+    updates = speech_config(out_dir, cmvn, gcmvn_name)
+    if cmvn == "utterance" and existing.get("global_cmvn"):
+        updates.pop("transforms")
+        merge_config(path, updates)
+        return f"{path.name} (speech keys; global_cmvn {existing['global_cmvn']} kept)"
+    merge_config(path, updates)
+    return f"{path.name} (speech keys)"
+
+
+def read_config(path) -> Dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""CoVoST 2 (Common Voice clips + CoVoST translations) -> fairseq speech translation data.
+
+Reads, for each ``--root`` (a Common Voice language directory as it ships): ``clips/*.mp3`` and
+the ``covost_v2.<src>_<tgt>.tsv`` files in it (columns path, sentence, translation, client_id,
+split; without sentence/client_id they come from Common Voice's ``validated.tsv`` beside it;
+``--pairs es_en ...`` picks some). Any language pair; CoVoST's ``train_covost`` split counts as
+``train`` (as in fairseq's recipe).
+
+Writes into ``--out`` (fairseq's recipe names):
+  <split>_st_<src>_<tgt>.tsv    id audio n_frames tgt_text speaker src_text src_lang tgt_lang
+                                (tgt_text = translation, src_text = sentence, speaker = client_id)
+  spm_unigram<N>_st_<src>_<tgt>.{model,txt}  one pair: SentencePiece on its train translations
+  spm_unigram<N>_st.{model,txt}  several pairs: one shared vocabulary (all train translations)
+  config_st_<src>_<tgt>.yaml    per pair (+ config_st.yaml for several pairs): LB SpecAugment, CMVN
+  gcmvn_st*.npz                 with --cmvn global (train features of all source languages)
+  fbank/covost_<src>_<split>_<k>.{zip,json}, skipped_covost2.tsv, summary_covost2.json
+With ``--multilingual`` or more than one target language, ``<lang:xx>`` target tags are added to
+the vocabulary (kept whole by SentencePiece, present in the dictionary) and the configs say
+``prepend_tgt_lang_tag: true`` (decode with ``--prefix-size 1``).
+
+Features are stored (zip of .npy) by default: fairseq cannot read mp3, nor resample without
+torchaudio. ``--on-the-fly`` stores 16 kHz 16-bit FLAC copies of the clips in the shard zips
+instead (fairseq's ``speech_to_text`` then computes the features; it needs the plugin's
+``slam_fairseq.data.fairseq_audio_compat.install_fbank_backend``, i.e. ``--user-dir slam_fairseq``).
+
+Skipped and counted (named in the summary): rows naming a missing clip (missing_clip), rows with
+an empty translation (empty_translation), non-UTF-8 or malformed rows, and bad audio (unreadable,
+empty, too short, silent, stereo unless --downmix, below --min-sample-rate). Clips at 48 kHz (all
+of Common Voice) are resampled to 16 kHz; that is expected, so they are not listed as notes.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from manifests import core, data_config, vocabulary  # noqa: E402
+from slam_fairseq.data.manifest_format import (  # noqa: E402
+    S2T_COLUMNS,
+    fine_tuning_config_name,
+    fine_tuning_manifest_name,
+    lang_tag,
+    spm_prefix_name,
+    st_task_name,
+)
+
+COVOST_TSV = re.compile(r"^covost_v2\.([A-Za-z-]+)_([A-Za-z-]+)\.tsv$")
+COVOST_COLUMNS = ("path", "translation", "split")  # + sentence, client_id (else from validated.tsv)
+MANIFEST_COLUMNS = list(S2T_COLUMNS) + ["src_text", "src_lang", "tgt_lang"]
+
+
+def find_pairs(roots: List[Path], wanted: List[str]) -> List[Tuple[str, str, Path, Path]]:
+    """(src, tgt, covost tsv, clips dir) for every CoVoST TSV in the roots (filtered by ``wanted``)."""
+    pairs = []
+    for root in roots:
+        if not (root / "clips").is_dir():
+            raise core.UsageError(f"{root}: no clips/ directory (expected a Common Voice language directory)")
+        for path in sorted(root.iterdir()):
+            match = COVOST_TSV.match(path.name)
+            if match and (not wanted or f"{match.group(1)}_{match.group(2)}" in wanted):
+                pairs.append((match.group(1), match.group(2), path, root / "clips"))
+    found = {f"{src}_{tgt}" for src, tgt, _, _ in pairs}
+    missing = [pair for pair in wanted if pair not in found]
+    if missing or not pairs:
+        raise core.UsageError(f"no covost_v2.<src>_<tgt>.tsv for {missing or 'any pair'} in {[str(r) for r in roots]}")
+    return pairs
+
+
+def read_common_voice_metadata(root: Path) -> Dict[str, Tuple[str, str]]:
+    """clip path -> (sentence, client_id) from Common Voice's ``validated.tsv``, if there is one."""
+    metadata: Dict[str, Tuple[str, str]] = {}
+    path = root / "validated.tsv"
+    if not path.is_file():
+        return metadata
+    header = None
+    for _, line in core.read_text_lines(path):
+        if line is None or not line.strip():
+            continue
+        fields = line.split("\t")
+        if header is None:
+            header = fields
+            continue
+        row = dict(zip(header, fields))
+        if "path" in row:
+            metadata[row["path"]] = (row.get("sentence", ""), row.get("client_id", ""))
+    return metadata
+
+
+def read_covost_rows(tsv: Path, clips: Path, splits: List[str], summary: core.RunSummary) -> List[Dict[str, str]]:
+    """The usable rows of one CoVoST TSV for the wanted splits; bad rows skipped into the summary.
+
+    ``sentence`` and ``client_id`` come from the CoVoST TSV, or else from Common Voice's
+    ``validated.tsv`` beside it (fairseq's recipe merges the two)."""
+    rows = []
+    header = None
+    common_voice: Dict[str, Tuple[str, str]] = {}
+    for line_number, line in core.read_text_lines(tsv):
+        where = f"{tsv}:{line_number}"
+        if line is None:
+            summary.skip(core.SKIP_NON_UTF8, where, "row is not UTF-8")
+            continue
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if header is None:
+            header = fields
+            missing = [column for column in COVOST_COLUMNS if column not in header]
+            if missing:
+                raise core.UsageError(f"{tsv}: missing column(s) {missing}; header is {header}")
+            if "sentence" not in header or "client_id" not in header:
+                common_voice = read_common_voice_metadata(tsv.parent)
+            continue
+        if len(fields) != len(header):
+            summary.skip(core.SKIP_MALFORMED, where, f"{len(fields)} fields, header has {len(header)}")
+            continue
+        row = dict(zip(header, fields))
+        sentence, client_id = common_voice.get(row["path"], ("", ""))
+        row.setdefault("sentence", sentence)
+        row.setdefault("client_id", client_id)
+        split = "train" if row["split"] == "train_covost" else row["split"]
+        if split not in splits:
+            continue
+        clip = clips / row["path"]
+        if not row["path"] or not clip.is_file():
+            summary.skip(core.SKIP_MISSING_CLIP, clip, f"named by {where}", split)
+            continue
+        translation = core.normalize_space(row["translation"])
+        if not translation:
+            summary.skip(core.SKIP_EMPTY_TRANSLATION, where, f"clip {row['path']}", split)
+            continue
+        rows.append({"split": split, "clip": str(clip), "id": Path(row["path"]).stem, "tgt_text": translation,
+                     "src_text": core.normalize_space(row["sentence"]),
+                     "speaker": core.normalize_space(row["client_id"])})
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", nargs="+", required=True, type=Path,
+                        help="Common Voice language directories holding clips/ and covost_v2.*.tsv")
+    parser.add_argument("--pairs", nargs="*", default=[], help="only these pairs, e.g. es_en (default: all found)")
+    parser.add_argument("--splits", nargs="+", default=["train", "dev", "test"])
+    parser.add_argument("--train-split", default="train",
+                        help="split whose translations train the vocabulary and give global CMVN")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="SentencePiece size (default 8192)")
+    parser.add_argument("--character-coverage", type=float, default=None,
+                        help="default 1.0, or 0.9995 when a target language is zh/ja/ko")
+    parser.add_argument("--allow-smaller-vocab", action="store_true",
+                        help="accept fewer pieces than --vocab-size for a small corpus (default: refuse)")
+    parser.add_argument("--multilingual", action="store_true",
+                        help="target language tags even for one target language")
+    core.add_run_arguments(parser)
+    core.add_audio_arguments(parser, on_the_fly_help="CoVoST: clips become 16 kHz FLAC copies.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> core.RunSummary:
+    args = parse_args(argv)
+    context = core.context_from_args(args, "covost2")
+    summary = context.summary
+    if args.train_split not in args.splits:
+        raise core.UsageError(f"--train-split {args.train_split} is not in --splits {args.splits}")
+    pairs = find_pairs(args.root, args.pairs)
+    rows_by_pair = {(src, tgt): read_covost_rows(tsv, clips, args.splits, summary) for src, tgt, tsv, clips in pairs}
+
+    # one item per clip and (source language, split), however many pairs use it
+    items_by_source: Dict[str, Dict[str, Dict[str, core.AudioItem]]] = {}
+    for (src, _), rows in rows_by_pair.items():
+        for row in rows:
+            group = items_by_source.setdefault(src, {}).setdefault(row["split"], {})
+            group.setdefault(row["id"], core.AudioItem(row["id"], row["clip"], core.file_size(row["clip"])))
+    options = core.audio_options_from_args(args)
+    features = {}
+    for src, groups in items_by_source.items():
+        features[src] = core.extract_features(context, options, {split: list(items.values())
+                                                                  for split, items in groups.items()},
+                                              f"covost_{src}")
+    # 48 kHz mp3 is what Common Voice ships: count those resamplings, do not list every clip
+    mp3_rates: Dict[str, int] = {}
+    kept_notes = []
+    for note in summary.notes:
+        if note["kind"] == core.NOTE_RESAMPLED and note["item"].endswith(".mp3"):
+            mp3_rates[note["detail"]] = mp3_rates.get(note["detail"], 0) + 1
+        else:
+            kept_notes.append(note)
+    summary.notes = kept_notes
+    for detail, count in sorted(mp3_rates.items()):
+        summary.note(core.NOTE_RESAMPLED, f"{count} mp3 clips", detail, count=count)
+
+    target_languages = sorted({tgt for _, tgt in rows_by_pair})
+    multilingual = args.multilingual or len(target_languages) > 1
+    joint_task = "st" if len(pairs) > 1 else st_task_name(*pairs[0][:2])
+    spm_name = spm_prefix_name(args.vocab_size, joint_task) + ".model"
+    coverage = args.character_coverage or vocabulary.default_character_coverage(target_languages)
+    train_text = [row["tgt_text"] for rows in rows_by_pair.values() for row in rows
+                  if row["split"] == args.train_split]
+    vocabulary.train_sentencepiece(train_text, args.out / spm_name, args.vocab_size, character_coverage=coverage,
+                                   user_defined_symbols=[lang_tag(t) for t in target_languages] if multilingual else (),
+                                   allow_smaller_vocab=args.allow_smaller_vocab)
+    summary.wrote(spm_name)
+    gcmvn_name = None
+    if args.cmvn == "global":
+        gcmvn_name = f"gcmvn_{joint_task}.npz"
+        core.write_global_cmvn(args.out / gcmvn_name, [by_split[args.train_split] for by_split in features.values()
+                                                       if args.train_split in by_split])
+        summary.wrote(gcmvn_name)
+
+    for (src, tgt), rows in rows_by_pair.items():
+        task = st_task_name(src, tgt)
+        for split in args.splits:
+            manifest = []
+            for row in rows:
+                if row["split"] != split:
+                    continue
+                for feature_row in features[src][split].rows_by_item.get(row["id"], []):
+                    manifest.append({"id": feature_row["id"], "audio": feature_row["audio"],
+                                     "n_frames": feature_row["n_frames"], "tgt_text": row["tgt_text"],
+                                     "speaker": row["speaker"], "src_text": row["src_text"],
+                                     "src_lang": src, "tgt_lang": tgt})
+            name = fine_tuning_manifest_name(split, task)
+            core.write_manifest(summary, args.out / name, manifest, MANIFEST_COLUMNS)
+    config = {**data_config.speech_config(args.out, args.cmvn, gcmvn_name, specaugment_policy="lb"),
+              **data_config.vocabulary_config(spm_name, spm_name.replace(".model", ".txt"),
+                                              prepend_tgt_lang_tag=multilingual)}
+    for task in [st_task_name(src, tgt) for src, tgt in rows_by_pair] + (["st"] if len(pairs) > 1 else []):
+        data_config.write_config(args.out / fine_tuning_config_name(task), config)
+        summary.wrote(fine_tuning_config_name(task))
+    summary.finish()
+    return summary
+
+
+if __name__ == "__main__":
+    core.run_script(main)

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Text corpora -> SLAM pre-training vocabulary and binarized text.
+
+Inputs (``--inputs PATH[:SPLIT] ...``, split ``train`` when not given; several per split allowed):
+  - plain text, one utterance a line (the LibriSpeech LM corpus ``librispeech-lm-norm.txt``);
+  - JSON lines with a ``"text"`` field (mC4: ``c4-en.*.json.gz``); a document's text is split at
+    its newlines, each non-empty line one utterance.
+Either may be gzipped (``*.gz``). The format follows the name (``.json``/``.jsonl`` = JSON lines);
+``--format`` overrides it.
+
+Writes into ``--out``:
+  spm_unigram<N>.{model,txt}   SentencePiece (``--vocab-size``, default 32000) trained on the
+                               ``--vocab-split`` text (+ the ``tgt_text`` of ``--pair-manifests``),
+                               and its fairseq dictionary
+  text_<split>.{bin,idx}       SentencePiece ids + eos in fairseq's mmap indexed dataset
+                               (``fairseq.data.data_utils.load_indexed_dataset(prefix, dictionary)``)
+  config.yaml                  vocab_filename + bpe_tokenizer merged in (the SLAM data config)
+  skipped_text.tsv, summary_text.json
+
+Skipped and counted (named by file:line): non-UTF-8 lines (non_utf8_text), lines that are not
+JSON objects (malformed_line), JSON lines without a "text" string (empty_text). Empty lines are
+ignored. A vocabulary too large for the text is refused with the largest possible size named
+(``--allow-smaller-vocab`` accepts fewer pieces instead). Resume: a re-run with the same inputs
+and options reuses the SentencePiece model and the finished ``text_<split>`` files
+(``.prep_text_state.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from manifests import core, data_config, vocabulary  # noqa: E402
+from slam_fairseq.data.manifest_format import (  # noqa: E402
+    DATA_CONFIG_NAME,
+    atomic_write_text,
+    read_s2t_manifest,
+    spm_prefix_name,
+    text_prefix_name,
+)
+
+STATE_NAME = ".prep_text_state.json"
+
+
+def input_format(path: Path, forced: str) -> str:
+    if forced != "auto":
+        return forced
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return "jsonl" if name.endswith((".json", ".jsonl")) else "plain"
+
+
+def iter_text(path: Path, fmt: str, summary: core.RunSummary, split: str, lowercase: bool,
+              report: bool = True) -> Iterator[str]:
+    """Utterances of one input, bad lines skipped (and, with ``report``, recorded in the summary)."""
+    def skip(reason: str, line_number: int, detail: str) -> None:
+        if report:
+            summary.skip(reason, f"{path}:{line_number}", detail, split)
+
+    for line_number, line in core.read_text_lines(path):
+        if line is None:
+            skip(core.SKIP_NON_UTF8, line_number, "not UTF-8")
+            continue
+        if fmt == "jsonl":
+            if not line.strip():
+                continue
+            try:
+                document = json.loads(line)
+            except ValueError as error:
+                skip(core.SKIP_MALFORMED, line_number, f"not JSON ({error})")
+                continue
+            text = document.get("text") if isinstance(document, dict) else None
+            if not isinstance(text, str):
+                skip(core.SKIP_EMPTY_TEXT, line_number, 'no "text" string')
+                continue
+            pieces = text.split("\n")
+        else:
+            pieces = [line]
+        for piece in pieces:
+            piece = core.normalize_space(piece)
+            if piece:
+                yield piece.lower() if lowercase else piece
+
+
+def parse_inputs(specs: List[str]) -> List[Tuple[Path, str]]:
+    inputs = []
+    for spec in specs:
+        path, split = Path(spec), "train"
+        if not path.exists() and ":" in spec:
+            path_text, _, split = spec.rpartition(":")
+            path = Path(path_text)
+        if not path.is_file():
+            raise core.UsageError(f"--inputs {spec}: no such file")
+        core.parse_split_map([f"x:{split}"], "--inputs")  # validates the split name
+        inputs.append((path, split))
+    return inputs
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def file_identity(path: Path) -> Tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, int(stat.st_mtime)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", nargs="+", required=True, help="PATH[:SPLIT] text inputs (split: train)")
+    parser.add_argument("--out", required=True, type=Path, help="output (data) directory")
+    parser.add_argument("--format", choices=("auto", "plain", "jsonl"), default="auto")
+    parser.add_argument("--vocab-size", type=int, default=32000, help="SentencePiece size (default 32000)")
+    parser.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    parser.add_argument("--character-coverage", type=float, default=1.0,
+                        help="SentencePiece character coverage (1.0 for English; 0.9995 for CJK)")
+    parser.add_argument("--allow-smaller-vocab", action="store_true",
+                        help="accept fewer pieces than --vocab-size for a small corpus (default: refuse)")
+    parser.add_argument("--vocab-split", default="train", help="split whose text trains SentencePiece")
+    parser.add_argument("--spm-max-sentences", type=int, default=10_000_000,
+                        help="SentencePiece samples at most this many sentences (0: all; default 10M)")
+    parser.add_argument("--pair-manifests", nargs="*", default=[], type=Path,
+                        help="pair_<split>.tsv files whose tgt_text also trains SentencePiece")
+    parser.add_argument("--lowercase", action="store_true", help="lower-case all text")
+    parser.add_argument("--workers", type=int, default=core.default_workers(), help="encoding processes")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> core.RunSummary:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = core.RunSummary("text", args.out)
+    summary.workers = args.workers
+    inputs = parse_inputs(args.inputs)
+    splits: Dict[str, List[Path]] = {}
+    for path, split in inputs:
+        splits.setdefault(split, []).append(path)
+    if args.vocab_split not in splits:
+        raise core.UsageError(f"--vocab-split {args.vocab_split}: no input has that split ({sorted(splits)})")
+    state_path = args.out / STATE_NAME
+    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
+
+    def formats(split: str):
+        return [(path, input_format(path, args.format)) for path in splits[split]]
+
+    spm_name = spm_prefix_name(args.vocab_size, model_type=args.model_type) + ".model"
+    dictionary_name = spm_name[: -len(".model")] + ".txt"
+    spm_key = fingerprint([file_identity(path) for path in splits[args.vocab_split]],
+                          [file_identity(path) for path in args.pair_manifests], args.format, args.vocab_size,
+                          args.model_type, args.character_coverage, args.allow_smaller_vocab,
+                          args.spm_max_sentences, args.lowercase)
+    spm_path = args.out / spm_name
+    if state.get(spm_name) != spm_key or not spm_path.is_file() or not (args.out / dictionary_name).is_file():
+        def training_text() -> Iterator[str]:
+            for path, fmt in formats(args.vocab_split):
+                yield from iter_text(path, fmt, summary, args.vocab_split, args.lowercase, report=False)
+            for manifest in args.pair_manifests:
+                for row in read_s2t_manifest(str(manifest)):
+                    text = core.normalize_space(row.get("tgt_text", ""))
+                    if text:
+                        yield text.lower() if args.lowercase else text
+
+        vocabulary.train_sentencepiece(training_text(), spm_path, args.vocab_size, model_type=args.model_type,
+                                       character_coverage=args.character_coverage,
+                                       input_sentence_size=args.spm_max_sentences,
+                                       allow_smaller_vocab=args.allow_smaller_vocab, num_threads=args.workers)
+        state[spm_name] = spm_key
+        atomic_write_text(str(state_path), json.dumps(state, indent=1))
+    summary.wrote(spm_name)
+    summary.wrote(dictionary_name)
+    spm_digest = hashlib.sha1(spm_path.read_bytes()).hexdigest()
+    dictionary_size = 4 + sum(1 for _ in open(args.out / dictionary_name, encoding="utf-8"))
+
+    for split in splits:
+        prefix = args.out / text_prefix_name(split)
+        key = fingerprint([file_identity(path) for path in splits[split]], args.format, args.lowercase, spm_digest)
+        done = state.get(prefix.name, {})
+        if done.get("key") == key and Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file():
+            summary.skipped.extend(done.get("skipped", []))
+            sequences, tokens = done["sequences"], done["tokens"]
+            summary.shards_reused += 1
+        else:
+            before = len(summary.skipped)
+
+            def lines() -> Iterator[str]:
+                for path, fmt in formats(split):
+                    yield from iter_text(path, fmt, summary, split, args.lowercase)
+
+            sequences, tokens = vocabulary.binarize_lines(lines(), spm_path, prefix, dictionary_size,
+                                                          workers=args.workers)
+            state[prefix.name] = {"key": key, "sequences": sequences, "tokens": tokens,
+                                  "skipped": summary.skipped[before:]}
+            atomic_write_text(str(state_path), json.dumps(state, indent=1))
+            summary.shards_computed += 1
+        summary.text_lines += sequences
+        summary.wrote(f"{prefix.name}.{{bin,idx}}", sequences)
+        print(f"{prefix.name}: {sequences} sequences, {tokens} tokens (incl. eos)", file=sys.stderr)
+
+    data_config.merge_config(args.out / DATA_CONFIG_NAME, data_config.vocabulary_config(spm_name, dictionary_name))
+    summary.wrote(DATA_CONFIG_NAME + " (vocabulary keys)")
+    summary.finish()
+    return summary
+
+
+if __name__ == "__main__":
+    core.run_script(main)

@@ -1,0 +1,145 @@
+"""SentencePiece vocabularies, their fairseq dictionaries, and text binarized for fairseq.
+
+Settings follow fairseq's S2T recipes (``gen_vocab``): unigram model, ``character_coverage`` 1.0
+(lower it, e.g. 0.9995, for Chinese/Japanese), ids bos 0 / pad 1 / eos 2 / unk 3 so that a piece's
+SentencePiece id equals its index in the fairseq dictionary written beside the model
+(``<piece> 1`` lines, specials left out; ``manifest_format.write_fairseq_dictionary``).
+
+Vocabulary too large for a small corpus: refused with a clear message naming the largest size
+SentencePiece can make (:class:`manifests.core.UsageError`), unless ``allow_smaller_vocab``
+(``--allow-smaller-vocab``: SentencePiece's ``hard_vocab_limit=false``; the file names keep the
+requested size, the model and dictionary hold fewer pieces).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from manifests.core import UsageError, default_workers
+from slam_fairseq.data.manifest_format import SPM_EOS_ID, write_fairseq_dictionary
+
+_TOO_LARGE = re.compile(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)")
+
+
+def default_character_coverage(languages: Sequence[str]) -> float:
+    """1.0 (fairseq's recipes) unless a language with a large character set is involved."""
+    large = {"zh", "zh-CN", "zh-TW", "zh-HK", "ja", "ko"}
+    return 0.9995 if any(language in large for language in languages) else 1.0
+
+
+def train_sentencepiece(sentences: Iterable[str], model_path, vocab_size: int, *,
+                        model_type: str = "unigram", character_coverage: float = 1.0,
+                        user_defined_symbols: Sequence[str] = (), input_sentence_size: int = 0,
+                        allow_smaller_vocab: bool = False, num_threads: Optional[int] = None) -> Path:
+    """Train a SentencePiece model and write it with its fairseq dictionary.
+
+    Args:
+        sentences: training text, one sentence each (empty ones are ignored).
+        model_path: ``<prefix>.model``; the dictionary goes to ``<prefix>.txt``. Both are replaced
+            atomically (a failed run leaves the old ones).
+        user_defined_symbols: pieces kept whole and added to the dictionary (fairseq's ``<lang:xx>``).
+        input_sentence_size: if > 0, SentencePiece samples this many sentences.
+    Returns:
+        the model path.
+    Raises:
+        UsageError: no text, or ``vocab_size`` too large for the text (message names the maximum).
+    """
+    import sentencepiece
+
+    model_path = Path(model_path)
+    counter = {"sentences": 0}
+
+    def _non_empty() -> Iterator[str]:
+        for sentence in sentences:
+            if sentence.strip():
+                counter["sentences"] += 1
+                yield sentence
+
+    options = dict(model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
+                   bos_id=0, pad_id=1, eos_id=2, unk_id=3, num_threads=num_threads or default_workers(),
+                   hard_vocab_limit=not allow_smaller_vocab, minloglevel=2)
+    if user_defined_symbols:
+        options["user_defined_symbols"] = list(user_defined_symbols)
+    if input_sentence_size > 0:
+        options.update(input_sentence_size=input_sentence_size, shuffle_input_sentence=True)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = tempfile.mkdtemp(dir=model_path.parent, prefix=".tmp-spm-")
+    try:
+        prefix = os.path.join(work_dir, "spm")
+        try:
+            sentencepiece.SentencePieceTrainer.train(sentence_iterator=_non_empty(), model_prefix=prefix,
+                                                     **options)
+        except RuntimeError as error:
+            if counter["sentences"] == 0:
+                raise UsageError(f"{model_path.name}: no text to train SentencePiece on") from None
+            match = _TOO_LARGE.search(str(error))
+            if match:
+                raise UsageError(
+                    f"{model_path.name}: a vocabulary of {match.group(1)} is too large for this text "
+                    f"({counter['sentences']} sentences); SentencePiece can make at most {match.group(2)} "
+                    f"pieces here. Pass --vocab-size {match.group(2)} or less, or --allow-smaller-vocab "
+                    f"to accept fewer pieces than asked") from None
+            raise
+        write_fairseq_dictionary(prefix + ".model", prefix + ".txt")
+        dictionary_path = model_path.with_suffix(".txt")
+        os.replace(prefix + ".model", model_path)
+        os.replace(prefix + ".txt", dictionary_path)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return model_path
+
+
+def _batches(lines: Iterable[str], size: int) -> Iterator[List[str]]:
+    batch: List[str] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def binarize_lines(lines: Iterable[str], spm_model_path, out_prefix, dictionary_size: int,
+                   workers: int = 1, batch_lines: int = 10000) -> Tuple[int, int]:
+    """Encode lines with SentencePiece (ids + eos, fairseq's convention; ``workers`` threads of
+    SentencePiece's own batch encoder, no processes) into a fairseq mmap indexed
+    dataset ``<out_prefix>.bin/.idx`` that ``fairseq.data.data_utils.load_indexed_dataset(prefix,
+    dictionary)`` loads. Written under a temporary name, then renamed (``.idx`` last; a crash leaves
+    no ``.idx`` next to a new ``.bin``).
+
+    Returns:
+        (number of sequences, number of tokens incl. eos).
+    """
+    import sentencepiece
+    import torch
+    from fairseq.data import indexed_dataset
+
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_prefix.parent / f".tmp-{out_prefix.name}-{os.getpid()}"
+    builder = indexed_dataset.make_builder(f"{temporary}.bin", impl="mmap", vocab_size=dictionary_size)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model_path))
+    sequences = tokens = 0
+    try:
+        for batch in _batches(lines, batch_lines):
+            for ids in processor.encode(batch, num_threads=max(1, workers)):
+                ids.append(SPM_EOS_ID)
+                if max(ids) >= dictionary_size:
+                    raise ValueError(f"id {max(ids)} outside the dictionary of {dictionary_size}")
+                builder.add_item(torch.tensor(ids, dtype=torch.int32))
+                sequences += 1
+                tokens += len(ids)
+        builder.finalize(f"{temporary}.idx")
+        index_path = Path(f"{out_prefix}.idx")
+        index_path.unlink(missing_ok=True)
+        os.replace(f"{temporary}.bin", f"{out_prefix}.bin")
+        os.replace(f"{temporary}.idx", index_path)
+    finally:
+        for suffix in (".bin", ".idx"):
+            Path(f"{temporary}{suffix}").unlink(missing_ok=True)
+    return sequences, tokens

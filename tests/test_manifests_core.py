@@ -1,0 +1,106 @@
+"""manifests/core.py, manifests/vocabulary.py and the fairseq audio shim, in-process."""
+import os
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from manifest_fixtures import write_samples  # noqa: E402
+
+from manifests import core, vocabulary  # noqa: E402
+from slam_fairseq.data import audio_features  # noqa: E402
+
+
+def _tone(seconds: float = 1.0, rate: int = 16000, amplitude: float = 0.3) -> np.ndarray:
+    time = np.arange(int(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * 440 * time) * np.hanning(len(time))).astype(np.float32)
+
+
+def test_stored_zip_entries_point_at_the_npy_bytes(tmp_path):
+    from fairseq.data.audio.audio_utils import get_features_or_waveform
+
+    arrays = {"a": np.random.rand(7, 80).astype(np.float32), "b-2": np.random.rand(3, 80).astype(np.float32)}
+    path = tmp_path / "shard.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            archive.writestr(f"{name}.npy", core.npy_bytes(array))
+    entries = core.stored_zip_entries(path)
+    for name, array in arrays.items():
+        offset, length = entries[f"{name}.npy"]
+        assert np.array_equal(get_features_or_waveform(f"{path}:{offset}:{length}"), array)
+
+
+def test_audio_policies(tmp_path):
+    stereo = write_samples(tmp_path / "stereo.wav", np.stack([_tone(), _tone()], axis=1))
+    with pytest.raises(core.SkipItem) as skip:
+        core.load_checked_audio(str(stereo), core.AudioOptions())
+    assert skip.value.reason == core.SKIP_MULTI_CHANNEL
+    waveform, notes, as_is = core.load_checked_audio(str(stereo), core.AudioOptions(downmix=True))
+    assert notes == [(core.NOTE_DOWNMIXED, "2 channels averaged")] and not as_is and len(waveform) == 16000
+
+    narrow = write_samples(tmp_path / "narrow.flac", _tone(rate=8000), rate=8000)
+    with pytest.raises(core.SkipItem) as skip:
+        core.load_checked_audio(str(narrow), core.AudioOptions())
+    assert skip.value.reason == core.SKIP_LOW_SAMPLE_RATE
+    waveform, notes, _ = core.load_checked_audio(str(narrow), core.AudioOptions(min_sample_rate=8000))
+    assert notes[0][0] == core.NOTE_RESAMPLED and len(waveform) == 16000
+
+    plain = write_samples(tmp_path / "plain.flac", _tone())
+    waveform, notes, as_is = core.load_checked_audio(str(plain), core.AudioOptions())
+    assert notes == [] and as_is
+    quiet = write_samples(tmp_path / "quiet.flac", _tone(amplitude=1e-5))
+    with pytest.raises(core.SkipItem) as skip:
+        core.load_checked_audio(str(quiet), core.AudioOptions())
+    assert skip.value.reason == core.SKIP_SILENT
+    with pytest.raises(core.SkipItem) as skip:
+        core.load_checked_audio(str(tmp_path / "absent.flac"), core.AudioOptions())
+    assert skip.value.reason == core.SKIP_MISSING_AUDIO
+
+
+def test_fbank_shim_matches_compute_fbank_and_is_idempotent(tmp_path):
+    from fairseq.data.audio import audio_utils
+    from slam_fairseq.data.fairseq_audio_compat import (
+        convert_waveform_without_torchaudio,
+        install_fbank_backend,
+        kaldi_native_fbank_features,
+    )
+
+    install_fbank_backend()
+    assert install_fbank_backend() is False
+    assert audio_utils._get_kaldi_fbank is kaldi_native_fbank_features
+    waveform = _tone(1.3)
+    expected = audio_features.compute_fbank(waveform)
+    assert np.array_equal(kaldi_native_fbank_features(waveform[None, :] * 32768.0, 16000, 80), expected)
+    # fairseq's own readers, with soundfile and without torchaudio
+    path = write_samples(tmp_path / "tone.flac", waveform)
+    read, rate = audio_utils.get_waveform(str(path))
+    assert rate == 16000 and read.shape == (1, len(waveform))
+    assert np.allclose(audio_utils.get_fbank(str(path)), audio_features.compute_fbank(read[0]))
+    stereo = np.stack([waveform, waveform])
+    mono, rate = convert_waveform_without_torchaudio(stereo, 48000, to_mono=True, to_sample_rate=16000)
+    assert mono.shape == (1, -(-len(waveform) // 3)) and rate == 16000
+
+
+def test_sentencepiece_helpers(tmp_path):
+    import sentencepiece
+    from fairseq.data import Dictionary
+
+    sentences = ["hello world", "the world is big", "hello there big world"] * 10
+    model = vocabulary.train_sentencepiece(iter(sentences), tmp_path / "spm_unigram20.model", 20,
+                                           user_defined_symbols=["<lang:en>"], num_threads=1)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    dictionary = Dictionary.load(str(tmp_path / "spm_unigram20.txt"))
+    assert len(dictionary) == processor.get_piece_size() == 20
+    assert dictionary.index("<lang:en>") == processor.piece_to_id("<lang:en>") == 4
+    with pytest.raises(core.UsageError, match="at most"):
+        vocabulary.train_sentencepiece(iter(sentences), tmp_path / "spm_unigram900.model", 900, num_threads=1)
+    assert not (tmp_path / "spm_unigram900.model").exists()
+
+
+def test_split_maps():
+    assert core.parse_split_map(["train-clean-100:train", "dev-clean"], "--splits") == [
+        ("train-clean-100", "train"), ("dev-clean", "dev-clean")]
+    with pytest.raises(core.UsageError):
+        core.parse_split_map(["train-clean-100:bad/name"], "--splits")

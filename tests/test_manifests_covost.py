@@ -1,0 +1,114 @@
+"""prep_covost2.py on Common Voice-style clips (48 kHz mp3) + CoVoST TSVs; trains with fairseq's own task."""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from manifest_fixtures import (  # noqa: E402,F401  (fixtures)
+    TOOLS_MISSING,
+    covost_tree,
+    load_summary,
+    run_script,
+    skipped_entries,
+)
+
+if TOOLS_MISSING:
+    pytest.skip(f"needs {TOOLS_MISSING} to synthesize speech", allow_module_level=True)
+
+from slam_fairseq.data import audio_features  # noqa: E402
+from slam_fairseq.data.manifest_format import read_s2t_manifest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spanish(covost_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("covost_es_out")
+    result = run_script("prep_covost2.py", "--root", covost_tree["es"], "--out", out, "--vocab-size", "40",
+                        "--workers", "2", "--shard-size", "3", "--no-progress")
+    return out, result
+
+
+def test_st_manifests_and_stored_features(covost_tree, spanish):
+    from fairseq.data.audio.audio_utils import get_features_or_waveform
+
+    out, result = spanish
+    good = covost_tree["good"]
+    for split in ("train", "dev", "test"):
+        rows = read_s2t_manifest(out / f"{split}_st_es_en.tsv")
+        assert [row["id"] for row in rows] == sorted(c for c, info in good.items() if info["split"] == split)
+        for row in rows:
+            info = good[row["id"]]
+            assert (row["tgt_text"], row["src_text"], row["src_lang"], row["tgt_lang"]) == (
+                info["translation"], info["sentence"], "es", "en")
+            clip = covost_tree["es"] / "clips" / f"{row['id']}.mp3"
+            expected = audio_features.compute_fbank(audio_features.load_mono_16k(str(clip)))
+            stored = get_features_or_waveform(f"{out}/{row['audio']}")
+            assert int(row["n_frames"]) == stored.shape[0] == expected.shape[0]
+            assert np.allclose(stored, expected)
+    entries = skipped_entries(out, "covost2")
+    for name, reason in covost_tree["bad"].items():
+        assert any(entry["reason"] == reason and name in entry["item"] for entry in entries), (name, entries)
+    assert len(entries) == 2 and "missing_clip" in result.stdout and "empty_translation" in result.stdout
+    config = (out / "config_st_es_en.yaml").read_text(encoding="utf-8")
+    assert "vocab_filename: spm_unigram40_st_es_en.txt" in config and "prepend_tgt_lang_tag" not in config
+
+
+def test_fairseq_speech_to_text_trains_on_it(spanish, tmp_path):
+    out, _ = spanish
+    env = {key: value for key, value in os.environ.items() if key != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    console_script = Path(sys.executable).parent / "fairseq-train"  # the CLI users run
+    launcher = [str(console_script)] if console_script.is_file() else [sys.executable, "-m", "fairseq_cli.train"]
+    command = [
+        *launcher, str(out), "--task", "speech_to_text",
+        "--config-yaml", "config_st_es_en.yaml", "--train-subset", "train_st_es_en", "--valid-subset", "dev_st_es_en",
+        "--arch", "s2t_transformer_s", "--encoder-layers", "1", "--decoder-layers", "1",
+        "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+        "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
+        "--conv-channels", "32", "--max-update", "2", "--max-tokens", "4000", "--optimizer", "adam", "--lr", "1e-3",
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--required-batch-size-multiple", "1", "--num-workers", "0", "--no-save", "--cpu",
+        "--log-format", "simple", "--log-interval", "1", "--no-progress-bar"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "num_updates=2" in log or "num_updates 2" in log
+    assert "done training" in log
+
+
+def test_multilingual_on_the_fly_with_language_tags(covost_tree, tmp_path):
+    from fairseq.data import Dictionary
+    from fairseq.tasks.speech_to_text import SpeechToTextTask
+    from slam_fairseq.data.fairseq_audio_compat import install_fbank_backend
+
+    install_fbank_backend()
+    out = tmp_path / "out"
+    run_script("prep_covost2.py", "--root", covost_tree["en"], "--out", out, "--vocab-size", "50",
+               "--on-the-fly", "--workers", "1", "--no-progress")
+    dictionary = Dictionary.load(str(out / "spm_unigram50_st.txt"))
+    assert dictionary.index("<lang:de>") != dictionary.unk() and dictionary.index("<lang:ca>") != dictionary.unk()
+    for task in ("st", "st_en_de", "st_en_ca"):
+        config = (out / f"config_{task}.yaml").read_text(encoding="utf-8")
+        assert "prepend_tgt_lang_tag: true" in config and "vocab_filename: spm_unigram50_st.txt" in config
+    assert not (out / "test_st_en_de.tsv").exists()  # no test rows: not written, said in the summary
+    assert "test_st_en_de.tsv" in load_summary(out, "covost2")["not_written"]
+
+    parser = argparse.ArgumentParser()
+    SpeechToTextTask.add_args(parser)
+    args = parser.parse_args([str(out), "--config-yaml", "config_st.yaml"])
+    args.seed = 1
+    task = SpeechToTextTask.setup_task(args)
+    for language in ("de", "ca"):
+        rows = read_s2t_manifest(out / f"train_st_en_{language}.tsv")
+        assert {row["tgt_lang"] for row in rows} == {language} and {row["src_lang"] for row in rows} == {"en"}
+        assert all(row["tgt_text"] == f"{language} {row['src_text']}" for row in rows)  # src_text: validated.tsv
+        assert [row["speaker"] for row in rows] == [f"client{index}" for index in range(len(rows))]
+        assert all(row["audio"].split(":")[0].endswith(".zip") for row in rows)  # 16 kHz FLAC copies
+        task.load_dataset(f"train_st_en_{language}")
+        dataset = task.datasets[f"train_st_en_{language}"]
+        item = dataset[0]
+        assert task.tgt_dict[item.target[0]] == f"<lang:{language}>"
+        assert item.source.shape == (int(rows[0]["n_frames"]), 80)
