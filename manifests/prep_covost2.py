@@ -152,6 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="default 1.0, or 0.9995 when a target language is zh/ja/ko")
     parser.add_argument("--allow-smaller-vocab", action="store_true",
                         help="accept fewer pieces than --vocab-size for a small corpus (default: refuse)")
+    parser.add_argument("--outputs", nargs="+", choices=["st", "pair"], default=["st"],
+                        help="st: fairseq ST manifests; pair: SLAM speech-text pairs of the source "
+                             "transcripts, pair_<split>_<src>.tsv (mSLAM-style pre-training pairs)")
     parser.add_argument("--multilingual", action="store_true",
                         help="target language tags even for one target language")
     core.add_run_arguments(parser)
@@ -222,8 +225,12 @@ def main(argv=None) -> core.RunSummary:
                                      "n_frames": feature_row["n_frames"], "tgt_text": row["tgt_text"],
                                      "speaker": row["speaker"], "src_text": row["src_text"],
                                      "src_lang": src, "tgt_lang": tgt})
-            name = fine_tuning_manifest_name(split, task)
-            core.write_manifest(summary, args.out / name, manifest, MANIFEST_COLUMNS)
+            if "st" in args.outputs:
+                core.write_manifest(summary, args.out / fine_tuning_manifest_name(split, task), manifest,
+                                    MANIFEST_COLUMNS)
+            if "pair" in args.outputs and tgt == target_languages[0]:  # one pair file per source
+                transcripts = [{**row, "tgt_text": row["src_text"]} for row in manifest]
+                core.write_manifest(summary, args.out / f"pair_{split}_{src}.tsv", transcripts, MANIFEST_COLUMNS)
     config = {**data_config.speech_config(args.out, args.cmvn, gcmvn_name, specaugment_policy="lb"),
               **data_config.vocabulary_config(spm_name, spm_name.replace(".model", ".txt"),
                                               prepend_tgt_lang_tag=multilingual)}

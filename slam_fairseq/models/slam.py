@@ -14,17 +14,19 @@ import torch
 from fairseq.modules import GradMultiply, GumbelVectorQuantizer
 from torch import nn
 
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 from fairseq.utils import safe_getattr
 
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, SlamEncoderSizes
+from slam_fairseq.modules.random_projection_quantizer import RandomProjectionQuantizer
 from slam_fairseq.modules.subsampling import subsampled_lengths
 from slam_fairseq.objectives.msm import CodePredictionHead
 from slam_fairseq.objectives.span_masking import TextPredictionHead
 from slam_fairseq.objectives.stm import PairMatchingClassifier
 
+SUBSAMPLING_FACTOR = 4  # two stride-2 convolutions
 DEFAULT_MIN_PARAMS_TO_WRAP = int(1e8)
 
 
@@ -109,6 +111,17 @@ class SlamConfig(SlamEncoderConfig):
                           "0 detaches the quantizer input, 0.1 is wav2vec 2.0 base's feature_grad_mult. "
                           "If code_perplexity falls towards 1 (codebook collapse), raise the "
                           "criterion's --diversity-weight first, or lower this"})
+    quantizer_input: ChoiceEnum(["subsampled", "features"]) = field(
+        default="subsampled",
+        metadata={"help": "what the quantizer reads: 'subsampled' is w2v-BERT's (the learned Conv2d "
+                          "subsampling output); 'features' stacks the normalized log-Mel frames under "
+                          "each subsampled frame (BEST-RQ), fixed targets that learned features cannot "
+                          "drag into one code"})
+    quantizer_type: ChoiceEnum(["gumbel", "random_projection"]) = field(
+        default="gumbel",
+        metadata={"help": "MSM targets: 'gumbel' is w2v-BERT's learned Gumbel-softmax quantizer; "
+                          "'random_projection' is a frozen random projection + codebook (BEST-RQ) "
+                          "that cannot collapse, for short or small-batch runs"})
 
 
 @dataclass
@@ -211,11 +224,18 @@ class SlamModel(BaseFairseqModel):
         self.cfg = cfg
         self.encoder = encoder
         embed_dim = cfg.encoder_embed_dim
-        self.quantizer_input_norm = nn.LayerNorm(embed_dim)
-        self.quantizer = GumbelVectorQuantizer(
-            dim=embed_dim, num_vars=cfg.quantizer_codebook_size, temp=cfg.quantizer_temperature,
-            groups=cfg.quantizer_groups, combine_groups=False, vq_dim=cfg.quantizer_codevector_dim,
-            time_first=True)
+        quantizer_dim = embed_dim
+        if cfg.quantizer_input == "features":
+            quantizer_dim = SUBSAMPLING_FACTOR * cfg.input_feat_per_channel
+        self.quantizer_input_norm = nn.LayerNorm(quantizer_dim)
+        if cfg.quantizer_type == "random_projection":
+            self.quantizer = RandomProjectionQuantizer(
+                quantizer_dim, cfg.quantizer_codebook_size, cfg.quantizer_groups, cfg.quantizer_codevector_dim)
+        else:
+            self.quantizer = GumbelVectorQuantizer(
+                dim=quantizer_dim, num_vars=cfg.quantizer_codebook_size, temp=cfg.quantizer_temperature,
+                groups=cfg.quantizer_groups, combine_groups=False, vq_dim=cfg.quantizer_codevector_dim,
+                time_first=True)
         self.contrastive_projection = nn.Linear(embed_dim, cfg.quantizer_codevector_dim)
         self.code_prediction_head = CodePredictionHead(embed_dim, cfg.quantizer_groups,
                                                        cfg.quantizer_codebook_size)
@@ -264,11 +284,23 @@ class SlamModel(BaseFairseqModel):
         num_subsampled = int(subsampled_lengths(torch.tensor(features.shape[1])))
         return features, lengths, _fit_frame_mask(batch["frame_mask"].bool(), num_subsampled)
 
+    def quantizer_inputs(self, features: torch.Tensor, subsampled: torch.Tensor) -> torch.Tensor:
+        """(B, T', D_q) what the quantizer reads at each subsampled frame (``--quantizer-input``):
+        the subsampling output, or the 4 normalized log-Mel frames each subsampled frame starts at."""
+        if self.cfg.quantizer_input != "features":
+            return subsampled
+        batch_size, length = subsampled.shape[:2]
+        needed = SUBSAMPLING_FACTOR * length
+        frames = features[:, :needed]
+        if frames.shape[1] < needed:
+            frames = torch.nn.functional.pad(frames, (0, 0, 0, needed - frames.shape[1]))
+        return frames.reshape(batch_size, length, SUBSAMPLING_FACTOR * features.shape[-1])
+
     def quantize(self, subsampled: torch.Tensor) -> Dict:
-        """(N, D) unmasked subsampled features -> the quantizer's result dict (``x`` (N, Q),
+        """(N, D_q) unmasked quantizer inputs -> the quantizer's result dict (``x`` (N, Q),
         ``targets`` (N, G), ``prob_perplexity``, ``code_perplexity``, ``num_vars``, ``temp``)."""
         scale = self.cfg.quantizer_input_grad_scale
-        if scale == 0.0:
+        if scale == 0.0 or self.cfg.quantizer_type == "random_projection":
             subsampled = subsampled.detach()
         elif scale != 1.0:
             subsampled = GradMultiply.apply(subsampled, scale)
@@ -287,7 +319,8 @@ class SlamModel(BaseFairseqModel):
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
         groups, codebook_size = self.cfg.quantizer_groups, self.cfg.quantizer_codebook_size
         if utterance_index.numel() > 0:
-            quantized = self.quantize(speech.subsampled[utterance_index, frame_index])
+            quantized = self.quantize(
+                self.quantizer_inputs(features, speech.subsampled)[utterance_index, frame_index])
             codevectors, code_ids = quantized["x"], quantized["targets"]
             prob_perplexity, code_perplexity = quantized["prob_perplexity"], quantized["code_perplexity"]
         else:  # nothing masked: empty MSM losses, and a diversity loss of 0
@@ -328,7 +361,8 @@ class SlamModel(BaseFairseqModel):
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
         if utterance_index.numel() > 0:
             with torch.no_grad():
-                code_targets = self.quantize(speech.subsampled[utterance_index, frame_index])["targets"]
+                code_targets = self.quantize(
+                    self.quantizer_inputs(features, speech.subsampled)[utterance_index, frame_index])["targets"]
         else:
             code_targets = utterance_index.new_zeros(0, self.cfg.quantizer_groups)
         # the text of row b sits at packed positions speech_lengths[b] + j

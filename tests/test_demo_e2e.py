@@ -1,0 +1,59 @@
+"""The main job end to end, shortened (``--size ci``): every stage runs as a user runs it and the
+report holds real scores. The full demo (``--size demo``, about 25 minutes) is marked slow."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("sox")),
+                                reason="needs espeak-ng and sox")
+
+
+def _run_demo(work: Path, size: str, timeout: int) -> dict:
+    result = subprocess.run([sys.executable, "examples/demo/run_demo.py", "--work", str(work), "--size", size],
+                            cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "stage 2 starts" in result.stdout  # progress is shown, the stage switch included
+    return json.loads((work / "report.json").read_text())
+
+
+def _check_report(work: Path, report: dict, seeds) -> None:
+    for kind in ("st", "asr"):
+        for init in ("pretrained", "scratch"):
+            scores = report["scores"][kind][init]
+            assert sorted(int(seed) for seed in scores) == sorted(seeds)
+            assert all(0.0 <= value <= 100.0 or kind == "asr" for value in scores.values())
+    assert (work / "losses.png").stat().st_size > 10_000
+    markdown = (work / "report.md").read_text()
+    assert "BLEU" in markdown and "WER" in markdown and "pre-trained" not in markdown.split("|")[0]
+    for name in ("pretrain", "finetune_st_pretrained_seed1", "decode_asr_scratch_seed1"):
+        assert name in report["timings"]
+
+
+def test_short_demo_runs_every_stage_and_reports(tmp_path):
+    work = tmp_path / "demo"
+    report = _run_demo(work, "ci", timeout=900)
+    _check_report(work, report, [1])
+    # the generated hypotheses are of the held-out test set, every sentence scored
+    generated = (work / "generate" / "st_pretrained_seed1.txt").read_text()
+    test_rows = (work / "data" / "st" / "test_st_es_en.tsv").read_text().strip().splitlines()[1:]
+    assert sum(line.startswith("H-") for line in generated.splitlines()) == len(test_rows)
+    # a second run resumes: finished stages are not redone
+    again = subprocess.run([sys.executable, "examples/demo/run_demo.py", "--work", str(work), "--size", "ci"],
+                           cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "exists: skipping" in again.stdout
+
+
+@pytest.mark.slow
+def test_full_demo_pretraining_beats_scratch(tmp_path):
+    work = tmp_path / "demo"
+    report = _run_demo(work, "demo", timeout=3600)
+    _check_report(work, report, [1, 2])
+    assert report["summary"]["st"]["pretrained_better_every_seed"]
+    assert report["summary"]["asr"]["pretrained_better_every_seed"]
