@@ -188,3 +188,13 @@ def test_stack_returns_every_layer_when_asked():
     stack = ConformerStack(3, 16, 32, 2, 3).eval()
     hiddens = stack(torch.randn(1, 10, 16), torch.zeros(1, 10, dtype=torch.bool), return_all_hiddens=True)
     assert len(hiddens) == 3 and not torch.allclose(hiddens[0], hiddens[2])
+
+
+def test_subsampled_features_vary_over_time_at_initialisation():
+    """A from-scratch encoder must see its input: the subsampling output is normalised per frame,
+    so frames differ by O(1), not by a tiny fraction of a shared bias."""
+    torch.manual_seed(0)
+    subsampling = Conv2dSubsampling(80, 32, 128)
+    features = torch.randn(1, 400, 80)
+    output, _ = subsampling(features, torch.tensor([400]))
+    assert output.std(dim=1).mean() > 0.5

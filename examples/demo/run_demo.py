@@ -26,7 +26,19 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 USER_DIR = str(REPO / "slam_fairseq")
-_PROGRESS_LINE = re.compile(r"\| (train_inner|train|valid) \||stage 2|BLEU|WER|epoch \d+ \|")
+_PROGRESS_LINE = re.compile(r"\| (train_inner|valid) \||stage 2 starts|BLEU|WER")
+_SHOWN_KEYS = ("num_updates", "stage", "loss", "span_masking_loss", "msm_mlm_loss", "tlm_text_loss",
+               "tlm_speech_loss", "stm_accuracy", "code_perplexity", "nll_loss", "valid_loss", "ups")
+
+
+def progress_line(line: str) -> str:
+    """A short form of a fairseq progress line: the figures that tell how training goes."""
+    match = re.search(r"\| (train_inner|valid) \| (\{.*\})", line)
+    if not match:
+        return line.rstrip()[-160:]
+    record = json.loads(match.group(2))
+    figures = " ".join(f"{key}={record[key]}" for key in _SHOWN_KEYS if key in record)
+    return f"{match.group(1)}: {figures}"
 
 
 @dataclass
@@ -95,7 +107,7 @@ class Demo:
                 log.write(line)
                 lines.append(line)
                 if _PROGRESS_LINE.search(line):
-                    print("    " + line.rstrip()[-160:], flush=True)
+                    print("    " + progress_line(line), flush=True)
             code = process.wait()
         self.timings[name] = round(time.time() - start, 1)
         if code != 0:
@@ -129,7 +141,7 @@ class Demo:
                 lines = log_path.read_text(encoding="utf-8").splitlines()
                 for line in lines[shown.get(name, 0):]:
                     if _PROGRESS_LINE.search(line):
-                        print(f"    [{name}] " + line.rstrip()[-140:], flush=True)
+                        print(f"    [{name}] " + progress_line(line), flush=True)
                 shown[name] = len(lines)
                 if process.poll() is not None:
                     log.close()

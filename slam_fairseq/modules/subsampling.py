@@ -22,7 +22,7 @@ MIN_INPUT_FRAMES = 7  # the shortest input with one output frame
 
 
 class Conv2dSubsampling(nn.Module):
-    """(B, T, F) features -> (B, T', D) with T' = :func:`subsampled_lengths` (T).
+    """(B, T, F) features -> (B, T', D) with T' = :func:`subsampled_lengths` (T), layer-normalised.
 
     No padding in time: an output frame only sees real input frames, so padding cannot leak.
 
@@ -38,6 +38,9 @@ class Conv2dSubsampling(nn.Module):
         self.conv_second = nn.Conv2d(channels, channels, _KERNEL, _STRIDE)
         frequency = ((input_dim - _KERNEL) // _STRIDE + 1 - _KERNEL) // _STRIDE + 1
         self.output_projection = nn.Linear(channels * frequency, output_dim)
+        # Without a norm the projected features start tiny (about 0.05) and the projection's bias
+        # dominates them, so an encoder trained from scratch sees a near-constant input.
+        self.layer_norm = nn.LayerNorm(output_dim)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor):
         """
@@ -54,4 +57,4 @@ class Conv2dSubsampling(nn.Module):
         hidden = F.relu(self.conv_second(hidden))
         batch_size, channels, time, frequency = hidden.shape
         hidden = hidden.permute(0, 2, 1, 3).reshape(batch_size, time, channels * frequency)
-        return self.output_projection(hidden), subsampled_lengths(lengths)
+        return self.layer_norm(self.output_projection(hidden)), subsampled_lengths(lengths)

@@ -1,0 +1,216 @@
+"""Copy a pre-trained SLAM encoder (a ``slam`` checkpoint) into a fine-tuning model's encoder.
+
+``--load-pretrained-slam-from CHECKPOINT`` of ``slam_s2t`` comes here. The checkpoint is read with
+fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` (so PyTorch's weights-only loader applies,
+with the types ``slam_fairseq.compat`` allow-lists). A ``slam`` model keeps its encoder under
+``encoder.*`` (``encoder.speech_encoder.*``, ``encoder.multimodal_encoder.*``,
+``encoder.text_encoder.*``) next to its pre-training heads; the fine-tuning encoder uses the same
+names for the parts it keeps, so the copy is name for name, with shapes checked.
+
+Also here: :func:`weights_restored_by_fairseq`, which tells whether fairseq is about to overwrite
+the freshly built model with a fine-tuning checkpoint anyway (then the copy is skipped).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PretrainedSlamError", "PretrainedLoadReport", "read_slam_checkpoint",
+           "copy_pretrained_encoder", "load_pretrained_slam_encoder", "weights_restored_by_fairseq"]
+
+CHECKPOINT_ENCODER_PREFIX = "encoder."
+# fairseq model names whose checkpoints hold a SLAM encoder under ``encoder.*``.
+SLAM_MODEL_NAMES = ("slam", "slam_s2t")
+_REPORT_KEYS_SHOWN = 12
+
+
+class PretrainedSlamError(ValueError):
+    """A pre-trained checkpoint that cannot initialise the encoder; the message says why."""
+
+
+@dataclass
+class PretrainedLoadReport:
+    """What :func:`copy_pretrained_encoder` did.
+
+    loaded_keys: model keys (``encoder.``-prefixed) that received a checkpoint tensor.
+    num_loaded_elements: total number of values copied.
+    unused_checkpoint_keys: checkpoint keys not copied (text encoder, pre-training heads, ...).
+    missing_model_keys: keys of the pre-trainable encoder parts absent from the checkpoint (they
+        keep their fresh initialisation).
+    """
+
+    checkpoint: str
+    architecture: Optional[str]  # the checkpoint's (slam_tiny, slam_paper, ...)
+    loaded_keys: List[str] = field(default_factory=list)
+    num_loaded_elements: int = 0
+    unused_checkpoint_keys: List[str] = field(default_factory=list)
+    missing_model_keys: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"pre-trained SLAM encoder from {self.checkpoint} ({self.architecture or 'unnamed architecture'}): "
+                 f"loaded {len(self.loaded_keys)} tensors, {self.num_loaded_elements:,} parameters"]
+        lines.append(f"  checkpoint keys not used ({len(self.unused_checkpoint_keys)}): "
+                     f"{_group_keys(self.unused_checkpoint_keys)}")
+        lines.append(f"  model keys not found in the checkpoint ({len(self.missing_model_keys)}): "
+                     f"{_group_keys(self.missing_model_keys)}")
+        return "\n".join(lines)
+
+
+def _group_keys(keys: Sequence[str]) -> str:
+    """Keys grouped by module: ``encoder.text_encoder.* (5)``, ``quantizer.* (3)``."""
+    if not keys:
+        return "none"
+    groups: Dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        depth = 2 if parts[0] == CHECKPOINT_ENCODER_PREFIX[:-1] else 1
+        prefix = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+        groups[prefix] = groups.get(prefix, 0) + 1
+    shown = [f"{prefix} ({count})" if count > 1 else prefix
+             for prefix, count in list(groups.items())[:_REPORT_KEYS_SHOWN]]
+    if len(groups) > _REPORT_KEYS_SHOWN:
+        shown.append(f"... {len(groups) - _REPORT_KEYS_SHOWN} more groups")
+    return ", ".join(shown)
+
+
+def _arch_of(state: Mapping) -> Optional[str]:
+    """The architecture a checkpoint was trained with (``slam_tiny``), from its cfg or legacy args."""
+    cfg = state.get("cfg")
+    if cfg is not None and cfg.get("model") is not None:
+        model_cfg = cfg["model"]
+        arch = model_cfg.get("_name") if hasattr(model_cfg, "get") else getattr(model_cfg, "_name", None)
+        return arch or getattr(model_cfg, "arch", None)
+    if state.get("args") is not None:
+        return getattr(state["args"], "arch", None)
+    return None
+
+
+def read_slam_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
+    """Read a SLAM checkpoint with fairseq's loader.
+
+    Returns:
+        (the model state dict, its architecture (``slam_tiny``), or None when the checkpoint names none).
+    Raises:
+        PretrainedSlamError: no such file, no model state, or not a SLAM model.
+    """
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+
+    if not PathManager.exists(path):
+        raise PretrainedSlamError(f"--load-pretrained-slam-from {path}: no such file")
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    model_state = state.get("model")
+    if not isinstance(model_state, Mapping) or not model_state:
+        raise PretrainedSlamError(f"--load-pretrained-slam-from {path}: not a fairseq checkpoint "
+                                  f"(no 'model' state; keys {sorted(state)})")
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+
+    arch = _arch_of(state)
+    model_name = ARCH_MODEL_NAME_REGISTRY.get(arch, arch) if arch is not None else None
+    has_speech_encoder = any(key.startswith(CHECKPOINT_ENCODER_PREFIX + "speech_encoder.") for key in model_state)
+    if (model_name is not None and model_name not in SLAM_MODEL_NAMES) or not has_speech_encoder:
+        raise PretrainedSlamError(
+            f"--load-pretrained-slam-from {path}: not a SLAM model checkpoint (architecture "
+            f"{arch or 'unnamed'}; expected one of {list(SLAM_MODEL_NAMES)} with "
+            f"'{CHECKPOINT_ENCODER_PREFIX}speech_encoder.*' weights, as slam_pretraining writes)")
+    return dict(model_state), arch
+
+
+def copy_pretrained_encoder(encoder: nn.Module, checkpoint_state: Mapping[str, torch.Tensor],
+                            pretrained_parts: Sequence[str], checkpoint: str = "<state>",
+                            architecture: Optional[str] = None) -> PretrainedLoadReport:
+    """Copy ``encoder.<part>.*`` tensors of a checkpoint into ``encoder``'s ``<part>.*``.
+
+    Args:
+        encoder: the fine-tuning encoder module (its state-dict keys lack the ``encoder.`` prefix).
+        checkpoint_state: the checkpoint's model state dict (keys with the ``encoder.`` prefix).
+        pretrained_parts: names of ``encoder``'s children that come from pre-training
+            (``speech_encoder``, ``multimodal_encoder``); other children keep their initialisation
+            and are not reported as missing.
+    Raises:
+        PretrainedSlamError: a tensor's shape differs (the message names the key and both shapes).
+    """
+    target_state = encoder.state_dict()
+    report = PretrainedLoadReport(checkpoint=checkpoint, architecture=architecture)
+    to_load: Dict[str, torch.Tensor] = {}
+    for key, target in target_state.items():
+        if key.split(".", 1)[0] not in pretrained_parts:
+            continue
+        checkpoint_key = CHECKPOINT_ENCODER_PREFIX + key
+        if checkpoint_key not in checkpoint_state:
+            report.missing_model_keys.append(checkpoint_key)
+            continue
+        source = checkpoint_state[checkpoint_key]
+        if tuple(source.shape) != tuple(target.shape):
+            raise PretrainedSlamError(
+                f"--load-pretrained-slam-from {checkpoint}: {checkpoint_key} has shape "
+                f"{tuple(source.shape)} in the checkpoint but {tuple(target.shape)} in the model; "
+                f"build the encoder with the sizes it was pre-trained with (checkpoint architecture: "
+                f"{architecture or 'unnamed'}; --arch and --encoder-embed-dim ... of slam_s2t)")
+        to_load[key] = source
+        report.loaded_keys.append(checkpoint_key)
+        report.num_loaded_elements += source.numel()
+    result = encoder.load_state_dict(to_load, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    loaded = set(report.loaded_keys)
+    report.unused_checkpoint_keys = [key for key in checkpoint_state if key not in loaded]
+    return report
+
+
+def load_pretrained_slam_encoder(encoder: nn.Module, path: str,
+                                 pretrained_parts: Sequence[str]) -> PretrainedLoadReport:
+    """:func:`read_slam_checkpoint` + :func:`copy_pretrained_encoder`, with the report logged."""
+    checkpoint_state, arch = read_slam_checkpoint(path)
+    report = copy_pretrained_encoder(encoder, checkpoint_state, pretrained_parts, path, arch)
+    logger.info(report.summary())
+    if report.missing_model_keys:
+        logger.warning(f"{len(report.missing_model_keys)} encoder tensors were not in {path} and keep "
+                       f"their random initialisation (different layer counts?)")
+    return report
+
+
+def weights_restored_by_fairseq(task) -> Optional[str]:
+    """Why the model being built will receive a fine-tuning checkpoint's weights, or None.
+
+    fairseq builds the model before it restores a checkpoint: ``fairseq-train`` resuming
+    (``checkpoint_last.pt`` in ``--save-dir``, ``--restore-file``, ``--continue-once``,
+    ``--finetune-from-model``), and ``fairseq-generate`` / ``fairseq-validate`` loading ``--path``.
+    The decision mirrors ``fairseq.checkpoint_utils.load_checkpoint``; it reads the command line of
+    the running tool from ``task.args`` (fairseq's legacy tasks, such as ``speech_to_text``, keep
+    the whole command line there).
+    """
+    from fairseq.file_io import PathManager
+
+    args = getattr(task, "args", None)
+    if args is None:
+        return None
+    path = getattr(args, "path", None)
+    if path:
+        return f"the weights come from --path {path}"
+    save_dir = getattr(args, "save_dir", None)
+    restore_file = getattr(args, "restore_file", None)
+    if save_dir is None or restore_file is None:
+        return None
+    suffix = getattr(args, "checkpoint_suffix", "") or ""
+    if restore_file == "checkpoint_last.pt":
+        last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+        if PathManager.exists(last):
+            return f"fairseq-train resumes from {last}"
+        continue_once = getattr(args, "continue_once", None)
+        if continue_once:
+            return f"fairseq-train continues from --continue-once {continue_once}"
+        finetune_from = getattr(args, "finetune_from_model", None)
+        if finetune_from:
+            return f"fairseq-train starts from --finetune-from-model {finetune_from}"
+        return None
+    restore = restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
+    if PathManager.exists(restore):
+        return f"fairseq-train restores --restore-file {restore}"
+    return None
