@@ -60,7 +60,7 @@ class Budget:
 
 
 BUDGETS: Dict[str, Budget] = {
-    "demo": Budget("demo", pretrain_stage1_updates=150, pretrain_stage2_updates=150, finetune_updates=200,
+    "demo": Budget("demo", pretrain_stage1_updates=150, pretrain_stage2_updates=150, finetune_updates=400,
                    seeds=[1, 2]),
     "ci": Budget("ci", pretrain_stage1_updates=6, pretrain_stage2_updates=6, finetune_updates=8, seeds=[1],
                  text_vocab_size=200, target_vocab_size=120, max_tokens=6000,
@@ -223,8 +223,8 @@ class Demo:
             "fairseq-train", str(self.work / "data" / data), "--user-dir", USER_DIR,
             "--task", "speech_to_text", "--config-yaml", config, "--train-subset", train,
             "--valid-subset", valid, "--arch", "slam_s2t_tiny", *budget.encoder_args, *DECODER_ARGS,
-            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "2e-3", "--clip-norm", "10",
+            *FINETUNE_CRITERION[kind],
+            "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "3e-3", "--clip-norm", "10",
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(max(budget.finetune_updates // 10, 1)),
             "--max-update", str(budget.finetune_updates), "--max-tokens", str(budget.max_tokens),
             "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--disable-validation",
@@ -256,6 +256,12 @@ PRETRAIN_OBJECTIVE_ARGS: List[str] = ["--quantizer-codebook-size", "64", "--quan
                                       "--quantizer-type", "random_projection"]
 DECODER_ARGS = ["--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "256", "--decoder-layers", "2",
                 "--decoder-attention-heads", "4"]
+# ASR adds mSLAM's CTC loss on the encoder (fairseq's criterion); both inits get the same recipe
+FINETUNE_CRITERION = {
+    "st": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
+    "asr": ["--criterion", "label_smoothed_cross_entropy_with_ctc", "--label-smoothing", "0.1",
+            "--ctc-weight", "0.3"],
+}
 FINETUNE_DATA = {
     "st": ("st", "config_st_es_en.yaml", "train_st_es_en", "dev_st_es_en"),
     "asr": ("asr", "config_asr.yaml", "train_asr", "dev_asr"),
