@@ -1,5 +1,5 @@
 """The main job end to end, shortened (``--size ci``): every stage runs as a user runs it and the
-report holds real scores. The full demo (``--size demo``, about 25 minutes) is marked slow."""
+report holds real scores. The full demo (``--size demo``, about 21 minutes) is marked slow."""
 import json
 import os
 import shutil
@@ -44,10 +44,16 @@ def test_short_demo_runs_every_stage_and_reports(tmp_path):
     generated = (work / "generate" / "st_pretrained_seed1.txt").read_text()
     test_rows = (work / "data" / "st" / "test_st_es_en.tsv").read_text().strip().splitlines()[1:]
     assert sum(line.startswith("H-") for line in generated.splitlines()) == len(test_rows)
-    # a second run resumes: finished stages are not redone
+    hypotheses = {line.split("\t")[-1] for line in generated.splitlines() if line.startswith("D-")}
+    assert report["distinct_hypotheses"]["st"]["pretrained"]["1"] == {"distinct": len(hypotheses),
+                                                                       "utterances": len(test_rows)}
+    # a second run resumes: finished stages are not redone, and the report keeps their timings
     again = subprocess.run([sys.executable, "examples/demo/run_demo.py", "--work", str(work), "--size", "ci"],
                            cwd=REPO, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "exists: skipping" in again.stdout
+    resumed = json.loads((work / "report.json").read_text())
+    assert resumed["timings"]["pretrain"] == report["timings"]["pretrain"]
+    assert resumed["scores"] == report["scores"]
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def make_model(seed: int = 0, dropout: float = 0.0, **overrides) -> SlamModel:
     slam_tiny(namespace)
     cfg = config_from(namespace, SlamConfig)
     dictionary = make_dictionary()
-    return SlamModel(cfg, build_slam_encoder(cfg, len(dictionary), dictionary.pad()))
+    return SlamModel(cfg, build_slam_encoder(cfg, len(dictionary), dictionary.pad()), symbols=dictionary.symbols)
 
 
 def make_criterion(**overrides) -> SlamMultitaskCriterion:

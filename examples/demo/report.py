@@ -9,7 +9,7 @@ from typing import Dict, List
 
 _JSON_LOG = re.compile(r"\| (train_inner|valid) \| (\{.*\})\s*$")
 PRETRAINING_LOSSES = ["span_masking_loss", "msm_contrastive_loss", "msm_mlm_loss", "diversity_loss",
-                      "tlm_text_loss", "tlm_speech_loss", "stm_loss"]
+                      "tlm_text_loss", "tlm_speech_loss", "stm_loss", "pair_ctc_loss"]
 
 
 def read_train_log(log_path: Path) -> List[Dict[str, float]]:
@@ -64,6 +64,13 @@ def plot_losses(pretrain_log: Path, finetune_logs: Dict[str, Path], stage2_start
     plt.close(figure)
 
 
+def distinct_hypotheses(generate_output: str) -> Dict[str, int]:
+    """How many different hypotheses fairseq-generate wrote (its ``D-`` lines) for how many
+    utterances: a model whose encoder output collapsed says the same sentence for every input."""
+    hypotheses = [line.split("\t", 2)[-1] for line in generate_output.splitlines() if line.startswith("D-")]
+    return {"distinct": len(set(hypotheses)), "utterances": len(hypotheses)}
+
+
 def summarize(scores: Dict[str, Dict[str, Dict[int, float]]]) -> Dict[str, Dict[str, object]]:
     """scores[kind][init][seed] -> per kind: mean per init and whether pre-training won every seed."""
     summary = {}
@@ -80,7 +87,8 @@ def summarize(scores: Dict[str, Dict[str, Dict[int, float]]]) -> Dict[str, Dict[
     return summary
 
 
-def write_markdown(path: Path, scores, summary, pretraining_changes, timings, command: str) -> str:
+def write_markdown(path: Path, scores, summary, pretraining_changes, timings, command: str,
+                   distinct: Dict[str, Dict[str, Dict[int, Dict[str, int]]]] = None) -> str:
     lines = ["# SLAM demo report", "", f"Command: `{command}`", "",
              "## Held-out test sets (voices and sentences unseen in any training)", "",
              "| task | metric | init | " + " | ".join(f"seed {s}" for s in _seeds(scores)) + " | mean |",
@@ -95,6 +103,13 @@ def write_markdown(path: Path, scores, summary, pretraining_changes, timings, co
             lines.append(f"| {'ST es-en' if kind == 'st' else 'ASR en'} | {metric} | {init} | "
                          + " | ".join("-" if v is None else f"{v:.2f}" for v in values)
                          + f" | {'-' if mean is None else f'{mean:.2f}'} |")
+    if distinct:
+        lines += ["", "Distinct test hypotheses (the same sentence for every input means the encoder output "
+                  "collapsed):", ""]
+        for kind, by_init in distinct.items():
+            for init, by_seed in by_init.items():
+                counts = ", ".join(f"seed {seed}: {c['distinct']}/{c['utterances']}" for seed, c in sorted(by_seed.items()))
+                lines.append(f"- {kind} {init}: {counts}")
     lines += ["", "Pre-training beats scratch at every seed: "
               + ", ".join(f"{kind.upper()} {'yes' if s['pretrained_better_every_seed'] else 'NO'}"
                           for kind, s in summary.items()), "",

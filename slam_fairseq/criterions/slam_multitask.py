@@ -22,6 +22,7 @@ from slam_fairseq.objectives.msm import (
     codebook_diversity_loss,
     contrastive_loss,
 )
+from slam_fairseq.objectives.pair_ctc import pair_ctc_loss
 from slam_fairseq.objectives.span_masking import span_masking_loss
 from slam_fairseq.objectives.stm import stm_loss
 from slam_fairseq.objectives.tlm import tlm_losses
@@ -37,6 +38,7 @@ OBJECTIVE_WEIGHTS = {
     "tlm_text": "tlm_weight",
     "tlm_speech": "tlm_weight",
     "stm": "stm_weight",
+    "pair_ctc": "pair_ctc_weight",
 }
 # objectives whose accuracy means something (the diversity loss has none)
 _WITH_ACCURACY = ("span_masking", "msm_contrastive", "msm_mlm", "tlm_text", "tlm_speech", "stm")
@@ -56,6 +58,9 @@ class SlamMultitaskCriterionConfig(FairseqDataclass):
     tlm_weight: float = field(
         default=1.0, metadata={"help": "TLM: masked text tokens + masked speech code ids of a pair"})
     stm_weight: float = field(default=1.0, metadata={"help": "speech-text matching cross-entropy"})
+    pair_ctc_weight: float = field(
+        default=1.0, metadata={"help": "mSLAM's CTC on the speech of pairs, per transcript token (only for "
+                                       "a model built with --pair-ctc)"})
     num_distractors: int = field(
         default=DEFAULT_NUM_DISTRACTORS,
         metadata={"help": "contrastive distractors per masked frame, from the same utterance"})
@@ -74,7 +79,8 @@ class SlamMultitaskCriterion(FairseqCriterion):
     - speech: ``msm_contrastive_weight * contrastive + diversity_weight * diversity +
       msm_mlm_weight * masked code-id cross-entropy``;
     - text: ``span_masking_weight * masked-token cross-entropy``;
-    - pair: ``tlm_weight * (TLM text + TLM speech) + stm_weight * STM``.
+    - pair: ``tlm_weight * (TLM text + TLM speech) + stm_weight * STM`` (``+ pair_ctc_weight *
+      CTC`` for a model built with ``--pair-ctc``, mSLAM's addition).
 
     Normalisation. ``sample_size`` is always 1: every objective is already a mean over its own
     positions (masked tokens, masked frames, pairs; the diversity loss is per batch), so the weights
@@ -99,6 +105,7 @@ class SlamMultitaskCriterion(FairseqCriterion):
 
     Logging (``loss`` and the cross-entropies in base 2, as fairseq does): ``<objective>_loss`` and
     ``<objective>_accuracy`` for span_masking, msm_contrastive, msm_mlm, tlm_text, tlm_speech, stm;
+    ``pair_ctc_loss`` (per transcript token, no accuracy) with ``--pair-ctc``;
     ``diversity_loss`` (as optimised: the unused fraction of the codebook, in [0, 1));
     ``code_perplexity`` (hard code choices), ``prob_perplexity`` (soft), ``gumbel_temperature``;
     ``nframes_speech``, ``ntokens_text``, ``ntokens_pair``, ``nframes_pair``, ``nsentences_*``.
@@ -131,6 +138,9 @@ class SlamMultitaskCriterion(FairseqCriterion):
             tlm = tlm_losses(pair.text_logits, pair.text_targets, pair.code_logits, pair.code_targets)
             objectives["tlm_text"], objectives["tlm_speech"] = tlm.text, tlm.speech
             objectives["stm"] = stm_loss(pair.stm_logits, pair.stm_labels)
+            if pair.ctc_logits is not None:
+                objectives["pair_ctc"] = pair_ctc_loss(pair.ctc_logits, pair.ctc_lengths, pair.ctc_targets,
+                                                       pair.ctc_target_lengths)
         return objectives
 
     def forward(self, model, sample: Dict, reduce: bool = True):

@@ -8,7 +8,7 @@ through ``forward(speech=..., text=..., pair=...)`` so that a DDP wrapper sees t
 """
 
 from dataclasses import dataclass, field, fields
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from fairseq.modules import GradMultiply, GumbelVectorQuantizer
@@ -23,6 +23,7 @@ from slam_fairseq.encoders.slam_encoder import SlamEncoder, SlamEncoderSizes
 from slam_fairseq.modules.random_projection_quantizer import RandomProjectionQuantizer
 from slam_fairseq.modules.subsampling import subsampled_lengths
 from slam_fairseq.objectives.msm import CodePredictionHead
+from slam_fairseq.objectives.pair_ctc import CTC_BLANK, Speller, transcript_targets
 from slam_fairseq.objectives.span_masking import TextPredictionHead
 from slam_fairseq.objectives.stm import PairMatchingClassifier
 
@@ -122,6 +123,17 @@ class SlamConfig(SlamEncoderConfig):
         metadata={"help": "MSM targets: 'gumbel' is w2v-BERT's learned Gumbel-softmax quantizer; "
                           "'random_projection' is a frozen random projection + codebook (BEST-RQ) "
                           "that cannot collapse, for short or small-batch runs"})
+    pair_ctc: bool = field(
+        default=False,
+        metadata={"help": "mSLAM's CTC loss on the speech side of pairs: the pair's speech alone, "
+                          "unmasked, through the whole encoder, then a linear head spells its transcript "
+                          "(weighted by slam_multitask's --pair-ctc-weight). Not in SLAM; it aligns "
+                          "speech with text early, which small runs need (blank: <s>)"})
+    pair_ctc_units: ChoiceEnum(["characters", "tokens"]) = field(
+        default="characters",
+        metadata={"help": "what --pair-ctc spells: 'tokens' is mSLAM's (the text vocabulary); "
+                          "'characters' spells each token's characters, which a small or short run learns "
+                          "several times sooner (the demo: about 200 updates instead of over 500)"})
 
 
 @dataclass
@@ -176,6 +188,9 @@ class PairPretrainingOutput:
     stm_logits (B, 2), stm_labels (B,): STM on [unmasked speech of row b ; clean text of row
         ``stm_text_index[b]``].
     num_tokens, num_frames: real tokens and subsampled frames; num_pairs: B.
+    ctc_logits (B, T', K), ctc_lengths (B,), ctc_targets (N,), ctc_target_lengths (B,): mSLAM's CTC
+        on the unmasked speech alone against the clean transcript (``--pair-ctc``), else None; K is
+        the text vocabulary or the characters + blank (``--pair-ctc-units``).
     """
 
     text_logits: torch.Tensor
@@ -187,6 +202,10 @@ class PairPretrainingOutput:
     num_tokens: int
     num_frames: int
     num_pairs: int
+    ctc_logits: Optional[torch.Tensor] = None
+    ctc_lengths: Optional[torch.Tensor] = None
+    ctc_targets: Optional[torch.Tensor] = None
+    ctc_target_lengths: Optional[torch.Tensor] = None
 
 
 def _fit_frame_mask(frame_mask: torch.Tensor, num_subsampled: int) -> torch.Tensor:
@@ -217,11 +236,15 @@ class SlamModel(BaseFairseqModel):
         text_prediction_head: multimodal output -> token scores, tied to
             ``encoder.text_encoder.embed_tokens`` (span masking and TLM text targets).
         pair_matching_classifier: pooled multimodal output of a pair -> 2 classes (STM).
+        pair_ctc_head: multimodal output of a pair's speech alone -> token scores (``--pair-ctc``).
     """
 
-    def __init__(self, cfg: SlamConfig, encoder: SlamEncoder) -> None:
+    def __init__(self, cfg: SlamConfig, encoder: SlamEncoder, unspoken_ids: Tuple[int, ...] = (0, 1, 2),
+                 symbols: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         self.cfg = cfg
+        # ids left out of the pair CTC targets: <s> (the CTC blank), <pad>, </s> of fairseq's dictionary
+        self.unspoken_ids = tuple(unspoken_ids)
         self.encoder = encoder
         embed_dim = cfg.encoder_embed_dim
         quantizer_dim = embed_dim
@@ -241,12 +264,27 @@ class SlamModel(BaseFairseqModel):
                                                        cfg.quantizer_codebook_size)
         self.text_prediction_head = TextPredictionHead(embed_dim, encoder.text_encoder.embed_tokens.weight)
         self.pair_matching_classifier = PairMatchingClassifier(embed_dim, cfg.dropout)
+        self.speller: Optional[Speller] = None
+        self.pair_ctc_head: Optional[nn.Linear] = None
+        if cfg.pair_ctc:
+            classes = encoder.text_encoder.embed_tokens.num_embeddings
+            if cfg.pair_ctc_units == "characters":
+                if symbols is None:
+                    raise ValueError("--pair-ctc-units characters needs the dictionary's symbols")
+                self.speller = Speller(symbols, self.unspoken_ids)
+                classes = self.speller.num_classes
+            self.pair_ctc_head = nn.Linear(embed_dim, classes)
 
     @classmethod
     def build_model(cls, cfg, task) -> "SlamModel":
         cfg = config_from(cfg, SlamConfig)
         dictionary = task.source_dictionary
-        return cls(cfg, build_slam_encoder(cfg, len(dictionary), dictionary.pad()))
+        if cfg.pair_ctc and dictionary.bos() != CTC_BLANK:
+            raise ValueError(f"--pair-ctc uses <s> as the CTC blank at index {CTC_BLANK}, but this dictionary "
+                             f"has <s> at {dictionary.bos()}")
+        return cls(cfg, build_slam_encoder(cfg, len(dictionary), dictionary.pad()),
+                   unspoken_ids=(dictionary.bos(), dictionary.pad(), dictionary.eos()),
+                   symbols=dictionary.symbols)
 
     def max_positions(self):
         return (self.cfg.max_source_positions, self.cfg.max_text_positions)
@@ -372,11 +410,22 @@ class SlamModel(BaseFairseqModel):
         matched_text = batch["clean_tokens"][batch["stm_text_index"]]
         _, matched = self.encoder.encode_pair(features, lengths, matched_text)
         stm_logits = self.pair_matching_classifier(matched.output, matched.padding_mask)
+        ctc = self._pair_ctc(features, lengths, batch["clean_tokens"]) if self.pair_ctc_head is not None else {}
         return PairPretrainingOutput(
             text_logits=self.text_prediction_head(text_hidden), text_targets=target[row, position],
             code_logits=code_logits, code_targets=code_targets, stm_logits=stm_logits,
             stm_labels=batch["stm_label"], num_tokens=int(tokens.ne(padding_idx).sum()),
-            num_frames=int((~speech.padding_mask).sum()), num_pairs=features.shape[0])
+            num_frames=int((~speech.padding_mask).sum()), num_pairs=features.shape[0], **ctc)
+
+    def _pair_ctc(self, features: torch.Tensor, lengths: torch.Tensor, clean_tokens: torch.Tensor) -> Dict:
+        """mSLAM's CTC inputs: a third pass, the pair's speech alone and unmasked."""
+        _, alone = self.encoder.encode_speech(features, lengths)
+        if self.speller is not None:
+            targets, target_lengths = self.speller(clean_tokens)
+        else:
+            targets, target_lengths = transcript_targets(clean_tokens, clean_tokens.new_tensor(self.unspoken_ids))
+        return dict(ctc_logits=self.pair_ctc_head(alone.output), ctc_lengths=(~alone.padding_mask).sum(dim=1),
+                    ctc_targets=targets, ctc_target_lengths=target_lengths)
 
 
 def _preset(cfg, **values) -> None:

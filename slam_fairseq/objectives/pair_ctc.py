@@ -1,0 +1,88 @@
+"""mSLAM's CTC loss on the speech side of a pair, against the pair's own transcript.
+
+SLAM's TLM and STM can be solved from the text side alone early in training, so at small scale
+the speech encoder learns little from pairs. mSLAM (arXiv 2202.01374) adds CTC on the speech of
+the paired data: the speech alone goes through the whole encoder (no text, no masking) and a
+linear head spells the transcript, in the text vocabulary (mSLAM) or in characters
+(:class:`Speller`). It aligns speech with text directly, which is what fine-tuning for recognition
+or translation needs first.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from slam_fairseq.objectives.masked_prediction import ObjectiveOutput
+
+CTC_BLANK = 0  # fairseq's <s>: never a transcript token; the same blank as slam_s2t's CTC head
+
+
+def transcript_targets(tokens: torch.Tensor, ignore: torch.Tensor):
+    """(B, L) padded transcripts -> (flat targets, (B,) lengths), leaving out the ids in ``ignore``
+    (pad, eos, bos: not spoken)."""
+    keep = ~torch.isin(tokens, ignore)
+    return tokens[keep], keep.sum(dim=1)
+
+
+def pair_ctc_loss(logits: torch.Tensor, output_lengths: torch.Tensor, targets: torch.Tensor,
+                  target_lengths: torch.Tensor) -> ObjectiveOutput:
+    """
+    Args:
+        logits: (B, T', V) scores over the text vocabulary at every subsampled frame.
+        output_lengths: (B,) real frames.
+        targets: (N,) concatenated transcripts (no blank, pad or eos); target_lengths: (B,).
+    Returns:
+        :class:`ObjectiveOutput`: the summed CTC loss divided by the number of target tokens; rows
+        too short for their transcript contribute 0 and are not counted; no accuracy
+        (``num_correct`` is 0).
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    feasible = output_lengths >= target_lengths
+    loss_sum = F.ctc_loss(log_probs.transpose(0, 1), targets, output_lengths, target_lengths,
+                          blank=CTC_BLANK, reduction="none", zero_infinity=True)
+    count = (target_lengths * feasible).sum()
+    loss = (loss_sum * feasible).sum() / count.clamp(min=1)
+    return ObjectiveOutput(loss, count.new_zeros(()), count)
+
+
+
+class Speller(torch.nn.Module):
+    """Spells dictionary tokens as characters, for CTC over characters (``--pair-ctc-units characters``).
+
+    Word-piece CTC over a large vocabulary leaves the blank-only plateau late at small scale; the
+    same transcript spelled in its few dozen characters (SentencePiece's word boundary "▁" is one of
+    them) is learned several times sooner. The table is derived from the dictionary, so it is not
+    saved with the model. Character ids start at 1 (0 is the blank).
+    """
+
+    def __init__(self, symbols: Sequence[str], unspoken_ids: Sequence[int]) -> None:
+        super().__init__()
+        unspoken = set(unspoken_ids)
+        spoken = [symbol if index not in unspoken and not _is_special(symbol) else ""
+                  for index, symbol in enumerate(symbols)]
+        self.characters = sorted(set("".join(spoken)))
+        character_id = {character: index + 1 for index, character in enumerate(self.characters)}
+        width = max(1, max(len(symbol) for symbol in spoken))
+        table = torch.zeros(len(symbols), width, dtype=torch.long)
+        for index, symbol in enumerate(spoken):
+            table[index, : len(symbol)] = torch.tensor([character_id[c] for c in symbol], dtype=torch.long)
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("lengths", torch.tensor([len(symbol) for symbol in spoken]), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        """Characters plus the blank."""
+        return len(self.characters) + 1
+
+    def forward(self, tokens: torch.Tensor):
+        """(B, L) padded token ids -> (flat character targets, (B,) lengths); unspoken ids spell nothing."""
+        spelled = self.table[tokens]  # (B, L, W)
+        keep = torch.arange(spelled.shape[-1], device=tokens.device) < self.lengths[tokens].unsqueeze(-1)
+        return spelled[keep], keep.sum(dim=(1, 2))
+
+
+def _is_special(symbol: str) -> bool:
+    """fairseq's <...> symbols (<mask>, <unk>) and its madeupword fillers are not spelled."""
+    return (symbol.startswith("<") and symbol.endswith(">")) or symbol.startswith("madeupword")

@@ -1,0 +1,129 @@
+"""mSLAM's CTC on the speech side of pairs (``--pair-ctc``): the loss, its targets, and that the
+pass sees the speech only."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slam_fairseq.modules.subsampling import subsampled_lengths
+from slam_fairseq.objectives.pair_ctc import CTC_BLANK, Speller, pair_ctc_loss, transcript_targets
+from test_slam_multitask import make_criterion, make_dictionary, make_model, make_sample
+
+
+def test_transcript_targets_leave_out_pad_eos_and_the_blank():
+    dictionary = make_dictionary()
+    pad, eos, bos = dictionary.pad(), dictionary.eos(), dictionary.bos()
+    tokens = torch.tensor([[5, 6, 7, eos], [8, 9, eos, pad]])
+    targets, lengths = transcript_targets(tokens, torch.tensor([bos, pad, eos]))
+    assert targets.tolist() == [5, 6, 7, 8, 9]
+    assert lengths.tolist() == [3, 2]
+
+
+def test_loss_is_ctc_per_transcript_token_and_skips_rows_too_short():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 12, 10)
+    output_lengths = torch.tensor([12, 9, 2])
+    targets = torch.tensor([4, 5, 6, 7, 7, 8, 4, 5, 6, 7])  # row 2 has 4 tokens for 2 frames
+    target_lengths = torch.tensor([4, 2, 4])
+    result = pair_ctc_loss(logits, output_lengths, targets, target_lengths)
+
+    log_probs = F.log_softmax(logits, dim=-1)
+    expected = sum(F.ctc_loss(log_probs[row, : output_lengths[row]].unsqueeze(1),
+                              targets[start: start + length].unsqueeze(0), output_lengths[row: row + 1],
+                              target_lengths[row: row + 1], blank=CTC_BLANK, reduction="sum")
+                   for row, start, length in ((0, 0, 4), (1, 4, 2)))
+    assert int(result.count) == 6
+    assert result.loss.item() == pytest.approx(expected.item() / 6, rel=1e-5)
+
+
+def test_speller_spells_tokens_in_characters_and_skips_specials():
+    dictionary = make_dictionary()
+    for word in ("\u2581the", "s", "\u2581caf\u00e9"):
+        dictionary.add_symbol(word)
+    speller = Speller(dictionary.symbols, (dictionary.bos(), dictionary.pad(), dictionary.eos()))
+    the, s, cafe = (dictionary.index(word) for word in ("\u2581the", "s", "\u2581caf\u00e9"))
+    tokens = torch.tensor([[the, s, dictionary.eos()], [cafe, dictionary.index("<mask>"), dictionary.pad()]])
+    targets, lengths = speller(tokens)
+    assert lengths.tolist() == [5, 5]
+    spelled = "".join(speller.characters[i - 1] for i in targets.tolist())
+    assert spelled == "\u2581thes\u2581caf\u00e9"
+    assert CTC_BLANK not in targets.tolist()
+    assert speller.num_classes == len(set("\u2581thescaf\u00e9w0123456789")) + 1
+
+
+@pytest.mark.parametrize("units", ["tokens", "characters"])
+def test_model_with_pair_ctc_spells_the_clean_transcript_from_the_speech_alone(units):
+    model = make_model(pair_ctc=True, pair_ctc_units=units).eval()
+    sample = make_sample()
+    pair = sample["pair"]
+    output = model(pair=pair)["pair"]
+    clean = pair["clean_tokens"]
+    tokens = clean[clean.ne(make_dictionary().pad())].tolist()
+    if units == "tokens":
+        assert output.ctc_targets.tolist() == tokens
+        assert output.ctc_logits.shape[-1] == len(make_dictionary())
+    else:
+        symbols = make_dictionary().symbols
+        characters = model.speller.characters
+        assert "".join(characters[i - 1] for i in output.ctc_targets.tolist()) == "".join(
+            symbols[i] for i in tokens)
+        assert output.ctc_logits.shape[-1] == len(characters) + 1
+
+    # the CTC pass sees no text: other transcripts (masked or clean) leave its scores unchanged
+    other = dict(pair, tokens=pair["tokens"].flip(0), clean_tokens=pair["clean_tokens"].flip(0))
+    assert torch.allclose(model(pair=other)["pair"].ctc_logits, output.ctc_logits)
+
+
+def test_pair_ctc_is_an_objective_only_with_the_flag_and_trains_the_speech_encoder():
+    sample = make_sample()
+    plain_objectives = make_criterion().compute_objectives(make_model()(pair=sample["pair"]))
+    assert "pair_ctc" not in plain_objectives
+    assert make_model().pair_ctc_head is None
+
+    model = make_model(pair_ctc=True, pair_ctc_units="tokens").train()
+    criterion = make_criterion(pair_ctc_weight=1.0)
+    loss, _, logging_output = criterion(model, {"pair": sample["pair"]})
+    # rows with more tokens than subsampled frames cannot be aligned and are not counted
+    frames = subsampled_lengths(sample["pair"]["feature_lengths"])
+    tokens = sample["pair"]["clean_tokens"].ne(make_dictionary().pad()).sum(dim=1)
+    assert (tokens > frames).any() and (tokens <= frames).any()
+    assert logging_output["_pair_ctc_count"] == int(tokens[tokens <= frames].sum())
+    loss.backward()
+    for name in ("pair_ctc_head.weight", "encoder.speech_encoder.subsampling.conv_first.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+    without = make_criterion(pair_ctc_weight=0.0)
+    objectives = without.compute_objectives(model(pair=sample["pair"]))
+    weighted = sum(without.weight(name) * objective.loss for name, objective in objectives.items())
+    assert weighted.item() == pytest.approx(
+        sum(objective.loss.item() for name, objective in objectives.items() if name != "pair_ctc"), rel=1e-5)
+
+
+@pytest.mark.parametrize("units", ["tokens", "characters"])
+def test_a_few_adam_steps_lower_the_pair_ctc_loss(units):
+    model = make_model(pair_ctc=True, pair_ctc_units=units)
+    criterion = make_criterion(pair_ctc_weight=1.0)
+    pair = make_sample()["pair"]
+    # three tokens a row, so that every row's spelling fits its subsampled frames
+    clean = pair["clean_tokens"].clone()
+    clean[:, 3:] = make_dictionary().pad()
+    pair = dict(pair, clean_tokens=clean)
+
+    def ctc_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            objective = criterion.compute_objectives(model(pair=pair))["pair_ctc"]
+            assert int(objective.count) == int(model(pair=pair)["pair"].ctc_target_lengths.sum())
+            value = objective.loss.item()
+        model.train()
+        return value
+
+    before = ctc_loss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(15):
+        torch.manual_seed(step)
+        optimizer.zero_grad()
+        criterion(model, {"pair": pair})[0].backward()
+        optimizer.step()
+    assert ctc_loss() < 0.8 * before
