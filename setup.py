@@ -1,8 +1,8 @@
 """slam-fairseq: SLAM as a fairseq plugin.
 
 torch and fairseq are deliberately not in install_requires: pip would resolve torch to a CUDA build
-of several GB and would pull fairseq's torchaudio requirement, which cannot load beside torch 2.13
-CPU. ``scripts/install.sh`` installs both the safe way and keeps working installations.
+of several GB and would pull fairseq's declared audio dependency, whose wheels cannot load beside
+torch 2.13 CPU. ``scripts/install.sh`` installs both the safe way and keeps working installations.
 """
 from setuptools import find_packages, setup
 

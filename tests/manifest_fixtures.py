@@ -21,18 +21,8 @@ if str(REPO_ROOT) not in sys.path:  # `manifests` and `slam_fairseq` importable 
     sys.path.insert(0, str(REPO_ROOT))
 TOOLS_MISSING = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
 
-ENGLISH = [
-    "the quick brown fox jumps over the lazy dog",
-    "she sells sea shells by the sea shore",
-    "a journey of a thousand miles begins with a single step",
-    "all that glitters is not gold",
-    "the early bird catches the worm",
-    "actions speak louder than words",
-    "better late than never",
-    "every cloud has a silver lining",
-    "knowledge is power and time is money",
-    "where there is a will there is a way",
-]
+from english_sentences import ENGLISH  # noqa: E402
+
 SPANISH = [
     ("el perro come pan en la casa", "the dog eats bread in the house"),
     ("hoy hace mucho sol en la ciudad", "today it is very sunny in the city"),

@@ -27,22 +27,14 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from english_sentences import ENGLISH
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
 ESPEAK_MISSING = shutil.which("espeak-ng") is None
 STAND_IN_CRITERION = "pretraining_stand_in"
 
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog",
-    "she sells sea shells by the sea shore",
-    "a journey of a thousand miles begins with a single step",
-    "all that glitters is not gold",
-    "the early bird catches the worm",
-    "actions speak louder than words",
-    "better late than never",
-    "every cloud has a silver lining",
-    "knowledge is power and time is money",
-    "where there is a will there is a way",
+SENTENCES = ENGLISH + [
     "a picture is worth a thousand words",
     "the pen is mightier than the sword",
     "do not count your chickens before they hatch",
