@@ -58,7 +58,7 @@ def write_data(directory: Path, utterances: int, min_frames: int, max_frames: in
     and ``config_bench.yaml`` (utterance CMVN, no SentencePiece)."""
     import yaml
 
-    from slam_fairseq.data.manifest_format import write_s2t_manifest
+    from slam_formats.manifest import write_s2t_manifest
 
     generator = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from manifests import core  # noqa: E402
-from slam_fairseq.data import audio_features  # noqa: E402
+from slam_formats import features as audio_features  # noqa: E402
 
 
 def synthesize(seconds: float, seed: int) -> np.ndarray:

@@ -62,12 +62,9 @@ if str(REPO_ROOT) not in sys.path:  # scripts run as `python manifests/prep_x.py
 
 import numpy as np  # noqa: E402
 
-from slam_fairseq.data import audio_features  # noqa: E402
-from slam_fairseq.data.manifest_format import (  # noqa: E402
-    FEATURE_DIR_NAME,
-    atomic_output_path,
-    atomic_write_text,
-)
+from slam_formats import features as audio_features  # noqa: E402
+from slam_formats.atomic import atomic_output_path, atomic_write_text
+from slam_formats.names import FEATURE_DIR_NAME
 
 FORMAT_VERSION = 1
 CRASH_HOOK_ENV = "SLAM_MANIFESTS_CRASH_AFTER_SHARDS"
@@ -829,7 +826,7 @@ def parse_split_map(specs: Sequence[str], flag: str) -> List[Tuple[str, str]]:
 def write_manifest(summary: RunSummary, path: Path, rows: List[dict], columns: Sequence[str]) -> None:
     """Write an S2T manifest atomically and record it; a manifest without rows is not written
     (fairseq refuses empty manifests) and the summary says so."""
-    from slam_fairseq.data.manifest_format import write_s2t_manifest
+    from slam_formats.manifest import write_s2t_manifest
 
     if not rows:
         summary.not_written.append(path.name)

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import yaml
 
 from manifests.core import UsageError
-from slam_fairseq.data.manifest_format import atomic_write_text
+from slam_formats.atomic import atomic_write_text
 
 # fairseq's S2TDataConfigWriter.set_specaugment_*_policy
 SPECAUGMENT_POLICIES = {

@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slam_fairseq.data.manifest_format import (  # noqa: E402
+from slam_formats.manifest import (
     OPTIONAL_COLUMNS,
     S2T_COLUMNS,
     ManifestError,

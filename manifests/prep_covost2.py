@@ -22,7 +22,7 @@ the vocabulary (kept whole by SentencePiece, present in the dictionary) and the 
 Features are stored (zip of .npy) by default: fairseq cannot read mp3, nor resample without
 torchaudio. ``--on-the-fly`` stores 16 kHz 16-bit FLAC copies of the clips in the shard zips
 instead (fairseq's ``speech_to_text`` then computes the features; it needs the plugin's
-``slam_fairseq.data.fairseq_audio_compat.install_fbank_backend``, i.e. ``--user-dir slam_fairseq``).
+``slam_fairseq.compat.fbank.install_fbank_backend``, i.e. ``--user-dir slam_fairseq``).
 
 Skipped and counted (named in the summary): rows naming a missing clip (missing_clip), rows with
 an empty translation (empty_translation), non-UTF-8 or malformed rows, and bad audio (unreadable,
@@ -40,8 +40,8 @@ from typing import Dict, List, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from manifests import core, data_config, vocabulary  # noqa: E402
-from slam_fairseq.data.manifest_format import (  # noqa: E402
-    S2T_COLUMNS,
+from slam_formats.manifest import S2T_COLUMNS
+from slam_formats.names import (
     fine_tuning_config_name,
     fine_tuning_manifest_name,
     lang_tag,

@@ -31,11 +31,8 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from manifests import core, data_config  # noqa: E402
-from slam_fairseq.data.manifest_format import (  # noqa: E402
-    DATA_CONFIG_NAME,
-    S2T_COLUMNS,
-    speech_manifest_name,
-)
+from slam_formats.manifest import S2T_COLUMNS
+from slam_formats.names import DATA_CONFIG_NAME, speech_manifest_name
 
 AUDIO_SUFFIXES = (".flac", ".wav")
 

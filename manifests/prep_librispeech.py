@@ -32,10 +32,10 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from manifests import core, data_config, vocabulary  # noqa: E402
-from slam_fairseq.data.manifest_format import (  # noqa: E402
+from slam_formats.manifest import S2T_COLUMNS
+from slam_formats.names import (
     DATA_CONFIG_NAME,
-    S2T_COLUMNS,
-    asr_task_name,
+    ASR_TASK_NAME,
     fine_tuning_config_name,
     fine_tuning_manifest_name,
     pair_manifest_name,
@@ -120,7 +120,7 @@ def main(argv=None) -> core.RunSummary:
         raise core.UsageError(f"--train-split {args.train_split} is not one of the output splits {sorted(groups)}")
     features = core.extract_features(context, core.audio_options_from_args(args), groups, "librispeech")
 
-    task = asr_task_name()
+    task = ASR_TASK_NAME
     spm_name = spm_prefix_name(args.vocab_size, task) + ".model"
     if "asr" in args.outputs:  # first: the step a too small corpus can refuse
         train_text = (row["tgt_text"].lower()

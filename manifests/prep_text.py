@@ -36,13 +36,9 @@ from typing import Dict, Iterator, List, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from manifests import core, data_config, vocabulary  # noqa: E402
-from slam_fairseq.data.manifest_format import (  # noqa: E402
-    DATA_CONFIG_NAME,
-    atomic_write_text,
-    read_s2t_manifest,
-    spm_prefix_name,
-    text_prefix_name,
-)
+from slam_formats.atomic import atomic_write_text
+from slam_formats.manifest import read_s2t_manifest
+from slam_formats.names import DATA_CONFIG_NAME, spm_prefix_name, text_prefix_name
 
 STATE_NAME = ".prep_text_state.json"
 

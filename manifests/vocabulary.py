@@ -3,7 +3,7 @@
 Settings follow fairseq's S2T recipes (``gen_vocab``): unigram model, ``character_coverage`` 1.0
 (lower it, e.g. 0.9995, for Chinese/Japanese), ids bos 0 / pad 1 / eos 2 / unk 3 so that a piece's
 SentencePiece id equals its index in the fairseq dictionary written beside the model
-(``<piece> 1`` lines, specials left out; ``manifest_format.write_fairseq_dictionary``).
+(``<piece> 1`` lines, specials left out; :func:`write_fairseq_dictionary`).
 
 Vocabulary too large for a small corpus: refused with a clear message naming the largest size
 SentencePiece can make (:class:`manifests.core.UsageError`), unless ``allow_smaller_vocab``
@@ -20,9 +20,33 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from manifests.core import UsageError, default_workers
-from slam_fairseq.data.manifest_format import SPM_EOS_ID, write_fairseq_dictionary
+from slam_formats.atomic import atomic_write_text
+from slam_formats.manifest import ManifestError
+from slam_formats.names import (SPM_BOS_ID, SPM_EOS_ID, SPM_PAD_ID, SPM_SPECIAL_PIECES, SPM_UNK_ID,
+                                fairseq_dictionary_path)
 
 _TOO_LARGE = re.compile(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)")
+
+
+def write_fairseq_dictionary(spm_model_path: str, dictionary_path: Optional[str] = None) -> str:
+    """Write the fairseq dictionary of a SentencePiece model (``<piece> 1`` per line, the four
+    specials left out, in id order), as fairseq's S2T ``gen_vocab`` does. Returns its path.
+
+    The model must use fairseq's special ids (bos 0, pad 1, eos 2, unk 3); then
+    ``fairseq.data.Dictionary.load(dictionary_path).index(piece) == spm.piece_to_id(piece)``.
+    """
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model_path))
+    specials = [processor.id_to_piece(index) for index in
+                (SPM_BOS_ID, SPM_PAD_ID, SPM_EOS_ID, SPM_UNK_ID)]
+    if tuple(specials) != SPM_SPECIAL_PIECES:
+        raise ManifestError(f"{spm_model_path}: special pieces {specials} at ids 0-3, "
+                            f"expected {list(SPM_SPECIAL_PIECES)} (fairseq's gen_vocab ids)")
+    pieces = [processor.id_to_piece(index) for index in range(4, processor.get_piece_size())]
+    dictionary_path = dictionary_path or fairseq_dictionary_path(spm_model_path)
+    atomic_write_text(dictionary_path, "".join(f"{piece} 1\n" for piece in pieces))
+    return str(dictionary_path)
 
 
 def default_character_coverage(languages: Sequence[str]) -> float:

@@ -48,7 +48,7 @@ def train_sentencepiece(directory: Path, sentences: Sequence[str], vocab_size: i
     """A SentencePiece model with fairseq's special ids, and its fairseq dictionary next to it."""
     import sentencepiece
 
-    from slam_fairseq.data.manifest_format import write_fairseq_dictionary
+    from manifests.vocabulary import write_fairseq_dictionary
 
     directory.mkdir(parents=True, exist_ok=True)
     corpus = directory / f"{prefix}.corpus.txt"
@@ -90,7 +90,7 @@ def espeak_features(text: str, voice: str = "en", speed: int = 175) -> np.ndarra
     """80-dim log-Mel of espeak-ng speech (16 kHz, via the project's own feature code)."""
     import soundfile as sf
 
-    from slam_fairseq.data.audio_features import compute_fbank, resample
+    from slam_formats.features import compute_fbank, resample
 
     wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text],
                          capture_output=True, check=True).stdout
@@ -122,7 +122,7 @@ def write_feature_zip(zip_path: Path, features: Dict[str, np.ndarray], data_dir:
 
 
 def write_manifest(path: Path, rows: List[Dict[str, object]]) -> None:
-    from slam_fairseq.data.manifest_format import write_s2t_manifest
+    from slam_formats.manifest import write_s2t_manifest
 
     write_s2t_manifest(str(path), rows)
 

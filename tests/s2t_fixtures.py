@@ -1,7 +1,7 @@
 """Tiny fine-tuning data and checkpoints for the ``slam_s2t`` tests.
 
 Speech is synthesized with espeak-ng (English), turned into 80-dim filterbanks with
-``slam_fairseq.data.audio_features.compute_fbank`` and stored the way fairseq's S2T recipes store
+``slam_formats.features.compute_fbank`` and stored the way fairseq's S2T recipes store
 them: one uncompressed zip of ``<id>.npy`` referenced as ``zip:offset:length`` from fairseq's TSV
 manifests. Each data directory also holds a SentencePiece model, its fairseq dictionary and a
 ``config_<task>.yaml`` (fairseq's recipe names, see docs/data_formats.md).
@@ -47,7 +47,7 @@ def synthesize(text: str, voice: str = "en-us", speed: int = 150) -> np.ndarray:
     """espeak-ng speech as a 16 kHz mono float waveform."""
     import soundfile as sf
 
-    from slam_fairseq.data.audio_features import resample
+    from slam_formats.features import resample
 
     wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text],
                          capture_output=True, check=True).stdout
@@ -77,7 +77,7 @@ def train_spm(sentences: Sequence[str], prefix: Path, vocab_size: int = 120,
     """SentencePiece (fairseq's special ids) + its fairseq dictionary; returns (model, dict) paths."""
     import sentencepiece
 
-    from slam_fairseq.data.manifest_format import write_fairseq_dictionary
+    from manifests.vocabulary import write_fairseq_dictionary
 
     options = dict(model_type="unigram", vocab_size=vocab_size, character_coverage=1.0, bos_id=0,
                    pad_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False, minloglevel=2)
@@ -107,7 +107,7 @@ def _write_config(path: Path, spm_model: Path, dictionary: Path, specaugment: bo
 
 def synthesize_features(out_dir: Path, speeds: Sequence[int] = (150,)) -> Dict[str, np.ndarray]:
     """Filterbanks of every English sentence at each speed, keyed ``s<sentence>_<speed>``."""
-    from slam_fairseq.data.audio_features import compute_fbank
+    from slam_formats.features import compute_fbank
 
     features = {}
     for index, (english, _, _) in enumerate(SENTENCES):
@@ -123,7 +123,8 @@ def build_multilingual_st(out_dir: Path, features: Dict[str, np.ndarray], specau
     ``prepend_tgt_lang_tag: true``, ``spm_unigram120_st_en_mul.{model,txt}`` holding ``<lang:de>``
     and ``<lang:fr>``. Returns the task name ``st_en_mul``.
     """
-    from slam_fairseq.data.manifest_format import lang_tag, write_s2t_manifest
+    from slam_formats.manifest import write_s2t_manifest
+    from slam_formats.names import lang_tag
 
     out_dir.mkdir(parents=True, exist_ok=True)
     references = write_feature_zip(out_dir / "fbank_st.zip", features)
@@ -144,7 +145,7 @@ def build_multilingual_st(out_dir: Path, features: Dict[str, np.ndarray], specau
 def build_asr(out_dir: Path, features: Dict[str, np.ndarray], specaugment: bool = True) -> str:
     """English speech -> English transcripts: ``train_asr.tsv``, ``config_asr.yaml``,
     ``spm_unigram120_asr.{model,txt}``. Returns the task name ``asr``."""
-    from slam_fairseq.data.manifest_format import write_s2t_manifest
+    from slam_formats.manifest import write_s2t_manifest
 
     out_dir.mkdir(parents=True, exist_ok=True)
     references = write_feature_zip(out_dir / "fbank_asr.zip", features)

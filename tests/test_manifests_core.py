@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from manifest_fixtures import write_samples  # noqa: E402
 
 from manifests import core, vocabulary  # noqa: E402
-from slam_fairseq.data import audio_features  # noqa: E402
+from slam_formats import features as audio_features  # noqa: E402
 
 
 def _tone(seconds: float = 1.0, rate: int = 16000, amplitude: float = 0.3) -> np.ndarray:
@@ -61,7 +61,7 @@ def test_audio_policies(tmp_path):
 
 def test_fbank_shim_matches_compute_fbank_and_is_idempotent(tmp_path):
     from fairseq.data.audio import audio_utils
-    from slam_fairseq.data.fairseq_audio_compat import (
+    from slam_fairseq.compat.fbank import (
         convert_waveform_without_torchaudio,
         install_fbank_backend,
         kaldi_native_fbank_features,

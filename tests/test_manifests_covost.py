@@ -20,8 +20,8 @@ from manifest_fixtures import (  # noqa: E402,F401  (fixtures)
 if TOOLS_MISSING:
     pytest.skip(f"needs {TOOLS_MISSING} to synthesize speech", allow_module_level=True)
 
-from slam_fairseq.data import audio_features  # noqa: E402
-from slam_fairseq.data.manifest_format import read_s2t_manifest  # noqa: E402
+from slam_formats import features as audio_features  # noqa: E402
+from slam_formats.manifest import read_s2t_manifest
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_fairseq_speech_to_text_trains_on_it(spanish, tmp_path):
 def test_multilingual_on_the_fly_with_language_tags(covost_tree, tmp_path):
     from fairseq.data import Dictionary
     from fairseq.tasks.speech_to_text import SpeechToTextTask
-    from slam_fairseq.data.fairseq_audio_compat import install_fbank_backend
+    from slam_fairseq.compat.fbank import install_fbank_backend
 
     install_fbank_backend()
     out = tmp_path / "out"

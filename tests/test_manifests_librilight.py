@@ -17,8 +17,8 @@ from manifest_fixtures import (  # noqa: E402,F401  (fixtures)
 if TOOLS_MISSING:
     pytest.skip(f"needs {TOOLS_MISSING} to synthesize speech", allow_module_level=True)
 
-from slam_fairseq.data import audio_features  # noqa: E402
-from slam_fairseq.data.manifest_format import read_s2t_manifest  # noqa: E402
+from slam_formats import features as audio_features  # noqa: E402
+from slam_formats.manifest import read_s2t_manifest
 
 
 def test_speech_manifests_with_segments_and_valid(librilight_tree, tmp_path):

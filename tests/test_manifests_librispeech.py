@@ -18,8 +18,8 @@ from manifest_fixtures import (  # noqa: E402,F401  (fixtures)
 if TOOLS_MISSING:
     pytest.skip(f"needs {TOOLS_MISSING} to synthesize speech", allow_module_level=True)
 
-from slam_fairseq.data import audio_features  # noqa: E402
-from slam_fairseq.data.manifest_format import read_s2t_manifest  # noqa: E402
+from slam_formats import features as audio_features  # noqa: E402
+from slam_formats.manifest import read_s2t_manifest
 
 
 def _expected_features(path: str) -> np.ndarray:
@@ -143,7 +143,7 @@ def test_interrupted_runs_resume_without_recomputing(librispeech_tree, tmp_path)
 
 def test_on_the_fly_manifests_read_by_fairseq(librispeech_tree, tmp_path):
     from fairseq.data.audio.audio_utils import get_features_or_waveform
-    from slam_fairseq.data.fairseq_audio_compat import install_fbank_backend
+    from slam_fairseq.compat.fbank import install_fbank_backend
 
     from manifests import prep_librispeech
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slam_fairseq.data.audio_features import read_features
-from slam_fairseq.data.manifest_format import read_s2t_manifest, write_s2t_manifest
+from slam_formats.features import read_features
+from slam_formats.manifest import read_s2t_manifest, write_s2t_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,23 +16,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretraining_fixtures as fixtures  # noqa: E402
 
-from slam_fairseq.data.manifest_format import ManifestError  # noqa: E402
-from slam_fairseq.data.pretraining_data_config import PretrainingDataConfig  # noqa: E402
-from slam_fairseq.data.pretraining_frame_masking import (FrameMaskingSettings,  # noqa: E402
+from slam_formats.manifest import ManifestError
+from slam_fairseq.data.pretraining.config import PretrainingDataConfig  # noqa: E402
+from slam_fairseq.data.pretraining.frame_masks import (FrameMaskingSettings,  # noqa: E402
                                                          expected_masked_fraction,
                                                          frame_span_mask, start_prob_for_fraction)
-from slam_fairseq.data.pretraining_pair_dataset import PretrainingPairDataset  # noqa: E402
-from slam_fairseq.data.pretraining_round_robin import (RoundRobinBatchDataset,  # noqa: E402
+from slam_fairseq.data.pretraining.pair import PretrainingPairDataset  # noqa: E402
+from slam_fairseq.data.pretraining.round_robin import (RoundRobinBatchDataset,  # noqa: E402
                                                        RoundRobinEpochBatchIterator,
                                                        make_modality_batches)
-from slam_fairseq.data.pretraining_seeding import masking_rng  # noqa: E402
-from slam_fairseq.data.pretraining_span_masking import (SpanMaskingSettings, TextVocabulary,  # noqa: E402
+from slam_fairseq.data.pretraining.seeding import masking_rng  # noqa: E402
+from slam_fairseq.data.pretraining.span_masks import (SpanMaskingSettings, TextVocabulary,  # noqa: E402
                                                         draw_spans, mask_text, spans_to_mask)
-from slam_fairseq.data.pretraining_speech_dataset import (PretrainingSpeechDataset,  # noqa: E402
+from slam_fairseq.data.pretraining.speech import (PretrainingSpeechDataset,  # noqa: E402
                                                           SpeechDataError, SpeechFeatureReader,
                                                           read_speech_rows)
-from slam_fairseq.data.pretraining_stm_negatives import draw_stm_negatives  # noqa: E402
-from slam_fairseq.data.pretraining_text_dataset import (PretrainingTextDataset,  # noqa: E402
+from slam_fairseq.data.pretraining.stm_negatives import draw_stm_negatives  # noqa: E402
+from slam_fairseq.data.pretraining.text import (PretrainingTextDataset,  # noqa: E402
                                                         load_text_tokens)
 from slam_fairseq.modules.subsampling import subsampled_lengths  # noqa: E402
 
@@ -243,7 +243,7 @@ def test_utterance_normalisation_by_default_and_global_cmvn_when_configured(data
     global_config = PretrainingDataConfig(str(copy))
     rows = read_speech_rows(copy / "speech_train.tsv")
     reader = SpeechFeatureReader(rows, str(copy), global_config.feature_transform)
-    from slam_fairseq.data.audio_features import read_features
+    from slam_formats.features import read_features
 
     raw_features = read_features(rows.audio[0], str(copy))
     assert np.allclose(reader.read(0), (raw_features - 2.0) / 4.0)

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretraining_fixtures as fixtures  # noqa: E402
 
-from slam_fairseq.data.pretraining_round_robin import RoundRobinBatchDataset  # noqa: E402
+from slam_fairseq.data.pretraining.round_robin import RoundRobinBatchDataset  # noqa: E402
 from slam_fairseq.tasks.slam_pretraining import SlamPretrainingConfig, SlamPretrainingTask  # noqa: E402
 
 REPO_ROOT = fixtures.REPO_ROOT

@@ -32,18 +32,18 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
-from slam_fairseq.data.manifest_format import pair_manifest_name, speech_manifest_name
-from slam_fairseq.data.pretraining_data_config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
-from slam_fairseq.data.pretraining_frame_masking import FrameMaskingSettings, expected_masked_fraction
-from slam_fairseq.data.pretraining_pair_dataset import PretrainingPairDataset
-from slam_fairseq.data.pretraining_round_robin import (MODALITIES, RoundRobinBatchDataset,
+from slam_formats.names import pair_manifest_name, speech_manifest_name
+from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
+from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings, expected_masked_fraction
+from slam_fairseq.data.pretraining.pair import PretrainingPairDataset
+from slam_fairseq.data.pretraining.round_robin import (MODALITIES, RoundRobinBatchDataset,
                                                        RoundRobinEpochBatchIterator,
                                                        make_modality_batches)
-from slam_fairseq.data.pretraining_span_masking import (SPAN_DISTRIBUTIONS, SpanMaskingSettings,
+from slam_fairseq.data.pretraining.span_masks import (SPAN_DISTRIBUTIONS, SpanMaskingSettings,
                                                         TextVocabulary)
-from slam_fairseq.data.pretraining_speech_dataset import (PretrainingSpeechDataset, SpeechFeatureReader,
+from slam_fairseq.data.pretraining.speech import (PretrainingSpeechDataset, SpeechFeatureReader,
                                                           read_speech_rows)
-from slam_fairseq.data.pretraining_text_dataset import (PretrainingTextDataset, load_text_tokens,
+from slam_fairseq.data.pretraining.text import (PretrainingTextDataset, load_text_tokens,
                                                         text_source_paths)
 
 logger = logging.getLogger(__name__)

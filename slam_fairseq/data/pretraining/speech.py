@@ -22,11 +22,11 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import torch
 
-from slam_fairseq.data.audio_features import AudioError, read_features
-from slam_fairseq.data.manifest_format import ManifestError, read_s2t_manifest
-from slam_fairseq.data.pretraining_frame_masking import FrameMaskingSettings
-from slam_fairseq.data.pretraining_modality_dataset import PretrainingModalityDataset
-from slam_fairseq.data.pretraining_seeding import SPEECH_FRAME_MASK, masking_rng
+from slam_formats.features import AudioError, read_features
+from slam_formats.manifest import ManifestError, read_s2t_manifest
+from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings
+from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
+from slam_fairseq.data.pretraining.seeding import SPEECH_FRAME_MASK, masking_rng
 from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES, subsampled_lengths
 
 logger = logging.getLogger(__name__)

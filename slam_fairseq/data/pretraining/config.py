@@ -21,7 +21,7 @@ from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 
-from slam_fairseq.data.manifest_format import DATA_CONFIG_NAME
+from slam_formats.names import DATA_CONFIG_NAME
 
 __all__ = ["PretrainingDataConfig", "DataConfigError", "MASK_SYMBOL", "FEATURE_NORMALIZATIONS"]
 

@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from fairseq.data import FairseqDataset, data_utils, iterators
 
-from slam_fairseq.data.pretraining_modality_dataset import PretrainingModalityDataset
-from slam_fairseq.data.pretraining_seeding import BATCH_CYCLE_ORDER, masking_rng
+from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
+from slam_fairseq.data.pretraining.seeding import BATCH_CYCLE_ORDER, masking_rng
 
 logger = logging.getLogger(__name__)
 

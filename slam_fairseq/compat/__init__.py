@@ -36,7 +36,7 @@ def allow_fairseq_checkpoint_types() -> None:
 
 def install_fairseq_fbank_backend() -> None:
     try:
-        from slam_fairseq.data.fairseq_audio_compat import install_fbank_backend
+        from slam_fairseq.compat.fbank import install_fbank_backend
     except ImportError:  # pragma: no cover - only while the shim is absent
         return
     install_fbank_backend()

@@ -22,10 +22,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from slam_fairseq.data.manifest_format import ManifestError, text_prefix_name
-from slam_fairseq.data.pretraining_modality_dataset import PretrainingModalityDataset
-from slam_fairseq.data.pretraining_seeding import TEXT_SPAN_MASK, masking_rng
-from slam_fairseq.data.pretraining_span_masking import SpanMaskingSettings, TextVocabulary, mask_text
+from slam_formats.manifest import ManifestError
+from slam_formats.names import text_prefix_name
+from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
+from slam_fairseq.data.pretraining.seeding import TEXT_SPAN_MASK, masking_rng
+from slam_fairseq.data.pretraining.span_masks import SpanMaskingSettings, TextVocabulary, mask_text
 
 logger = logging.getLogger(__name__)
 

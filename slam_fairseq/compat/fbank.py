@@ -7,7 +7,7 @@ fairseq's ``fairseq.data.audio.audio_utils`` computes filterbanks with pyKaldi, 
 file (or such a file inside a stored zip). :func:`install_fbank_backend` replaces
 
 - ``audio_utils._get_kaldi_fbank`` with :func:`kaldi_native_fbank_features` (kaldi-native-fbank,
-  the same features as ``slam_fairseq.data.audio_features.compute_fbank``), and
+  the same features as ``slam_formats.features.compute_fbank``), and
 - ``audio_utils.convert_waveform``, only when torchaudio's sox effects cannot be imported, with
   :func:`convert_waveform_without_torchaudio` (numpy/scipy: channel average, polyphase resampling,
   peak normalisation).
@@ -22,7 +22,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from slam_fairseq.data.audio_features import SAMPLE_RATE, compute_fbank, resample
+from slam_formats.features import SAMPLE_RATE, compute_fbank, resample
 
 __all__ = ["install_fbank_backend", "kaldi_native_fbank_features",
            "convert_waveform_without_torchaudio"]

@@ -1,0 +1,1 @@
+"""Pre-training data: per-modality datasets (speech, text, pairs), their masks and the round robin."""

@@ -1,0 +1,52 @@
+"""fairseq's S2T manifests (TSV): the columns, reading with checks, atomic writing."""
+from __future__ import annotations
+
+import csv
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from slam_formats.atomic import atomic_write_text
+
+S2T_COLUMNS = ("id", "audio", "n_frames", "tgt_text", "speaker")
+OPTIONAL_COLUMNS = ("src_text", "src_lang", "tgt_lang")
+_CSV_OPTIONS = dict(delimiter="\t", quotechar=None, doublequote=False, lineterminator="\n",
+                    quoting=csv.QUOTE_NONE)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file and the row."""
+
+
+def read_s2t_manifest(path: str) -> List[Dict[str, str]]:
+    """All rows of an S2T TSV as dicts; checks the required columns and ``n_frames``."""
+    path = str(path)
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, **_CSV_OPTIONS)
+        missing = [c for c in ("id", "audio", "n_frames") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
+        rows = []
+        for line_number, row in enumerate(reader, start=2):
+            if not str(row.get("n_frames", "")).isdigit():
+                raise ManifestError(f"{path}:{line_number}: n_frames {row.get('n_frames')!r} is not a count")
+            rows.append({key: (value if value is not None else "") for key, value in row.items()})
+    return rows
+
+
+def write_s2t_manifest(path: str, rows: Iterable[Dict[str, object]],
+                       columns: Optional[Sequence[str]] = None) -> int:
+    """Write rows atomically in fairseq's TSV dialect; returns the number of rows written."""
+    rows = list(rows)
+    if columns is None:
+        extra = [c for c in OPTIONAL_COLUMNS if any(c in row for row in rows)]
+        columns = list(S2T_COLUMNS) + extra
+    lines = ["\t".join(columns)]
+    for row in rows:
+        values = []
+        for column in columns:
+            value = str(row.get(column, ""))
+            if "\t" in value or "\n" in value:
+                raise ManifestError(f"{path}: a tab or newline in column {column!r} of row {row.get('id')}")
+            values.append(value)
+        lines.append("\t".join(values))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return len(rows)
