@@ -13,7 +13,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["slam_fairseq", "slam_fairseq.*"]),
+    packages=find_packages(include=["slam_fairseq", "slam_fairseq.*", "slam_formats", "slam_formats.*",
+                                    "manifests", "manifests.*"]),
+    entry_points={"console_scripts": [
+        "slam-prep-librispeech = manifests.prep_librispeech:cli",
+        "slam-prep-librilight = manifests.prep_librilight:cli",
+        "slam-prep-text = manifests.prep_text:cli",
+        "slam-prep-covost2 = manifests.prep_covost2:cli",
+        "slam-merge-manifests = manifests.merge_manifests:main",
+    ]},
     install_requires=[
         "numpy>=1.21",
         "scipy",
@@ -26,5 +34,5 @@ setup(
         "sacrebleu>=2.0",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-timeout"]},
 )

@@ -153,5 +153,10 @@ def main(argv=None) -> core.RunSummary:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``slam-prep-librispeech``): :func:`main` with clear exit codes."""
     core.run_script(main)
+
+
+if __name__ == "__main__":
+    cli()

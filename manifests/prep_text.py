@@ -202,5 +202,10 @@ def main(argv=None) -> core.RunSummary:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (``slam-prep-text``): :func:`main` with clear exit codes."""
     core.run_script(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from manifests.core import UsageError, default_workers
 from slam_formats.atomic import atomic_write_text
+from slam_formats.indexed_text import MMapTokenWriter
 from slam_formats.manifest import ManifestError
 from slam_formats.names import (SPM_BOS_ID, SPM_EOS_ID, SPM_PAD_ID, SPM_SPECIAL_PIECES, SPM_UNK_ID,
                                 fairseq_dictionary_path)
@@ -140,22 +141,18 @@ def binarize_lines(lines: Iterable[str], spm_model_path, out_prefix, dictionary_
         (number of sequences, number of tokens incl. eos).
     """
     import sentencepiece
-    import torch
-    from fairseq.data import indexed_dataset
 
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     temporary = out_prefix.parent / f".tmp-{out_prefix.name}-{os.getpid()}"
-    builder = indexed_dataset.make_builder(f"{temporary}.bin", impl="mmap", vocab_size=dictionary_size)
+    builder = MMapTokenWriter(f"{temporary}.bin", dictionary_size)
     processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_model_path))
     sequences = tokens = 0
     try:
         for batch in _batches(lines, batch_lines):
             for ids in processor.encode(batch, num_threads=max(1, workers)):
                 ids.append(SPM_EOS_ID)
-                if max(ids) >= dictionary_size:
-                    raise ValueError(f"id {max(ids)} outside the dictionary of {dictionary_size}")
-                builder.add_item(torch.tensor(ids, dtype=torch.int32))
+                builder.add(ids)
                 sequences += 1
                 tokens += len(ids)
         builder.finalize(f"{temporary}.idx")
@@ -164,6 +161,7 @@ def binarize_lines(lines: Iterable[str], spm_model_path, out_prefix, dictionary_
         os.replace(f"{temporary}.bin", f"{out_prefix}.bin")
         os.replace(f"{temporary}.idx", index_path)
     finally:
+        builder.close()
         for suffix in (".bin", ".idx"):
             Path(f"{temporary}{suffix}").unlink(missing_ok=True)
     return sequences, tokens

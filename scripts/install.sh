@@ -68,6 +68,6 @@ fi
 # 4. This package (its requirements name neither torch nor fairseq, see setup.py).
 say "installing slam-fairseq (editable)"
 pip_install --no-build-isolation -e .
-if [ "$WITH_TESTS" = 1 ]; then pip_install pytest; fi
+if [ "$WITH_TESTS" = 1 ]; then pip_install pytest pytest-timeout; fi
 "$PYTHON" -c "import slam_fairseq" 2>&1 | grep -v tensorboardX || true
 say "done"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `manifests` and `slam_fairseq` importable under any pytest rootdir
     sys.path.insert(0, str(REPO_ROOT))
-TOOLS_MISSING = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
 
 from english_sentences import ENGLISH  # noqa: E402
 
@@ -152,7 +150,7 @@ def build_librilight(root: Path) -> Dict:
 
 
 def fortune_lines(limit: int = 400) -> List[str]:
-    """Varied English text: the fortunes package if installed, else the built-in sentences."""
+    """Varied English text from Debian's fortunes package (tests/conftest.py checks it is installed)."""
     lines: List[str] = []
     for name in ("literature", "wisdom", "science"):
         path = Path("/usr/share/games/fortunes") / name
@@ -163,8 +161,8 @@ def fortune_lines(limit: int = 400) -> List[str]:
             text = " ".join("".join(c if c.isalpha() or c == "'" else " " for c in text).split())
             if text:
                 lines.append(text)
-    lines = lines[:limit] or [sentence for _ in range(20) for sentence in ENGLISH]
-    return lines
+    assert lines, "no fortunes found in /usr/share/games/fortunes: run scripts/install.sh"
+    return lines[:limit]
 
 
 def build_text(root: Path) -> Dict:

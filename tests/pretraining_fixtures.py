@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -31,7 +30,6 @@ from english_sentences import ENGLISH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
-ESPEAK_MISSING = shutil.which("espeak-ng") is None
 STAND_IN_CRITERION = "pretraining_stand_in"
 
 SENTENCES = ENGLISH + [
@@ -156,7 +154,7 @@ def build_data_dir(data_dir: Path, *, splits: Sequence[str] = ("train", "valid")
     write_config(data_dir, spm_model)
 
     def features_for(sentence: str, index: int) -> np.ndarray:
-        if real_speech and not ESPEAK_MISSING:
+        if real_speech:
             return espeak_features(sentence, speed=150 + 15 * (index % 4))
         return random_features(int(rng.integers(60, 200)), rng)
 

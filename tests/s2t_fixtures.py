@@ -12,7 +12,6 @@ import argparse
 import io
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 USER_DIR = REPO_ROOT / "slam_fairseq"
-ESPEAK_MISSING = shutil.which("espeak-ng") is None
 
 # (English speech, German target, French target); the two target languages share no word.
 SENTENCES = [
@@ -162,7 +160,8 @@ def build_slam_model(seed: int = 0, vocab_size: int = 40, **sizes):
     """A ``slam`` model (slam_tiny sizes unless overridden), as ``slam_pretraining`` builds it."""
     import torch
 
-    from slam_fairseq.models.slam import SlamConfig, SlamModel, build_slam_encoder, config_from, slam_tiny
+    from slam_fairseq.encoders.config import build_slam_encoder, config_from
+    from slam_fairseq.models.slam import SlamConfig, SlamModel, slam_tiny
 
     torch.manual_seed(seed)
     namespace = argparse.Namespace(**sizes)
@@ -258,6 +257,26 @@ def parse_wer(log: str) -> float:
     match = re.search(r"Generate \S+ with beam=\d+: WER: ([0-9.]+)", log)
     assert match, f"no WER line in:\n{log[-3000:]}"
     return float(match.group(1))
+
+
+def recomputed_wer(results: Dict[int, Tuple[str, str]]) -> float:
+    """WER (%) of fairseq-generate's T-/D- lines, lowercased, punctuation removed, by word edit distance."""
+    import editdistance
+
+    def words(text: str):
+        return "".join(c for c in text.lower() if c.isalnum() or c.isspace() or c == "'").split()
+
+    errors = sum(editdistance.eval(words(reference), words(hypothesis)) for reference, hypothesis in results.values())
+    return 100.0 * errors / sum(len(words(reference)) for reference, _ in results.values())
+
+
+def recomputed_bleu(results: Dict[int, Tuple[str, str]]) -> float:
+    """Corpus BLEU of fairseq-generate's T-/D- lines with sacrebleu's defaults (what --scoring sacrebleu uses)."""
+    import sacrebleu
+
+    ordered = [results[index] for index in sorted(results)]
+    return sacrebleu.corpus_bleu([hypothesis for _, hypothesis in ordered],
+                                 [[reference for reference, _ in ordered]]).score
 
 
 def hypotheses(log: str) -> Dict[int, Tuple[str, str]]:

@@ -7,20 +7,24 @@ import pytest
 import torch
 from torch import nn
 
-from slam_fairseq.encoders.slam_encoder import SlamEncoder, SlamEncoderSizes
-from slam_fairseq.models.slam import SlamConfig, build_slam_encoder, config_from, slam_paper, slam_tiny
+from slam_fairseq.encoders.config import SlamEncoderConfig, build_slam_encoder, config_from
+from slam_fairseq.encoders.slam_encoder import SlamEncoder
+from slam_fairseq.models.slam import SlamConfig, slam_base, slam_paper, slam_tiny
+from slam_fairseq.modules.conformer import ConformerLayer
 from slam_fairseq.modules.conformer import ConformerStack, MaskedGroupNorm
 from slam_fairseq.modules.subsampling import Conv2dSubsampling, subsampled_lengths
 
 PAD = 1
+SLAM_BASE_ENCODER_PARAMETERS = 116_489_472  # the README's figure (32k vocabulary)
 
 
 def tiny_encoder(**overrides) -> SlamEncoder:
     torch.manual_seed(0)
-    sizes = dict(vocab_size=50, padding_idx=PAD, embed_dim=32, ffn_dim=64, num_heads=4, kernel_size=5,
-                 speech_layers=2, multimodal_layers=2, conv_channels=8, conv_norm_groups=4)
+    sizes = dict(encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=4, conv_kernel_size=5,
+                 speech_encoder_layers=2, multimodal_encoder_layers=2, subsampling_conv_channels=8,
+                 conv_norm_groups=4)
     sizes.update(overrides)
-    return SlamEncoder(SlamEncoderSizes(**sizes)).eval()
+    return SlamEncoder(SlamEncoderConfig(**sizes), vocab_size=50, padding_idx=PAD).eval()
 
 
 @pytest.mark.parametrize("length", [7, 8, 9, 10, 11, 50, 51, 52, 53, 400, 1001])
@@ -118,14 +122,23 @@ def _preset_config(preset) -> SlamConfig:
     return config_from(namespace, SlamConfig)
 
 
-def test_slam_paper_has_about_0_6_billion_parameters():
+def test_slam_paper_has_the_papers_619_million_encoder_parameters():
     cfg = _preset_config(slam_paper)
     assert (cfg.speech_encoder_layers, cfg.multimodal_encoder_layers, cfg.encoder_embed_dim,
             cfg.encoder_ffn_embed_dim, cfg.conv_kernel_size, cfg.encoder_attention_heads) == (8, 16, 1024, 4096, 5, 8)
     with torch.device("meta"):
         encoder = build_slam_encoder(cfg, 32000, PAD)
     count = sum(parameter.numel() for parameter in encoder.parameters())
-    assert 0.55e9 < count < 0.65e9, count
+    assert count == 619_073_280  # the README's figure (32k vocabulary)
+
+
+def test_slam_base_fits_one_gpu_and_sits_between_tiny_and_paper():
+    cfg = _preset_config(slam_base)
+    assert (cfg.speech_encoder_layers, cfg.multimodal_encoder_layers, cfg.encoder_embed_dim,
+            cfg.encoder_ffn_embed_dim, cfg.encoder_attention_heads) == (6, 10, 512, 2048, 8)
+    with torch.device("meta"):
+        encoder = build_slam_encoder(cfg, 32000, PAD)
+    assert sum(parameter.numel() for parameter in encoder.parameters()) == SLAM_BASE_ENCODER_PARAMETERS
 
 
 def test_slam_tiny_is_small_and_a_preset_keeps_explicit_values():
@@ -149,20 +162,29 @@ def test_gradients_reach_every_parameter_through_speech_text_and_pairs():
     assert missing == []
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_recomputes_every_layer_and_gives_the_same_gradients():
     no_dropout = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     plain, checkpointed = tiny_encoder(**no_dropout), tiny_encoder(checkpoint_activations=True, **no_dropout)
     checkpointed.load_state_dict(plain.state_dict())
     features, lengths = _padded_speech([50, 33])
-    gradients = []
+    gradients, layer_calls = [], []
     for encoder in (plain, checkpointed):
         encoder.train()
         for module in encoder.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
         encoder.zero_grad()
+        calls = []
+        hooks = [module.register_forward_pre_hook(lambda *_: calls.append(1))
+                 for module in encoder.modules() if isinstance(module, ConformerLayer)]
         encoder(features, lengths).output.sum().backward()
+        for hook in hooks:
+            hook.remove()
+        layer_calls.append(len(calls))
         gradients.append([p.grad.clone() for p in encoder.parameters() if p.grad is not None])
+    # 4 layers: each starts once without checkpointing, and once more in backward with it (the
+    # recomputation may stop early, so count starts, not ends)
+    assert layer_calls == [4, 8]
     assert len(gradients[0]) == len(gradients[1])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*gradients))
 

@@ -10,7 +10,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from manifest_fixtures import write_samples  # noqa: E402
 
 from manifests import core, vocabulary  # noqa: E402
-from slam_formats import features as audio_features  # noqa: E402
 
 
 def _tone(seconds: float = 1.0, rate: int = 16000, amplitude: float = 0.3) -> np.ndarray:
@@ -57,30 +56,6 @@ def test_audio_policies(tmp_path):
     with pytest.raises(core.SkipItem) as skip:
         core.load_checked_audio(str(tmp_path / "absent.flac"), core.AudioOptions())
     assert skip.value.reason == core.SKIP_MISSING_AUDIO
-
-
-def test_fbank_shim_matches_compute_fbank_and_is_idempotent(tmp_path):
-    from fairseq.data.audio import audio_utils
-    from slam_fairseq.compat.fbank import (
-        convert_waveform_without_torchaudio,
-        install_fbank_backend,
-        kaldi_native_fbank_features,
-    )
-
-    install_fbank_backend()
-    assert install_fbank_backend() is False
-    assert audio_utils._get_kaldi_fbank is kaldi_native_fbank_features
-    waveform = _tone(1.3)
-    expected = audio_features.compute_fbank(waveform)
-    assert np.array_equal(kaldi_native_fbank_features(waveform[None, :] * 32768.0, 16000, 80), expected)
-    # fairseq's own readers, with soundfile and without torchaudio
-    path = write_samples(tmp_path / "tone.flac", waveform)
-    read, rate = audio_utils.get_waveform(str(path))
-    assert rate == 16000 and read.shape == (1, len(waveform))
-    assert np.allclose(audio_utils.get_fbank(str(path)), audio_features.compute_fbank(read[0]))
-    stereo = np.stack([waveform, waveform])
-    mono, rate = convert_waveform_without_torchaudio(stereo, 48000, to_mono=True, to_sample_rate=16000)
-    assert mono.shape == (1, -(-len(waveform) // 3)) and rate == 16000
 
 
 def test_sentencepiece_helpers(tmp_path):

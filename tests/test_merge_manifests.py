@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from slam_formats.features import read_features
 from slam_formats.manifest import read_s2t_manifest, write_s2t_manifest

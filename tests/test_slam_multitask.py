@@ -14,7 +14,8 @@ from slam_fairseq.criterions.slam_multitask import (
     SlamMultitaskCriterion,
     SlamMultitaskCriterionConfig,
 )
-from slam_fairseq.models.slam import SlamConfig, SlamModel, build_slam_encoder, config_from, slam_tiny
+from slam_fairseq.encoders.config import build_slam_encoder, config_from
+from slam_fairseq.models.slam import SlamConfig, SlamModel, slam_tiny
 from slam_fairseq.modules.subsampling import subsampled_lengths
 
 SPEECH_FEATURE_LENGTHS = (240, 200, 160)  # 59, 49, 39 subsampled frames

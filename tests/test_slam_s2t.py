@@ -11,7 +11,6 @@ import torch
 
 import slam_fairseq  # noqa: F401  (registers slam, slam_s2t)
 from s2t_fixtures import (
-    ESPEAK_MISSING,
     build_asr,
     build_multilingual_st,
     build_slam_model,
@@ -23,7 +22,6 @@ from s2t_fixtures import (
 from slam_fairseq.models.pretrained_loading import PretrainedSlamError, copy_pretrained_encoder
 from slam_fairseq.models.slam_s2t import CTC_BLANK_INDEX, PRETRAINED_PARTS, SlamS2TModel
 
-pytestmark = pytest.mark.skipif(ESPEAK_MISSING, reason="espeak-ng is needed to synthesize test speech")
 
 ENCODER_PREFIXES = tuple(f"encoder.{part}." for part in PRETRAINED_PARTS)
 

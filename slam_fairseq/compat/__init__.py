@@ -1,46 +1,45 @@
-"""Narrow fixes that let fairseq 0.12 run on today's PyTorch and NumPy, applied on plugin import.
+"""Everything slam_fairseq does with fairseq's and OmegaConf's internals, in one place.
 
-- PyTorch >= 2.6 loads checkpoints with ``weights_only=True``; fairseq 0.12 checkpoints written
-  from the command line may hold an ``argparse.Namespace`` (``args``) and NumPy scalars in logged
-  meters. We allow-list exactly those types instead of switching the safe loader off.
-- fairseq's on-the-fly filterbanks need pyKaldi or torchaudio; we plug in kaldi-native-fbank.
+Written for fairseq 0.12 (0.12.2 from source, the ``ve-fairseq`` / ``fairseq-fixed`` 0.12.3 builds)
+with OmegaConf 2.x; importing the plugin under another fairseq fails here, at import, with a clear
+message, rather than somewhere in the middle of a run. What it holds:
+
+- :mod:`~slam_fairseq.compat.checkpoints`: fairseq's checkpoint types allow-listed for PyTorch's
+  weights-only loader (applied on import);
+- :mod:`~slam_fairseq.compat.fbank`: on-the-fly filterbanks where fairseq has no backend
+  (applied on import; stock fairseq paths with a working backend are unchanged);
+- :mod:`~slam_fairseq.compat.fairseq_internals`: the few private attributes of fairseq's config
+  nodes, dataclasses, iterators and checkpoint rules that the plugin relies on.
 """
 from __future__ import annotations
 
-import argparse
-import logging
-
-import numpy as np
-import torch
-
-logger = logging.getLogger(__name__)
-
-CHECKPOINT_SAFE_TYPES = [argparse.Namespace]
+SUPPORTED_FAIRSEQ_SERIES = "0.12"
 
 
-def _numpy_scalar_types() -> list:
-    types = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
-    try:
-        from numpy._core.multiarray import scalar  # numpy 2
-    except ImportError:  # numpy 1
-        from numpy.core.multiarray import scalar  # type: ignore
-    return types + [scalar]
+class UnsupportedFairseqError(ImportError):
+    """The installed fairseq is not the series this plugin was written for."""
 
 
-def allow_fairseq_checkpoint_types() -> None:
-    """Register the types fairseq checkpoints hold with torch's weights-only unpickler."""
-    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
-    if add_safe_globals is not None:
-        add_safe_globals(CHECKPOINT_SAFE_TYPES + _numpy_scalar_types())
+def check_fairseq_version(version: str) -> None:
+    """Raise :class:`UnsupportedFairseqError` unless ``version`` is a fairseq 0.12 release."""
+    series = ".".join(str(version).split(".")[:2])
+    if series != SUPPORTED_FAIRSEQ_SERIES:
+        raise UnsupportedFairseqError(
+            f"slam_fairseq was written for fairseq {SUPPORTED_FAIRSEQ_SERIES}.x and relies on its "
+            f"internals (see slam_fairseq/compat/); this Python has fairseq {version}. Install a 0.12 "
+            "build with scripts/install.sh (ve-fairseq 0.12.3 on Python 3.11/3.12).")
 
 
-def install_fairseq_fbank_backend() -> None:
-    try:
-        from slam_fairseq.compat.fbank import install_fbank_backend
-    except ImportError:  # pragma: no cover - only while the shim is absent
-        return
-    install_fbank_backend()
+def _installed_fairseq_version() -> str:
+    import fairseq
 
+    return str(getattr(fairseq, "__version__", "unknown"))
+
+
+check_fairseq_version(_installed_fairseq_version())
+
+from slam_fairseq.compat.checkpoints import allow_fairseq_checkpoint_types  # noqa: E402
+from slam_fairseq.compat.fbank import install_fbank_backend  # noqa: E402
 
 allow_fairseq_checkpoint_types()
-install_fairseq_fbank_backend()
+install_fbank_backend()

@@ -1,24 +1,29 @@
-"""Let fairseq 0.12 read audio on the fly without pyKaldi or torchaudio.
+"""Fill fairseq 0.12's on-the-fly filterbank gap, and only that gap.
 
-fairseq's ``fairseq.data.audio.audio_utils`` computes filterbanks with pyKaldi, else torchaudio
-(``get_fbank``), and ``get_waveform`` always goes through ``convert_waveform``, which imports
-``torchaudio.sox_effects`` even when there is nothing to convert. With neither installed, fairseq's
-``speech_to_text`` task cannot read a manifest whose ``audio`` names a ``.flac``/``.wav``/``.ogg``
-file (or such a file inside a stored zip). :func:`install_fbank_backend` replaces
+fairseq's ``fairseq.data.audio.audio_utils.get_fbank`` tries pyKaldi (``_get_kaldi_fbank``), then
+torchaudio (``_get_torchaudio_fbank``), and raises ``ImportError`` when neither imports; and
+``convert_waveform`` (called by ``get_waveform``) imports ``torchaudio.sox_effects`` even when
+there is nothing to convert. With neither installed (torchaudio cannot load beside torch 2.13 CPU),
+fairseq's ``speech_to_text`` task cannot read a manifest whose ``audio`` names a
+``.flac``/``.wav``/``.ogg`` file. :func:`install_fbank_backend` wraps, it does not replace:
 
-- ``audio_utils._get_kaldi_fbank`` with :func:`kaldi_native_fbank_features` (kaldi-native-fbank,
-  the same features as ``slam_formats.features.compute_fbank``), and
-- ``audio_utils.convert_waveform``, only when torchaudio's sox effects cannot be imported, with
-  :func:`convert_waveform_without_torchaudio` (numpy/scipy: channel average, polyphase resampling,
-  peak normalisation).
+- ``audio_utils._get_torchaudio_fbank``: fairseq's own function runs first; only when it returns
+  None (torchaudio missing: fairseq's "no backend" signal) do :func:`kaldi_native_fbank_features`
+  (kaldi-native-fbank, the same features as ``slam_formats.features.compute_fbank``) answer.
+  pyKaldi, tried before it by fairseq, is never touched.
+- ``audio_utils.convert_waveform``: fairseq's own function runs first; only when it cannot import
+  torchaudio's sox effects does :func:`convert_waveform_without_torchaudio` (numpy/scipy) answer.
 
-Stored features (``zip:offset:length`` of an ``.npy``) never need this. fairseq itself refuses
-``.mp3`` paths (``Unsupported audio format``); the manifest scripts therefore never write them
-into a fine-tuning manifest.
+So a machine where fairseq has a working backend computes exactly what stock fairseq computes,
+with or without ``--user-dir slam_fairseq`` (tested with a stand-in torchaudio). Stored features
+(``zip:offset:length`` of an ``.npy``) never need this. fairseq itself refuses ``.mp3`` paths
+(``Unsupported audio format``); the manifest scripts therefore never write them into a
+fine-tuning manifest.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import functools
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 
@@ -32,7 +37,7 @@ _INSTALLED_MARK = "_slam_fairseq_backend"
 
 def kaldi_native_fbank_features(waveform: np.ndarray, sample_rate: int,
                                 n_bins: int = 80) -> Optional[np.ndarray]:
-    """Drop-in for fairseq's ``audio_utils._get_kaldi_fbank``.
+    """Filterbanks where fairseq has no backend (same arguments as ``audio_utils._get_torchaudio_fbank``).
 
     Args:
         waveform: (channels, num_samples) or (num_samples,) float array in the 16-bit sample scale
@@ -88,26 +93,45 @@ def convert_waveform_without_torchaudio(
     return samples, sample_rate
 
 
-def _torchaudio_sox_available() -> bool:
-    try:
-        import torchaudio.sox_effects  # noqa: F401
-    except Exception:  # ImportError, or a broken torchaudio build (OSError)
-        return False
-    return True
+def _with_fallback_fbank(fairseq_torchaudio_fbank: Callable) -> Callable:
+    """fairseq's torchaudio filterbank, else (it returned None: no torchaudio) ours."""
+
+    @functools.wraps(fairseq_torchaudio_fbank)
+    def torchaudio_or_kaldi_native_fbank(waveform: np.ndarray, sample_rate, n_bins=80):
+        features = fairseq_torchaudio_fbank(waveform, sample_rate, n_bins)
+        if features is None:
+            features = kaldi_native_fbank_features(waveform, sample_rate, n_bins)
+        return features
+
+    return torchaudio_or_kaldi_native_fbank
+
+
+def _with_fallback_conversion(fairseq_convert_waveform: Callable) -> Callable:
+    """fairseq's ``convert_waveform``, else (torchaudio's sox effects cannot load) ours."""
+
+    @functools.wraps(fairseq_convert_waveform)
+    def convert_waveform(waveform, sample_rate, normalize_volume=False, to_mono=False, to_sample_rate=None):
+        try:
+            return fairseq_convert_waveform(waveform, sample_rate, normalize_volume=normalize_volume,
+                                            to_mono=to_mono, to_sample_rate=to_sample_rate)
+        except (ImportError, OSError):  # no torchaudio, or a build that cannot load beside this torch
+            return convert_waveform_without_torchaudio(waveform, sample_rate, normalize_volume, to_mono,
+                                                       to_sample_rate)
+
+    return convert_waveform
 
 
 def install_fbank_backend() -> bool:
-    """Patch fairseq's ``audio_utils`` as described in the module docstring.
+    """Wrap fairseq's ``audio_utils`` as described in the module docstring.
 
-    Idempotent: a second call changes nothing. Returns True when it patched, False when it had
+    Idempotent: a second call changes nothing. Returns True when it wrapped, False when it had
     been installed already.
     """
     from fairseq.data.audio import audio_utils
 
     if getattr(audio_utils, _INSTALLED_MARK, False):
         return False
-    audio_utils._get_kaldi_fbank = kaldi_native_fbank_features
-    if not _torchaudio_sox_available():
-        audio_utils.convert_waveform = convert_waveform_without_torchaudio
+    audio_utils._get_torchaudio_fbank = _with_fallback_fbank(audio_utils._get_torchaudio_fbank)
+    audio_utils.convert_waveform = _with_fallback_conversion(audio_utils.convert_waveform)
     setattr(audio_utils, _INSTALLED_MARK, True)
     return True

@@ -14,6 +14,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging.meters import safe_round
 
+from slam_fairseq.data.pretraining.modality import MODALITIES
 from slam_fairseq.objectives.masked_prediction import ObjectiveOutput
 from slam_fairseq.objectives.msm import (
     DEFAULT_CONTRASTIVE_TEMPERATURE,
@@ -26,8 +27,6 @@ from slam_fairseq.objectives.pair_ctc import pair_ctc_loss
 from slam_fairseq.objectives.span_masking import span_masking_loss
 from slam_fairseq.objectives.stm import stm_loss
 from slam_fairseq.objectives.tlm import tlm_losses
-
-MODALITIES = ("speech", "text", "pair")
 
 # objective name -> the weight field that scales it (TLM's two sides share --tlm-weight)
 OBJECTIVE_WEIGHTS = {

@@ -1,8 +1,7 @@
 """The SLAM encoder: text encoder, speech encoder and the shared multimodal encoder together."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -11,46 +10,32 @@ from slam_fairseq.encoders.multimodal_encoder import MultimodalEncoder, Multimod
 from slam_fairseq.encoders.speech_encoder import SpeechEncoder, SpeechEncoderOutput
 from slam_fairseq.encoders.text_encoder import TextEncoder
 
-
-@dataclass
-class SlamEncoderSizes:
-    """The numbers a preset chooses (see ``slam_fairseq.models.slam`` for the presets)."""
-
-    vocab_size: int
-    padding_idx: int
-    embed_dim: int = 1024
-    ffn_dim: int = 4096
-    num_heads: int = 8
-    kernel_size: int = 5
-    speech_layers: int = 8
-    multimodal_layers: int = 16
-    conv_norm_groups: int = 1
-    input_dim: int = 80
-    conv_channels: int = 256
-    max_text_positions: int = 1024
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    activation_dropout: float = 0.1
-    checkpoint_activations: bool = False
+if TYPE_CHECKING:  # the config imports this module to build the encoder
+    from slam_fairseq.encoders.config import SlamEncoderConfig
 
 
 class SlamEncoder(nn.Module):
     """Speech-only input: speech encoder + multimodal encoder; text-only: text encoder + multimodal
     encoder; a pair: both encoders' outputs, packed per row, through the multimodal encoder."""
 
-    def __init__(self, sizes: SlamEncoderSizes) -> None:
+    def __init__(self, cfg: "SlamEncoderConfig", vocab_size: int, padding_idx: int) -> None:
+        """
+        Args:
+            cfg: the sizes (``slam_fairseq.encoders.config.SlamEncoderConfig``; the presets set them).
+            vocab_size, padding_idx: of the text dictionary.
+        """
         super().__init__()
-        self.sizes = sizes
-        shared = dict(embed_dim=sizes.embed_dim, ffn_dim=sizes.ffn_dim, num_heads=sizes.num_heads,
-                      kernel_size=sizes.kernel_size, conv_norm_groups=sizes.conv_norm_groups,
-                      dropout=sizes.dropout, attention_dropout=sizes.attention_dropout,
-                      activation_dropout=sizes.activation_dropout,
-                      checkpoint_activations=sizes.checkpoint_activations)
-        self.text_encoder = TextEncoder(sizes.vocab_size, sizes.embed_dim, sizes.padding_idx,
-                                        sizes.max_text_positions, sizes.dropout)
-        self.speech_encoder = SpeechEncoder(sizes.input_dim, sizes.conv_channels,
-                                            num_layers=sizes.speech_layers, **shared)
-        self.multimodal_encoder = MultimodalEncoder(num_layers=sizes.multimodal_layers, **shared)
+        self.embed_dim = cfg.encoder_embed_dim
+        shared = dict(embed_dim=cfg.encoder_embed_dim, ffn_dim=cfg.encoder_ffn_embed_dim,
+                      num_heads=cfg.encoder_attention_heads, kernel_size=cfg.conv_kernel_size,
+                      conv_norm_groups=cfg.conv_norm_groups, dropout=cfg.dropout,
+                      attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
+                      checkpoint_activations=cfg.checkpoint_activations)
+        self.text_encoder = TextEncoder(vocab_size, cfg.encoder_embed_dim, padding_idx, cfg.max_text_positions,
+                                        cfg.dropout)
+        self.speech_encoder = SpeechEncoder(cfg.input_feat_per_channel, cfg.subsampling_conv_channels,
+                                            num_layers=cfg.speech_encoder_layers, **shared)
+        self.multimodal_encoder = MultimodalEncoder(num_layers=cfg.multimodal_encoder_layers, **shared)
 
     def encode_speech(self, features: torch.Tensor, lengths: torch.Tensor,
                       frame_mask: Optional[torch.Tensor] = None):

@@ -6,14 +6,10 @@ with the types ``slam_fairseq.compat`` allow-lists). A ``slam`` model keeps its 
 ``encoder.*`` (``encoder.speech_encoder.*``, ``encoder.multimodal_encoder.*``,
 ``encoder.text_encoder.*``) next to its pre-training heads; the fine-tuning encoder uses the same
 names for the parts it keeps, so the copy is name for name, with shapes checked.
-
-Also here: :func:`weights_restored_by_fairseq`, which tells whether fairseq is about to overwrite
-the freshly built model with a fine-tuning checkpoint anyway (then the copy is skipped).
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -23,7 +19,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["PretrainedSlamError", "PretrainedLoadReport", "read_slam_checkpoint",
-           "copy_pretrained_encoder", "load_pretrained_slam_encoder", "weights_restored_by_fairseq"]
+           "copy_pretrained_encoder", "load_pretrained_slam_encoder"]
 
 CHECKPOINT_ENCODER_PREFIX = "encoder."
 # fairseq model names whose checkpoints hold a SLAM encoder under ``encoder.*``.
@@ -174,43 +170,3 @@ def load_pretrained_slam_encoder(encoder: nn.Module, path: str,
         logger.warning(f"{len(report.missing_model_keys)} encoder tensors were not in {path} and keep "
                        f"their random initialisation (different layer counts?)")
     return report
-
-
-def weights_restored_by_fairseq(task) -> Optional[str]:
-    """Why the model being built will receive a fine-tuning checkpoint's weights, or None.
-
-    fairseq builds the model before it restores a checkpoint: ``fairseq-train`` resuming
-    (``checkpoint_last.pt`` in ``--save-dir``, ``--restore-file``, ``--continue-once``,
-    ``--finetune-from-model``), and ``fairseq-generate`` / ``fairseq-validate`` loading ``--path``.
-    The decision mirrors ``fairseq.checkpoint_utils.load_checkpoint``; it reads the command line of
-    the running tool from ``task.args`` (fairseq's legacy tasks, such as ``speech_to_text``, keep
-    the whole command line there).
-    """
-    from fairseq.file_io import PathManager
-
-    args = getattr(task, "args", None)
-    if args is None:
-        return None
-    path = getattr(args, "path", None)
-    if path:
-        return f"the weights come from --path {path}"
-    save_dir = getattr(args, "save_dir", None)
-    restore_file = getattr(args, "restore_file", None)
-    if save_dir is None or restore_file is None:
-        return None
-    suffix = getattr(args, "checkpoint_suffix", "") or ""
-    if restore_file == "checkpoint_last.pt":
-        last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
-        if PathManager.exists(last):
-            return f"fairseq-train resumes from {last}"
-        continue_once = getattr(args, "continue_once", None)
-        if continue_once:
-            return f"fairseq-train continues from --continue-once {continue_once}"
-        finetune_from = getattr(args, "finetune_from_model", None)
-        if finetune_from:
-            return f"fairseq-train starts from --finetune-from-model {finetune_from}"
-        return None
-    restore = restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
-    if PathManager.exists(restore):
-        return f"fairseq-train restores --restore-file {restore}"
-    return None

@@ -1,94 +1,32 @@
 """fairseq face of the SLAM encoder: model ``slam`` with presets ``slam_tiny`` and ``slam_paper``.
 
-The maths lives in ``slam_fairseq.encoders`` and ``slam_fairseq.objectives``; this module maps
-fairseq configuration onto :class:`SlamEncoderSizes`, adds the pre-training heads, registers presets,
-and gives the criterion ``slam_multitask`` what it needs for each modality of a pre-training batch
+The maths lives in ``slam_fairseq.encoders`` and ``slam_fairseq.objectives``; the encoder's config
+and sizes in ``slam_fairseq.encoders.config``; this module adds the pre-training heads' config and
+the heads, registers the presets, and gives the criterion ``slam_multitask`` what it needs for each modality of a pre-training batch
 (docs/pretraining_batches.md): ``forward_speech``, ``forward_text``, ``forward_pair``, all reachable
 through ``forward(speech=..., text=..., pair=...)`` so that a DDP wrapper sees the call.
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from fairseq.modules import GradMultiply, GumbelVectorQuantizer
 from torch import nn
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.distributed import fsdp_wrap
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
-from fairseq.utils import safe_getattr
 
-from slam_fairseq.encoders.slam_encoder import SlamEncoder, SlamEncoderSizes
+from slam_fairseq.encoders.config import (PAPER_ENCODER, TINY_ENCODER, BASE_ENCODER, SlamEncoderConfig,
+                                          build_slam_encoder, config_from, set_defaults)
+from slam_fairseq.encoders.slam_encoder import SlamEncoder
+from slam_fairseq.models.outputs import PairPretrainingOutput, SpeechPretrainingOutput, TextPretrainingOutput
 from slam_fairseq.modules.random_projection_quantizer import RandomProjectionQuantizer
-from slam_fairseq.modules.subsampling import subsampled_lengths
+from slam_fairseq.modules.subsampling import SUBSAMPLING_FACTOR, subsampled_lengths
 from slam_fairseq.objectives.msm import CodePredictionHead
 from slam_fairseq.objectives.pair_ctc import CTC_BLANK, Speller, transcript_targets
 from slam_fairseq.objectives.span_masking import TextPredictionHead
 from slam_fairseq.objectives.stm import PairMatchingClassifier
-
-SUBSAMPLING_FACTOR = 4  # two stride-2 convolutions
-DEFAULT_MIN_PARAMS_TO_WRAP = int(1e8)
-
-
-@dataclass
-class SlamEncoderConfig(FairseqDataclass):
-    """Encoder sizes; the defaults are the paper's (``slam_paper``)."""
-
-    encoder_embed_dim: int = field(default=1024, metadata={"help": "model width of all encoders"})
-    encoder_ffn_embed_dim: int = field(default=4096, metadata={"help": "Conformer FFN hidden size"})
-    encoder_attention_heads: int = field(default=8, metadata={"help": "attention heads"})
-    speech_encoder_layers: int = field(default=8, metadata={"help": "N: speech Conformer layers"})
-    multimodal_encoder_layers: int = field(default=16, metadata={"help": "M: multimodal Conformer layers"})
-    conv_kernel_size: int = field(default=5, metadata={"help": "depthwise conv kernel (odd)"})
-    conv_norm_groups: int = field(default=1, metadata={"help": "GroupNorm groups in the conv module"})
-    subsampling_conv_channels: int = field(default=256, metadata={"help": "channels of the two Conv2d"})
-    input_feat_per_channel: int = field(default=80, metadata={"help": "log-Mel bins"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout"})
-    attention_dropout: float = field(default=0.1, metadata={"help": "attention dropout"})
-    activation_dropout: float = field(default=0.1, metadata={"help": "dropout after the FFN activation"})
-    max_source_positions: int = field(default=6000, metadata={"help": "longest speech input, in feature frames"})
-    max_text_positions: int = field(default=1024, metadata={"help": "longest text input, in tokens"})
-    checkpoint_activations: bool = field(
-        default=False, metadata={"help": "recompute each Conformer layer in backward to save memory"})
-    min_params_to_wrap: int = field(
-        default=DEFAULT_MIN_PARAMS_TO_WRAP,
-        metadata={"help": "with --ddp-backend fully_sharded, wrap Conformer layers of at least this many parameters"})
-
-
-def config_from(cfg, config_class=SlamEncoderConfig):
-    """A dataclass config from an argparse Namespace or an OmegaConf node (missing keys: defaults)."""
-    values = {}
-    for dataclass_field in fields(config_class):
-        if dataclass_field.name.startswith("_"):
-            continue
-        default = config_class.__dataclass_fields__[dataclass_field.name].default
-        if callable(getattr(dataclass_field, "default_factory", None)):
-            default = dataclass_field.default_factory()
-        values[dataclass_field.name] = safe_getattr(cfg, dataclass_field.name, default)
-    return config_class(**values)
-
-
-def encoder_sizes(cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> SlamEncoderSizes:
-    return SlamEncoderSizes(
-        vocab_size=vocab_size, padding_idx=padding_idx, embed_dim=cfg.encoder_embed_dim,
-        ffn_dim=cfg.encoder_ffn_embed_dim, num_heads=cfg.encoder_attention_heads,
-        kernel_size=cfg.conv_kernel_size, speech_layers=cfg.speech_encoder_layers,
-        multimodal_layers=cfg.multimodal_encoder_layers, conv_norm_groups=cfg.conv_norm_groups,
-        input_dim=cfg.input_feat_per_channel, conv_channels=cfg.subsampling_conv_channels,
-        max_text_positions=cfg.max_text_positions, dropout=cfg.dropout,
-        attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
-        checkpoint_activations=cfg.checkpoint_activations)
-
-
-def build_slam_encoder(cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> SlamEncoder:
-    """Build the encoder and wrap each Conformer layer for FSDP (a no-op outside FSDP)."""
-    encoder = SlamEncoder(encoder_sizes(cfg, vocab_size, padding_idx))
-    for stack in (encoder.speech_encoder.conformer, encoder.multimodal_encoder.conformer):
-        for index, layer in enumerate(stack.layers):
-            stack.layers[index] = fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap)
-    return encoder
-
 
 @dataclass
 class SlamConfig(SlamEncoderConfig):
@@ -137,78 +75,6 @@ class SlamConfig(SlamEncoderConfig):
                           "pieces still on it after 300)"})
 
 
-@dataclass
-class SpeechPretrainingOutput:
-    """What MSM needs from a SPEECH_BATCH; N = masked real frames, in ``frame_mask.nonzero()`` order.
-
-    contrastive_predictions: (N, Q) speech encoder output at the masked frames, projected to Q.
-    codevectors: (N, Q) quantized *unmasked* subsampled features of the same frames (positives).
-    code_ids: (N, G) long, the codes the quantizer chose (MSM masked-prediction targets).
-    utterance_index: (N,) long, the row of each masked frame (distractors stay in their row).
-    code_logits: (N, G, C) code-id scores from the multimodal encoder's output.
-    prob_perplexity: scalar, perplexity of the batch-averaged code softmax (diversity loss input).
-    code_perplexity: scalar, perplexity of the hard code choices (for logging).
-    num_vars: G * C. temperature: the quantizer's current Gumbel temperature.
-    num_frames: real subsampled frames; num_utterances: B.
-    """
-
-    contrastive_predictions: torch.Tensor
-    codevectors: torch.Tensor
-    code_ids: torch.Tensor
-    utterance_index: torch.Tensor
-    code_logits: torch.Tensor
-    prob_perplexity: torch.Tensor
-    code_perplexity: torch.Tensor
-    num_vars: int
-    temperature: float
-    num_frames: int
-    num_utterances: int
-
-
-@dataclass
-class TextPretrainingOutput:
-    """What span masking needs from a TEXT_BATCH; N = masked tokens (``target != pad``).
-
-    text_logits: (N, V) scores at the masked tokens; text_targets: (N,) the original ids.
-    num_tokens: real tokens; num_sentences: B.
-    """
-
-    text_logits: torch.Tensor
-    text_targets: torch.Tensor
-    num_tokens: int
-    num_sentences: int
-
-
-@dataclass
-class PairPretrainingOutput:
-    """What TLM and STM need from a PAIR_BATCH.
-
-    text_logits (N_t, V), text_targets (N_t,): TLM text side, at the masked tokens.
-    code_logits (N_s, G, C), code_targets (N_s, G): TLM speech side, at the masked frames; the
-        targets are the quantizer's codes of the unmasked features (no gradient).
-    stm_logits (B, 2), stm_labels (B,): STM on [unmasked speech of row b ; clean text of row
-        ``stm_text_index[b]``].
-    num_tokens, num_frames: real tokens and subsampled frames; num_pairs: B.
-    ctc_logits (B, T', K), ctc_lengths (B,), ctc_targets (N,), ctc_target_lengths (B,): mSLAM's CTC
-        on the unmasked speech alone against the clean transcript (``--pair-ctc``), else None; K is
-        the text vocabulary or the characters + blank (``--pair-ctc-units``).
-    """
-
-    text_logits: torch.Tensor
-    text_targets: torch.Tensor
-    code_logits: torch.Tensor
-    code_targets: torch.Tensor
-    stm_logits: torch.Tensor
-    stm_labels: torch.Tensor
-    num_tokens: int
-    num_frames: int
-    num_pairs: int
-    ctc_logits: Optional[torch.Tensor] = None
-    ctc_lengths: Optional[torch.Tensor] = None
-    ctc_targets: Optional[torch.Tensor] = None
-    ctc_target_lengths: Optional[torch.Tensor] = None
-
-
 def _fit_frame_mask(frame_mask: torch.Tensor, num_subsampled: int) -> torch.Tensor:
     """Right-pad (False) or trim a (B, T') frame mask to the encoder's subsampled length."""
     width = frame_mask.shape[1]
@@ -222,6 +88,9 @@ def _fit_frame_mask(frame_mask: torch.Tensor, num_subsampled: int) -> torch.Tens
                 "see docs/pretraining_batches.md)")
         return frame_mask[:, :num_subsampled]
     return frame_mask
+
+
+PAPER_HEADS = dict(quantizer_codebook_size=1024, quantizer_groups=1, quantizer_codevector_dim=256)
 
 
 @register_model("slam", dataclass=SlamConfig)
@@ -429,25 +298,20 @@ class SlamModel(BaseFairseqModel):
                     ctc_targets=targets, ctc_target_lengths=target_lengths)
 
 
-def _preset(cfg, **values) -> None:
-    for name, value in values.items():
-        setattr(cfg, name, safe_getattr(cfg, name, value))
-
-
 @register_model_architecture("slam", "slam_paper")
 def slam_paper(cfg) -> None:
-    """The paper's size: N=8, M=16, D=1024, FFN 4096, kernel 5, 8 heads (about 0.6 B parameters)."""
-    _preset(cfg, encoder_embed_dim=1024, encoder_ffn_embed_dim=4096, encoder_attention_heads=8,
-            speech_encoder_layers=8, multimodal_encoder_layers=16, conv_kernel_size=5,
-            subsampling_conv_channels=256, quantizer_codebook_size=1024, quantizer_groups=1,
-            quantizer_codevector_dim=256)
+    """The paper's size: N=8, M=16, D=1024, FFN 4096, kernel 5, 8 heads (619,072,256 encoder parameters)."""
+    set_defaults(cfg, **PAPER_ENCODER, **PAPER_HEADS)
+
+
+@register_model_architecture("slam", "slam_base")
+def slam_base(cfg) -> None:
+    """A size one GPU pre-trains: N=6, M=10, D=512, FFN 2048, kernel 5, 8 heads (see the README)."""
+    set_defaults(cfg, **BASE_ENCODER, **PAPER_HEADS)
 
 
 @register_model_architecture("slam", "slam_tiny")
 def slam_tiny(cfg) -> None:
     """For tests and the CPU demo: D=64, 2 + 2 layers, a codebook of 64 entries of width 32."""
-    _preset(cfg, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4,
-            speech_encoder_layers=2, multimodal_encoder_layers=2, conv_kernel_size=5,
-            subsampling_conv_channels=32, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
-            quantizer_codebook_size=64, quantizer_groups=1, quantizer_codevector_dim=32)
+    set_defaults(cfg, **TINY_ENCODER, quantizer_codebook_size=64, quantizer_groups=1, quantizer_codevector_dim=32)
     slam_paper(cfg)

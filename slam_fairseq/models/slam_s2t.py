@@ -45,18 +45,21 @@ from fairseq.models import (
 )
 from fairseq.models.transformer import Embedding, TransformerDecoder
 from fairseq.utils import safe_getattr
-from omegaconf import OmegaConf, open_dict
 from torch import Tensor, nn
 
 from slam_fairseq.encoders.slam_encoder import SlamEncoder
-from slam_fairseq.models.pretrained_loading import load_pretrained_slam_encoder, weights_restored_by_fairseq
-from slam_fairseq.models.slam import SlamEncoderConfig, build_slam_encoder, config_from, slam_paper, slam_tiny
+from slam_fairseq.compat.fairseq_internals import (drop_config_fields, record_in_saved_config,
+                                                   weights_restored_by_fairseq)
+from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, build_slam_encoder,
+                                          config_from, set_defaults)
+from slam_fairseq.models.pretrained_loading import load_pretrained_slam_encoder
+from slam_fairseq.objectives.pair_ctc import CTC_BLANK
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SlamS2TConfig", "SlamSpeechEncoder", "SlamS2TModel"]
 
-CTC_BLANK_INDEX = 0  # <s> (bos) of a fairseq Dictionary
+CTC_BLANK_INDEX = CTC_BLANK  # <s> (bos) of a fairseq Dictionary, as in pre-training's pair CTC
 CTC_CRITERION = "label_smoothed_cross_entropy_with_ctc"
 PRETRAINED_PARTS = ("speech_encoder", "multimodal_encoder")
 DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS = 6000, 1024  # speech_to_text's defaults
@@ -97,38 +100,9 @@ class SlamS2TConfig(SlamEncoderConfig):
         default=None, metadata={"help": "set by the speech_to_text task (speaker_set_filename); unused"})
 
 
-def _drop_fields(config_class, names) -> None:
-    """Remove fields from ``config_class`` (not from its parents): its command-line options and
-    config keys disappear, the constructor keeps its default."""
-    for name in names:
-        config_class.__dataclass_fields__.pop(name, None)
-
-
 # fairseq's speech_to_text task owns --max-source-positions / --max-target-positions (a model option
 # of the same name conflicts with it); the model takes both from the task.
-_drop_fields(SlamS2TConfig, ("max_source_positions",))
-
-
-def _record_in_config(cfg, name: str, value) -> None:
-    """Set a field in the model config fairseq will save with the checkpoints.
-
-    fairseq's ``models.build_model`` passes the trainer's own config node when ``--arch`` is a
-    preset, but a merged copy (whose parent is the trainer's root config) for ``--arch slam_s2t``;
-    both get the value.
-    """
-    if isinstance(cfg, Namespace):
-        setattr(cfg, name, value)
-        return
-    if not OmegaConf.is_config(cfg):
-        return
-    with open_dict(cfg):
-        cfg[name] = value
-    root = cfg._get_parent()
-    if root is not None and OmegaConf.is_config(root) and "model" in root:
-        original = root.model
-        if OmegaConf.is_config(original) and original is not cfg and name in original:
-            with open_dict(original):
-                original[name] = value
+drop_config_fields(SlamS2TConfig, ("max_source_positions",))
 
 
 def _criterion_wants_ctc(task) -> bool:
@@ -159,7 +133,7 @@ class SlamSpeechEncoder(FairseqEncoder):
         self.multimodal_encoder = slam_encoder.multimodal_encoder
         # Masked speech modelling only: no gradient ever reaches it when fine-tuning.
         self.speech_encoder.mask_embedding.requires_grad_(False)
-        self.embed_dim = slam_encoder.sizes.embed_dim
+        self.embed_dim = slam_encoder.embed_dim
         self.output_projection = nn.Linear(self.embed_dim, output_dim)
         self.freeze_updates = freeze_updates
         self.num_updates = 0
@@ -168,7 +142,7 @@ class SlamSpeechEncoder(FairseqEncoder):
     def is_frozen(self) -> bool:
         return self.num_updates < self.freeze_updates
 
-    def forward(self, src_tokens: Tensor, src_lengths: Tensor, return_all_hiddens: bool = False):
+    def forward(self, src_tokens: Tensor, src_lengths: Tensor):
         """
         Args:
             src_tokens: (B, T, F) padded log-Mel frames (fairseq's S2T name).
@@ -278,7 +252,7 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         if cfg.ctc_head or _criterion_wants_ctc(task):
             ctc_projection = nn.Linear(encoder.embed_dim, len(dictionary))
             if not cfg.ctc_head:
-                _record_in_config(given_cfg, "ctc_head", True)
+                record_in_saved_config(given_cfg, "ctc_head", True)
         data_cfg = getattr(task, "data_cfg", None)
         prefix_size = 1 if data_cfg is not None and getattr(data_cfg, "prepend_tgt_lang_tag", False) else 0
         return cls(cfg, encoder, decoder, ctc_projection, prefix_size)
@@ -296,7 +270,7 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         else:
             load_pretrained_slam_encoder(encoder, path, PRETRAINED_PARTS)
         # Either way the weights the run saves descend from the pre-trained encoder.
-        _record_in_config(given_cfg, "pretrained_slam_loaded", True)
+        record_in_saved_config(given_cfg, "pretrained_slam_loaded", True)
 
     def forward(self, src_tokens: Tensor, src_lengths: Tensor, prev_output_tokens: Tensor):
         """Teacher-forced decoder output ``(logits (B, T, V), extra)``; ``extra["encoder_out"]`` is
@@ -328,21 +302,15 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         return targets, lengths
 
 
-def _preset(cfg, **values) -> None:
-    for name, value in values.items():
-        setattr(cfg, name, safe_getattr(cfg, name, value))
-
-
-def _paper_decoder(cfg) -> None:
-    _preset(cfg, decoder_embed_dim=384, decoder_ffn_embed_dim=1536, decoder_layers=4,
-            decoder_attention_heads=4, decoder_normalize_before=True, share_decoder_input_output_embed=True)
+PAPER_DECODER = dict(decoder_embed_dim=384, decoder_ffn_embed_dim=1536, decoder_layers=4,
+                     decoder_attention_heads=4, decoder_normalize_before=True, share_decoder_input_output_embed=True)
+TINY_DECODER = dict(PAPER_DECODER, decoder_embed_dim=64, decoder_ffn_embed_dim=128, decoder_layers=2)
 
 
 @register_model_architecture("slam_s2t", "slam_s2t_covost")
 def slam_s2t_covost(cfg) -> None:
     """The paper's ST model: ``slam_paper`` encoder; decoder 4 layers, 384 wide, FFN 1536, 4 heads."""
-    _paper_decoder(cfg)
-    slam_paper(cfg)
+    set_defaults(cfg, **PAPER_DECODER, **PAPER_ENCODER)
 
 
 @register_model_architecture("slam_s2t", "slam_s2t_librispeech")
@@ -351,10 +319,13 @@ def slam_s2t_librispeech(cfg) -> None:
     slam_s2t_covost(cfg)
 
 
+@register_model_architecture("slam_s2t", "slam_s2t_base")
+def slam_s2t_base(cfg) -> None:
+    """``slam_base`` encoder with the paper's decoder."""
+    set_defaults(cfg, **PAPER_DECODER, **BASE_ENCODER)
+
+
 @register_model_architecture("slam_s2t", "slam_s2t_tiny")
 def slam_s2t_tiny(cfg) -> None:
     """Tests and CPU demos: ``slam_tiny`` encoder (D=64, 2 + 2 layers); decoder 2 layers, 64 wide."""
-    _preset(cfg, decoder_embed_dim=64, decoder_ffn_embed_dim=128, decoder_layers=2,
-            decoder_attention_heads=4)
-    slam_tiny(cfg)
-    _paper_decoder(cfg)
+    set_defaults(cfg, **TINY_DECODER, **TINY_ENCODER)

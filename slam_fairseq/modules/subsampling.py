@@ -7,6 +7,7 @@ from torch import nn
 
 _KERNEL = 3
 _STRIDE = 2
+SUBSAMPLING_FACTOR = _STRIDE * _STRIDE  # frames of input per output frame
 
 
 def _conv_output_length(length: torch.Tensor) -> torch.Tensor:

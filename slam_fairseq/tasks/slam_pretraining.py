@@ -33,6 +33,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from slam_formats.names import pair_manifest_name, speech_manifest_name
+from slam_fairseq.compat.fairseq_internals import is_fully_sharded
 from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings, expected_masked_fraction
 from slam_fairseq.data.pretraining.pair import PretrainingPairDataset
@@ -123,10 +124,6 @@ def parse_modalities(value: str, option: str) -> Tuple[str, ...]:
 
 def _objectives(modalities) -> str:
     return ", ".join(OBJECTIVES[name] for name in MODALITIES if name in modalities) or "nothing"
-
-
-def _is_fully_sharded(model) -> bool:
-    return "FullySharded" in type(model).__name__
 
 
 def merge_logging_outputs(outputs: List[Dict[str, Any]], sample_size: int) -> Dict[str, Any]:
@@ -390,7 +387,7 @@ class SlamPretrainingTask(FairseqTask):
         for position, name in enumerate(modalities):
             is_last = position == len(modalities) - 1
             sync = contextlib.nullcontext()
-            if not is_last and hasattr(model, "no_sync") and not _is_fully_sharded(model):
+            if not is_last and hasattr(model, "no_sync") and not is_fully_sharded(model):
                 sync = model.no_sync()  # DDP: all-reduce once, after the last modality's backward
             with sync:
                 with torch.autograd.profiler.record_function(f"forward-{name}"), \

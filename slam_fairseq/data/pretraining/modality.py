@@ -1,7 +1,7 @@
 """What the three pre-training datasets (speech, text, pairs) share: sizes, epochs, ordering.
 
 An item depends on ``(index, epoch)`` only: :meth:`get_item` takes the epoch explicitly, so the
-round-robin dataset (``pretraining_round_robin``) can hand it over with every step and data-loader
+round-robin dataset (:mod:`slam_fairseq.data.pretraining.round_robin`) can hand it over with every step and data-loader
 workers never hold a stale epoch. ``__getitem__`` uses the epoch last given to :meth:`set_epoch`,
 for using a dataset on its own.
 """
@@ -12,7 +12,9 @@ from typing import Any, Dict, List
 import numpy as np
 from fairseq.data import FairseqDataset
 
-__all__ = ["PretrainingModalityDataset"]
+__all__ = ["MODALITIES", "PretrainingModalityDataset"]
+
+MODALITIES = ("speech", "text", "pair")  # the order of every per-modality loop and of a step's keys
 
 
 class PretrainingModalityDataset(FairseqDataset):

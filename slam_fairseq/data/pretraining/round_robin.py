@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from fairseq.data import FairseqDataset, data_utils, iterators
 
-from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
+from slam_fairseq.compat.fairseq_internals import reset_cached_batches
+from slam_fairseq.data.pretraining.modality import MODALITIES, PretrainingModalityDataset
 from slam_fairseq.data.pretraining.seeding import BATCH_CYCLE_ORDER, masking_rng
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["MODALITIES", "make_modality_batches", "RoundRobinBatchDataset",
            "RoundRobinEpochBatchIterator"]
 
-MODALITIES = ("speech", "text", "pair")
 StepKey = Tuple[int, int]
 
 
@@ -196,5 +196,5 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
 
     def load_state_dict(self, state_dict):
         if state_dict.get("epoch", self.epoch) != self.epoch:
-            self._frozen_batches = None
+            reset_cached_batches(self)
         return super().load_state_dict(state_dict)

@@ -1,0 +1,101 @@
+"""The private parts of fairseq 0.12 and OmegaConf 2 that the plugin relies on, each behind a function.
+
+- :func:`drop_config_fields`: removes an inherited field from a fairseq dataclass config (its
+  ``__dataclass_fields__``), so that a model option does not clash with a task option of the same name.
+- :func:`record_in_saved_config`: writes a value into the model config fairseq saves with each
+  checkpoint, reaching the trainer's node through OmegaConf's ``_get_parent``.
+- :func:`weights_restored_by_fairseq`: fairseq's rules for when a freshly built model is about to
+  receive checkpoint weights (``fairseq.checkpoint_utils.load_checkpoint``), restated.
+- :func:`reset_cached_batches`: drops an ``EpochBatchIterator``'s cached batch list (``_frozen_batches``).
+- :func:`is_fully_sharded`: whether a model is wrapped by fairseq's FSDP wrapper.
+"""
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from typing import Optional
+
+from omegaconf import OmegaConf, open_dict
+
+
+def drop_config_fields(config_class, names) -> None:
+    """Remove fields from ``config_class`` (not from its parents): its command-line options and
+    config keys disappear, the constructor keeps its default."""
+    for name in names:
+        config_class.__dataclass_fields__.pop(name, None)
+
+
+def record_in_saved_config(cfg, name: str, value) -> None:
+    """Set a field in the model config fairseq will save with the checkpoints.
+
+    fairseq's ``models.build_model`` passes the trainer's own config node when ``--arch`` is a
+    preset, but a merged copy (whose parent is the trainer's root config) for ``--arch slam_s2t``;
+    both get the value.
+    """
+    if isinstance(cfg, Namespace):
+        setattr(cfg, name, value)
+        return
+    if not OmegaConf.is_config(cfg):
+        return
+    with open_dict(cfg):
+        cfg[name] = value
+    root = cfg._get_parent()
+    if root is not None and OmegaConf.is_config(root) and "model" in root:
+        original = root.model
+        if OmegaConf.is_config(original) and original is not cfg and name in original:
+            with open_dict(original):
+                original[name] = value
+
+
+def weights_restored_by_fairseq(task) -> Optional[str]:
+    """Why the model being built will receive a fine-tuning checkpoint's weights, or None.
+
+    fairseq builds the model before it restores a checkpoint: ``fairseq-train`` resuming
+    (``checkpoint_last.pt`` in ``--save-dir``, ``--restore-file``, ``--continue-once``,
+    ``--finetune-from-model``), and ``fairseq-generate`` / ``fairseq-validate`` loading ``--path``.
+    The decision mirrors ``fairseq.checkpoint_utils.load_checkpoint``; it reads the command line of
+    the running tool from ``task.args`` (fairseq's legacy tasks, such as ``speech_to_text``, keep
+    the whole command line there).
+    """
+    from fairseq.file_io import PathManager
+
+    args = getattr(task, "args", None)
+    if args is None:
+        return None
+    path = getattr(args, "path", None)
+    if path:
+        return f"the weights come from --path {path}"
+    save_dir = getattr(args, "save_dir", None)
+    restore_file = getattr(args, "restore_file", None)
+    if save_dir is None or restore_file is None:
+        return None
+    suffix = getattr(args, "checkpoint_suffix", "") or ""
+    if restore_file == "checkpoint_last.pt":
+        last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+        if PathManager.exists(last):
+            return f"fairseq-train resumes from {last}"
+        continue_once = getattr(args, "continue_once", None)
+        if continue_once:
+            return f"fairseq-train continues from --continue-once {continue_once}"
+        finetune_from = getattr(args, "finetune_from_model", None)
+        if finetune_from:
+            return f"fairseq-train starts from --finetune-from-model {finetune_from}"
+        return None
+    restore = restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
+    if PathManager.exists(restore):
+        return f"fairseq-train restores --restore-file {restore}"
+    return None
+
+
+def reset_cached_batches(iterator) -> None:
+    """Make a fairseq ``EpochBatchIterator`` call its batch sampler again on the next epoch."""
+    iterator._frozen_batches = None
+
+
+def is_fully_sharded(model) -> bool:
+    """True for a model wrapped in fairseq's ``FullyShardedDataParallel`` (fairscale FSDP)."""
+    try:
+        from fairseq.distributed import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - fairseq without its distributed package
+        return False
+    return FullyShardedDataParallel is not None and isinstance(model, FullyShardedDataParallel)
