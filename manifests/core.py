@@ -857,3 +857,12 @@ def run_script(main: Callable[[], Optional[RunSummary]]) -> None:
         print("error: a worker process died (killed, or out of memory: try fewer --workers or a smaller "
               "--shard-size); finished shards are kept, run the same command again to resume", file=sys.stderr)
         sys.exit(1)
+
+
+def console_command(main: Callable[[], Optional[RunSummary]]) -> Callable[[], None]:
+    """The entry point of an installed ``slam-prep-*`` command: ``main`` run by :func:`run_script`."""
+    def command() -> None:
+        run_script(main)
+
+    command.__doc__ = main.__doc__
+    return command

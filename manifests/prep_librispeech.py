@@ -153,9 +153,7 @@ def main(argv=None) -> core.RunSummary:
     return summary
 
 
-def cli() -> None:
-    """The console command (``slam-prep-librispeech``): :func:`main` with clear exit codes."""
-    core.run_script(main)
+cli = core.console_command(main)  # the installed command (setup.py)
 
 
 if __name__ == "__main__":
