@@ -1,4 +1,8 @@
-"""Writes that a crash or a kill leaves either the old file or the new one, never half of one."""
+"""Writes that a crash or a kill leaves either the old file or the new one, never half of one.
+
+Everything is written under a temporary name in the target's directory (same file system), flushed
+to disk, given the usual permissions and renamed onto the target with ``os.replace``.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -13,28 +17,10 @@ def _current_umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a file so that a crash leaves either the old file or the new one, never half of one."""
-    path = str(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-
 @contextlib.contextmanager
 def atomic_output_path(path: str) -> Iterator[str]:
     """Yield a temporary path next to ``path``; it is renamed onto ``path`` when the block succeeds
-    and deleted when it raises (binary outputs: zips, npz, SentencePiece models)."""
+    and deleted when it raises (binary outputs: zips, npz, SentencePiece models, checkpoints)."""
     target = str(path)
     directory = os.path.dirname(os.path.abspath(target))
     os.makedirs(directory, exist_ok=True)
@@ -42,8 +28,17 @@ def atomic_output_path(path: str) -> Iterator[str]:
     os.close(handle)
     try:
         yield temporary
-        os.chmod(temporary, 0o666 & ~_current_umask())
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically."""
+    with atomic_output_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
