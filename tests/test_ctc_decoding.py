@@ -3,8 +3,10 @@ search, and task ``slam_speech_to_text`` through fairseq's own command-line tool
 
 - The prefix scorer against a brute-force sum over every alignment of tiny random posteriors.
 - Best-path collapse and blank rules on hand-made posteriors.
+- Joint search on a hand-made model whose decoder ignores the audio and never stops: it writes what
+  the CTC posteriors say and ends; a forced language tag takes the decoder's score alone.
 - On a tiny ``slam_s2t_tiny`` with a CTC head, trained once by ``fairseq-train --task
-  slam_speech_to_text`` until it overfits six espeak-ng utterances (about 40 s on one thread):
+  slam_speech_to_text`` until it overfits six espeak-ng utterances (about 25 s of CPU):
   joint search with weight 0 gives fairseq's beam search hypotheses; with weight 1, and with a
   decoder that never ends a sentence, no hypothesis outgrows the CTC frames; ``fairseq-generate
   --ctc-decoding joint|greedy --scoring wer`` prints every utterance and a WER that matches its
@@ -204,6 +206,85 @@ def test_greedy_generator_returns_fairseq_hypotheses():
 
 
 # ---------------------------------------------------------------------------------------------
+# Joint search on a hand-made model
+
+
+class _PosteriorEncoder(torch.nn.Module):
+    """Its "features" are the CTC log-posteriors themselves: (B, T, V)."""
+
+    def forward_torchscript(self, net_input):
+        return {"ctc": [net_input["src_tokens"].transpose(0, 1)], "lengths": [net_input["src_lengths"]]}
+
+    def reorder_encoder_out(self, encoder_out, new_order):
+        return {"ctc": [encoder_out["ctc"][0].index_select(1, new_order)],
+                "lengths": [encoder_out["lengths"][0].index_select(0, new_order)]}
+
+
+class _FixedDecoder(torch.nn.Module):
+    """The same next-token logits after every prefix."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, tokens, encoder_out=None, incremental_state=None):
+        return self.logits.repeat(tokens.size(0), tokens.size(1), 1), None
+
+
+class _HandMadeModel(torch.nn.Module):
+    def __init__(self, decoder_logits: torch.Tensor) -> None:
+        super().__init__()
+        self.encoder, self.decoder = _PosteriorEncoder(), _FixedDecoder(decoder_logits)
+
+    def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
+        return net_output[0].log_softmax(-1)
+
+    def get_ctc_output(self, net_output):
+        encoder_out = net_output[1]["encoder_out"]
+        return encoder_out["ctc"][0], encoder_out["lengths"][0]
+
+    def max_decoder_positions(self) -> int:
+        return 1000
+
+
+def test_joint_search_reads_the_audio_skips_the_language_tag_and_ends():
+    """The decoder always prefers "a" and hardly ever ends; CTC hears "b a" in 6 frames. Beam search
+    writes "a a a ..." to --max-len-b; joint search writes "b a" and stops. The language tag
+    (forced, not a CTC label) is left out of the CTC prefix."""
+    from fairseq.data import Dictionary
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from slam_fairseq.decoding.joint_ctc_generator import add_ctc_prefix_scores
+
+    dictionary = Dictionary()
+    a, b, tag = dictionary.add_symbol("a"), dictionary.add_symbol("b"), dictionary.add_symbol("<lang:xx>")
+    eos = dictionary.eos()
+    decoder_logits = torch.zeros(len(dictionary))
+    decoder_logits[a], decoder_logits[b], decoder_logits[eos] = 6.0, 3.0, 1.0
+    frames = [b, b, CTC_BLANK_INDEX, a, CTC_BLANK_INDEX, CTC_BLANK_INDEX]
+    posteriors = torch.full((1, len(frames), len(dictionary)), -10.0)
+    for t, label in enumerate(frames):
+        posteriors[0, t, label] = 10.0
+    sample = {"net_input": {"src_tokens": posteriors.log_softmax(-1), "src_lengths": torch.tensor([len(frames)])}}
+    prefix = torch.tensor([[tag]])
+
+    def search(joint: bool):
+        generator = SequenceGenerator([_HandMadeModel(decoder_logits)], dictionary, beam_size=2, max_len_b=20)
+        if joint:
+            generator = add_ctc_prefix_scores(generator, weight=0.5, candidates=3, blank=CTC_BLANK_INDEX,
+                                              skip_tokens=1)
+        return generator.generate(None, sample, prefix_tokens=prefix)[0][0]
+
+    assert search(joint=False)["tokens"].tolist() == [tag] + [a] * 19 + [eos]
+    joint = search(joint=True)
+    assert joint["tokens"].tolist() == [tag, b, a, eos]
+    # the tag scores the decoder's log-prob alone; the labels after it get the fused score
+    decoder_log_probs = decoder_logits.log_softmax(-1)
+    assert float(joint["positional_scores"][0]) == pytest.approx(float(decoder_log_probs[tag]), abs=1e-5)
+    assert float(joint["positional_scores"][1]) == pytest.approx(0.5 * float(decoder_log_probs[b]), abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
 # A trained model
 
 
@@ -219,7 +300,8 @@ def trained(tmp_path_factory):
                                      "--criterion", "label_smoothed_cross_entropy_with_ctc", "--ctc-weight", "0.5",
                                      "--dropout", "0.0", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt",
                                      "--warmup-updates", "10", "--clip-norm", "5", "--max-update", "200",
-                                     "--save-interval", "1000", "--no-epoch-checkpoints", "--log-interval", "50")).stdout
+                                     "--save-interval", "1000", "--no-epoch-checkpoints",
+                                     "--log-interval", "50")).stdout
     assert "ctc_loss" in log
     return SimpleNamespace(data=root / "asr", task_name=task_name, checkpoint=save_dir / "checkpoint_last.pt",
                            utterances=len(features))

@@ -124,9 +124,10 @@ def add_ctc_prefix_scores(generator: SequenceGenerator, weight: float, candidate
                           skip_tokens: int = 0) -> SequenceGenerator:
     """Turns a plain fairseq ``SequenceGenerator`` into joint CTC/attention beam search.
 
-    Its ensemble is replaced by a :class:`CTCPrefixFusedEnsemble` over the same model; at least
-    twice the beam size of candidates are scored, so that fairseq's search (which picks the best
-    ``2 * beam`` extensions of each sentence) only ever sees CTC-scored tokens.
+    Its ensemble is replaced by a :class:`CTCPrefixFusedEnsemble` over the same model. At least
+    twice the beam size of candidates (at most the whole dictionary) are scored per hypothesis:
+    fairseq's search takes the best ``2 * beam`` extensions of each sentence, and all of them can
+    then be CTC-scored ones.
 
     Args:
         generator: built by fairseq's ``build_generator`` (beam search or sampling).
@@ -139,7 +140,8 @@ def add_ctc_prefix_scores(generator: SequenceGenerator, weight: float, candidate
     if generator.lm_model is not None:
         raise ValueError("joint CTC/attention decoding does not combine with --lm-path")
     generator.model = CTCPrefixFusedEnsemble(
-        list(generator.model.models), weight=weight, candidates=max(candidates, 2 * generator.beam_size),
+        list(generator.model.models), weight=weight,
+        candidates=min(max(candidates, 2 * generator.beam_size), generator.vocab_size),
         blank=blank, eos=generator.eos, pad=generator.pad, skip_tokens=skip_tokens)
     generator.model.eval()
     return generator
