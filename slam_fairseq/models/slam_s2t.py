@@ -167,7 +167,7 @@ class SlamSpeechEncoder(FairseqEncoder):
         }
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order: Tensor):
-        """Beam search reordering; ``slam_encoder_out`` (training only) is left out."""
+        """Beam search reordering, ``slam_encoder_out`` included (the CTC head reads it when decoding)."""
         return {
             "encoder_out": [x.index_select(1, new_order) for x in encoder_out["encoder_out"]],
             "encoder_padding_mask": [x.index_select(0, new_order) for x in encoder_out["encoder_padding_mask"]],
@@ -175,6 +175,7 @@ class SlamSpeechEncoder(FairseqEncoder):
             "encoder_states": [x.index_select(1, new_order) for x in encoder_out["encoder_states"]],
             "src_tokens": [],
             "src_lengths": [],
+            "slam_encoder_out": [x.index_select(1, new_order) for x in encoder_out.get("slam_encoder_out", [])],
         }
 
     def max_positions(self) -> int:

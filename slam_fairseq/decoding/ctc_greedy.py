@@ -1,0 +1,104 @@
+"""Best-path (greedy) CTC decoding, and a generator that gives ``fairseq-generate`` its hypotheses.
+
+Best path: the most likely label of every frame, repeats collapsed, blanks dropped (a label
+repeated across a blank is emitted twice). The path is the single most likely alignment, so the
+output can never hold more labels than the utterance has frames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["BestPath", "ctc_best_paths", "CTCGreedyGenerator"]
+
+
+@dataclass
+class BestPath:
+    """One utterance's best-path output.
+
+    Attributes:
+        tokens: (L,) the labels.
+        token_scores: (L,) log-probability of the first frame that emits each label.
+        path_score: log-probability of the whole best path (every frame).
+    """
+
+    tokens: Tensor
+    token_scores: Tensor
+    path_score: float
+
+
+def ctc_best_paths(log_probs: Tensor, lengths: Tensor, blank: int) -> List[BestPath]:
+    """Greedy CTC decoding of a padded batch.
+
+    Args:
+        log_probs: (T, B, V) CTC log-posteriors.
+        lengths: (B,) frames of each utterance; later frames are padding and ignored.
+        blank: the blank's index.
+    Returns:
+        B best paths, in batch order.
+    """
+    if log_probs.dim() != 3 or lengths.shape != (log_probs.size(1),):
+        raise ValueError(f"expected (T, B, V) log-probs and (B,) lengths, got {tuple(log_probs.shape)} and "
+                         f"{tuple(lengths.shape)}")
+    best_scores, best_labels = log_probs.float().max(dim=-1)  # (T, B)
+    paths = []
+    for row, length in enumerate(lengths.tolist()):
+        labels, scores = best_labels[:length, row], best_scores[:length, row]
+        # a frame starts a label when it is not blank and differs from the frame before it
+        starts = labels != blank
+        starts[1:] &= labels[1:] != labels[:-1]
+        paths.append(BestPath(labels[starts], scores[starts], float(scores.sum())))
+    return paths
+
+
+class CTCGreedyGenerator:
+    """Best-path CTC decoding in fairseq's generator interface (``generate(models, sample, ...)``
+    returning, per sentence, a list of hypothesis dicts).
+
+    Each hypothesis: ``tokens`` (the labels followed by ``eos``, as fairseq's beam search ends
+    them), ``score`` (the best path's log-probability divided by the output length with eos, as
+    fairseq normalises), ``positional_scores`` (each label's first-frame log-probability; 0 for eos),
+    ``attention`` and ``alignment`` None. Prefix tokens (``--prefix-size``, e.g. a language tag)
+    are put in front of the labels with score 0.
+
+    Args:
+        model: a model with ``encoder`` and ``get_ctc_output(net_output)`` (``slam_s2t`` with a CTC
+            head).
+        eos: end-of-sentence index.
+        blank: the CTC blank's index.
+        symbols_to_strip_from_output: indices ``fairseq-generate`` leaves out of the printed text.
+    """
+
+    def __init__(self, model, eos: int, blank: int, symbols_to_strip_from_output: Iterable[int] = ()) -> None:
+        self.model = model
+        self.eos = eos
+        self.blank = blank
+        self.symbols_to_strip_from_output = set(symbols_to_strip_from_output) | {eos}
+        self.model.eval()
+
+    def cuda(self) -> "CTCGreedyGenerator":
+        self.model.cuda()
+        return self
+
+    @torch.no_grad()
+    def generate(self, models, sample: Dict, prefix_tokens: Optional[Tensor] = None,
+                 **unused) -> List[List[Dict[str, Optional[Tensor]]]]:
+        """Decodes ``sample["net_input"]`` (``src_tokens`` (B, T, F), ``src_lengths`` (B,))."""
+        net_input = sample["net_input"]
+        encoder_out = self.model.encoder(src_tokens=net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        log_probs, lengths = self.model.get_ctc_output((None, {"encoder_out": encoder_out}))
+        hypotheses = []
+        for row, path in enumerate(ctc_best_paths(log_probs, lengths, self.blank)):
+            tokens, scores = path.tokens, path.token_scores
+            if prefix_tokens is not None:
+                prefix = prefix_tokens[row][prefix_tokens[row] != self.eos].to(tokens)
+                tokens = torch.cat([prefix, tokens])
+                scores = torch.cat([scores.new_zeros(len(prefix)), scores])
+            tokens = torch.cat([tokens, tokens.new_tensor([self.eos])])
+            scores = torch.cat([scores, scores.new_zeros(1)])
+            hypotheses.append([{"tokens": tokens, "score": torch.tensor(path.path_score / len(tokens)),
+                                "positional_scores": scores, "attention": None, "alignment": None}])
+        return hypotheses

@@ -1,0 +1,147 @@
+"""Joint CTC/attention beam search in fairseq's own ``SequenceGenerator``.
+
+fairseq's beam search asks its ``EnsembleModel`` for the next-token log-probabilities of every
+hypothesis (``forward_decoder``) and tells it how hypotheses were reordered
+(``reorder_encoder_out``). :class:`CTCPrefixFusedEnsemble` is a drop-in ``EnsembleModel`` that
+answers with
+
+    score(c) = (1 - weight) * log p_attention(c | g) + weight * (psi(g + c) - psi(g))
+
+where ``psi`` is the CTC prefix score (:mod:`slam_fairseq.decoding.ctc_prefix_score`) and, for
+end-of-sentence, ``psi(g + eos) = log p_ctc(g)``. Only the ``candidates`` tokens the decoder ranks
+highest (and eos) are scored by CTC; every other token gets ``-inf``, as in ESPnet's pre-beam. A
+prefix the frames cannot carry scores ``-inf``, so with ``weight > 0`` no hypothesis outgrows
+the audio. Everything else (length limits, ``--lenpen``, ``--prefix-size``, batching, finished
+sentences leaving the batch) is fairseq's own code.
+
+The first ``skip_tokens`` output tokens are not CTC labels (``slam_s2t``'s
+``ctc_target_prefix_size``: a language tag); they take the decoder's score alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
+from torch import Tensor
+
+from slam_fairseq.decoding.ctc_prefix_score import CTCCandidateStates, CTCPrefixScorer, CTCPrefixState
+
+__all__ = ["CTCPrefixFusedEnsemble", "add_ctc_prefix_scores"]
+
+
+class CTCPrefixFusedEnsemble(EnsembleModel):
+    """One model with a CTC head, its decoder's log-probabilities fused with CTC prefix scores.
+
+    Args:
+        models: a list of one model with ``get_ctc_output(net_output)`` -> ((T', B, V) log-probs,
+            (B,) lengths) reading the encoder-out dict as ``net_output[1]["encoder_out"]``.
+        weight: the CTC weight lambda, in [0, 1].
+        candidates: tokens per hypothesis scored by CTC each step (the decoder's best, plus eos).
+        blank: the CTC blank's index; eos: end-of-sentence; pad: never a candidate.
+        skip_tokens: leading output tokens that are not CTC labels.
+    """
+
+    def __init__(self, models: List, weight: float, candidates: int, blank: int, eos: int, pad: int,
+                 skip_tokens: int = 0) -> None:
+        if len(models) != 1:
+            raise ValueError(f"joint CTC/attention decoding takes one model, got an ensemble of {len(models)}")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"the CTC decoding weight must be in [0, 1], got {weight}")
+        if candidates < 1:
+            raise ValueError(f"at least one CTC candidate per hypothesis is needed, got {candidates}")
+        super().__init__(models)
+        self.weight = weight
+        self.candidates = candidates
+        self.pad = pad
+        self.skip_tokens = skip_tokens
+        self.scorer = CTCPrefixScorer(blank=blank, eos=eos)
+        self._state: Optional[CTCPrefixState] = None
+        self._scored: Optional[CTCCandidateStates] = None
+        self._order: Optional[Tensor] = None
+
+    def reorder_encoder_out(self, encoder_outs, new_order):
+        """fairseq's reordering; also remembers ``new_order`` (rows of the previous step that the
+        current rows continue) for the CTC states."""
+        self._order = new_order
+        return super().reorder_encoder_out(encoder_outs, new_order)
+
+    @torch.no_grad()
+    def forward_decoder(self, tokens: Tensor, encoder_outs: List[Dict[str, List[Tensor]]],
+                        incremental_states, temperature: float = 1.0):
+        """
+        Args:
+            tokens: (N, S + 1) each hypothesis so far, starting with the begin symbol (step S).
+        Returns:
+            ((N, V) fused scores, attention as fairseq's ``EnsembleModel`` returns it).
+        """
+        attention_log_probs, attention = super().forward_decoder(tokens, encoder_outs, incremental_states,
+                                                                 temperature)
+        step = tokens.size(1) - 1
+        self._advance(step, tokens, encoder_outs[0])
+        if step < self.skip_tokens:
+            return attention_log_probs, attention
+        return self._fuse(attention_log_probs), attention
+
+    def _advance(self, step: int, tokens: Tensor, encoder_out: Dict[str, List[Tensor]]) -> None:
+        """Brings the CTC state to each row's current prefix."""
+        if step == 0:
+            log_probs, lengths = self.single_model.get_ctc_output((None, {"encoder_out": encoder_out}))
+            self._state = self.scorer.initial_state(log_probs, lengths)
+            self._scored = None
+            return
+        assert self._state is not None and self._order is not None
+        if step <= self.skip_tokens:
+            self._state = self._state.index_select(self._order)
+        else:
+            assert self._scored is not None
+            self._state = self.scorer.select(self._scored, self._order, tokens[:, -1])
+
+    def _fuse(self, attention_log_probs: Tensor) -> Tensor:
+        """(N, V) decoder log-probs -> (N, V) fused scores (``-inf`` outside the candidates)."""
+        state = self._state
+        ranked = attention_log_probs.float().clone()
+        ranked[:, self.pad] = -math.inf
+        ranked[:, self.scorer.eos] = math.inf  # always scored: ending must stay possible
+        width = min(self.candidates + 1, ranked.size(1))
+        candidates = ranked.topk(width, dim=1).indices
+        self._scored = self.scorer.score_candidates(state, candidates)
+        increments = self._scored.prefix_scores - state.prefix_score.unsqueeze(1)
+        candidate_log_probs = attention_log_probs.gather(1, candidates)
+        increments = increments.to(candidate_log_probs)
+        if self.weight == 1.0:
+            fused = increments
+        elif self.weight > 0.0:
+            fused = (1.0 - self.weight) * candidate_log_probs + self.weight * increments
+        else:  # CTC only restricts the candidates (and checks the machinery: equals plain beam search)
+            fused = candidate_log_probs
+        scores = torch.full_like(attention_log_probs, -math.inf)
+        return scores.scatter_(1, candidates, fused)
+
+
+def add_ctc_prefix_scores(generator: SequenceGenerator, weight: float, candidates: int, blank: int,
+                          skip_tokens: int = 0) -> SequenceGenerator:
+    """Turns a plain fairseq ``SequenceGenerator`` into joint CTC/attention beam search.
+
+    Its ensemble is replaced by a :class:`CTCPrefixFusedEnsemble` over the same model. At least
+    twice the beam size of candidates (at most the whole dictionary) are scored per hypothesis:
+    fairseq's search takes the best ``2 * beam`` extensions of each sentence, and all of them can
+    then be CTC-scored ones.
+
+    Args:
+        generator: built by fairseq's ``build_generator`` (beam search or sampling).
+        weight: the CTC weight lambda; candidates: the decoder's top tokens scored by CTC.
+        blank: the CTC blank; skip_tokens: leading output tokens that are not CTC labels.
+    """
+    if type(generator) is not SequenceGenerator:
+        raise ValueError(f"joint CTC/attention decoding extends fairseq's SequenceGenerator, not "
+                         f"{type(generator).__name__} (leave out --print-alignment / --score-reference)")
+    if generator.lm_model is not None:
+        raise ValueError("joint CTC/attention decoding does not combine with --lm-path")
+    generator.model = CTCPrefixFusedEnsemble(
+        list(generator.model.models), weight=weight,
+        candidates=min(max(candidates, 2 * generator.beam_size), generator.vocab_size),
+        blank=blank, eos=generator.eos, pad=generator.pad, skip_tokens=skip_tokens)
+    generator.model.eval()
+    return generator

@@ -1,0 +1,486 @@
+"""CTC decoding of ``slam_s2t``: the CTC prefix scorer, best-path decoding, joint CTC/attention beam
+search, and task ``slam_speech_to_text`` through fairseq's own command-line tools.
+
+- The prefix scorer against a brute-force sum over every alignment of tiny random posteriors.
+- Best-path collapse and blank rules on hand-made posteriors.
+- Joint search on a hand-made model whose decoder ignores the audio and never stops: it writes what
+  the CTC posteriors say and ends; a forced language tag takes the decoder's score alone.
+- On a tiny ``slam_s2t_tiny`` with a CTC head, trained once by ``fairseq-train --task
+  slam_speech_to_text`` until it overfits six espeak-ng utterances (about 25 s of CPU):
+  joint search with weight 0 gives fairseq's beam search hypotheses; with weight 1, and with a
+  decoder that never ends a sentence, no hypothesis outgrows the CTC frames; ``fairseq-generate
+  --ctc-decoding joint|greedy --scoring wer`` prints every utterance and a WER that matches its
+  lines.
+- ``--task slam_speech_to_text`` trains exactly as ``speech_to_text`` (the same logged losses).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import defaultdict
+from types import SimpleNamespace
+
+import editdistance
+import pytest
+import torch
+
+import slam_fairseq  # noqa: F401  (registers slam_s2t and slam_speech_to_text)
+from s2t_fixtures import (
+    ESPEAK_MISSING,
+    USER_DIR,
+    build_asr,
+    hypotheses,
+    parse_wer,
+    run_fairseq,
+    single_thread,
+    synthesize_features,
+)
+from slam_fairseq.decoding.ctc_greedy import CTCGreedyGenerator, ctc_best_paths
+from slam_fairseq.decoding.ctc_prefix_score import CTCPrefixScorer
+from slam_fairseq.models.slam_s2t import CTC_BLANK_INDEX
+
+needs_espeak = pytest.mark.skipif(ESPEAK_MISSING, reason="espeak-ng is needed to synthesize test speech")
+
+WER_OPTIONS = ("--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct")
+# Measured on the overfit model below (seed 1, one thread): beam search 8.3, joint 0.0, greedy 33.3.
+JOINT_WER_BOUND, GREEDY_WER_BOUND = 20.0, 60.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from single_thread()
+
+
+# ---------------------------------------------------------------------------------------------
+# The prefix scorer
+
+
+def _collapse(path, blank: int):
+    labels, previous = [], None
+    for label in path:
+        if label != previous and label != blank:
+            labels.append(label)
+        previous = label
+    return tuple(labels)
+
+
+def _brute_force(log_probs: torch.Tensor, length: int, blank: int):
+    """({prefix: log sum over alignments whose output starts with it}, {output: log sum of its
+    alignments}) of one row, over every path of ``length`` frames."""
+    prefix_terms, full_terms = defaultdict(list), defaultdict(list)
+    vocabulary = log_probs.size(-1)
+    for path in itertools.product(range(vocabulary), repeat=length):
+        score = sum(float(log_probs[t, label]) for t, label in enumerate(path))
+        output = _collapse(path, blank)
+        full_terms[output].append(score)
+        for end in range(len(output) + 1):
+            prefix_terms[output[:end]].append(score)
+
+    def log_sum(terms):
+        return float(torch.logsumexp(torch.tensor(terms, dtype=torch.float64), dim=0))
+
+    return ({key: log_sum(value) for key, value in prefix_terms.items()},
+            {key: log_sum(value) for key, value in full_terms.items()})
+
+
+def _assert_log_close(actual: float, expected: float, what: str) -> None:
+    if math.isinf(expected):
+        assert math.isinf(actual) and actual < 0, f"{what}: {actual}, expected -inf"
+    else:
+        assert abs(actual - expected) < 1e-5, f"{what}: {actual}, expected {expected}"
+
+
+def test_prefix_scores_equal_brute_force_over_all_alignments():
+    torch.manual_seed(0)
+    blank, eos, frames, vocabulary = 0, 3, 6, 4
+    log_probs = torch.randn(frames, 3, vocabulary).mul(2).log_softmax(-1)
+    lengths = torch.tensor([6, 4, 2])  # rows 1 and 2 are padded: their last frames must not count
+    log_probs[4:, 1] = torch.tensor([5.0, -9.0, 3.0, 0.0]).log_softmax(-1)  # garbage in the padding
+    scorer = CTCPrefixScorer(blank=blank, eos=eos)
+    brute = [_brute_force(log_probs[:, row], int(lengths[row]), blank) for row in range(3)]
+    labels = (1, 2)  # eos (3) stays a possible CTC output but is never part of a prefix
+    checked_infinite = 0
+    for size in range(frames + 2):
+        for prefix in itertools.product(labels, repeat=size):
+            prefix_score, full_score = scorer.prefix_scores(log_probs, lengths, torch.tensor(prefix, dtype=torch.long))
+            for row in range(3):
+                expected_prefix = brute[row][0].get(prefix, -math.inf)
+                checked_infinite += math.isinf(expected_prefix)
+                _assert_log_close(float(prefix_score[row]), expected_prefix, f"psi{prefix} row {row}")
+                _assert_log_close(float(full_score[row]), brute[row][1].get(prefix, -math.inf), f"p{prefix} row {row}")
+    assert checked_infinite > 0  # prefixes too long for the frames are among those checked
+
+
+def test_candidate_scoring_eos_blank_and_a_forced_token():
+    torch.manual_seed(1)
+    blank, eos, frames = 0, 3, 5
+    log_probs = torch.randn(frames, 2, 4).log_softmax(-1)
+    lengths = torch.tensor([5, 3])
+    scorer = CTCPrefixScorer(blank=blank, eos=eos)
+    brute = [_brute_force(log_probs[:, row], int(lengths[row]), blank) for row in range(2)]
+    rows = torch.arange(2)
+    state = scorer.initial_state(log_probs, lengths)
+    ones = torch.ones(2, dtype=torch.long)
+    state = scorer.select(scorer.score_candidates(state, ones.unsqueeze(1)), rows, ones)  # prefix (1,)
+    candidates = torch.tensor([[2, eos, blank, 1], [1, 2, eos, blank]])
+    scored = scorer.score_candidates(state, candidates)
+    for row in range(2):
+        for column, token in enumerate(candidates[row].tolist()):
+            if token == eos:
+                expected = brute[row][1].get((1,), -math.inf)
+            elif token == blank:
+                expected = -math.inf
+            else:
+                expected = brute[row][0].get((1, token), -math.inf)
+            _assert_log_close(float(scored.prefix_scores[row, column]), expected, f"row {row} token {token}")
+    # beam search reorders: the new rows continue rows (1, 0, 1) with tokens 2, 1 and a token that
+    # was no candidate of row 1 (a forced prefix token), which select scores itself
+    scored = scorer.score_candidates(state, torch.tensor([[2, eos], [2, eos]]))
+    chosen = scorer.select(scored, torch.tensor([1, 0, 1]), torch.tensor([2, 1, 1]))
+    for new_row, (row, prefix) in enumerate([(1, (1, 2)), (0, (1, 1)), (1, (1, 1))]):
+        _assert_log_close(float(chosen.prefix_score[new_row]), brute[row][0].get(prefix, -math.inf), f"{prefix}")
+        _assert_log_close(float(scorer.full_score(chosen)[new_row]), brute[row][1].get(prefix, -math.inf),
+                          f"p{prefix}")
+
+
+def test_prefix_scorer_rejects_bad_shapes():
+    scorer = CTCPrefixScorer(blank=0, eos=2)
+    with pytest.raises(ValueError, match=r"\(T, N, V\)"):
+        scorer.initial_state(torch.zeros(4, 3), torch.tensor([4]))
+    with pytest.raises(ValueError, match="do not fit"):
+        scorer.initial_state(torch.zeros(4, 1, 3), torch.tensor([5]))
+    with pytest.raises(ValueError, match="must differ"):
+        CTCPrefixScorer(blank=1, eos=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Best path
+
+
+def _posteriors(frame_labels, vocabulary: int = 5, frames: int = None) -> torch.Tensor:
+    """(T, V) log-posteriors whose best label at frame t is ``frame_labels[t]``."""
+    frames = frames or len(frame_labels)
+    logits = torch.zeros(frames, vocabulary)
+    for t, label in enumerate(frame_labels):
+        logits[t, label] = 4.0 + 0.1 * t
+    return logits.log_softmax(-1)
+
+
+def test_best_path_collapses_repeats_and_drops_blanks():
+    blank = 0
+    first = _posteriors([1, 1, 0, 1, 2, 2, 0, 0, 3, 3])  # a b a (a after a blank counts again)
+    second = _posteriors([0, 4, 4, 2, 1, 1, 1, 1, 1, 1])  # only 4 frames are real
+    paths = ctc_best_paths(torch.stack([first, second], dim=1), torch.tensor([10, 4]), blank)
+    assert paths[0].tokens.tolist() == [1, 1, 2, 3]
+    assert paths[1].tokens.tolist() == [4, 2]
+    # each label scores its first frame; the path scores every real frame
+    torch.testing.assert_close(paths[0].token_scores, first[[0, 3, 4, 8], [1, 1, 2, 3]])
+    assert paths[1].path_score == pytest.approx(float(second[[0, 1, 2, 3], [0, 4, 4, 2]].sum()), abs=1e-5)
+    everything_blank = ctc_best_paths(_posteriors([0, 0, 0]).unsqueeze(1), torch.tensor([3]), blank)
+    assert everything_blank[0].tokens.numel() == 0
+
+
+def test_greedy_generator_returns_fairseq_hypotheses():
+    eos, blank = 2, CTC_BLANK_INDEX
+    log_probs = torch.stack([_posteriors([0, 3, 3, 0, 4]), _posteriors([4, 0, 4, 4, 1])], dim=1)
+
+    class FakeModel(torch.nn.Module):
+        def encoder(self, src_tokens, src_lengths):
+            return {"lengths": src_lengths}
+
+        def get_ctc_output(self, net_output):
+            return log_probs, net_output[1]["encoder_out"]["lengths"]
+
+    generator = CTCGreedyGenerator(FakeModel(), eos=eos, blank=blank, symbols_to_strip_from_output={7})
+    assert generator.symbols_to_strip_from_output == {7, eos}
+    sample = {"net_input": {"src_tokens": torch.zeros(2, 20, 80), "src_lengths": torch.tensor([5, 3])}}
+    prefix = torch.tensor([[7], [7]])
+    first, second = (hypos[0] for hypos in generator.generate([FakeModel()], sample, prefix_tokens=prefix))
+    assert first["tokens"].tolist() == [7, 3, 4, eos]
+    assert second["tokens"].tolist() == [7, 4, 4, eos]  # frames 3 and 4 are padding
+    assert first["positional_scores"].shape == first["tokens"].shape
+    assert first["positional_scores"][0] == 0 and first["positional_scores"][-1] == 0
+    path_score = float(log_probs[[0, 1, 2], [1, 1, 1], [4, 0, 4]].sum())
+    assert float(second["score"]) == pytest.approx(path_score / 4, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint search on a hand-made model
+
+
+class _PosteriorEncoder(torch.nn.Module):
+    """Its "features" are the CTC log-posteriors themselves: (B, T, V)."""
+
+    def forward_torchscript(self, net_input):
+        return {"ctc": [net_input["src_tokens"].transpose(0, 1)], "lengths": [net_input["src_lengths"]]}
+
+    def reorder_encoder_out(self, encoder_out, new_order):
+        return {"ctc": [encoder_out["ctc"][0].index_select(1, new_order)],
+                "lengths": [encoder_out["lengths"][0].index_select(0, new_order)]}
+
+
+class _FixedDecoder(torch.nn.Module):
+    """The same next-token logits after every prefix."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, tokens, encoder_out=None, incremental_state=None):
+        return self.logits.repeat(tokens.size(0), tokens.size(1), 1), None
+
+
+class _HandMadeModel(torch.nn.Module):
+    def __init__(self, decoder_logits: torch.Tensor) -> None:
+        super().__init__()
+        self.encoder, self.decoder = _PosteriorEncoder(), _FixedDecoder(decoder_logits)
+
+    def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
+        return net_output[0].log_softmax(-1)
+
+    def get_ctc_output(self, net_output):
+        encoder_out = net_output[1]["encoder_out"]
+        return encoder_out["ctc"][0], encoder_out["lengths"][0]
+
+    def max_decoder_positions(self) -> int:
+        return 1000
+
+
+def test_joint_search_reads_the_audio_skips_the_language_tag_and_ends():
+    """The decoder always prefers "a" and hardly ever ends; CTC hears "b a" in 6 frames. Beam search
+    writes "a a a ..." to --max-len-b; joint search writes "b a" and stops. The language tag
+    (forced, not a CTC label) is left out of the CTC prefix."""
+    from fairseq.data import Dictionary
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from slam_fairseq.decoding.joint_ctc_generator import add_ctc_prefix_scores
+
+    dictionary = Dictionary()
+    a, b, tag = dictionary.add_symbol("a"), dictionary.add_symbol("b"), dictionary.add_symbol("<lang:xx>")
+    eos = dictionary.eos()
+    decoder_logits = torch.zeros(len(dictionary))
+    decoder_logits[a], decoder_logits[b], decoder_logits[eos] = 6.0, 3.0, 1.0
+    frames = [b, b, CTC_BLANK_INDEX, a, CTC_BLANK_INDEX, CTC_BLANK_INDEX]
+    posteriors = torch.full((1, len(frames), len(dictionary)), -10.0)
+    for t, label in enumerate(frames):
+        posteriors[0, t, label] = 10.0
+    sample = {"net_input": {"src_tokens": posteriors.log_softmax(-1), "src_lengths": torch.tensor([len(frames)])}}
+    prefix = torch.tensor([[tag]])
+
+    def search(joint: bool):
+        generator = SequenceGenerator([_HandMadeModel(decoder_logits)], dictionary, beam_size=2, max_len_b=20)
+        if joint:
+            generator = add_ctc_prefix_scores(generator, weight=0.5, candidates=3, blank=CTC_BLANK_INDEX,
+                                              skip_tokens=1)
+        return generator.generate(None, sample, prefix_tokens=prefix)[0][0]
+
+    assert search(joint=False)["tokens"].tolist() == [tag] + [a] * 19 + [eos]
+    joint = search(joint=True)
+    assert joint["tokens"].tolist() == [tag, b, a, eos]
+    # the tag scores the decoder's log-prob alone; the labels after it get the fused score
+    decoder_log_probs = decoder_logits.log_softmax(-1)
+    assert float(joint["positional_scores"][0]) == pytest.approx(float(decoder_log_probs[tag]), abs=1e-5)
+    assert float(joint["positional_scores"][1]) == pytest.approx(0.5 * float(decoder_log_probs[b]), abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    if ESPEAK_MISSING:
+        pytest.skip("espeak-ng is needed to synthesize test speech")
+    root = tmp_path_factory.mktemp("ctc_decoding")
+    features = synthesize_features(root)
+    task_name = build_asr(root / "asr", features, specaugment=False)
+    save_dir = root / "checkpoints"
+    log = run_fairseq(*train_command(root / "asr", task_name, save_dir, "slam_speech_to_text",
+                                     "--criterion", "label_smoothed_cross_entropy_with_ctc", "--ctc-weight", "0.5",
+                                     "--dropout", "0.0", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt",
+                                     "--warmup-updates", "10", "--clip-norm", "5", "--max-update", "200",
+                                     "--save-interval", "1000", "--no-epoch-checkpoints",
+                                     "--log-interval", "50")).stdout
+    assert "ctc_loss" in log
+    return SimpleNamespace(data=root / "asr", task_name=task_name, checkpoint=save_dir / "checkpoint_last.pt",
+                           utterances=len(features))
+
+
+def train_command(data_dir, task_name: str, save_dir, task: str, *extra):
+    return ("fairseq-train", data_dir, "--user-dir", USER_DIR, "--task", task,
+            "--config-yaml", f"config_{task_name}.yaml", "--train-subset", f"train_{task_name}",
+            "--valid-subset", f"train_{task_name}", "--save-dir", save_dir, "--max-tokens", "4000",
+            "--required-batch-size-multiple", "1", "--num-workers", "0", "--log-format", "simple",
+            "--no-progress-bar", "--seed", "1", "--optimizer", "adam", "--arch", "slam_s2t_tiny",
+            "--label-smoothing", "0.0", "--disable-validation", *extra)
+
+
+def generate_command(trained, *extra):
+    return ("fairseq-generate", trained.data, "--user-dir", USER_DIR, "--task", "slam_speech_to_text",
+            "--config-yaml", f"config_{trained.task_name}.yaml", "--gen-subset", f"train_{trained.task_name}",
+            "--path", trained.checkpoint, "--max-tokens", "4000", "--required-batch-size-multiple", "1",
+            "--num-workers", "0", "--beam", "5", *extra)
+
+
+def load_for_generation(trained, *extra):
+    """(task, models, generation cfg, batches) as fairseq-generate builds them."""
+    from fairseq import checkpoint_utils, options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    command = generate_command(trained, *extra)[1:]
+    args = options.parse_args_and_arch(options.get_generation_parser(), [str(part) for part in command])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    models, _ = checkpoint_utils.load_model_ensemble([str(trained.checkpoint)], task=task)
+    for model in models:
+        model.eval()
+    split = f"train_{trained.task_name}"
+    task.load_dataset(split)
+    batches = list(task.get_batch_iterator(dataset=task.dataset(split), max_tokens=4000, max_sentences=3,
+                                           required_batch_size_multiple=1).next_epoch_itr(shuffle=False))
+    assert len(batches) > 1  # several batches, each with finished sentences leaving early
+    return task, models, cfg.generation, batches
+
+
+def decode(task, models, generation_cfg, batches, mode: str, weight: float = 0.3):
+    task.args.ctc_decoding, task.args.ctc_decoding_weight = mode, weight
+    generator = task.build_generator(models, generation_cfg)
+    results = {}
+    for sample in batches:
+        for sample_id, hypos in zip(sample["id"].tolist(), task.inference_step(generator, models, sample)):
+            results[sample_id] = hypos
+    return generator, results
+
+
+def ctc_frames(models, batches):
+    """Sample id -> CTC output frames."""
+    frames = {}
+    with torch.no_grad():
+        for sample in batches:
+            net_input = sample["net_input"]
+            encoder_out = models[0].encoder(src_tokens=net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+            _, lengths = models[0].get_ctc_output((None, {"encoder_out": encoder_out}))
+            frames.update(zip(sample["id"].tolist(), lengths.tolist()))
+    return frames
+
+
+def frames_needed(tokens) -> int:
+    """Fewest CTC frames that emit ``tokens``: one per label, one more blank between repeats."""
+    tokens = list(tokens)
+    return len(tokens) + sum(a == b for a, b in zip(tokens, tokens[1:]))
+
+
+@needs_espeak
+def test_joint_weight_zero_is_fairseq_beam_search(trained):
+    task, models, generation_cfg, batches = load_for_generation(trained)
+    from fairseq.sequence_generator import SequenceGenerator
+
+    plain_generator, plain = decode(task, models, generation_cfg, batches, "none")
+    assert type(plain_generator) is SequenceGenerator and type(plain_generator.model).__name__ == "EnsembleModel"
+    joint_generator, joint = decode(task, models, generation_cfg, batches, "joint", weight=0.0)
+    assert type(joint_generator.model).__name__ == "CTCPrefixFusedEnsemble"
+    assert joint_generator.model.candidates == 10
+    assert sorted(plain) == sorted(joint) == list(range(trained.utterances))
+    for sample_id in plain:
+        assert len(plain[sample_id]) == len(joint[sample_id]) == 5
+        for expected, actual in zip(plain[sample_id], joint[sample_id]):
+            assert torch.equal(expected["tokens"], actual["tokens"])
+            torch.testing.assert_close(actual["positional_scores"], expected["positional_scores"])
+            torch.testing.assert_close(actual["score"], expected["score"])
+
+
+@needs_espeak
+def test_joint_weight_one_never_outgrows_the_ctc_frames(trained):
+    task, models, generation_cfg, batches = load_for_generation(trained)
+    frames = ctc_frames(models, batches)
+    _, joint = decode(task, models, generation_cfg, batches, "joint", weight=1.0)
+    eos = task.target_dictionary.eos()
+    for sample_id, hypos in joint.items():
+        for hypo in hypos:
+            tokens = hypo["tokens"].tolist()
+            assert tokens[-1] == eos and eos not in tokens[:-1]
+            assert frames_needed(tokens[:-1]) <= frames[sample_id]
+            assert math.isfinite(float(hypo["score"]))
+
+
+@needs_espeak
+def test_joint_search_stops_a_decoder_that_never_ends(trained):
+    """With eos all but forbidden to the decoder, beam search writes until --max-len-b; joint
+    search must end every hypothesis where the CTC frames run out."""
+    task, models, generation_cfg, batches = load_for_generation(trained, "--max-len-b", "60")
+    model = models[0]
+    eos = task.target_dictionary.eos()
+    projection = model.decoder.output_projection
+
+    class NoEnd(torch.nn.Module):
+        def forward(self, features):
+            logits = projection(features)
+            logits[..., eos] = -1e4
+            return logits
+
+    model.decoder.output_projection = NoEnd()
+    frames = ctc_frames(models, batches)
+    _, plain = decode(task, models, generation_cfg, batches, "none")
+    assert all(len(hypos[0]["tokens"]) == 61 for hypos in plain.values())  # 60 tokens, then forced eos
+    _, joint = decode(task, models, generation_cfg, batches, "joint", weight=0.3)
+    for sample_id, hypos in joint.items():
+        assert frames_needed(hypos[0]["tokens"][:-1].tolist()) <= frames[sample_id] < 60
+
+
+@needs_espeak
+def test_ctc_decoding_needs_a_ctc_head(trained):
+    task, models, generation_cfg, _ = load_for_generation(trained)
+    models[0].ctc_projection = None
+    for mode in ("greedy", "joint"):
+        task.args.ctc_decoding = mode
+        with pytest.raises(ValueError, match=f"--ctc-decoding {mode} needs a model with a CTC head.*"
+                                             f"{re.escape(str(trained.checkpoint))}"):
+            task.build_generator(models, generation_cfg)
+
+
+@needs_espeak
+def test_encoder_reordering_keeps_the_ctc_input(trained):
+    task, models, _, batches = load_for_generation(trained)
+    net_input = batches[0]["net_input"]
+    with torch.no_grad():
+        encoder_out = models[0].encoder(src_tokens=net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        new_order = torch.tensor([1, 0, 0])
+        reordered = models[0].encoder.reorder_encoder_out(encoder_out, new_order)
+        expected, _ = models[0].get_ctc_output((None, {"encoder_out": encoder_out}))
+        actual, lengths = models[0].get_ctc_output((None, {"encoder_out": reordered}))
+    torch.testing.assert_close(actual, expected.index_select(1, new_order))
+    assert lengths.shape == (3,)
+
+
+def _recomputed_wer(results) -> float:
+    errors = sum(editdistance.eval(reference.split(), hypothesis.split()) for reference, hypothesis in results.values())
+    return 100.0 * errors / sum(len(reference.split()) for reference, _ in results.values())
+
+
+@needs_espeak
+@pytest.mark.parametrize("mode, bound", [("joint", JOINT_WER_BOUND), ("greedy", GREEDY_WER_BOUND)])
+def test_fairseq_generate_ctc_decoding_scores_wer(trained, mode, bound):
+    log = run_fairseq(*generate_command(trained, "--ctc-decoding", mode, "--ctc-decoding-weight", "0.3",
+                                        *WER_OPTIONS)).stdout
+    assert ("joint CTC/attention beam search" if mode == "joint" else "best-path CTC") in log
+    results = hypotheses(log)
+    assert sorted(results) == list(range(trained.utterances))
+    assert all(re.search(rf"^H-{index}\t\S+\t", log, flags=re.M) for index in results)
+    wer = parse_wer(log)
+    print(f"{mode}: WER {wer:.2f}")
+    assert wer == pytest.approx(_recomputed_wer(results), abs=0.01)  # every utterance counted
+    assert wer <= bound
+
+
+@needs_espeak
+def test_training_with_the_task_equals_speech_to_text(trained, tmp_path):
+    losses = {}
+    for task in ("speech_to_text", "slam_speech_to_text"):
+        log = run_fairseq(*train_command(trained.data, trained.task_name, tmp_path / task, task,
+                                         "--criterion", "label_smoothed_cross_entropy_with_ctc", "--ctc-weight", "0.5",
+                                         "--lr", "1e-3", "--max-update", "3", "--log-interval", "1",
+                                         "--no-save")).stdout
+        losses[task] = re.findall(r"\| (?:loss|nll_loss|ctc_loss) [0-9.]+", log)
+        assert len(losses[task]) >= 9, log[-3000:]
+    assert losses["slam_speech_to_text"] == losses["speech_to_text"]
