@@ -27,7 +27,6 @@ import torch
 
 import slam_fairseq  # noqa: F401  (registers slam_s2t and slam_speech_to_text)
 from s2t_fixtures import (
-    ESPEAK_MISSING,
     USER_DIR,
     build_asr,
     hypotheses,
@@ -40,7 +39,6 @@ from slam_fairseq.decoding.ctc_greedy import CTCGreedyGenerator, ctc_best_paths
 from slam_fairseq.decoding.ctc_prefix_score import CTCPrefixScorer
 from slam_fairseq.models.slam_s2t import CTC_BLANK_INDEX
 
-needs_espeak = pytest.mark.skipif(ESPEAK_MISSING, reason="espeak-ng is needed to synthesize test speech")
 
 WER_OPTIONS = ("--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct")
 # Measured on the overfit model below (seed 1, one thread): beam search 8.3, joint 0.0, greedy 33.3.
@@ -290,8 +288,6 @@ def test_joint_search_reads_the_audio_skips_the_language_tag_and_ends():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    if ESPEAK_MISSING:
-        pytest.skip("espeak-ng is needed to synthesize test speech")
     root = tmp_path_factory.mktemp("ctc_decoding")
     features = synthesize_features(root)
     task_name = build_asr(root / "asr", features, specaugment=False)
@@ -371,7 +367,6 @@ def frames_needed(tokens) -> int:
     return len(tokens) + sum(a == b for a, b in zip(tokens, tokens[1:]))
 
 
-@needs_espeak
 def test_joint_weight_zero_is_fairseq_beam_search(trained):
     task, models, generation_cfg, batches = load_for_generation(trained)
     from fairseq.sequence_generator import SequenceGenerator
@@ -390,7 +385,6 @@ def test_joint_weight_zero_is_fairseq_beam_search(trained):
             torch.testing.assert_close(actual["score"], expected["score"])
 
 
-@needs_espeak
 def test_joint_weight_one_never_outgrows_the_ctc_frames(trained):
     task, models, generation_cfg, batches = load_for_generation(trained)
     frames = ctc_frames(models, batches)
@@ -404,7 +398,6 @@ def test_joint_weight_one_never_outgrows_the_ctc_frames(trained):
             assert math.isfinite(float(hypo["score"]))
 
 
-@needs_espeak
 def test_joint_search_stops_a_decoder_that_never_ends(trained):
     """With eos all but forbidden to the decoder, beam search writes until --max-len-b; joint
     search must end every hypothesis where the CTC frames run out."""
@@ -428,7 +421,6 @@ def test_joint_search_stops_a_decoder_that_never_ends(trained):
         assert frames_needed(hypos[0]["tokens"][:-1].tolist()) <= frames[sample_id] < 60
 
 
-@needs_espeak
 def test_ctc_decoding_needs_a_ctc_head(trained):
     task, models, generation_cfg, _ = load_for_generation(trained)
     models[0].ctc_projection = None
@@ -439,7 +431,6 @@ def test_ctc_decoding_needs_a_ctc_head(trained):
             task.build_generator(models, generation_cfg)
 
 
-@needs_espeak
 def test_encoder_reordering_keeps_the_ctc_input(trained):
     task, models, _, batches = load_for_generation(trained)
     net_input = batches[0]["net_input"]
@@ -458,7 +449,6 @@ def _recomputed_wer(results) -> float:
     return 100.0 * errors / sum(len(reference.split()) for reference, _ in results.values())
 
 
-@needs_espeak
 @pytest.mark.parametrize("mode, bound", [("joint", JOINT_WER_BOUND), ("greedy", GREEDY_WER_BOUND)])
 def test_fairseq_generate_ctc_decoding_scores_wer(trained, mode, bound):
     log = run_fairseq(*generate_command(trained, "--ctc-decoding", mode, "--ctc-decoding-weight", "0.3",
@@ -473,7 +463,6 @@ def test_fairseq_generate_ctc_decoding_scores_wer(trained, mode, bound):
     assert wer <= bound
 
 
-@needs_espeak
 def test_training_with_the_task_equals_speech_to_text(trained, tmp_path):
     losses = {}
     for task in ("speech_to_text", "slam_speech_to_text"):
