@@ -160,7 +160,8 @@ def build_slam_model(seed: int = 0, vocab_size: int = 40, **sizes):
     """A ``slam`` model (slam_tiny sizes unless overridden), as ``slam_pretraining`` builds it."""
     import torch
 
-    from slam_fairseq.encoders.config import build_slam_encoder, config_from
+    from slam_fairseq.encoders.config import config_from
+    from slam_fairseq.encoders.slam_encoder import build_slam_encoder
     from slam_fairseq.models.slam import SlamConfig, SlamModel, slam_tiny
 
     torch.manual_seed(seed)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from slam_fairseq.encoders.config import SlamEncoderConfig, build_slam_encoder, config_from
-from slam_fairseq.encoders.slam_encoder import SlamEncoder
+from slam_fairseq.encoders.config import SlamEncoderConfig, config_from
+from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.models.slam import SlamConfig, slam_base, slam_paper, slam_tiny
 from slam_fairseq.modules.conformer import ConformerLayer
 from slam_fairseq.modules.conformer import ConformerStack, MaskedGroupNorm

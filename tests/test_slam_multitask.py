@@ -14,7 +14,8 @@ from slam_fairseq.criterions.slam_multitask import (
     SlamMultitaskCriterion,
     SlamMultitaskCriterionConfig,
 )
-from slam_fairseq.encoders.config import build_slam_encoder, config_from
+from slam_fairseq.encoders.config import config_from
+from slam_fairseq.encoders.slam_encoder import build_slam_encoder
 from slam_fairseq.models.slam import SlamConfig, SlamModel, slam_tiny
 from slam_fairseq.modules.subsampling import subsampled_lengths
 

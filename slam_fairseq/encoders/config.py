@@ -1,9 +1,10 @@
-"""One description of the SLAM encoder's sizes: the fairseq config, its presets and the builder.
+"""One description of the SLAM encoder's sizes: the fairseq config and its presets.
 
 ``SlamEncoderConfig`` is the part of a model config that shapes the encoder; the pre-training
 model ``slam`` and the fine-tuning model ``slam_s2t`` both extend it, so a pre-trained encoder and
 the encoder it initialises are described by the same fields. The size presets below are the
-numbers behind ``--arch slam_paper / slam_base / slam_tiny`` (and the ``slam_s2t_*`` ones).
+numbers behind ``--arch slam_paper / slam_base / slam_tiny`` (and the ``slam_s2t_*`` ones); the
+encoder itself and its builder are in :mod:`slam_fairseq.encoders.slam_encoder`.
 
 No ``from __future__ import annotations`` here: fairseq reads the dataclass field types as types.
 """
@@ -12,10 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Dict, Type, TypeVar
 
 from fairseq.dataclass import FairseqDataclass
-from fairseq.distributed import fsdp_wrap
 from fairseq.utils import safe_getattr
-
-from slam_fairseq.encoders.slam_encoder import SlamEncoder
 
 DEFAULT_MIN_PARAMS_TO_WRAP = int(1e8)
 
@@ -77,12 +75,3 @@ def config_from(cfg, config_class: Type[ConfigT] = SlamEncoderConfig) -> ConfigT
             default = dataclass_field.default_factory()
         values[dataclass_field.name] = safe_getattr(cfg, dataclass_field.name, default)
     return config_class(**values)
-
-
-def build_slam_encoder(cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> SlamEncoder:
-    """Build the encoder and wrap each Conformer layer for FSDP (a no-op outside FSDP)."""
-    encoder = SlamEncoder(cfg, vocab_size, padding_idx)
-    for stack in (encoder.speech_encoder.conformer, encoder.multimodal_encoder.conformer):
-        for index, layer in enumerate(stack.layers):
-            stack.layers[index] = fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap)
-    return encoder

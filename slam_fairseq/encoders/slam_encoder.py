@@ -1,24 +1,24 @@
 """The SLAM encoder: text encoder, speech encoder and the shared multimodal encoder together."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
+from fairseq.distributed import fsdp_wrap
 from torch import nn
+
+from slam_fairseq.encoders.config import SlamEncoderConfig
 
 from slam_fairseq.encoders.multimodal_encoder import MultimodalEncoder, MultimodalOutput
 from slam_fairseq.encoders.speech_encoder import SpeechEncoder, SpeechEncoderOutput
 from slam_fairseq.encoders.text_encoder import TextEncoder
-
-if TYPE_CHECKING:  # the config imports this module to build the encoder
-    from slam_fairseq.encoders.config import SlamEncoderConfig
 
 
 class SlamEncoder(nn.Module):
     """Speech-only input: speech encoder + multimodal encoder; text-only: text encoder + multimodal
     encoder; a pair: both encoders' outputs, packed per row, through the multimodal encoder."""
 
-    def __init__(self, cfg: "SlamEncoderConfig", vocab_size: int, padding_idx: int) -> None:
+    def __init__(self, cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> None:
         """
         Args:
             cfg: the sizes (``slam_fairseq.encoders.config.SlamEncoderConfig``; the presets set them).
@@ -59,3 +59,12 @@ class SlamEncoder(nn.Module):
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> MultimodalOutput:
         """The fine-tuning path: speech in, multimodal encoder states out."""
         return self.encode_speech(features, lengths)[1]
+
+
+def build_slam_encoder(cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> SlamEncoder:
+    """Build the encoder and wrap each Conformer layer for FSDP (a no-op outside FSDP)."""
+    encoder = SlamEncoder(cfg, vocab_size, padding_idx)
+    for stack in (encoder.speech_encoder.conformer, encoder.multimodal_encoder.conformer):
+        for index, layer in enumerate(stack.layers):
+            stack.layers[index] = fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap)
+    return encoder

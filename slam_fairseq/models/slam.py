@@ -17,9 +17,8 @@ from torch import nn
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 
-from slam_fairseq.encoders.config import (PAPER_ENCODER, TINY_ENCODER, BASE_ENCODER, SlamEncoderConfig,
-                                          build_slam_encoder, config_from, set_defaults)
-from slam_fairseq.encoders.slam_encoder import SlamEncoder
+from slam_fairseq.encoders.config import BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, config_from, set_defaults
+from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.models.outputs import PairPretrainingOutput, SpeechPretrainingOutput, TextPretrainingOutput
 from slam_fairseq.modules.random_projection_quantizer import RandomProjectionQuantizer
 from slam_fairseq.modules.subsampling import SUBSAMPLING_FACTOR, subsampled_lengths

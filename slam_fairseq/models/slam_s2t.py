@@ -47,11 +47,11 @@ from fairseq.models.transformer import Embedding, TransformerDecoder
 from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
-from slam_fairseq.encoders.slam_encoder import SlamEncoder
 from slam_fairseq.compat.fairseq_internals import (drop_config_fields, record_in_saved_config,
                                                    weights_restored_by_fairseq)
-from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, build_slam_encoder,
-                                          config_from, set_defaults)
+from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, config_from,
+                                          set_defaults)
+from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.models.pretrained_loading import load_pretrained_slam_encoder
 from slam_fairseq.objectives.pair_ctc import CTC_BLANK
 
