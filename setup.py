@@ -27,4 +27,5 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["slam-fairseq-train = slam_fairseq.launch:main"]},
 )
