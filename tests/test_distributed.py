@@ -6,7 +6,8 @@
   training steps (dummy batches in training too), the stage switch, a checkpoint and a resume;
   the parameters are hashed after every update on both ranks and must agree;
 - fine-tuning ``slam_s2t_tiny`` from a pre-trained encoder, frozen for the first updates;
-- 2 ranks with batch B each make the same updates as 1 rank with ``--update-freq 2``.
+- 2 ranks with batch B each, started as users start them (``torchrun --nproc_per_node 2 -m
+  slam_fairseq.launch``), make the same updates as 1 rank with ``--update-freq 2``.
 """
 from __future__ import annotations
 
@@ -146,7 +147,13 @@ def test_two_ranks_finetuning_with_a_frozen_encoder(tmp_path):
     assert moved, "the encoder trains once unfrozen (updates 3 and 4)"
 
 
-def test_two_ranks_make_the_update_of_one_rank_with_update_freq_2(data_dir, tmp_path):
+def test_torchrun_two_ranks_make_the_update_of_one_rank_with_update_freq_2(data_dir, tmp_path):
+    """Also the launch as users launch: ``torchrun --nproc_per_node 2 -m slam_fairseq.launch``."""
+    import shutil
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.fail("torchrun (installed with torch) is not on PATH")
     # Text + pairs only (their masks come from the data; the random-projection quantizer draws
     # nothing) and no dropout: the updates are deterministic functions of the batches. One rank
     # with --update-freq 2 groups batches (0, 1), (2, 3), ...; two ranks take batches 0 and 1 of
@@ -154,14 +161,28 @@ def test_two_ranks_make_the_update_of_one_rank_with_update_freq_2(data_dir, tmp_
     common = ["--stage1-modalities", "text,pair", "--stage2-start-update", "-1", "--quantizer-type",
               "random_projection", *NO_DROPOUT, "--max-sentences-text", "3", "--max-sentences-pair", "2",
               "--epoch-modality", "text", "--disable-validation"]
-    two_ranks = dist.train_ranks(pretraining_args(data_dir, tmp_path / "two", 4, *common), 2,
-                                 tmp_path / "logs2", dist.base_env())
+    two_args = pretraining_args(data_dir, tmp_path / "two", 4, *common)
+    two_args.remove("--user-dir")
+    two_args.remove(dist.USER_DIR)  # the launcher adds it
+    hash_dir = tmp_path / "hashes"
+    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+               str(dist.free_port()), "-m", "slam_fairseq.launch", *two_args]
+    (two_ranks,) = dist.launch([command], tmp_path / "logs2", dist.hash_env(dist.base_env(), hash_dir))
     one_rank = dist.launch([dist.fairseq_train(*pretraining_args(data_dir, tmp_path / "one", 4, *common),
                                                "--update-freq", "2", "--cpu")], tmp_path / "logs1", dist.base_env())
-    losses_two = [float(r["loss"]) for r in _records(two_ranks[0].output, "train_inner")]
+
+    log = two_ranks.output
+    assert "training on 2 devices" in log
+    assert "slam-fairseq-train adds: --distributed-world-size 2 --distributed-rank 1 --distributed-no-spawn" in log
+    assert "--distributed-backend gloo --ddp-backend legacy_ddp --cpu --user-dir" in log
+    assert "without fairseq's distributed flags" not in log
+    _assert_same_parameters_on_every_rank(hash_dir, 2, [1, 2, 3, 4])
+
+    losses_two = [float(r["loss"]) for r in _records(log, "train_inner")]
     losses_one = [float(r["loss"]) for r in _records(one_rank[0].output, "train_inner")]
     assert len(losses_two) == len(losses_one) == 4
     assert losses_two == pytest.approx(losses_one, abs=2e-3)  # logged rounded to 3 decimals
+    assert losses_one[0] != losses_one[-1], "the updates changed the model"
 
     from fairseq import checkpoint_utils
 
@@ -170,4 +191,3 @@ def test_two_ranks_make_the_update_of_one_rank_with_update_freq_2(data_dir, tmp_
     assert sorted(two) == sorted(one)
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{key} differs")
-    assert losses_one[0] != losses_one[-1], "the updates changed the model"

@@ -1,6 +1,7 @@
 """``slam_fairseq.launch``: torchrun and SLURM environments -> fairseq's distributed flags
-(a pure function), the warning for ``torchrun ... fairseq-train``, and a real
-``torchrun --nproc_per_node 2 -m slam_fairseq.launch`` run on the CPU (gloo)."""
+(a pure function), the warning for ``torchrun ... fairseq-train``, and (slow) two processes with
+SLURM's variables. The real ``torchrun --nproc_per_node 2 -m slam_fairseq.launch`` CPU run is in
+tests/test_distributed.py (it is also the 2-rank side of the --update-freq comparison)."""
 from __future__ import annotations
 
 import logging
@@ -130,26 +131,10 @@ def _pretraining_args(data_dir: Path, save_dir: Path):
             "--num-workers", "0", "--log-format", "json", "--log-interval", "1"]
 
 
-def test_torchrun_two_cpu_ranks_through_the_launcher(data_dir, tmp_path):
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.fail("torchrun (installed with torch) is not on PATH")
-    hash_dir = tmp_path / "hashes"
-    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-               str(dist.free_port()), "-m", "slam_fairseq.launch", *_pretraining_args(data_dir, tmp_path / "ckpt")]
-    (finished,) = dist.launch([command], tmp_path / "logs", dist.hash_env(dist.base_env(), hash_dir), timeout=240)
-    log = finished.output
-    assert "training on 2 devices" in log
-    assert "slam-fairseq-train adds: --distributed-world-size 2 --distributed-rank 1" in log
-    assert "without fairseq's distributed flags" not in log
-    hashes = dist.read_hashes(hash_dir)
-    assert sorted(hashes) == [0, 1] and [update for update, _ in hashes[0]] == [1, 2, 3]
-    assert hashes[0] == hashes[1], "the two ranks' parameters differ"
-    assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()
-
-
+@pytest.mark.slow
 def test_slurm_two_cpu_tasks_through_the_launcher(data_dir, tmp_path):
-    """Two tasks as ``srun --ntasks 2`` starts them (the SLURM variables set by hand)."""
+    """Two tasks as ``srun --ntasks 2`` starts them (the SLURM variables set by hand). Slow (two
+    more processes); the mapping is covered above and a real torchrun launch in test_distributed."""
     port, hash_dir = dist.free_port(), tmp_path / "hashes"
     command = [sys.executable, "-m", "slam_fairseq.launch", *_pretraining_args(data_dir, tmp_path / "ckpt")]
     env = dist.hash_env(dist.base_env(), hash_dir)
@@ -159,3 +144,18 @@ def test_slurm_two_cpu_tasks_through_the_launcher(data_dir, tmp_path):
     assert "training on 2 devices" in finished[0].output
     hashes = dist.read_hashes(hash_dir)
     assert [update for update, _ in hashes[0]] == [1, 2, 3] and hashes[0] == hashes[1]
+
+
+def test_the_plugin_warns_on_import_under_torchrun_without_the_launcher():
+    """What ``torchrun --nproc_per_node 2 fairseq-train DATA --user-dir slam_fairseq`` meets when
+    fairseq imports the user dir (fairseq-train has configured logging by then)."""
+    import subprocess
+
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
+            "sys.argv = ['/usr/bin/fairseq-train', 'DATA', '--user-dir', 'slam_fairseq']; import slam_fairseq")
+    env = dist.base_env({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WARNING:slam_fairseq.launch:started with WORLD_SIZE=2 but without fairseq's distributed flags" \
+        in result.stderr
+    assert "slam-fairseq-train" in result.stderr
