@@ -12,9 +12,9 @@ fairseq's ``fairseq_cli.train.cli_main`` unchanged (nothing in fairseq is patche
 
 Flags added where the command line does not give them (given ones win):
 
-- ``--distributed-world-size W --distributed-rank R --distributed-no-spawn --device-id L``
-  from torchrun's WORLD_SIZE / RANK / LOCAL_RANK or SLURM's SLURM_NTASKS / SLURM_PROCID /
-  SLURM_LOCALID (torchrun's variables win when both are set);
+- ``--distributed-world-size W --distributed-rank R --distributed-no-spawn`` and, on CUDA,
+  ``--device-id L`` from torchrun's WORLD_SIZE / RANK / LOCAL_RANK or SLURM's SLURM_NTASKS /
+  SLURM_PROCID / SLURM_LOCALID (torchrun's variables win when both are set);
 - ``--distributed-init-method tcp://MASTER_ADDR:MASTER_PORT``; under SLURM the address defaults to
   the first host of SLURM_JOB_NODELIST and the port to ``20000 + SLURM_JOB_ID % 20000``;
 - ``--distributed-backend nccl`` with CUDA, ``gloo`` (plus ``--cpu``) without;
@@ -134,6 +134,8 @@ def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available
         raise ValueError(f"rank {rank} is outside the world size {world_size} of the launch environment")
     for flag, expected in (("--distributed-world-size", world_size), ("--distributed-rank", rank)):
         given = _value(argv, flag)
+        if given is not None and not given.lstrip("-").isdigit():
+            raise ValueError(f"{flag} {given!r} is not an integer")
         if given is not None and int(given) != expected:
             raise ValueError(f"{flag} {given} contradicts the launch environment ({expected}); "
                              f"drop {flag} and let the launcher set it")
