@@ -39,6 +39,12 @@ __all__ = ["distributed_args", "first_slurm_host", "warn_if_launched_without_map
 logger = logging.getLogger(__name__)
 
 DEFAULT_DDP_BACKEND = "legacy_ddp"
+# what stops them on the CPU
+_CUDA_ONLY_DDP_BACKENDS = {
+    "c10d": "fairseq passes device_ids to PyTorch's DistributedDataParallel",
+    "pytorch_ddp": "fairseq passes device_ids to PyTorch's DistributedDataParallel",
+    "fully_sharded": "fairscale's FSDP places its compute device and streams on CUDA",
+}
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE")
 _SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS")
 
@@ -140,6 +146,11 @@ def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available
             raise ValueError(f"{flag} {given} contradicts the launch environment ({expected}); "
                              f"drop {flag} and let the launcher set it")
     use_cuda = cuda_available and not _given(argv, "--cpu")
+    ddp_backend = _value(argv, "--ddp-backend")
+    if not use_cuda and ddp_backend in _CUDA_ONLY_DDP_BACKENDS:
+        raise ValueError(f"--ddp-backend {ddp_backend} cannot run on the CPU with fairseq 0.12 "
+                         f"({_CUDA_ONLY_DDP_BACKENDS[ddp_backend]}); use --ddp-backend {DEFAULT_DDP_BACKEND} "
+                         "(the launcher's default)")
     wanted = [
         ("--distributed-world-size", [str(world_size)]),
         ("--distributed-rank", [str(rank)]),

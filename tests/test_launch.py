@@ -93,6 +93,11 @@ def test_contradictions_and_bad_variables_are_errors():
         distributed_args({"RANK": "0", "WORLD_SIZE": "2"}, [], False)
     with pytest.raises(ValueError, match="rank 9 is outside the world size 8"):
         distributed_args(dict(TORCHRUN, RANK="9"), [], False)
+    for backend in ("c10d", "pytorch_ddp", "fully_sharded"):
+        with pytest.raises(ValueError, match=f"--ddp-backend {backend} cannot run on the CPU.*legacy_ddp"):
+            distributed_args(TORCHRUN, ["--ddp-backend", backend], cuda_available=False)
+    with pytest.raises(ValueError, match="--distributed-rank 'x' is not an integer"):
+        distributed_args(TORCHRUN, ["--distributed-rank=x"], False)
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
         distributed_args({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, [], False)
 
