@@ -5,7 +5,6 @@ tests/test_distributed.py (it is also the 2-rank side of the --update-freq compa
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 
