@@ -16,6 +16,7 @@ setup(
     packages=find_packages(include=["slam_fairseq", "slam_fairseq.*", "slam_formats", "slam_formats.*",
                                     "manifests", "manifests.*"]),
     entry_points={"console_scripts": [
+        "slam-fairseq-train = slam_fairseq.launch:main",
         "slam-prep-librispeech = manifests.prep_librispeech:cli",
         "slam-prep-librilight = manifests.prep_librilight:cli",
         "slam-prep-text = manifests.prep_text:cli",

@@ -5,5 +5,8 @@ and criterions below with fairseq.
 """
 from slam_fairseq import compat  # noqa: F401  (first: fixes fairseq 0.12 on today's torch and numpy)
 from slam_fairseq import criterions, models, tasks  # noqa: F401
+from slam_fairseq.launch import warn_if_launched_without_mapping
+
+warn_if_launched_without_mapping()  # torchrun ... fairseq-train: say to use slam-fairseq-train
 
 __version__ = "0.1.0"

@@ -2,7 +2,10 @@
 
 fairseq 0.12 checkpoints written from the command line may hold an ``argparse.Namespace``
 (``args``) and NumPy scalars in logged meters. We allow-list exactly those types instead of
-switching the safe loader off.
+switching the safe loader off. With several ranks, rank 0 reads the checkpoint and broadcasts it
+as a torch-pickled object whose ``cfg`` is an OmegaConf ``DictConfig`` (``Trainer.load_checkpoint``):
+omegaconf's container types and fairseq's tensor placeholder are allow-listed too
+(:func:`_broadcast_checkpoint_types`).
 """
 from __future__ import annotations
 
@@ -23,8 +26,22 @@ def _numpy_scalar_types() -> list:
     return types + [scalar]
 
 
+def _broadcast_checkpoint_types() -> list:
+    """The types of fairseq's broadcast checkpoint: a ``DictConfig`` of plain values, and the
+    placeholders ``broadcast_object`` puts where the tensors were."""
+    import collections
+    import typing
+
+    from fairseq.distributed.utils import _TensorPlaceholder  # tensors travel beside the pickle
+    from omegaconf import DictConfig, ListConfig, base, nodes
+
+    return [_TensorPlaceholder, DictConfig, ListConfig, base.ContainerMetadata, base.Metadata, nodes.AnyNode,
+            nodes.StringNode, nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode, typing.Any,
+            collections.defaultdict, dict, list, int, float, str, bool]
+
+
 def allow_fairseq_checkpoint_types() -> None:
     """Register the types fairseq checkpoints hold with torch's weights-only unpickler."""
     add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
     if add_safe_globals is not None:
-        add_safe_globals(CHECKPOINT_SAFE_TYPES + _numpy_scalar_types())
+        add_safe_globals(CHECKPOINT_SAFE_TYPES + _numpy_scalar_types() + _broadcast_checkpoint_types())

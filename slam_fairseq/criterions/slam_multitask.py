@@ -98,9 +98,11 @@ class SlamMultitaskCriterion(FairseqCriterion):
     the text embedding, text head and STM classifier; pair: the contrastive projection and the
     quantizer, whose codes are targets only). So when the task calls the criterion per modality, run
     with ``--ddp-backend legacy_ddp`` (one all-reduce after all backward passes of an update, missing
-    gradients count as zero; the safest choice for several backward passes per update) or with
-    ``--ddp-backend c10d --find-unused-parameters``. The model is always called through its
-    ``forward`` (``model(speech=..., ...)``) so that a DDP wrapper sees every forward pass.
+    gradients count as zero; what ``slam-fairseq-train`` sets and the 2-rank tests run;
+    docs/distributed.md). ``--ddp-backend c10d``/``pytorch_ddp`` passes ``device_ids`` to PyTorch
+    and fails on the CPU; on GPUs (with ``--find-unused-parameters``) it is untested. The model is
+    always called through its ``forward`` (``model(speech=..., ...)``) so that a DDP wrapper sees
+    every forward pass.
 
     Logging (``loss`` and the cross-entropies in base 2, as fairseq does): ``<objective>_loss`` and
     ``<objective>_accuracy`` for span_masking, msm_contrastive, msm_mlm, tlm_text, tlm_speech, stm;

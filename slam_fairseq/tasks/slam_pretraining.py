@@ -46,6 +46,7 @@ from slam_fairseq.data.pretraining.speech import (PretrainingSpeechDataset, Spee
                                                           read_speech_rows)
 from slam_fairseq.data.pretraining.text import (PretrainingTextDataset, load_text_tokens,
                                                         text_source_paths)
+from slam_fairseq.tasks.logging_schema import complete_logging_output, logging_keys_of
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,19 @@ def merge_logging_outputs(outputs: List[Dict[str, Any]], sample_size: int) -> Di
     if "sample_size" in merged:
         merged["sample_size"] = sample_size
     return merged
+
+
+def _step_logging_output(outputs: List[Dict[str, Any]], sample_size: int, model, criterion) -> Dict[str, Any]:
+    """The step's merged logging output, completed to the criterion's key schema (when it has one)
+    so that every data-parallel rank logs the same keys, whatever modalities its step held
+    (``slam_fairseq/tasks/logging_schema.py``)."""
+    merged = merge_logging_outputs(outputs, sample_size)
+    keys = logging_keys_of(criterion)
+    if keys is None:
+        return merged
+    merged["sample_size"] = sample_size
+    device = next(iter(model.parameters())).device
+    return complete_logging_output(merged, keys, device, type(criterion).__name__)
 
 
 @register_task("slam_pretraining", dataclass=SlamPretrainingConfig)
@@ -404,7 +418,7 @@ class SlamPretrainingTask(FairseqTask):
             outputs.append(logging_output)
         self.num_updates_seen = update_num + 1
         sample_size = 1 if modalities else 0
-        return total_loss, sample_size, merge_logging_outputs(outputs, sample_size)
+        return total_loss, sample_size, _step_logging_output(outputs, sample_size, model, criterion)
 
     def valid_step(self, sample, model, criterion):
         """As ``train_step`` without backward, for the modalities active at the last update.
@@ -429,4 +443,4 @@ class SlamPretrainingTask(FairseqTask):
                 total_loss = total_loss.to(loss.device) + loss.detach().float()
                 outputs.append(logging_output)
         sample_size = 1 if modalities else 0
-        return total_loss, sample_size, merge_logging_outputs(outputs, sample_size)
+        return total_loss, sample_size, _step_logging_output(outputs, sample_size, model, criterion)

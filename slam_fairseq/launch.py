@@ -1,0 +1,231 @@
+"""``slam-fairseq-train``: ``fairseq-train`` started by torchrun or SLURM, one process per rank.
+
+fairseq 0.12 cannot be started by torchrun as it stands: without distributed flags every process
+trains alone (world size 1, all writing one save dir); with ``--distributed-world-size`` it
+computes the device as ``RANK % torch.cuda.device_count()`` (ZeroDivisionError on a CPU machine)
+and, on a GPU node, ignores LOCAL_RANK. Its SLURM support expects one task per node. This module
+reads the launcher's environment and hands fairseq its own explicit flags instead, then runs
+fairseq's ``fairseq_cli.train.cli_main`` unchanged (nothing in fairseq is patched)::
+
+    torchrun --nproc_per_node 8 -m slam_fairseq.launch DATA --task slam_pretraining ...
+    srun --ntasks-per-node 8 --gpus-per-node 8 slam-fairseq-train DATA --task slam_pretraining ...
+
+Flags added where the command line does not give them (given ones win):
+
+- ``--distributed-world-size W --distributed-rank R --distributed-no-spawn`` and, on CUDA,
+  ``--device-id L`` from torchrun's WORLD_SIZE / RANK / LOCAL_RANK or SLURM's SLURM_NTASKS /
+  SLURM_PROCID / SLURM_LOCALID (torchrun's variables win when both are set);
+- ``--distributed-init-method tcp://MASTER_ADDR:MASTER_PORT``; under SLURM the address defaults to
+  the first host of SLURM_JOB_NODELIST and the port to ``20000 + SLURM_JOB_ID % 20000``;
+- ``--distributed-backend nccl`` with CUDA, ``gloo`` (plus ``--cpu``) without;
+- ``--ddp-backend legacy_ddp``: one gradient all-reduce after all of an update's backward passes
+  (SLAM pre-training runs one backward per modality, each leaving some parameters unused, and a
+  frozen fine-tuning encoder has no gradients). This is the backend the 2-rank tests run.
+  ``--ddp-backend c10d``/``pytorch_ddp`` pass ``device_ids`` to PyTorch and fail on the CPU;
+- ``--user-dir`` pointing at this package.
+
+Without a launcher environment (or with a world size of 1) only ``--user-dir`` is added.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from typing import List, Mapping, Optional, Sequence
+
+__all__ = ["distributed_args", "first_slurm_host", "warn_if_launched_without_mapping", "main"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DDP_BACKEND = "legacy_ddp"
+# what stops them on the CPU
+_CUDA_ONLY_DDP_BACKENDS = {
+    "c10d": "fairseq passes device_ids to PyTorch's DistributedDataParallel",
+    "pytorch_ddp": "fairseq passes device_ids to PyTorch's DistributedDataParallel",
+    "fully_sharded": "fairscale's FSDP places its compute device and streams on CUDA",
+}
+_TORCHRUN_KEYS = ("RANK", "WORLD_SIZE")
+_SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS")
+
+
+def _given(argv: Sequence[str], flag: str, *aliases: str) -> bool:
+    names = (flag, *aliases)
+    return any(arg in names or arg.split("=", 1)[0] in names for arg in argv)
+
+
+def _value(argv: Sequence[str], flag: str) -> Optional[str]:
+    value = None
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, as ``scontrol show hostnames`` lists it first:
+    ``gpu[07-08,11],login1`` -> ``gpu07``, ``rack[2-3]-n[1,4]`` -> ``rack2-n1``."""
+    depth, entry = 0, ""
+    for char in nodelist.strip():
+        if char == "," and depth == 0:
+            break
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        entry += char
+    if not entry or depth != 0:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: no host in it")
+    return re.sub(r"\[([^\],-]*)[^\]]*\]", r"\1", entry)
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ValueError(f"{key}={env[key]!r} is not an integer") from None
+
+
+def _rendezvous(env: Mapping[str, str]):
+    """(world size, rank, local rank, tcp address) from torchrun's or SLURM's variables, or None."""
+    if all(key in env for key in _TORCHRUN_KEYS):
+        world_size, rank = _int(env, "WORLD_SIZE"), _int(env, "RANK")
+        local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not env.get(key)]
+        if missing and world_size > 1:
+            raise ValueError(f"WORLD_SIZE={world_size} and RANK={rank} are set but {', '.join(missing)} "
+                             "is not: start the job with torchrun, or set both")
+        address = f"tcp://{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+        return world_size, rank, local_rank, address
+    if all(key in env for key in _SLURM_KEYS):
+        world_size, rank = _int(env, "SLURM_NTASKS"), _int(env, "SLURM_PROCID")
+        local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        if world_size <= 1:
+            return world_size, rank, local_rank, ""
+        host = env.get("MASTER_ADDR")
+        if not host:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+            if not nodelist:
+                raise ValueError("SLURM_PROCID and SLURM_NTASKS are set but neither MASTER_ADDR nor "
+                                 "SLURM_JOB_NODELIST names the host of rank 0")
+            host = first_slurm_host(nodelist)
+        if env.get("MASTER_PORT"):
+            port = _int(env, "MASTER_PORT")
+        else:
+            port = 20000 + _int(env, "SLURM_JOB_ID") % 20000 if env.get("SLURM_JOB_ID") else 29500
+        return world_size, rank, local_rank, f"tcp://{host}:{port}"
+    return None
+
+
+def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available: bool) -> List[str]:
+    """fairseq flags for this process, to append to ``argv``; the flags ``argv`` gives win.
+
+    Args:
+        env: the process environment (torchrun's or SLURM's variables).
+        argv: the fairseq-train arguments the user gave (without the program name).
+        cuda_available: whether this process will train on CUDA (else CPU, gloo).
+    Returns:
+        the added flags, e.g. ``["--distributed-world-size", "2", "--distributed-rank", "1", ...]``;
+        ``[]`` when the environment holds no multi-process launch.
+    Raises:
+        ValueError: a variable is malformed, or ``--distributed-world-size`` /
+            ``--distributed-rank`` contradicts the environment (the ranks would wait forever).
+    """
+    found = _rendezvous(env)
+    if found is None:
+        return []
+    world_size, rank, local_rank, address = found
+    if world_size <= 1:
+        return []
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside the world size {world_size} of the launch environment")
+    for flag, expected in (("--distributed-world-size", world_size), ("--distributed-rank", rank)):
+        given = _value(argv, flag)
+        if given is not None and not given.lstrip("-").isdigit():
+            raise ValueError(f"{flag} {given!r} is not an integer")
+        if given is not None and int(given) != expected:
+            raise ValueError(f"{flag} {given} contradicts the launch environment ({expected}); "
+                             f"drop {flag} and let the launcher set it")
+    use_cuda = cuda_available and not _given(argv, "--cpu")
+    ddp_backend = _value(argv, "--ddp-backend")
+    if not use_cuda and ddp_backend in _CUDA_ONLY_DDP_BACKENDS:
+        raise ValueError(f"--ddp-backend {ddp_backend} cannot run on the CPU with fairseq 0.12 "
+                         f"({_CUDA_ONLY_DDP_BACKENDS[ddp_backend]}); use --ddp-backend {DEFAULT_DDP_BACKEND} "
+                         "(the launcher's default)")
+    wanted = [
+        ("--distributed-world-size", [str(world_size)]),
+        ("--distributed-rank", [str(rank)]),
+        ("--distributed-no-spawn", []),
+        ("--distributed-init-method", [address]),
+        ("--distributed-backend", ["nccl" if use_cuda else "gloo"]),
+        ("--ddp-backend", [DEFAULT_DDP_BACKEND]),
+    ]
+    if use_cuda:
+        wanted.append(("--device-id", [str(local_rank)]))
+    else:
+        wanted.append(("--cpu", []))
+    added: List[str] = []
+    for flag, values in wanted:
+        aliases = ("--local_rank",) if flag == "--device-id" else ()
+        if not _given(argv, flag, *aliases):
+            added += [flag, *values]
+    return added
+
+
+def _user_dir_args(argv: Sequence[str]) -> List[str]:
+    if _given(argv, "--user-dir"):
+        return []
+    return ["--user-dir", os.path.dirname(os.path.abspath(__file__))]
+
+
+def warn_if_launched_without_mapping(env: Mapping[str, str] = os.environ,
+                                     argv: Sequence[str] = sys.argv) -> bool:
+    """Log a WARNING when this process was started by torchrun (WORLD_SIZE > 1) but fairseq got
+    no distributed flags, i.e. ``torchrun ... fairseq-train``; returns whether it warned."""
+    try:
+        world_size = int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return False
+    # the launcher itself: the package is imported before it rewrites sys.argv ("-m" while
+    # ``python -m slam_fairseq.launch`` imports the package)
+    program = os.path.basename(argv[0]) if argv else ""
+    if program in ("-m", "slam-fairseq-train", "launch.py"):
+        return False
+    if world_size <= 1 or _given(argv, "--distributed-init-method"):
+        return False
+    problem = ("each process trains alone (world size 1) into the same save dir"
+               if not _given(argv, "--distributed-world-size") else
+               "fairseq then derives the device from RANK % torch.cuda.device_count() (ZeroDivisionError "
+               "without a GPU) and ignores LOCAL_RANK")
+    logger.warning(f"started with WORLD_SIZE={world_size} but without fairseq's distributed flags: {problem}. "
+                   "Launch `torchrun ... -m slam_fairseq.launch ARGS` or `slam-fairseq-train ARGS` instead "
+                   "of fairseq-train (docs/distributed.md)")
+    return True
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Map the launch environment onto fairseq's flags and run ``fairseq-train``."""
+    import torch
+
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)
+    args = list(sys.argv[1:] if argv is None else argv)
+    cuda = torch.cuda.is_available()
+    try:
+        added = distributed_args(os.environ, args, cuda)
+    except ValueError as error:
+        raise SystemExit(f"slam-fairseq-train: {error}") from None
+    local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
+    if cuda and "--device-id" in added and local_world_size and int(local_world_size) > torch.cuda.device_count():
+        raise SystemExit(f"slam-fairseq-train: LOCAL_WORLD_SIZE={local_world_size} processes on this node but "
+                         f"{torch.cuda.device_count()} CUDA devices; start one process per GPU")
+    added += _user_dir_args(args)
+    if added:
+        logger.info(f"slam-fairseq-train adds: {' '.join(added)}")
+    from fairseq_cli.train import cli_main
+
+    sys.argv = ["slam-fairseq-train", *args, *added]
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

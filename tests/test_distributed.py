@@ -1,0 +1,209 @@
+"""Two CPU ranks over gloo, as real ``fairseq-train`` processes (one per rank, fairseq's own
+``--distributed-no-spawn --distributed-rank R`` flags; ``distributed_helpers``).
+
+- pre-training with validation whose modalities have unequal batch counts (ranks' validation
+  steps hold different modalities, and one rank gets fairseq's dummy batch), an odd number of
+  training steps (dummy batches in training too), the stage switch, a checkpoint and a resume;
+  the parameters are hashed after every update on both ranks and must agree;
+- fine-tuning ``slam_s2t_tiny`` from a pre-trained encoder, frozen for the first updates;
+- 2 ranks with batch B each, started as users start them (``torchrun --nproc_per_node 2 -m
+  slam_fairseq.launch``), make the same updates as 1 rank with ``--update-freq 2``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distributed_helpers as dist  # noqa: E402
+import pretraining_fixtures  # noqa: E402
+
+import slam_fairseq  # noqa: E402,F401  (allow-lists fairseq's checkpoint types for torch.load)
+
+NO_DROPOUT = ("--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Random features. Train: 10 speech (5 steps of 2: odd, so one rank gets a dummy batch at
+    the end of each epoch), 12 text, 6 pairs. Valid: 5 speech (3 steps of 2, 2, 1), 6 text (1
+    batch), 3 pairs (1 batch): the ranks' validation steps hold different modalities."""
+    return pretraining_fixtures.build_data_dir(tmp_path_factory.mktemp("distributed") / "data",
+                                               real_speech=False, num_speech=10)
+
+
+def pretraining_args(data_dir: Path, save_dir: Path, max_update: int, *extra) -> list:
+    return [str(data_dir), "--user-dir", dist.USER_DIR, "--task", "slam_pretraining", "--arch", "slam_tiny",
+            "--criterion", "slam_multitask", "--optimizer", "adam", "--lr", "1e-3",
+            "--batch-size", "8", "--max-sentences-speech", "2", "--max-sentences-text", "6",
+            "--max-sentences-pair", "3", "--max-update", str(max_update), "--save-dir", str(save_dir),
+            "--no-epoch-checkpoints", "--seed", "7", "--log-format", "json", "--log-interval", "1",
+            "--num-workers", "0", *extra]
+
+
+def _records(output: str, kind: str):
+    return dist.json_records(output, kind)
+
+
+def _assert_same_parameters_on_every_rank(hash_dir: Path, world_size: int, updates: list) -> None:
+    hashes = dist.read_hashes(hash_dir)
+    assert sorted(hashes) == list(range(world_size)), f"hash files of ranks {sorted(hashes)}"
+    assert [update for update, _ in hashes[0]] == updates
+    for rank in range(1, world_size):
+        assert hashes[rank] == hashes[0], f"rank {rank}'s parameters differ from rank 0's"
+
+
+def test_a_broadcast_checkpoint_loads_with_the_safe_loader():
+    """With several ranks, rank 0 reads the checkpoint and sends it to the others as a torch pickle
+    (tensors apart) that holds the OmegaConf config; the other ranks load it with weights_only."""
+    import io
+
+    from fairseq.distributed import utils as distributed_utils
+    from omegaconf import OmegaConf
+
+    state = {"cfg": OmegaConf.create({"model": {"_name": "slam_tiny", "encoder_layers": [2, 2]},
+                                      "common": {"seed": 1, "fp16": False, "lr": [1e-3]}}),
+             "model": {"weight": torch.arange(6.0).view(2, 3)}, "extra_state": {"epoch": 2}}
+    tensors = []
+    buffer = io.BytesIO()
+    torch.save(distributed_utils._split_tensors_from_obj(state, tensors), buffer)
+    buffer.seek(0)
+    loaded = distributed_utils._put_tensors_in_obj(torch.load(buffer, map_location="cpu", weights_only=True),
+                                                   tensors)
+    assert loaded["cfg"].model._name == "slam_tiny" and list(loaded["cfg"].common.lr) == [1e-3]
+    assert torch.equal(loaded["model"]["weight"], state["model"]["weight"])
+
+
+def test_two_ranks_pretraining_validation_stage_switch_checkpoint_and_resume(data_dir, tmp_path):
+    save_dir, hash_dir = tmp_path / "checkpoints", tmp_path / "hashes"
+    env = dist.hash_env(dist.base_env(), hash_dir)
+    # 5 steps per epoch over 2 ranks: 3 updates an epoch (rank 1's third is a dummy batch);
+    # stage 2 (pairs) from update 2; validation after every epoch.
+    first = dist.train_ranks(pretraining_args(data_dir, save_dir, 4, "--stage2-start-update", "2"),
+                             2, tmp_path / "logs1", env)
+    log = first[0].output
+    assert "distributed init (rank 0)" in log and "distributed init (rank 1)" in first[1].output
+    assert "stage 2 starts at update 2: adding TLM + STM" in log
+    valid = _records(log, "valid")
+    assert len(valid) == 2, "validation after epoch 1 (update 3) and at the end (update 4)"
+    for record in valid:
+        # every modality's validation batches were seen by one of the ranks and summed
+        assert {"valid_msm_contrastive_loss", "valid_span_masking_loss", "valid_tlm_text_loss",
+                "valid_stm_loss"} <= set(record)
+        # a mean over the 2 validation steps of the summed ranks: (2 + 2 + 1) / 2
+        assert float(record["valid_nsentences_speech"]) == 2.5
+        assert float(record["valid_nsentences_text"]) == 3.0 and float(record["valid_nsentences_pair"]) == 1.5
+    inner = _records(log, "train_inner")
+    assert [int(r["num_updates"]) for r in inner] == [1, 2, 3, 4]
+    assert "tlm_text_loss" not in inner[1] and "tlm_text_loss" in inner[2]
+    assert (save_dir / "checkpoint_last.pt").is_file()
+
+    second = dist.train_ranks(pretraining_args(data_dir, save_dir, 7, "--stage2-start-update", "2"),
+                              2, tmp_path / "logs2", env)
+    log = second[0].output
+    assert "Loaded checkpoint" in log and "training in stage 2 from update 4" in log
+    assert [int(r["num_updates"]) for r in _records(log, "train_inner")] == [5, 6, 7]
+    assert len(_records(log, "valid")) == 2
+    _assert_same_parameters_on_every_rank(hash_dir, 2, list(range(1, 8)))
+
+
+@pytest.mark.slow
+def test_two_ranks_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(data_dir, tmp_path):
+    """Stopped after update 4 (mid-epoch, in stage 2) and resumed to 7, or run to 7 at once:
+    the same parameters (hashed) after every update."""
+    hashes = {}
+    for name, stops in (("whole", [7]), ("split", [4, 7])):
+        hash_dir = tmp_path / f"hashes_{name}"
+        env = dist.hash_env(dist.base_env(), hash_dir)
+        for stop in stops:
+            dist.train_ranks(pretraining_args(data_dir, tmp_path / name, stop, "--stage2-start-update", "2"),
+                             2, tmp_path / f"logs_{name}_{stop}", env)
+        _assert_same_parameters_on_every_rank(hash_dir, 2, list(range(1, 8)))
+        hashes[name] = dist.read_hashes(hash_dir)[0]
+    assert hashes["split"] == hashes["whole"]
+
+
+def test_two_ranks_finetuning_with_a_frozen_encoder(tmp_path):
+    import s2t_fixtures
+
+    if s2t_fixtures.ESPEAK_MISSING:
+        pytest.fail("espeak-ng is needed to synthesize the fine-tuning speech (scripts/install.sh installs it)")
+    root = tmp_path / "data"
+    features = s2t_fixtures.synthesize_features(root)
+    task = s2t_fixtures.build_asr(root, features, specaugment=False)
+    # a validation split of its own (the same rows): fairseq shares one epoch iterator between
+    # subsets of one dataset object
+    (root / f"valid_{task}.tsv").write_bytes((root / f"train_{task}.tsv").read_bytes())
+    checkpoint, checkpoint_state = s2t_fixtures.save_slam_checkpoint(tmp_path / "slam_tiny.pt", seed=7)
+    save_dir, hash_dir = tmp_path / "checkpoints", tmp_path / "hashes"
+    args = [root, "--user-dir", dist.USER_DIR, "--task", "speech_to_text", "--config-yaml", f"config_{task}.yaml",
+            "--train-subset", f"train_{task}", "--valid-subset", f"valid_{task}", "--save-dir", save_dir,
+            "--arch", "slam_s2t_tiny", "--load-pretrained-slam-from", checkpoint, "--freeze-encoder-updates", "2",
+            "--criterion", "label_smoothed_cross_entropy_with_ctc", "--ctc-weight", "0.3",
+            "--max-sentences", "2", "--required-batch-size-multiple", "1", "--optimizer", "adam", "--lr", "2e-3",
+            "--max-update", "4", "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "1",
+            "--log-format", "json", "--log-interval", "1"]
+    ranks = dist.train_ranks(args, 2, tmp_path / "logs", dist.hash_env(dist.base_env(), hash_dir))
+    log = ranks[0].output
+    assert "pre-trained SLAM encoder from" in log and "ctc_loss" in log
+    # 6 utterances in batches of 2 over 2 ranks: 2 updates an epoch, rank 1's second a dummy batch
+    valid = _records(log, f"valid_{task}")
+    assert len(valid) == 2 and all(float(record[f"valid_{task}_bsz"]) == 3.0 for record in valid)
+    _assert_same_parameters_on_every_rank(hash_dir, 2, [1, 2, 3, 4])
+
+    from fairseq import checkpoint_utils
+
+    last = checkpoint_utils.load_checkpoint_to_cpu(str(save_dir / "checkpoint_last.pt"))["model"]
+    encoder_keys = [key for key in checkpoint_state if key.startswith("encoder.speech_encoder.") and key in last]
+    assert encoder_keys
+    moved = [key for key in encoder_keys if not torch.equal(last[key], checkpoint_state[key])]
+    assert moved, "the encoder trains once unfrozen (updates 3 and 4)"
+
+
+def test_torchrun_two_ranks_make_the_update_of_one_rank_with_update_freq_2(data_dir, tmp_path):
+    """Also the launch as users launch: ``torchrun --nproc_per_node 2 -m slam_fairseq.launch``."""
+    import shutil
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.fail("torchrun (installed with torch) is not on PATH")
+    # Text + pairs only (their masks come from the data; the random-projection quantizer draws
+    # nothing) and no dropout: the updates are deterministic functions of the batches. One rank
+    # with --update-freq 2 groups batches (0, 1), (2, 3), ...; two ranks take batches 0 and 1 of
+    # the same shuffled list (rank r: r, r + 2, ...), so both see the same batches per update.
+    common = ["--stage1-modalities", "text,pair", "--stage2-start-update", "-1", "--quantizer-type",
+              "random_projection", *NO_DROPOUT, "--max-sentences-text", "3", "--max-sentences-pair", "2",
+              "--epoch-modality", "text", "--disable-validation"]
+    two_args = pretraining_args(data_dir, tmp_path / "two", 4, *common)
+    two_args.remove("--user-dir")
+    two_args.remove(dist.USER_DIR)  # the launcher adds it
+    hash_dir = tmp_path / "hashes"
+    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+               str(dist.free_port()), "-m", "slam_fairseq.launch", *two_args]
+    (two_ranks,) = dist.launch([command], tmp_path / "logs2", dist.hash_env(dist.base_env(), hash_dir))
+    one_rank = dist.launch([dist.fairseq_train(*pretraining_args(data_dir, tmp_path / "one", 4, *common),
+                                               "--update-freq", "2", "--cpu")], tmp_path / "logs1", dist.base_env())
+
+    log = two_ranks.output
+    assert "training on 2 devices" in log
+    assert "slam-fairseq-train adds: --distributed-world-size 2 --distributed-rank 1 --distributed-no-spawn" in log
+    assert "--distributed-backend gloo --ddp-backend legacy_ddp --cpu --user-dir" in log
+    assert "without fairseq's distributed flags" not in log
+    _assert_same_parameters_on_every_rank(hash_dir, 2, [1, 2, 3, 4])
+
+    losses_two = [float(r["loss"]) for r in _records(log, "train_inner")]
+    losses_one = [float(r["loss"]) for r in _records(one_rank[0].output, "train_inner")]
+    assert len(losses_two) == len(losses_one) == 4
+    assert losses_two == pytest.approx(losses_one, abs=2e-3)  # logged rounded to 3 decimals
+    assert losses_one[0] != losses_one[-1], "the updates changed the model"
+
+    from fairseq import checkpoint_utils
+
+    two = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "two" / "checkpoint_last.pt"))["model"]
+    one = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "one" / "checkpoint_last.pt"))["model"]
+    assert sorted(two) == sorted(one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{key} differs")
