@@ -8,9 +8,12 @@ then measures
      the shard zips and records) with each ``--workers`` count (default 1 and 2).
 Reported: audio seconds per wall-clock second, in total and per worker (x real time), and per
 CPU-second actually used (this process + its workers; stays meaningful on a busy machine). The
-target of issue #3 is 300x real time per core or better.
+target of issue #3 is 300x real time per core or better, that of issue #13 1000x for compute_fbank.
+With ``--profile``, a third run (1 worker, in this process, under cProfile timed in CPU seconds)
+prints each stage's share of the pipeline's CPU time: reading and decoding, checks, fbank, .npy
+encoding, zip writes, CMVN sums.
 
-Usage: python benchmarks/bench_features.py [--minutes 10] [--file-seconds 15] [--workers 1 2]
+Usage: python benchmarks/bench_features.py [--minutes 10] [--file-seconds 15] [--workers 1 2] [--profile]
 """
 from __future__ import annotations
 
@@ -47,12 +50,39 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+# (label, function name, file name) of the stages of manifests.core's per-file path
+_STAGES = (("read + decode audio", "read_audio", "audio_features.py"),
+           ("checks (silence, length)", "_check_waveform", "core.py"),
+           ("compute_fbank", "compute_fbank", "audio_features.py"),
+           ("CMVN sums", "add", "core.py:350"),
+           (".npy encoding", "npy_bytes", "core.py"),
+           ("zip writes", "writestr", "zipfile.py"))
+
+
+def profile_pipeline(context: core.RunContext, items: list) -> None:
+    """The 1-worker pipeline in this process, under cProfile in CPU seconds: each stage's share."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile(time.process_time)
+    cpu_started = time.process_time()
+    profiler.runcall(core.extract_features, context, core.AudioOptions(), {"train": list(items)}, "bench")
+    cpu = time.process_time() - cpu_started
+    stats = pstats.Stats(profiler).stats
+    print(f"pipeline stages (1 worker, in process, {cpu:.2f} CPU-s under the profiler):")
+    for label, function, file_name in _STAGES:
+        seconds = sum(cumulative for (path, line, name), (_, _, _, cumulative, _) in stats.items()
+                      if name == function and f"{Path(path).name}:{line}".startswith(file_name))
+        print(f"  {label:26s} {seconds:6.2f} CPU-s {100 * seconds / cpu:5.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="audio to process per run (default 10)")
     parser.add_argument("--file-seconds", type=float, default=15.0, help="length of each file (default 15)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="also print each pipeline stage's share")
     args = parser.parse_args()
 
     import soundfile as sf
@@ -90,6 +120,10 @@ def main() -> None:
             print(f"pipeline, {workers} worker(s):      {speed:8.0f}x real time total, "
                   f"{speed / workers:6.0f}x per worker, {audio_seconds / cpu:6.0f}x per CPU-second "
                   f"({elapsed:.2f} s wall)")
+        if args.profile:
+            out_dir = work_dir / "out_profile"
+            profile_pipeline(core.RunContext(out_dir=out_dir, summary=core.RunSummary("bench", out_dir), workers=1,
+                                             shard_size=args.shard_size, progress=False), items)
 
 
 if __name__ == "__main__":
