@@ -22,6 +22,7 @@ import resource
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,13 +51,13 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-# (label, function name, file name) of the stages of manifests.core's per-file path
-_STAGES = (("read + decode audio", "read_audio", "audio_features.py"),
-           ("checks (silence, length)", "_check_waveform", "core.py"),
-           ("compute_fbank", "compute_fbank", "audio_features.py"),
-           ("CMVN sums", "add", "core.py:350"),
-           (".npy encoding", "npy_bytes", "core.py"),
-           ("zip writes", "writestr", "zipfile.py"))
+# the stages of manifests.core's per-file path: (label, the function that does it)
+_STAGES = (("read + decode audio", audio_features.read_audio),
+           ("checks (silence, length)", core._check_waveform),
+           ("compute_fbank", audio_features.compute_fbank),
+           ("CMVN sums", core._CmvnSums.add),
+           (".npy encoding", core.npy_bytes),
+           ("zip writes", zipfile.ZipFile.writestr))
 
 
 def profile_pipeline(context: core.RunContext, items: list) -> None:
@@ -70,9 +71,9 @@ def profile_pipeline(context: core.RunContext, items: list) -> None:
     cpu = time.process_time() - cpu_started
     stats = pstats.Stats(profiler).stats
     print(f"pipeline stages (1 worker, in process, {cpu:.2f} CPU-s under the profiler):")
-    for label, function, file_name in _STAGES:
-        seconds = sum(cumulative for (path, line, name), (_, _, _, cumulative, _) in stats.items()
-                      if name == function and f"{Path(path).name}:{line}".startswith(file_name))
+    for label, function in _STAGES:
+        code = function.__code__
+        seconds = stats.get((code.co_filename, code.co_firstlineno, code.co_name), (0, 0, 0, 0.0))[3]
         print(f"  {label:26s} {seconds:6.2f} CPU-s {100 * seconds / cpu:5.1f}%")
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,20 @@ def test_filters_are_knf_own_window_and_mel_banks():
     assert np.array_equal(rebuilt, matrix[:, :256]) and not matrix[:, 256].any()
     assert np.array_equal(filters.window, np.asarray(knf.FeatureWindowFunction(frame_options).window,
                                                      dtype=np.float32))
+
+
+def test_bench_features_reports_throughput_and_stage_shares():
+    """The benchmark script runs (tiny) and keeps the lines the README and issues quote."""
+    import re
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_features.py"
+    run = subprocess.run([sys.executable, str(bench), "--minutes", "0.25", "--file-seconds", "5",
+                          "--workers", "1", "--profile"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^compute_fbank alone: +\d+x real time \(1 process\), +\d+x per CPU-second$",
+                     run.stdout, re.MULTILINE), run.stdout
+    shares = dict(re.findall(r"^  (\S.*?) +[\d.]+ CPU-s +([\d.]+)%$", run.stdout, re.MULTILINE))
+    assert set(shares) == {"read + decode audio", "checks (silence, length)", "compute_fbank", "CMVN sums",
+                           ".npy encoding", "zip writes"}, run.stdout
+    assert float(shares["compute_fbank"]) > 0 and float(shares["read + decode audio"]) > 0, run.stdout
+    assert sum(map(float, shares.values())) <= 100.5, run.stdout
