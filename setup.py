@@ -34,6 +34,7 @@ setup(
         "editdistance",
         "sacrebleu>=2.0",
         "matplotlib",
+        "tensorboardX>=2.6",  # fairseq's --tensorboard-logdir (pure Python + protobuf, no torch)
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
 )

@@ -3,14 +3,17 @@
 
 Synthesizes 16 kHz mono FLAC files (speech-like: a gliding harmonic tone with noise and pauses),
 then measures
-  1. ``audio_features.compute_fbank`` alone (in memory, one process);
+  1. ``audio_features.compute_fbank`` alone (in memory, one process, as many seconds of audio);
   2. the whole per-file path of ``manifests.core.extract_features`` (read flac, check, fbank, write
      the shard zips and records) with each ``--workers`` count (default 1 and 2).
 Reported: audio seconds per wall-clock second, in total and per worker (x real time), and per
 CPU-second actually used (this process + its workers; stays meaningful on a busy machine). The
-target of issue #3 is 300x real time per core or better.
+target of issue #3 is 300x real time per core or better, that of issue #13 1000x for compute_fbank.
+With ``--profile``, a third run (1 worker, in this process, under cProfile timed in CPU seconds)
+prints each stage's share of the pipeline's CPU time: reading and decoding, checks, fbank, .npy
+encoding, zip writes, CMVN sums.
 
-Usage: python benchmarks/bench_features.py [--minutes 10] [--file-seconds 15] [--workers 1 2]
+Usage: python benchmarks/bench_features.py [--minutes 10] [--file-seconds 15] [--workers 1 2] [--profile]
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import resource
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,12 +51,39 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+# the stages of manifests.core's per-file path: (label, the function that does it)
+_STAGES = (("read + decode audio", audio_features.read_audio),
+           ("checks (silence, length)", core._check_waveform),
+           ("compute_fbank", audio_features.compute_fbank),
+           ("CMVN sums", core._CmvnSums.add),
+           (".npy encoding", core.npy_bytes),
+           ("zip writes", zipfile.ZipFile.writestr))
+
+
+def profile_pipeline(context: core.RunContext, items: list) -> None:
+    """The 1-worker pipeline in this process, under cProfile in CPU seconds: each stage's share."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile(time.process_time)
+    cpu_started = time.process_time()
+    profiler.runcall(core.extract_features, context, core.AudioOptions(), {"train": list(items)}, "bench")
+    cpu = time.process_time() - cpu_started
+    stats = pstats.Stats(profiler).stats
+    print(f"pipeline stages (1 worker, in process, {cpu:.2f} CPU-s under the profiler):")
+    for label, function in _STAGES:
+        code = function.__code__
+        seconds = stats.get((code.co_filename, code.co_firstlineno, code.co_name), (0, 0, 0, 0.0))[3]
+        print(f"  {label:26s} {seconds:6.2f} CPU-s {100 * seconds / cpu:5.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="audio to process per run (default 10)")
     parser.add_argument("--file-seconds", type=float, default=15.0, help="length of each file (default 15)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="also print each pipeline stage's share")
     args = parser.parse_args()
 
     import soundfile as sf
@@ -71,7 +102,7 @@ def main() -> None:
 
         waveform = synthesize(args.file_seconds, 0)
         started, cpu_started = time.perf_counter(), _cpu_seconds()
-        repeats = max(1, int(60 / args.file_seconds))
+        repeats = max(1, int(args.minutes * 60 / args.file_seconds))  # as much audio as the pipeline runs
         for _ in range(repeats):
             audio_features.compute_fbank(waveform)
         elapsed, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
@@ -90,6 +121,10 @@ def main() -> None:
             print(f"pipeline, {workers} worker(s):      {speed:8.0f}x real time total, "
                   f"{speed / workers:6.0f}x per worker, {audio_seconds / cpu:6.0f}x per CPU-second "
                   f"({elapsed:.2f} s wall)")
+        if args.profile:
+            out_dir = work_dir / "out_profile"
+            profile_pipeline(core.RunContext(out_dir=out_dir, summary=core.RunSummary("bench", out_dir), workers=1,
+                                             shard_size=args.shard_size, progress=False), items)
 
 
 if __name__ == "__main__":

@@ -129,8 +129,6 @@ def test_two_ranks_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(dat
 def test_two_ranks_finetuning_with_a_frozen_encoder(tmp_path):
     import s2t_fixtures
 
-    if s2t_fixtures.ESPEAK_MISSING:
-        pytest.fail("espeak-ng is needed to synthesize the fine-tuning speech (scripts/install.sh installs it)")
     root = tmp_path / "data"
     features = s2t_fixtures.synthesize_features(root)
     task = s2t_fixtures.build_asr(root, features, specaugment=False)
