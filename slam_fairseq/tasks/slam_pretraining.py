@@ -32,6 +32,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
+from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
 from slam_fairseq.data.manifest_format import pair_manifest_name, speech_manifest_name
 from slam_fairseq.data.pretraining_data_config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
 from slam_fairseq.data.pretraining_frame_masking import FrameMaskingSettings, expected_masked_fraction
@@ -111,6 +112,9 @@ class SlamPretrainingConfig(FairseqDataclass):
     seed: int = II("common.seed")
     max_update: int = II("optimization.max_update")
     train_subset: str = II("dataset.train_subset")
+    save_dir: str = II("checkpoint.save_dir")
+    restore_file: str = II("checkpoint.restore_file")
+    checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
 
 
 def parse_modalities(value: str, option: str) -> Tuple[str, ...]:
@@ -175,6 +179,8 @@ class SlamPretrainingTask(FairseqTask):
     def setup_task(cls, cfg: SlamPretrainingConfig, **kwargs):
         task = cls(cfg, PretrainingDataConfig(cfg.data, str(cfg.feature_normalization)))
         task.check_training_data()
+        # Before fairseq loads the checkpoint: an unreadable checkpoint_last.pt is replaced.
+        recover_checkpoint_dir_on_rank_zero(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or "")
         logger.info(f"dictionary: {len(task.dictionary)} symbols (<mask> = {task.vocabulary.mask}); "
                     f"features: {task.data_config.describe_normalization()}")
         logger.info(task.describe_schedule())
