@@ -87,7 +87,8 @@ def test_load_report_names_unused_and_missing_keys(data):
     checkpoint_state = dict(data["checkpoint_state"])
     dropped = "encoder.multimodal_encoder.modality_embedding.weight"
     del checkpoint_state[dropped]
-    report = copy_pretrained_encoder(encoder, checkpoint_state, PRETRAINED_PARTS, "x.pt", "slam")
+    report = copy_pretrained_encoder(encoder, checkpoint_state, PRETRAINED_PARTS, "x.pt", "slam",
+                                     allow_partial=True)
     assert report.missing_model_keys == [dropped]
     assert "msm_head.weight" in report.unused_checkpoint_keys
     assert any(key.startswith("encoder.text_encoder.") for key in report.unused_checkpoint_keys)

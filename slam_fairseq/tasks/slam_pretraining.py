@@ -40,10 +40,11 @@ from slam_fairseq.data.pretraining_pair_dataset import PretrainingPairDataset
 from slam_fairseq.data.pretraining_round_robin import (MODALITIES, RoundRobinBatchDataset,
                                                        RoundRobinEpochBatchIterator,
                                                        make_modality_batches)
+from slam_fairseq.data.pretraining_row_checks import BAD_ROWS_KEY, BadRowLimits, drop_bad_feature_rows
 from slam_fairseq.data.pretraining_span_masking import (SPAN_DISTRIBUTIONS, SpanMaskingSettings,
                                                         TextVocabulary)
 from slam_fairseq.data.pretraining_speech_dataset import (PretrainingSpeechDataset, SpeechFeatureReader,
-                                                          read_speech_rows)
+                                                          SpeechRows, read_speech_rows)
 from slam_fairseq.data.pretraining_text_dataset import (PretrainingTextDataset, load_text_tokens,
                                                         text_source_paths)
 
@@ -83,6 +84,11 @@ class SlamPretrainingConfig(FairseqDataclass):
         1024, "longest text in tokens (eos included); longer ones are skipped (counted)")
     feature_normalization: ChoiceEnum(FEATURE_NORMALIZATIONS) = _option(
         "auto", "auto: global CMVN when config.yaml names stats, else per utterance")
+    max_bad_rows: int = _option(
+        100, "speech/pair rows of a manifest that may be bad (dropped at load or skipped mid-run) before "
+             "the run stops (-1: no limit)")
+    max_bad_row_fraction: float = _option(
+        0.001, "the same limit as a share of the manifest's rows; the larger of the two applies")
 
     # -- text span masking (SpanBERT) -------------------------------------------------------------
     text_mask_prob: float = _option(0.15, "fraction of text tokens masked")
@@ -172,6 +178,7 @@ class SlamPretrainingTask(FairseqTask):
         self.tlm_speech_masking = FrameMaskingSettings(cfg.tlm_speech_mask_prob, cfg.tlm_speech_mask_length)
         self.model_max_positions: Optional[Tuple[int, int]] = None
         self.num_updates_seen = 0
+        self.bad_row_limits = BadRowLimits(cfg.max_bad_rows, cfg.max_bad_row_fraction)
         self._announced_stage: Optional[int] = None
 
     # -- setup ------------------------------------------------------------------------------------
@@ -273,17 +280,33 @@ class SlamPretrainingTask(FairseqTask):
         data_dir, seed = self.cfg.data, self.cfg.seed
         transform, dim = self.data_config.feature_transform, self.data_config.input_feat_per_channel
         if name == "speech":
-            rows = read_speech_rows(self.data_config.data_dir / speech_manifest_name(split))
+            rows = self._checked_rows(read_speech_rows(self.data_config.data_dir / speech_manifest_name(split)))
             return PretrainingSpeechDataset(SpeechFeatureReader(rows, data_dir, transform, dim),
                                             self.speech_masking, seed)
         if name == "text":
             tokens = load_text_tokens(data_dir, split, self.dictionary, self.data_config.encode_lines)
             return PretrainingTextDataset(tokens, self.vocabulary, self.text_masking, seed)
         rows = read_speech_rows(self.data_config.data_dir / pair_manifest_name(split), need_transcript=True)
+        rows = self._checked_rows(rows)
         transcripts = self.data_config.encode_lines(rows.transcripts)
         return PretrainingPairDataset(SpeechFeatureReader(rows, data_dir, transform, dim), transcripts,
                                       self.vocabulary, self.tlm_text_masking, self.tlm_speech_masking,
                                       self.cfg.stm_negative_prob, seed)
+
+    def _checked_rows(self, rows: SpeechRows) -> SpeechRows:
+        """Rows whose features pass the cheap checks of ``pretraining_row_checks`` (counted)."""
+        rows, report = drop_bad_feature_rows(rows, self.cfg.data, self.data_config.input_feat_per_channel)
+        self.bad_row_limits.register(report)
+        return rows
+
+    def _count_bad_rows(self, sample) -> None:
+        """Count the examples a batch left out (``BAD_ROWS_KEY``); stops the run past the limit."""
+        from fairseq import metrics
+
+        if sample and sample.get(BAD_ROWS_KEY):
+            self.bad_row_limits.record(sample[BAD_ROWS_KEY])
+        if self.bad_row_limits.num_bad_mid_run:
+            metrics.log_scalar("bad_rows", self.bad_row_limits.num_bad_mid_run, weight=0, priority=310, round=0)
 
     def position_limits(self) -> Tuple[int, int]:
         """(speech frames, text tokens): the task's limits, lowered to the model's when known."""
@@ -391,6 +414,8 @@ class SlamPretrainingTask(FairseqTask):
         stage = self._announce_stage(update_num)
         metrics.log_scalar("stage", stage, weight=0, priority=300, round=0)
         modalities = [name for name in self.active_modalities(update_num) if name in sample]
+        if not ignore_grad:  # fairseq's dummy batches repeat an earlier batch
+            self._count_bad_rows(sample)
         use_amp = isinstance(optimizer, AMPOptimizer)
         total_loss, outputs = torch.zeros(()), []
         for position, name in enumerate(modalities):
@@ -424,6 +449,7 @@ class SlamPretrainingTask(FairseqTask):
         from fairseq import utils
 
         model.eval()
+        self._count_bad_rows(sample)
         modalities = [name for name in self.active_modalities(self.num_updates_seen) if name in sample]
         total_loss, outputs = torch.zeros(()), []
         ids = [MODALITIES.index(name) for name in modalities]
