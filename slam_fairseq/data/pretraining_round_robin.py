@@ -157,7 +157,7 @@ class RoundRobinBatchDataset(FairseqDataset):
     # -- FairseqDataset ------------------------------------------------------------------------
     def __getitem__(self, key: StepKey) -> Dict[str, List[Any]]:
         """Items of every modality at this step; examples that raise :class:`BadRowError` are
-        left out and listed under ``BAD_ROWS_KEY`` as (manifest, message)."""
+        left out and listed under ``BAD_ROWS_KEY`` as (manifest, row id, message)."""
         epoch, step = key
         items: Dict[str, List[Any]] = {}
         bad_rows = []
@@ -167,7 +167,8 @@ class RoundRobinBatchDataset(FairseqDataset):
                 try:
                     items[name].append(self.datasets[name].get_item(int(index), epoch))
                 except BadRowError as error:
-                    bad_rows.append((str(error.source or self.datasets[name].name), str(error)))
+                    bad_rows.append((str(error.source or self.datasets[name].name),
+                                     str(error.row if error.row is not None else f"{name} {index}"), str(error)))
         items[BAD_ROWS_KEY] = bad_rows
         return items
 

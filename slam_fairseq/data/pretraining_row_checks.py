@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["BAD_ROWS_KEY", "BadRowError", "TooManyBadRowsError", "RowCheckReport", "feature_row_problem",
            "drop_bad_feature_rows", "BadRowLimits"]
 
-BAD_ROWS_KEY = "bad_rows"  # batch key: [(manifest, message), ...] of the examples left out
+BAD_ROWS_KEY = "bad_rows"  # batch key: [(manifest, row id, message), ...] of the examples left out
 _NPY_MAGIC = b"\x93NUMPY"
 _ROWS_NAMED = 5
 
@@ -46,11 +46,12 @@ SIZE_MISMATCH = "npy size differs from the entry"
 
 
 class BadRowError(ValueError):
-    """An example that cannot be read. ``source``: the manifest it comes from."""
+    """An example that cannot be read. ``source``: the manifest it comes from; ``row``: its id."""
 
-    def __init__(self, message: str, source: Optional[str] = None) -> None:
+    def __init__(self, message: str, source: Optional[str] = None, row: Optional[str] = None) -> None:
         super().__init__(message)
         self.source = source
+        self.row = row
 
 
 class TooManyBadRowsError(RuntimeError):
@@ -212,7 +213,7 @@ class BadRowLimits:
         self.max_bad_rows = int(max_bad_rows)
         self.max_bad_row_fraction = float(max_bad_row_fraction)
         self.num_rows: Dict[str, int] = {}
-        self.bad: Dict[str, List[str]] = {}
+        self.bad: Dict[str, Dict[str, str]] = {}  # manifest -> row id -> message
         self.num_bad_mid_run = 0
 
     def limit(self, manifest: str) -> float:
@@ -223,18 +224,18 @@ class BadRowLimits:
     def register(self, report: RowCheckReport) -> None:
         """A manifest as loaded; raises when its rows dropped at load are already too many."""
         self.num_rows[report.manifest] = report.num_rows
-        self.bad[report.manifest] = [f"row {row_id!r}: {detail}" for rows in report.problems.values()
-                                     for row_id, detail in rows]
+        self.bad[report.manifest] = {row_id: f"row {row_id!r}: {detail}" for rows in report.problems.values()
+                                     for row_id, detail in rows}
         self._check(report.manifest)
 
-    def record(self, bad_rows: Sequence[Tuple[str, str]]) -> int:
-        """Examples left out of a batch ([(manifest, message)]); warns for each new one, raises past
-        the limit. Returns the number of distinct bad rows met mid-run so far, over all manifests."""
-        for manifest, message in bad_rows:
-            seen = self.bad.setdefault(manifest, [])
-            if message in seen:
+    def record(self, bad_rows: Sequence[Tuple[str, str, str]]) -> int:
+        """Examples left out of a batch ([(manifest, row id, message)]); warns for each new one,
+        raises past the limit. Returns the number of distinct bad rows met mid-run so far."""
+        for manifest, row_id, message in bad_rows:
+            seen = self.bad.setdefault(manifest, {})
+            if row_id in seen:
                 continue  # met again in a later epoch or validation: counted once
-            seen.append(message)
+            seen[row_id] = message
             self.num_bad_mid_run += 1
             logger.warning(f"skipped a bad row ({len(seen)} in {manifest}, limit {self._limit_text(manifest)}): "
                            f"{message}")
@@ -248,7 +249,7 @@ class BadRowLimits:
     def _check(self, manifest: str) -> None:
         seen = self.bad.get(manifest, [])
         if len(seen) > self.limit(manifest):
-            shown = "; ".join(seen[:_ROWS_NAMED])
+            shown = "; ".join(list(seen.values())[:_ROWS_NAMED])
             raise TooManyBadRowsError(
                 f"{manifest}: {len(seen)} bad rows (of {self.num_rows.get(manifest, '?')}), more than the limit "
                 f"{self._limit_text(manifest)} (--max-bad-rows {self.max_bad_rows}, --max-bad-row-fraction "

@@ -122,11 +122,12 @@ class SpeechFeatureReader:
         try:
             features = read_features(audio, self.data_dir, num_mel_bins=self.feature_dim)
         except (AudioError, ValueError, OSError, EOFError) as error:  # unreadable, wrong dimension, missing
-            raise SpeechDataError(f"{where}: {error}", source=str(self.rows.manifest)) from error
+            raise SpeechDataError(f"{where}: {error}", source=str(self.rows.manifest),
+                                  row=self.rows.ids[index]) from error
         if len(features) < MIN_INPUT_FRAMES:
             raise SpeechDataError(f"{where}: {audio} has {len(features)} frames, fewer than "
                                   f"{MIN_INPUT_FRAMES} (n_frames in the manifest says {self.rows.n_frames[index]})",
-                                  source=str(self.rows.manifest))
+                                  source=str(self.rows.manifest), row=self.rows.ids[index])
         return self.transform(features)
 
 
