@@ -67,10 +67,10 @@ class PretrainedLoadReport:
         problems = []
         if self.missing_model_keys:
             problems.append(f"model tensors missing from the checkpoint ({len(self.missing_model_keys)}): "
-                            f"{_group_keys(self.missing_model_keys)}")
+                            f"{_group_by_layer(self.missing_model_keys)}")
         if self.extra_checkpoint_keys:
             problems.append(f"checkpoint tensors the model lacks ({len(self.extra_checkpoint_keys)}): "
-                            f"{_group_keys(self.extra_checkpoint_keys)}")
+                            f"{_group_by_layer(self.extra_checkpoint_keys)}")
         if self.mismatched_shapes:
             shown = ", ".join(f"{key} has shape {source} in the checkpoint but {target} in the model"
                               for key, source, target in self.mismatched_shapes[:_REPORT_KEYS_SHOWN])
@@ -98,6 +98,21 @@ def _group_keys(keys: Sequence[str]) -> str:
         parts = key.split(".")
         depth = 2 if parts[0] == CHECKPOINT_ENCODER_PREFIX[:-1] else 1
         prefix = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+        groups[prefix] = groups.get(prefix, 0) + 1
+    shown = [f"{prefix} ({count})" if count > 1 else prefix
+             for prefix, count in list(groups.items())[:_REPORT_KEYS_SHOWN]]
+    if len(groups) > _REPORT_KEYS_SHOWN:
+        shown.append(f"... {len(groups) - _REPORT_KEYS_SHOWN} more groups")
+    return ", ".join(shown)
+
+
+def _group_by_layer(keys: Sequence[str]) -> str:
+    """Keys grouped up to their first layer number: ``encoder.speech_encoder.conformer.layers.2.* (31)``."""
+    groups: Dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        numbered = [index for index, part in enumerate(parts) if part.isdigit()]
+        prefix = ".".join(parts[: numbered[0] + 1]) + ".*" if numbered else key
         groups[prefix] = groups.get(prefix, 0) + 1
     shown = [f"{prefix} ({count})" if count > 1 else prefix
              for prefix, count in list(groups.items())[:_REPORT_KEYS_SHOWN]]
