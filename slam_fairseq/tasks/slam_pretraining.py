@@ -47,6 +47,7 @@ from slam_fairseq.data.pretraining_speech_dataset import (PretrainingSpeechDatas
                                                           SpeechRows, read_speech_rows)
 from slam_fairseq.data.pretraining_text_dataset import (PretrainingTextDataset, load_text_tokens,
                                                         text_source_paths)
+from slam_fairseq.tasks.nonfinite_updates import NonFiniteUpdateGuard
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class SlamPretrainingTask(FairseqTask):
         self.model_max_positions: Optional[Tuple[int, int]] = None
         self.num_updates_seen = 0
         self.bad_row_limits = BadRowLimits(cfg.max_bad_rows, cfg.max_bad_row_fraction)
+        self.update_guard = NonFiniteUpdateGuard()
         self._announced_stage: Optional[int] = None
 
     # -- setup ------------------------------------------------------------------------------------
@@ -433,12 +435,20 @@ class SlamPretrainingTask(FairseqTask):
                 if sample_size not in (0.0, 1.0):
                     loss = loss / sample_size
                 with torch.autograd.profiler.record_function(f"backward-{name}"):
-                    optimizer.backward(loss)
+                    optimizer.backward(self.update_guard.loss_for_backward(name, loss, model))
             total_loss = total_loss.to(loss.device) + loss.detach().float()
             outputs.append(logging_output)
+        self.update_guard.after_backward(optimizer)  # a non-finite modality: the whole update is skipped
         self.num_updates_seen = update_num + 1
         sample_size = 1 if modalities else 0
         return total_loss, sample_size, merge_logging_outputs(outputs, sample_size)
+
+    def optimizer_step(self, optimizer, model, update_num) -> None:
+        """fairseq's step, unless a modality's loss was not finite on any rank (``nonfinite_updates``)."""
+        skip = self.update_guard.skip_update(model, update_num)
+        self.update_guard.log()
+        if not skip:
+            super().optimizer_step(optimizer, model, update_num)
 
     def valid_step(self, sample, model, criterion):
         """As ``train_step`` without backward, for the modalities active at the last update.
