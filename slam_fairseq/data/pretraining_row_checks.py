@@ -15,12 +15,12 @@ than ``max(--max-bad-rows, --max-bad-row-fraction x its rows)`` bad rows.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
+import re
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -65,18 +65,50 @@ def _split_audio_field(audio_field: str) -> Tuple[str, Optional[Tuple[int, int]]
     return audio_field, None
 
 
+_DESCR = re.compile(r"'descr':\s*'([^']*)'")
+_SHAPE = re.compile(r"'shape':\s*\(([^)]*)\)")
+_FORTRAN = re.compile(r"'fortran_order':\s*(True|False)")
+
+
+def _parse_npy_header(handle, start: int):
+    """(shape, dtype, header size) of the ``.npy`` at ``start``; raises ValueError if unreadable.
+
+    The dict ``np.save`` writes is parsed with three regular expressions (ten times faster than
+    numpy's ``literal_eval``); anything else goes through numpy's own reader.
+    """
+    handle.seek(start)
+    prefix = handle.read(12)
+    if len(prefix) < 10 or prefix[:6] != _NPY_MAGIC:
+        raise ValueError("no .npy magic")
+    major = prefix[6]
+    if major == 1:
+        header_length, skip = struct.unpack("<H", prefix[8:10])[0], 10
+    elif major in (2, 3):
+        header_length, skip = struct.unpack("<I", prefix[8:12])[0], 12
+    else:
+        raise ValueError(f".npy format version {major} is unknown")
+    handle.seek(start + skip)
+    header = handle.read(header_length)
+    if len(header) != header_length:
+        raise ValueError("header cut short")
+    text = header.decode("latin1")
+    descr, shape, fortran = _DESCR.search(text), _SHAPE.search(text), _FORTRAN.search(text)
+    if descr and shape and fortran:
+        dims = tuple(int(part) for part in shape.group(1).replace(" ", "").split(",") if part)
+        return dims, np.dtype(descr.group(1)), skip + header_length
+    handle.seek(start)
+    version = np.lib.format.read_magic(handle)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    dims, _, dtype = reader(handle)
+    return tuple(dims), dtype, handle.tell() - start
+
+
 def _npy_header_problem(handle, start: int, length: int, feature_dim: int) -> Optional[Tuple[str, str]]:
     """Read the ``.npy`` header at ``start`` of ``handle``; (kind, detail) or None when it fits."""
-    handle.seek(start)
     try:
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-    except (ValueError, OSError, EOFError, SyntaxError) as error:
+        shape, dtype, header_size = _parse_npy_header(handle, start)
+    except (ValueError, TypeError, OSError, EOFError, SyntaxError) as error:
         return NOT_FEATURES, f"unreadable .npy header ({error})"
-    header_size = handle.tell() - start
     if len(shape) != 2 or shape[1] != feature_dim or dtype.kind not in "fiu":
         return WRONG_SHAPE, f"array of shape {tuple(shape)} and dtype {dtype}, expected (frames, {feature_dim}) numbers"
     if shape[0] < MIN_INPUT_FRAMES:
@@ -127,8 +159,8 @@ def feature_row_problem(audio_field: str, data_dir: str, feature_dim: int,
     cache = cache or _FileCache()
     try:
         path, byte_range = _split_audio_field(audio_field)
-        if data_dir is not None and not Path(path).is_absolute():
-            path = str(Path(data_dir) / path)
+        if data_dir is not None and not os.path.isabs(path):
+            path = os.path.join(data_dir, path)
         size = cache.size(path)
         if size is None:
             return MISSING_FILE, f"{path} does not exist"
