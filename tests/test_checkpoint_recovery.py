@@ -1,8 +1,9 @@
 """Preemption-safe resume (``slam_fairseq.checkpoint_recovery``): the readability check, the
 replacement of an unreadable ``checkpoint_last.pt``, and real ``fairseq-train`` runs SIGKILLed
-at several moments (inside fairseq's copy onto ``checkpoint_last.pt``, right after "Preparing to
-save", between saves) and a truncated ``checkpoint_last.pt``, each resumed by re-running the same
-command, ending with the weights and optimizer state of an uninterrupted run.
+inside fairseq's copy onto ``checkpoint_last.pt`` (default run) and, marked slow, at several
+moments (inside the copy, right after "Preparing to save", between saves, then a truncated
+``checkpoint_last.pt``), each resumed by re-running the same command, ending with the weights and
+optimizer state of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -229,7 +230,38 @@ def data_dir(tmp_path_factory) -> Path:
     return fixtures.build_data_dir(tmp_path_factory.mktemp("recovery") / "data", real_speech=False)
 
 
+def _kill_inside_the_copy(args, save_dir: Path, log: Path) -> None:
+    """SIGKILL while fairseq copies checkpoint_1_2.pt onto checkpoint_last.pt (the first save)."""
+    last, first = save_dir / "checkpoint_last.pt", save_dir / "checkpoint_1_2.pt"
+
+    def copy_half_done() -> bool:
+        try:
+            return first.is_file() and 0 < last.stat().st_size < first.stat().st_size
+        except FileNotFoundError:
+            return False
+
+    assert _kill_when(_start(args, log, slow_copy=True), copy_half_done)
+    assert checkpoint_problem(str(last)) is not None, "the kill left checkpoint_last.pt truncated"
+
+
+def test_cli_run_killed_inside_the_copy_resumes_to_the_uninterrupted_weights(data_dir, tmp_path):
+    """The short variant: one kill, inside the copy onto checkpoint_last.pt, then the same command."""
+    if not fixtures.criterion_registered("slam_multitask"):
+        pytest.fail("slam_multitask is not registered by the user dir")
+    reference_dir, save_dir = tmp_path / "reference", tmp_path / "killed"
+    _run_to_end(_train_args(data_dir, reference_dir), tmp_path / "reference.log")
+    args = _train_args(data_dir, save_dir)
+    _kill_inside_the_copy(args, save_dir, tmp_path / "kill.log")
+    output = _run_to_end(args, tmp_path / "final.log")
+    last, first = save_dir / "checkpoint_last.pt", save_dir / "checkpoint_1_2.pt"
+    assert f"moved it to {last}.corrupt and resuming from {first}, the newest intact checkpoint" in output
+    assert "Loaded checkpoint" in output
+    _assert_same_state(_final_state(reference_dir), _final_state(save_dir))
+
+
+@pytest.mark.slow
 def test_cli_runs_killed_at_several_moments_resume_to_the_uninterrupted_weights(data_dir, tmp_path):
+    """Four interruptions of one run, each followed by the same command (about 40 s of CPU)."""
     if not fixtures.criterion_registered("slam_multitask"):
         pytest.fail("slam_multitask is not registered by the user dir")
     reference_dir, save_dir = tmp_path / "reference", tmp_path / "killed"
@@ -238,14 +270,7 @@ def test_cli_runs_killed_at_several_moments_resume_to_the_uninterrupted_weights(
     last, first = save_dir / "checkpoint_last.pt", save_dir / "checkpoint_1_2.pt"
 
     # 1. Inside fairseq's copy of checkpoint_1_2.pt onto checkpoint_last.pt (the first save).
-    def copy_half_done() -> bool:
-        try:
-            return first.is_file() and 0 < last.stat().st_size < first.stat().st_size
-        except FileNotFoundError:
-            return False
-
-    assert _kill_when(_start(args, tmp_path / "kill1.log", slow_copy=True), copy_half_done)
-    assert checkpoint_problem(str(last)) is not None, "the kill left checkpoint_last.pt truncated"
+    _kill_inside_the_copy(args, save_dir, tmp_path / "kill1.log")
 
     # 2. Re-run the same command: checkpoint_last.pt is replaced by checkpoint_1_2.pt; killed
     #    right after "Preparing to save" at update 6, wherever that lands in the save.

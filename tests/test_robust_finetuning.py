@@ -160,7 +160,9 @@ def test_unreadable_checkpoint_is_an_error_naming_the_file(asr, tmp_path):
         task.build_model(cfg.model)
 
 
+@pytest.mark.slow
 def test_cli_layer_mismatch_exits_non_zero_with_the_message(asr, tmp_path):
+    """fairseq-train itself stops (the in-process tests above take the same path, build_model)."""
     deeper, _ = save_slam_checkpoint(tmp_path / "deeper.pt", speech_encoder_layers=3)
     run = run_fairseq(
         "fairseq-train", asr["data"], "--user-dir", USER_DIR, "--task", "speech_to_text",
