@@ -38,7 +38,8 @@ from typing import List, Optional
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointRecoveryError", "RecoveryResult", "checkpoint_problem", "intact_checkpoints",
-           "recover_checkpoint_dir", "recover_checkpoint_dir_on_rank_zero", "atomic_copy"]
+           "recover_checkpoint_dir", "recover_checkpoint_dir_on_rank_zero", "recover_for_training_args",
+           "atomic_copy"]
 
 DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
 CORRUPT_SUFFIX = ".corrupt"
@@ -234,3 +235,15 @@ def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAU
     if failure is not None:
         raise failure
     return result
+
+
+def recover_for_training_args(args) -> Optional[RecoveryResult]:
+    """:func:`recover_checkpoint_dir_on_rank_zero` from a fairseq command line (``task.args`` of
+    fairseq's legacy tasks such as ``speech_to_text``), for ``fairseq-train`` only: nothing is done
+    when the arguments name ``--path`` (fairseq-generate, fairseq-validate) or no save dir."""
+    if args is None or getattr(args, "path", None):
+        return None
+    save_dir, restore_file = getattr(args, "save_dir", None), getattr(args, "restore_file", None)
+    if not save_dir or not restore_file:
+        return None
+    return recover_checkpoint_dir_on_rank_zero(save_dir, restore_file, getattr(args, "checkpoint_suffix", "") or "")

@@ -77,6 +77,20 @@ def test_encoder_gives_a_short_utterance_one_frame_and_leaves_the_others_alone(c
     assert encoder.num_short_inputs == 1
 
 
+def test_fine_tuning_replaces_an_unreadable_checkpoint_last_before_fairseq_loads_it(asr, tmp_path, caplog):
+    save_dir = tmp_path / "checkpoints"
+    save_dir.mkdir()
+    intact = save_dir / "checkpoint_3_30.pt"
+    intact.write_bytes(asr["checkpoint"].read_bytes())
+    last = save_dir / "checkpoint_last.pt"
+    last.write_bytes(asr["checkpoint"].read_bytes()[:-4000])  # a kill during fairseq's copy
+    cfg, task = _setup(asr["data"], asr["task"], save_dir)
+    with caplog.at_level(logging.WARNING):
+        task.build_model(cfg.model)
+    assert last.read_bytes() == intact.read_bytes() and (save_dir / "checkpoint_last.pt.corrupt").is_file()
+    assert f"moved it to {last}.corrupt and resuming from {intact}" in caplog.text
+
+
 def test_cli_finetune_and_generate_over_a_manifest_with_a_short_utterance(asr, tmp_path):
     save_dir = tmp_path / "checkpoints"
     log = run_fairseq(

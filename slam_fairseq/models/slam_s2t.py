@@ -48,6 +48,7 @@ from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf, open_dict
 from torch import Tensor, nn
 
+from slam_fairseq.checkpoint_recovery import recover_for_training_args
 from slam_fairseq.encoders.slam_encoder import SlamEncoder
 from slam_fairseq.models.pretrained_loading import load_pretrained_slam_encoder, weights_restored_by_fairseq
 from slam_fairseq.models.slam import SlamEncoderConfig, build_slam_encoder, config_from, slam_paper, slam_tiny
@@ -282,6 +283,8 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
     @classmethod
     def build_model(cls, cfg, task) -> "SlamS2TModel":
         given_cfg = cfg
+        # fairseq loads checkpoint_last.pt after building the model: an unreadable one is replaced first.
+        recover_for_training_args(getattr(task, "args", None))
         cfg = config_from(cfg, SlamS2TConfig)
         if cfg.input_channels != 1:
             raise ValueError(f"slam_s2t reads single-channel features; the data config has "
