@@ -125,7 +125,7 @@ def test_not_a_slam_checkpoint_is_refused(data, tmp_path):
 
 def test_no_copy_when_fairseq_restores_a_checkpoint(data, tmp_path):
     # fairseq-train resuming: checkpoint_last.pt in --save-dir
-    (tmp_path / "checkpoint_last.pt").write_bytes(b"")
+    (tmp_path / "checkpoint_last.pt").write_bytes(data["checkpoint"].read_bytes())  # readable: not repaired
     cfg, task = setup(data["st"], data["st_task"], tmp_path, "--load-pretrained-slam-from", "/missing/slam.pt")
     task.build_model(cfg.model)  # the (missing) pre-trained file is not even opened
     assert cfg.model.pretrained_slam_loaded is True
