@@ -115,11 +115,13 @@ def _legacy_load_problem(path: str, size: int) -> Optional[str]:
 def _candidate_pattern(suffix: str) -> re.Pattern:
     """The checkpoints fairseq's ``save_checkpoint`` writes (epoch, update, best), with ``suffix``."""
     tail = re.escape(suffix) + r"\.pt"
-    return re.compile(rf"checkpoint(?:\d+|_\d+_\d+|_best|\.best_.+)" + tail)
+    return re.compile(r"checkpoint(?:\d+|_\d+_\d+|_best|\.best_.+)" + tail)
 
 
-def intact_checkpoints(save_dir: str, suffix: str = "", exclude: Optional[str] = None) -> List[str]:
-    """Paths of readable fairseq checkpoints in ``save_dir`` (not ``checkpoint_last``), newest first.
+def intact_checkpoints(save_dir: str, suffix: str = "", exclude: Optional[str] = None,
+                       limit: Optional[int] = None) -> List[str]:
+    """Paths of readable fairseq checkpoints in ``save_dir`` (not ``checkpoint_last``), newest first;
+    with ``limit``, the search stops once that many are found (each check reads a ``data.pkl``).
 
     Newest by modification time: fairseq writes every file of one save at the same moment (the
     first by a write, the others by copies), so the newest file holds the latest state.
@@ -140,6 +142,8 @@ def intact_checkpoints(save_dir: str, suffix: str = "", exclude: Optional[str] =
         problem = checkpoint_problem(path)
         if problem is None:
             intact.append(path)
+            if limit is not None and len(intact) >= limit:
+                break
         else:
             logger.warning(f"{path} {problem}: not used for recovery")
     return intact
@@ -193,8 +197,9 @@ def recover_checkpoint_dir(save_dir: str, restore_file: str = DEFAULT_RESTORE_FI
     problem = checkpoint_problem(restore_path)
     if problem is None:
         return RecoveryResult("none", restore_path)
-    candidates = intact_checkpoints(save_dir, suffix, exclude=restore_path)
-    if restore_file != DEFAULT_RESTORE_FILE:
+    explicit = restore_file != DEFAULT_RESTORE_FILE
+    candidates = intact_checkpoints(save_dir, suffix, exclude=restore_path, limit=None if explicit else 1)
+    if explicit:
         raise CheckpointRecoveryError(
             f"--restore-file {restore_path} {problem}; intact checkpoints in {save_dir}: "
             f"{[os.path.basename(path) for path in candidates] or 'none'}")

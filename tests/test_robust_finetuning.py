@@ -8,7 +8,6 @@ and exit codes, not about what the model learns.
 from __future__ import annotations
 
 import logging
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
