@@ -85,7 +85,8 @@ def test_load_report_names_unused_and_missing_keys(data):
     checkpoint_state = dict(data["checkpoint_state"])
     dropped = "encoder.multimodal_encoder.modality_embedding.weight"
     del checkpoint_state[dropped]
-    report = copy_pretrained_encoder(encoder, checkpoint_state, PRETRAINED_PARTS, "x.pt", "slam")
+    report = copy_pretrained_encoder(encoder, checkpoint_state, PRETRAINED_PARTS, "x.pt", "slam",
+                                     allow_partial=True)
     assert report.missing_model_keys == [dropped]
     assert "msm_head.weight" in report.unused_checkpoint_keys
     assert any(key.startswith("encoder.text_encoder.") for key in report.unused_checkpoint_keys)
@@ -122,7 +123,7 @@ def test_not_a_slam_checkpoint_is_refused(data, tmp_path):
 
 def test_no_copy_when_fairseq_restores_a_checkpoint(data, tmp_path):
     # fairseq-train resuming: checkpoint_last.pt in --save-dir
-    (tmp_path / "checkpoint_last.pt").write_bytes(b"")
+    (tmp_path / "checkpoint_last.pt").write_bytes(data["checkpoint"].read_bytes())  # readable: not repaired
     cfg, task = setup(data["st"], data["st_task"], tmp_path, "--load-pretrained-slam-from", "/missing/slam.pt")
     task.build_model(cfg.model)  # the (missing) pre-trained file is not even opened
     assert cfg.model.pretrained_slam_loaded is True

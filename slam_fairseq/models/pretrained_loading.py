@@ -40,6 +40,9 @@ class PretrainedLoadReport:
     unused_checkpoint_keys: checkpoint keys not copied (text encoder, pre-training heads, ...).
     missing_model_keys: keys of the pre-trainable encoder parts absent from the checkpoint (they
         keep their fresh initialisation).
+    extra_checkpoint_keys: checkpoint keys of those parts that the model lacks (another layer
+        count); also listed in ``unused_checkpoint_keys``.
+    mismatched_shapes: (key, checkpoint shape, model shape) of tensors not copied.
     """
 
     checkpoint: str
@@ -48,6 +51,29 @@ class PretrainedLoadReport:
     num_loaded_elements: int = 0
     unused_checkpoint_keys: List[str] = field(default_factory=list)
     missing_model_keys: List[str] = field(default_factory=list)
+    extra_checkpoint_keys: List[str] = field(default_factory=list)
+    mismatched_shapes: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def is_partial(self) -> bool:
+        return bool(self.missing_model_keys or self.extra_checkpoint_keys or self.mismatched_shapes)
+
+    def coverage_problems(self) -> str:
+        """What keeps the checkpoint from covering the encoder exactly (empty when it does)."""
+        problems = []
+        if self.missing_model_keys:
+            problems.append(f"model tensors missing from the checkpoint ({len(self.missing_model_keys)}): "
+                            f"{_group_by_layer(self.missing_model_keys)}")
+        if self.extra_checkpoint_keys:
+            problems.append(f"checkpoint tensors the model lacks ({len(self.extra_checkpoint_keys)}): "
+                            f"{_group_by_layer(self.extra_checkpoint_keys)}")
+        if self.mismatched_shapes:
+            shown = ", ".join(f"{key} has shape {source} in the checkpoint but {target} in the model"
+                              for key, source, target in self.mismatched_shapes[:_REPORT_KEYS_SHOWN])
+            more = len(self.mismatched_shapes) - _REPORT_KEYS_SHOWN
+            problems.append(f"shape mismatches ({len(self.mismatched_shapes)}): {shown}"
+                            + (f" and {more} more" if more > 0 else ""))
+        return "; ".join(problems)
 
     def summary(self) -> str:
         lines = [f"pre-trained SLAM encoder from {self.checkpoint} ({self.architecture or 'unnamed architecture'}): "
@@ -68,6 +94,21 @@ def _group_keys(keys: Sequence[str]) -> str:
         parts = key.split(".")
         depth = 2 if parts[0] == CHECKPOINT_ENCODER_PREFIX[:-1] else 1
         prefix = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+        groups[prefix] = groups.get(prefix, 0) + 1
+    shown = [f"{prefix} ({count})" if count > 1 else prefix
+             for prefix, count in list(groups.items())[:_REPORT_KEYS_SHOWN]]
+    if len(groups) > _REPORT_KEYS_SHOWN:
+        shown.append(f"... {len(groups) - _REPORT_KEYS_SHOWN} more groups")
+    return ", ".join(shown)
+
+
+def _group_by_layer(keys: Sequence[str]) -> str:
+    """Keys grouped up to their first layer number: ``encoder.speech_encoder.conformer.layers.2.* (31)``."""
+    groups: Dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        numbered = [index for index, part in enumerate(parts) if part.isdigit()]
+        prefix = ".".join(parts[: numbered[0] + 1]) + ".*" if numbered else key
         groups[prefix] = groups.get(prefix, 0) + 1
     shown = [f"{prefix} ({count})" if count > 1 else prefix
              for prefix, count in list(groups.items())[:_REPORT_KEYS_SHOWN]]
@@ -101,7 +142,11 @@ def read_slam_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[s
 
     if not PathManager.exists(path):
         raise PretrainedSlamError(f"--load-pretrained-slam-from {path}: no such file")
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except Exception as error:  # torch and pickle raise many types; each means "unreadable"
+        raise PretrainedSlamError(f"--load-pretrained-slam-from {path}: cannot be read as a checkpoint "
+                                  f"({type(error).__name__}: {str(error).strip()[:300]})") from error
     model_state = state.get("model")
     if not isinstance(model_state, Mapping) or not model_state:
         raise PretrainedSlamError(f"--load-pretrained-slam-from {path}: not a fairseq checkpoint "
@@ -121,7 +166,8 @@ def read_slam_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[s
 
 def copy_pretrained_encoder(encoder: nn.Module, checkpoint_state: Mapping[str, torch.Tensor],
                             pretrained_parts: Sequence[str], checkpoint: str = "<state>",
-                            architecture: Optional[str] = None) -> PretrainedLoadReport:
+                            architecture: Optional[str] = None,
+                            allow_partial: bool = False) -> PretrainedLoadReport:
     """Copy ``encoder.<part>.*`` tensors of a checkpoint into ``encoder``'s ``<part>.*``.
 
     Args:
@@ -130,8 +176,11 @@ def copy_pretrained_encoder(encoder: nn.Module, checkpoint_state: Mapping[str, t
         pretrained_parts: names of ``encoder``'s children that come from pre-training
             (``speech_encoder``, ``multimodal_encoder``); other children keep their initialisation
             and are not reported as missing.
+        allow_partial: copy the tensors that match and report the rest, instead of refusing a
+            checkpoint that does not cover those parts exactly.
     Raises:
-        PretrainedSlamError: a tensor's shape differs (the message names the key and both shapes).
+        PretrainedSlamError: without ``allow_partial``, a tensor missing on either side or of
+            another shape (the message names the file, the keys and both shapes); nothing is copied.
     """
     target_state = encoder.state_dict()
     report = PretrainedLoadReport(checkpoint=checkpoint, architecture=architecture)
@@ -145,14 +194,22 @@ def copy_pretrained_encoder(encoder: nn.Module, checkpoint_state: Mapping[str, t
             continue
         source = checkpoint_state[checkpoint_key]
         if tuple(source.shape) != tuple(target.shape):
-            raise PretrainedSlamError(
-                f"--load-pretrained-slam-from {checkpoint}: {checkpoint_key} has shape "
-                f"{tuple(source.shape)} in the checkpoint but {tuple(target.shape)} in the model; "
-                f"build the encoder with the sizes it was pre-trained with (checkpoint architecture: "
-                f"{architecture or 'unnamed'}; --arch and --encoder-embed-dim ... of slam_s2t)")
+            report.mismatched_shapes.append((checkpoint_key, tuple(source.shape), tuple(target.shape)))
+            continue
         to_load[key] = source
         report.loaded_keys.append(checkpoint_key)
         report.num_loaded_elements += source.numel()
+    part_prefixes = tuple(f"{CHECKPOINT_ENCODER_PREFIX}{part}." for part in pretrained_parts)
+    model_keys = {CHECKPOINT_ENCODER_PREFIX + key for key in target_state}
+    report.extra_checkpoint_keys = [key for key in checkpoint_state
+                                    if key.startswith(part_prefixes) and key not in model_keys]
+    if report.is_partial and not allow_partial:
+        raise PretrainedSlamError(
+            f"--load-pretrained-slam-from {checkpoint}: the checkpoint (architecture "
+            f"{architecture or 'unnamed'}) does not fit the encoder: {report.coverage_problems()}. Build "
+            "the encoder with the sizes it was pre-trained with (--arch, --encoder-embed-dim, "
+            "--speech-encoder-layers, ... of slam_s2t), or pass --allow-partial-pretrained-slam to copy "
+            "the tensors that fit and keep the others randomly initialised")
     result = encoder.load_state_dict(to_load, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     loaded = set(report.loaded_keys)
@@ -160,13 +217,14 @@ def copy_pretrained_encoder(encoder: nn.Module, checkpoint_state: Mapping[str, t
     return report
 
 
-def load_pretrained_slam_encoder(encoder: nn.Module, path: str,
-                                 pretrained_parts: Sequence[str]) -> PretrainedLoadReport:
-    """:func:`read_slam_checkpoint` + :func:`copy_pretrained_encoder`, with the report logged."""
+def load_pretrained_slam_encoder(encoder: nn.Module, path: str, pretrained_parts: Sequence[str],
+                                 allow_partial: bool = False) -> PretrainedLoadReport:
+    """:func:`read_slam_checkpoint` + :func:`copy_pretrained_encoder`, with the report logged;
+    a partial load (only with ``allow_partial``) is a WARNING listing what did not fit."""
     checkpoint_state, arch = read_slam_checkpoint(path)
-    report = copy_pretrained_encoder(encoder, checkpoint_state, pretrained_parts, path, arch)
+    report = copy_pretrained_encoder(encoder, checkpoint_state, pretrained_parts, path, arch, allow_partial)
     logger.info(report.summary())
-    if report.missing_model_keys:
-        logger.warning(f"{len(report.missing_model_keys)} encoder tensors were not in {path} and keep "
-                       f"their random initialisation (different layer counts?)")
+    if report.is_partial:
+        logger.warning(f"--allow-partial-pretrained-slam: {path} covers the encoder only in part; the tensors "
+                       f"that did not fit keep their random initialisation: {report.coverage_problems()}")
     return report

@@ -47,12 +47,15 @@ from fairseq.models.transformer import Embedding, TransformerDecoder
 from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
+from slam_fairseq.checkpoint_recovery import recover_for_training_args
 from slam_fairseq.compat.fairseq_internals import (drop_config_fields, record_in_saved_config,
                                                    weights_restored_by_fairseq)
 from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, config_from,
                                           set_defaults)
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.models.pretrained_loading import load_pretrained_slam_encoder
+from slam_fairseq.modules.short_inputs import extend_short_inputs
+from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES
 from slam_fairseq.objectives.pair_ctc import CTC_BLANK
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,10 @@ class SlamS2TConfig(SlamEncoderConfig):
     load_pretrained_slam_from: Optional[str] = field(
         default=None, metadata={"help": "copy the encoder of this slam_pretraining checkpoint when "
                                         "fine-tuning starts (not when fairseq restores a fine-tuning checkpoint)"})
+    allow_partial_pretrained_slam: bool = field(
+        default=False, metadata={"help": "with --load-pretrained-slam-from: copy the encoder tensors that fit "
+                                         "and keep the others random (a WARNING lists them) instead of "
+                                         "refusing a checkpoint that does not cover the encoder"})
     freeze_encoder_updates: int = field(
         default=0, metadata={"help": "run the SLAM encoder without gradients for this many updates"})
     ctc_head: bool = field(
@@ -138,6 +145,7 @@ class SlamSpeechEncoder(FairseqEncoder):
         self.freeze_updates = freeze_updates
         self.num_updates = 0
         self.max_source_positions = max_source_positions
+        self.num_short_inputs = 0
 
     def is_frozen(self) -> bool:
         return self.num_updates < self.freeze_updates
@@ -152,6 +160,7 @@ class SlamSpeechEncoder(FairseqEncoder):
             ``encoder_padding_mask`` [(B, T')], and ``slam_encoder_out`` [(T', B, D_encoder)] (the
             SLAM encoder output, for the CTC head).
         """
+        src_tokens, src_lengths = self._extend_short_inputs(src_tokens, src_lengths)
         with torch.no_grad() if self.is_frozen() else contextlib.nullcontext():
             speech = self.speech_encoder(src_tokens, src_lengths)
             joint = self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask)
@@ -165,6 +174,18 @@ class SlamSpeechEncoder(FairseqEncoder):
             "src_lengths": [],
             "slam_encoder_out": [states],
         }
+
+    def _extend_short_inputs(self, features: Tensor, lengths: Tensor):
+        """Utterances under 7 frames get zero frames up to 7 (``short_inputs``); counted in a
+        warning at the 1st, 2nd, 4th, 8th, ... such utterance."""
+        features, lengths, num_short = extend_short_inputs(features, lengths)
+        if num_short:
+            before, self.num_short_inputs = self.num_short_inputs, self.num_short_inputs + num_short
+            if self.num_short_inputs.bit_length() > before.bit_length():  # crossed a power of two
+                logger.warning(f"{self.num_short_inputs} utterance(s) shorter than {MIN_INPUT_FRAMES} feature "
+                               f"frames so far were extended with zero frames to {MIN_INPUT_FRAMES} (one encoder "
+                               "frame each)")
+        return features, lengths
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order: Tensor):
         """Beam search reordering, ``slam_encoder_out`` included (the CTC head reads it when decoding)."""
@@ -237,6 +258,8 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
     @classmethod
     def build_model(cls, cfg, task) -> "SlamS2TModel":
         given_cfg = cfg
+        # fairseq loads checkpoint_last.pt after building the model: an unreadable one is replaced first.
+        recover_for_training_args(getattr(task, "args", None))
         cfg = config_from(cfg, SlamS2TConfig)
         if cfg.input_channels != 1:
             raise ValueError(f"slam_s2t reads single-channel features; the data config has "
@@ -269,7 +292,7 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         if reason is not None:
             logger.info(f"not copying the pre-trained encoder from {path}: {reason}")
         else:
-            load_pretrained_slam_encoder(encoder, path, PRETRAINED_PARTS)
+            load_pretrained_slam_encoder(encoder, path, PRETRAINED_PARTS, cfg.allow_partial_pretrained_slam)
         # Either way the weights the run saves descend from the pre-trained encoder.
         record_in_saved_config(given_cfg, "pretrained_slam_loaded", True)
 

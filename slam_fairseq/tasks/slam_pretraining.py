@@ -33,6 +33,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from slam_formats.names import pair_manifest_name, speech_manifest_name
+from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
 from slam_fairseq.compat.fairseq_internals import is_fully_sharded
 from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings, expected_masked_fraction
@@ -40,13 +41,15 @@ from slam_fairseq.data.pretraining.pair import PretrainingPairDataset
 from slam_fairseq.data.pretraining.round_robin import (MODALITIES, RoundRobinBatchDataset,
                                                        RoundRobinEpochBatchIterator,
                                                        make_modality_batches)
+from slam_fairseq.data.pretraining.row_checks import BAD_ROWS_KEY, BadRowLimits, drop_bad_feature_rows
 from slam_fairseq.data.pretraining.span_masks import (SPAN_DISTRIBUTIONS, SpanMaskingSettings,
                                                         TextVocabulary)
 from slam_fairseq.data.pretraining.speech import (PretrainingSpeechDataset, SpeechFeatureReader,
-                                                          read_speech_rows)
+                                                          SpeechRows, read_speech_rows)
 from slam_fairseq.data.pretraining.text import (PretrainingTextDataset, load_text_tokens,
                                                         text_source_paths)
 from slam_fairseq.tasks.logging_schema import complete_logging_output, logging_keys_of
+from slam_fairseq.tasks.nonfinite_updates import NonFiniteUpdateGuard
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,11 @@ class SlamPretrainingConfig(FairseqDataclass):
         1024, "longest text in tokens (eos included); longer ones are skipped (counted)")
     feature_normalization: ChoiceEnum(FEATURE_NORMALIZATIONS) = _option(
         "auto", "auto: global CMVN when config.yaml names stats, else per utterance")
+    max_bad_rows: int = _option(
+        100, "speech/pair rows of a manifest that may be bad (dropped at load or skipped mid-run) before "
+             "the run stops (-1: no limit)")
+    max_bad_row_fraction: float = _option(
+        0.001, "the same limit as a share of the manifest's rows; the larger of the two applies")
 
     # -- text span masking (SpanBERT) -------------------------------------------------------------
     text_mask_prob: float = _option(0.15, "fraction of text tokens masked")
@@ -113,6 +121,9 @@ class SlamPretrainingConfig(FairseqDataclass):
     seed: int = II("common.seed")
     max_update: int = II("optimization.max_update")
     train_subset: str = II("dataset.train_subset")
+    save_dir: str = II("checkpoint.save_dir")
+    restore_file: str = II("checkpoint.restore_file")
+    checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
 
 
 def parse_modalities(value: str, option: str) -> Tuple[str, ...]:
@@ -179,6 +190,8 @@ class SlamPretrainingTask(FairseqTask):
         self.tlm_speech_masking = FrameMaskingSettings(cfg.tlm_speech_mask_prob, cfg.tlm_speech_mask_length)
         self.model_max_positions: Optional[Tuple[int, int]] = None
         self.num_updates_seen = 0
+        self.bad_row_limits = BadRowLimits(cfg.max_bad_rows, cfg.max_bad_row_fraction)
+        self.update_guard = NonFiniteUpdateGuard()
         self._announced_stage: Optional[int] = None
 
     # -- setup ------------------------------------------------------------------------------------
@@ -186,6 +199,8 @@ class SlamPretrainingTask(FairseqTask):
     def setup_task(cls, cfg: SlamPretrainingConfig, **kwargs):
         task = cls(cfg, PretrainingDataConfig(cfg.data, str(cfg.feature_normalization)))
         task.check_training_data()
+        # Before fairseq loads the checkpoint: an unreadable checkpoint_last.pt is replaced.
+        recover_checkpoint_dir_on_rank_zero(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or "")
         logger.info(f"dictionary: {len(task.dictionary)} symbols (<mask> = {task.vocabulary.mask}); "
                     f"features: {task.data_config.describe_normalization()}")
         logger.info(task.describe_schedule())
@@ -278,17 +293,33 @@ class SlamPretrainingTask(FairseqTask):
         data_dir, seed = self.cfg.data, self.cfg.seed
         transform, dim = self.data_config.feature_transform, self.data_config.input_feat_per_channel
         if name == "speech":
-            rows = read_speech_rows(self.data_config.data_dir / speech_manifest_name(split))
+            rows = self._checked_rows(read_speech_rows(self.data_config.data_dir / speech_manifest_name(split)))
             return PretrainingSpeechDataset(SpeechFeatureReader(rows, data_dir, transform, dim),
                                             self.speech_masking, seed)
         if name == "text":
             tokens = load_text_tokens(data_dir, split, self.dictionary, self.data_config.encode_lines)
             return PretrainingTextDataset(tokens, self.vocabulary, self.text_masking, seed)
         rows = read_speech_rows(self.data_config.data_dir / pair_manifest_name(split), need_transcript=True)
+        rows = self._checked_rows(rows)
         transcripts = self.data_config.encode_lines(rows.transcripts)
         return PretrainingPairDataset(SpeechFeatureReader(rows, data_dir, transform, dim), transcripts,
                                       self.vocabulary, self.tlm_text_masking, self.tlm_speech_masking,
                                       self.cfg.stm_negative_prob, seed)
+
+    def _checked_rows(self, rows: SpeechRows) -> SpeechRows:
+        """Rows whose features pass the cheap checks of ``pretraining_row_checks`` (counted)."""
+        rows, report = drop_bad_feature_rows(rows, self.cfg.data, self.data_config.input_feat_per_channel)
+        self.bad_row_limits.register(report)
+        return rows
+
+    def _count_bad_rows(self, sample) -> None:
+        """Count the examples a batch left out (``BAD_ROWS_KEY``); stops the run past the limit."""
+        from fairseq import metrics
+
+        if sample and sample.get(BAD_ROWS_KEY):
+            self.bad_row_limits.record(sample[BAD_ROWS_KEY])
+        if self.bad_row_limits.num_bad_mid_run:
+            metrics.log_scalar("bad_rows", self.bad_row_limits.num_bad_mid_run, weight=0, priority=310, round=0)
 
     def position_limits(self) -> Tuple[int, int]:
         """(speech frames, text tokens): the task's limits, lowered to the model's when known."""
@@ -396,6 +427,8 @@ class SlamPretrainingTask(FairseqTask):
         stage = self._announce_stage(update_num)
         metrics.log_scalar("stage", stage, weight=0, priority=300, round=0)
         modalities = [name for name in self.active_modalities(update_num) if name in sample]
+        if not ignore_grad:  # fairseq's dummy batches repeat an earlier batch
+            self._count_bad_rows(sample)
         use_amp = isinstance(optimizer, AMPOptimizer)
         total_loss, outputs = torch.zeros(()), []
         for position, name in enumerate(modalities):
@@ -413,12 +446,20 @@ class SlamPretrainingTask(FairseqTask):
                 if sample_size not in (0.0, 1.0):
                     loss = loss / sample_size
                 with torch.autograd.profiler.record_function(f"backward-{name}"):
-                    optimizer.backward(loss)
+                    optimizer.backward(self.update_guard.loss_for_backward(name, loss, model))
             total_loss = total_loss.to(loss.device) + loss.detach().float()
             outputs.append(logging_output)
+        self.update_guard.after_backward(optimizer)  # a non-finite modality: the whole update is skipped
         self.num_updates_seen = update_num + 1
         sample_size = 1 if modalities else 0
         return total_loss, sample_size, _step_logging_output(outputs, sample_size, model, criterion)
+
+    def optimizer_step(self, optimizer, model, update_num) -> None:
+        """fairseq's step, unless a modality's loss was not finite on any rank (``nonfinite_updates``)."""
+        skip = self.update_guard.skip_update(model, update_num)
+        self.update_guard.log()
+        if not skip:
+            super().optimizer_step(optimizer, model, update_num)
 
     def valid_step(self, sample, model, criterion):
         """As ``train_step`` without backward, for the modalities active at the last update.
@@ -429,6 +470,7 @@ class SlamPretrainingTask(FairseqTask):
         from fairseq import utils
 
         model.eval()
+        self._count_bad_rows(sample)
         modalities = [name for name in self.active_modalities(self.num_updates_seen) if name in sample]
         total_loss, outputs = torch.zeros(()), []
         ids = [MODALITIES.index(name) for name in modalities]

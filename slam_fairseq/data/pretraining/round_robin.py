@@ -32,6 +32,7 @@ from fairseq.data import FairseqDataset, data_utils, iterators
 
 from slam_fairseq.compat.fairseq_internals import reset_cached_batches
 from slam_fairseq.data.pretraining.modality import MODALITIES, PretrainingModalityDataset
+from slam_fairseq.data.pretraining.row_checks import BAD_ROWS_KEY, BadRowError
 from slam_fairseq.data.pretraining.seeding import BATCH_CYCLE_ORDER, masking_rng
 
 logger = logging.getLogger(__name__)
@@ -154,10 +155,22 @@ class RoundRobinBatchDataset(FairseqDataset):
         return [[(epoch, step)] for step in range(self.num_steps)]
 
     # -- FairseqDataset ------------------------------------------------------------------------
-    def __getitem__(self, key: StepKey) -> Dict[str, List[Dict[str, Any]]]:
+    def __getitem__(self, key: StepKey) -> Dict[str, List[Any]]:
+        """Items of every modality at this step; examples that raise :class:`BadRowError` are
+        left out and listed under ``BAD_ROWS_KEY`` as (manifest, row id, message)."""
         epoch, step = key
-        return {name: [self.datasets[name].get_item(int(index), epoch) for index in indices]
-                for name, indices in self.step_indices(epoch, step).items()}
+        items: Dict[str, List[Any]] = {}
+        bad_rows = []
+        for name, indices in self.step_indices(epoch, step).items():
+            items[name] = []
+            for index in indices:
+                try:
+                    items[name].append(self.datasets[name].get_item(int(index), epoch))
+                except BadRowError as error:
+                    bad_rows.append((str(error.source or self.datasets[name].name),
+                                     str(error.row if error.row is not None else f"{name} {index}"), str(error)))
+        items[BAD_ROWS_KEY] = bad_rows
+        return items
 
     def __len__(self) -> int:
         return self.num_steps
@@ -167,7 +180,12 @@ class RoundRobinBatchDataset(FairseqDataset):
             return {}  # an empty shard slot: fairseq turns it into a dummy batch
         if len(samples) != 1:
             raise ValueError(f"a round-robin batch is one step, got {len(samples)}")
-        return {name: self.datasets[name].collater(items) for name, items in samples[0].items()}
+        items = dict(samples[0])
+        bad_rows = items.pop(BAD_ROWS_KEY, [])
+        batch = {name: self.datasets[name].collater(examples) for name, examples in items.items() if examples}
+        if bad_rows:
+            batch[BAD_ROWS_KEY] = bad_rows
+        return batch
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

@@ -26,6 +26,7 @@ from slam_formats.features import AudioError, read_features
 from slam_formats.manifest import ManifestError, read_s2t_manifest
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
+from slam_fairseq.data.pretraining.row_checks import BadRowError
 from slam_fairseq.data.pretraining.seeding import SPEECH_FRAME_MASK, masking_rng
 from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES, subsampled_lengths
 
@@ -35,7 +36,7 @@ __all__ = ["SpeechDataError", "SpeechRows", "read_speech_rows", "SpeechFeatureRe
            "PretrainingSpeechDataset", "collate_speech", "num_subsampled_frames"]
 
 
-class SpeechDataError(ValueError):
+class SpeechDataError(BadRowError):
     """Unusable speech input; the message names the manifest and the row or feature file."""
 
 
@@ -120,11 +121,13 @@ class SpeechFeatureReader:
         where = f"{self.rows.manifest}: row {self.rows.ids[index]!r}"
         try:
             features = read_features(audio, self.data_dir, num_mel_bins=self.feature_dim)
-        except (AudioError, ValueError, OSError) as error:  # unreadable, wrong dimension, missing
-            raise SpeechDataError(f"{where}: {error}") from error
+        except (AudioError, ValueError, OSError, EOFError) as error:  # unreadable, wrong dimension, missing
+            raise SpeechDataError(f"{where}: {error}", source=str(self.rows.manifest),
+                                  row=self.rows.ids[index]) from error
         if len(features) < MIN_INPUT_FRAMES:
             raise SpeechDataError(f"{where}: {audio} has {len(features)} frames, fewer than "
-                                  f"{MIN_INPUT_FRAMES} (n_frames in the manifest says {self.rows.n_frames[index]})")
+                                  f"{MIN_INPUT_FRAMES} (n_frames in the manifest says {self.rows.n_frames[index]})",
+                                  source=str(self.rows.manifest), row=self.rows.ids[index])
         return self.transform(features)
 
 

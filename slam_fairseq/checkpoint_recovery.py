@@ -1,0 +1,254 @@
+"""Resume after a kill, whenever it came: replace an unreadable ``checkpoint_last.pt`` before
+fairseq loads it.
+
+fairseq 0.12 writes the first checkpoint of a save atomically (``.tmp`` + rename) but then *copies*
+it onto ``checkpoint_last.pt`` (and ``checkpoint_best.pt``) in place. A kill during that copy
+leaves a truncated ``checkpoint_last.pt`` next to an intact ``checkpoint_E_U.pt``, and re-running
+the same command fails in ``torch.load`` ("failed finding central directory").
+
+:func:`recover_checkpoint_dir` runs before fairseq loads the checkpoint (the task calls it from
+``setup_task``; fairseq builds the task first). If the file fairseq is about to restore exists but
+is unreadable, the bytes are kept as ``checkpoint_last.pt.corrupt`` and the newest intact
+checkpoint of the save dir is put in its place atomically (copy to a temporary file, then
+``os.replace``), with a WARNING naming both files. The file never disappears on the way (the
+corrupt bytes are hard-linked aside, then replaced), so another rank that only asks whether it
+exists never sees a gap. Without an intact checkpoint the corrupt file is moved aside and training
+starts fresh, with a WARNING.
+
+An explicit ``--restore-file`` (any name but ``checkpoint_last.pt``) is the user's choice and is
+not substituted: an unreadable one is an error naming it and the intact checkpoints beside it.
+
+"Readable" is checked cheaply: PyTorch's zip format must have its central directory (it sits at
+the end of the file, so a truncated file has none), a ``data.pkl`` entry whose CRC matches, and
+every entry must lie inside the file. A file in PyTorch's legacy (non-zip) format is loaded fully
+(``torch.load`` on CPU, weights only).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointRecoveryError", "RecoveryResult", "checkpoint_problem", "intact_checkpoints",
+           "recover_checkpoint_dir", "recover_checkpoint_dir_on_rank_zero", "recover_for_training_args",
+           "atomic_copy"]
+
+DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointRecoveryError(RuntimeError):
+    """An unreadable checkpoint that cannot be replaced; the message names the file."""
+
+
+@dataclass
+class RecoveryResult:
+    """What :func:`recover_checkpoint_dir` did.
+
+    action: ``none`` (nothing to do: no file, or a readable one), ``replaced`` (an intact
+        checkpoint now stands in its place) or ``fresh`` (no intact checkpoint: moved aside, so
+        training starts from scratch).
+    restore_path: the file fairseq will restore.
+    corrupt_path: where the unreadable bytes were kept (``replaced`` and ``fresh``).
+    source_path: the intact checkpoint copied into place (``replaced``).
+    problem: why the file was unreadable.
+    """
+
+    action: str
+    restore_path: str
+    corrupt_path: Optional[str] = None
+    source_path: Optional[str] = None
+    problem: Optional[str] = None
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a loadable PyTorch checkpoint, or None when it looks intact.
+
+    Zip format (PyTorch >= 1.6): central directory present, a ``<archive>/data.pkl`` entry whose
+    bytes match its CRC, every entry inside the file. Other files: a full ``torch.load`` on CPU.
+    """
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as error:
+        return f"cannot be read ({error})"
+    if size == 0:
+        return "is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return _legacy_load_problem(path, size)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+            pickles = [info for info in entries if info.filename.endswith("/data.pkl") or info.filename == "data.pkl"]
+            if not pickles:
+                return f"is a zip of {size:,} bytes without the data.pkl entry of a PyTorch checkpoint"
+            for info in entries:
+                if info.header_offset + info.compress_size > size:
+                    return f"entry {info.filename} ends past the end of the file ({size:,} bytes)"
+            with archive.open(pickles[0]) as handle:
+                while handle.read(1 << 20):  # the CRC is checked when the entry is read to its end
+                    pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
+        return f"is a damaged zip of {size:,} bytes ({error})"
+    return None
+
+
+def _legacy_load_problem(path: str, size: int) -> Optional[str]:
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types; all mean "not loadable"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"is not a loadable checkpoint ({size:,} bytes; torch.load: {first_line[:200]})"
+    return None
+
+
+def _candidate_pattern(suffix: str) -> re.Pattern:
+    """The checkpoints fairseq's ``save_checkpoint`` writes (epoch, update, best), with ``suffix``."""
+    tail = re.escape(suffix) + r"\.pt"
+    return re.compile(r"checkpoint(?:\d+|_\d+_\d+|_best|\.best_.+)" + tail)
+
+
+def intact_checkpoints(save_dir: str, suffix: str = "", exclude: Optional[str] = None,
+                       limit: Optional[int] = None) -> List[str]:
+    """Paths of readable fairseq checkpoints in ``save_dir`` (not ``checkpoint_last``), newest first;
+    with ``limit``, the search stops once that many are found (each check reads a ``data.pkl``).
+
+    Newest by modification time: fairseq writes every file of one save at the same moment (the
+    first by a write, the others by copies), so the newest file holds the latest state.
+    """
+    directory = Path(save_dir)
+    if not directory.is_dir():
+        return []
+    pattern = _candidate_pattern(suffix)
+    found = []
+    for entry in directory.iterdir():
+        if not entry.is_file() or not pattern.fullmatch(entry.name):
+            continue
+        if exclude is not None and os.path.abspath(entry) == os.path.abspath(exclude):
+            continue
+        found.append((entry.stat().st_mtime_ns, entry.name, str(entry)))
+    intact = []
+    for _, _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            intact.append(path)
+            if limit is not None and len(intact) >= limit:
+                break
+        else:
+            logger.warning(f"{path} {problem}: not used for recovery")
+    return intact
+
+
+def atomic_copy(source: str, destination: str) -> None:
+    """Copy ``source`` onto ``destination`` so that a kill leaves the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(destination))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(destination))
+    os.close(handle)
+    try:
+        shutil.copyfile(source, temporary)
+        with open(temporary, "rb+") as out:
+            os.fsync(out.fileno())
+        os.replace(temporary, destination)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _keep_corrupt_bytes(path: str) -> str:
+    """Hard-link (else copy) ``path`` to ``path.corrupt``, leaving ``path`` where it is."""
+    corrupt = path + CORRUPT_SUFFIX
+    if os.path.lexists(corrupt):
+        os.unlink(corrupt)
+    try:
+        os.link(path, corrupt)
+    except OSError:  # no hard links on this filesystem
+        shutil.copyfile(path, corrupt)
+    return corrupt
+
+
+def recover_checkpoint_dir(save_dir: str, restore_file: str = DEFAULT_RESTORE_FILE,
+                           suffix: str = "") -> RecoveryResult:
+    """Make the checkpoint fairseq is about to restore readable (see the module docstring).
+
+    Args:
+        save_dir: ``--save-dir``.
+        restore_file: ``--restore-file``; the default ``checkpoint_last.pt`` means
+            ``<save_dir>/checkpoint_last<suffix>.pt``, any other value is used as fairseq uses it.
+        suffix: ``--checkpoint-suffix``.
+    Raises:
+        CheckpointRecoveryError: an explicit ``--restore-file`` is unreadable.
+    """
+    if restore_file == DEFAULT_RESTORE_FILE:
+        restore_path = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+    else:
+        restore_path = restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
+    if not os.path.isfile(restore_path):
+        return RecoveryResult("none", restore_path)
+    problem = checkpoint_problem(restore_path)
+    if problem is None:
+        return RecoveryResult("none", restore_path)
+    explicit = restore_file != DEFAULT_RESTORE_FILE
+    candidates = intact_checkpoints(save_dir, suffix, exclude=restore_path, limit=None if explicit else 1)
+    if explicit:
+        raise CheckpointRecoveryError(
+            f"--restore-file {restore_path} {problem}; intact checkpoints in {save_dir}: "
+            f"{[os.path.basename(path) for path in candidates] or 'none'}")
+    corrupt = _keep_corrupt_bytes(restore_path)
+    if not candidates:
+        os.unlink(restore_path)
+        logger.warning(f"{restore_path} {problem}; moved it to {corrupt}. No intact checkpoint in {save_dir}: "
+                       "training starts from scratch")
+        return RecoveryResult("fresh", restore_path, corrupt_path=corrupt, problem=problem)
+    source = candidates[0]
+    atomic_copy(source, restore_path)
+    logger.warning(f"{restore_path} {problem} (a kill during fairseq's copy?); moved it to {corrupt} and "
+                   f"resuming from {source}, the newest intact checkpoint")
+    return RecoveryResult("replaced", restore_path, corrupt_path=corrupt, source_path=source, problem=problem)
+
+
+def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAULT_RESTORE_FILE,
+                                        suffix: str = "") -> Optional[RecoveryResult]:
+    """:func:`recover_checkpoint_dir` on global rank 0 only, the other ranks waiting at a barrier
+    (fairseq's rank 0 loads the checkpoint, the others only ask whether it exists).
+
+    Returns the result on rank 0, None on the other ranks.
+    """
+    import torch.distributed as dist
+
+    if any(value is None or str(value).startswith("${") for value in (save_dir, restore_file)):
+        return None  # a task config built outside fairseq's (no checkpoint settings to follow)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    result = None
+    failure: Optional[BaseException] = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            result = recover_checkpoint_dir(save_dir, restore_file, suffix)
+        except BaseException as error:  # re-raised after the barrier so that no rank hangs
+            failure = error
+    if distributed:
+        dist.barrier()
+    if failure is not None:
+        raise failure
+    return result
+
+
+def recover_for_training_args(args) -> Optional[RecoveryResult]:
+    """:func:`recover_checkpoint_dir_on_rank_zero` from a fairseq command line (``task.args`` of
+    fairseq's legacy tasks such as ``speech_to_text``), for ``fairseq-train`` only: nothing is done
+    when the arguments name ``--path`` (fairseq-generate, fairseq-validate) or no save dir."""
+    if args is None or getattr(args, "path", None):
+        return None
+    save_dir, restore_file = getattr(args, "save_dir", None), getattr(args, "restore_file", None)
+    if not save_dir or not restore_file:
+        return None
+    return recover_checkpoint_dir_on_rank_zero(save_dir, restore_file, getattr(args, "checkpoint_suffix", "") or "")

@@ -1,0 +1,83 @@
+"""A non-finite loss in any modality skips the whole update, on every rank, and is counted.
+
+``slam_pretraining`` runs one backward pass per modality. fairseq's own guard sees only the summed
+gradient: in FP32 a NaN or inf gradient norm raises ``FloatingPointError`` and ends the run; with
+``--fp16`` it is taken for a loss-scale overflow. :class:`NonFiniteUpdateGuard` acts earlier, on
+each modality's loss:
+
+1. :meth:`loss_for_backward`: a loss that is not finite is replaced by a zero that still touches
+   every trainable parameter (so DDP's reducer sees the same parameters on every rank and the
+   backward passes stay in step); the modality is remembered.
+2. :meth:`after_backward`: if any modality of the step was not finite, the gradients are zeroed, so
+   the gradient norm fairseq computes next is finite (no ``FloatingPointError``, no false overflow).
+3. :meth:`skip_update` (from the task's ``optimizer_step``): with several ranks the decision is
+   all-reduced (one rank's NaN skips the update everywhere, so the weights stay identical); when
+   skipped, ``optimizer.step()`` is not called: parameters and optimizer state (Adam's moments,
+   its step count, the FP16 loss scale) stay as they were. fairseq still counts the update and
+   steps the learning-rate schedule.
+
+The count is logged as ``nonfinite_updates`` (cumulative, from the first skipped update on) with a
+WARNING naming the update and the modalities.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteUpdateGuard", "zero_loss_over_parameters"]
+
+
+def zero_loss_over_parameters(model: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """A scalar 0 whose gradient is 0 for every trainable parameter of ``model``."""
+    terms = [parameter.reshape(-1)[:1].sum() * 0.0 for parameter in model.parameters() if parameter.requires_grad]
+    if not terms:
+        return torch.zeros((), device=like.device, dtype=like.dtype)
+    return torch.stack([term.to(like.dtype) for term in terms]).sum()
+
+
+class NonFiniteUpdateGuard:
+    """Per-update bookkeeping of non-finite modality losses (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.pending: List[str] = []
+        self.num_skipped_updates = 0
+
+    def loss_for_backward(self, name: str, loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+        """``loss``, or a parameter-touching zero when ``loss`` is NaN or infinite."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            return loss
+        self.pending.append(name)
+        return zero_loss_over_parameters(model, loss)
+
+    def after_backward(self, optimizer) -> None:
+        """Zero the step's gradients when one of its modalities was not finite."""
+        if self.pending:
+            optimizer.zero_grad()
+
+    def skip_update(self, model: torch.nn.Module, update_num: int) -> bool:
+        """Whether the coming optimizer step must be skipped (agreed by all ranks); resets the step."""
+        skip = bool(self.pending)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            flag = torch.tensor([1.0 if skip else 0.0], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            skip = bool(flag.item() > 0)
+        modalities, self.pending = self.pending, []
+        if skip:
+            self.num_skipped_updates += 1
+            where = ", ".join(modalities) if modalities else "another rank"
+            logger.warning(f"update {update_num + 1} skipped: non-finite loss in {where} "
+                           f"({self.num_skipped_updates} skipped so far); weights and optimizer state unchanged")
+        return skip
+
+    def log(self) -> None:
+        """Log the cumulative count as ``nonfinite_updates`` once an update was skipped."""
+        from fairseq import metrics
+
+        if self.num_skipped_updates:
+            metrics.log_scalar("nonfinite_updates", self.num_skipped_updates, weight=0, priority=320, round=0)

@@ -1,0 +1,217 @@
+"""Bad speech rows in pre-training (``slam_fairseq.data.pretraining.row_checks``): the cheap checks
+at load, each problem by name; rows skipped mid-run and counted with the file named; the limit;
+and real ``fairseq-train`` runs over manifests holding such rows (one that trains to the end, one
+that stops with a clear message past ``--max-bad-rows``).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pretraining_fixtures as fixtures  # noqa: E402
+
+from slam_fairseq.data.pretraining.round_robin import RoundRobinBatchDataset  # noqa: E402
+from slam_fairseq.data.pretraining.row_checks import (BAD_ROWS_KEY, BadRowLimits, RowCheckReport,  # noqa: E402
+                                                      TooManyBadRowsError, drop_bad_feature_rows,
+                                                      feature_row_problem)
+from slam_fairseq.data.pretraining.speech import (SpeechFeatureReader, SpeechRows,  # noqa: E402
+                                                          read_speech_rows)
+
+USER_DIR = str(fixtures.REPO_ROOT / "slam_fairseq")
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _corrupt_entry(data_dir: Path, reference: str) -> None:
+    """Overwrite a stored zip entry with zeros (its header gone: neither .npy nor audio)."""
+    path, offset, length = reference.rsplit(":", 2)
+    with open(data_dir / path, "r+b") as handle:
+        handle.seek(int(offset))
+        handle.write(b"\0" * int(length))
+
+
+@pytest.fixture()
+def feature_dir(tmp_path) -> Path:
+    """A zip holding one good entry of each kind and one bad entry of each problem."""
+    rng = np.random.default_rng(0)
+    features = {"good": rng.normal(size=(50, 80)).astype(np.float32),
+                "narrow": np.zeros((50, 40), dtype=np.float32),
+                "short": np.zeros((5, 80), dtype=np.float32),
+                "objects": np.array([[None] * 80] * 10, dtype=object),
+                "garbage": rng.normal(size=(30, 80)).astype(np.float32)}
+    with zipfile.ZipFile(tmp_path / "feats.zip", "w", zipfile.ZIP_STORED) as archive:
+        for name, array in features.items():
+            archive.writestr(f"{name}.npy", _npy_bytes(array) if array.dtype != object else
+                             _object_npy(array))
+    refs = _entry_references(tmp_path / "feats.zip", tmp_path)
+    _corrupt_entry(tmp_path, refs["garbage"])
+    np.save(tmp_path / "plain_narrow.npy", np.zeros((20, 40), dtype=np.float32))
+    np.save(tmp_path / "plain_good.npy", np.zeros((20, 80), dtype=np.float16))
+    (tmp_path / "refs.txt").write_text("\n".join(f"{k}\t{v}" for k, v in refs.items()))
+    return tmp_path
+
+
+def _object_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _entry_references(zip_path: Path, root: Path):
+    import struct
+
+    references = {}
+    with zipfile.ZipFile(zip_path) as archive, open(zip_path, "rb") as handle:
+        for info in archive.infolist():
+            handle.seek(info.header_offset + 26)
+            name_length, extra_length = struct.unpack("<HH", handle.read(4))
+            offset = info.header_offset + 30 + name_length + extra_length
+            references[info.filename[:-4]] = f"{zip_path.relative_to(root)}:{offset}:{info.file_size}"
+    return references
+
+
+def _refs(feature_dir: Path):
+    return dict(line.split("\t") for line in (feature_dir / "refs.txt").read_text().splitlines())
+
+
+def test_each_problem_is_found_without_reading_the_features(feature_dir):
+    refs = _refs(feature_dir)
+    root = str(feature_dir)
+    assert feature_row_problem(refs["good"], root, 80) is None
+    assert feature_row_problem("plain_good.npy", root, 80) is None  # any numeric dtype is read as float32
+    assert feature_row_problem(refs["narrow"], root, 80)[0] == "wrong shape or dtype"
+    assert "(50, 40)" in feature_row_problem(refs["narrow"], root, 80)[1]
+    assert feature_row_problem("plain_narrow.npy", root, 80)[0] == "wrong shape or dtype"
+    assert feature_row_problem(refs["short"], root, 80)[0] == "fewer than 7 frames"
+    assert feature_row_problem(refs["objects"], root, 80)[0] == "wrong shape or dtype"
+    kind, detail = feature_row_problem("missing.zip:100:200", root, 80)
+    assert kind == "feature file missing" and "missing.zip does not exist" in detail
+    path, offset, length = refs["good"].rsplit(":", 2)
+    size = (feature_dir / path).stat().st_size
+    assert feature_row_problem(f"{path}:{size - 10}:{length}", root, 80)[0] == "zip entry outside the file"
+    assert feature_row_problem(f"{path}:{offset}:{int(length) - 64}", root, 80)[0] == "npy size differs from the entry"
+    assert feature_row_problem(refs["garbage"], root, 80) is None, "no .npy header: read as audio, at read time"
+
+
+def _rows(feature_dir: Path, audio):
+    ids = [f"r{i}" for i in range(len(audio))]
+    return SpeechRows(feature_dir / "speech_train.tsv", ids, list(audio), np.full(len(audio), 50),
+                      [f"text {i}" for i in range(len(audio))])
+
+
+def test_bad_rows_are_dropped_at_load_with_one_warning_counting_them_by_problem(feature_dir, caplog):
+    refs = _refs(feature_dir)
+    audio = [refs["good"], "missing.zip:1:2", refs["narrow"], refs["good"], "gone.zip:1:2", refs["short"]]
+    with caplog.at_level(logging.WARNING):
+        kept, report = drop_bad_feature_rows(_rows(feature_dir, audio), str(feature_dir), 80)
+    assert kept.ids == ["r0", "r3"] and kept.transcripts == ["text 0", "text 3"]
+    assert list(kept.n_frames) == [50, 50] and report.num_bad == 4
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "speech_train.tsv: dropped 4 of 6 rows" in message
+    assert "2 feature file missing, 1 wrong shape or dtype, 1 fewer than 7 frames" in message
+    assert "'r1' (missing.zip:1:2: " in message and "'r2'" in message
+
+    with pytest.raises(TooManyBadRowsError, match=r"no usable rows: .*dropped 2 of 2"):
+        drop_bad_feature_rows(_rows(feature_dir, ["missing.zip:1:2", refs["narrow"]]), str(feature_dir), 80)
+
+
+def test_limit_is_the_larger_of_count_and_fraction_and_counts_each_row_once():
+    limits = BadRowLimits(max_bad_rows=2, max_bad_row_fraction=0.01)
+    limits.register(RowCheckReport("big.tsv", 1000, {"feature file missing": [("a", "x"), ("b", "y")]}))
+    assert limits.limit("big.tsv") == 10.0
+    limits.register(RowCheckReport("small.tsv", 10))
+    assert limits.limit("small.tsv") == 2
+    assert limits.record([("small.tsv", "u", "row 'u': broken at 0x1"),
+                          ("small.tsv", "u", "row 'u': broken at 0x2")]) == 1, "one row, counted once"
+    limits.record([("small.tsv", "v", "row 'v': broken")])
+    with pytest.raises(TooManyBadRowsError, match=r"small\.tsv: 3 bad rows \(of 10\), more than the limit 2 "
+                                                  r"\(--max-bad-rows 2.*first: row 'u': broken"):
+        limits.record([("small.tsv", "w", "row 'w': broken")])
+    with pytest.raises(TooManyBadRowsError, match=r"tiny\.tsv: 3 bad rows"):
+        BadRowLimits(2, 0.0).register(RowCheckReport("tiny.tsv", 5, {"k": [("a", ""), ("b", ""), ("c", "")]}))
+    unlimited = BadRowLimits(-1, 0.0)
+    unlimited.register(RowCheckReport("any.tsv", 3, {"k": [("a", ""), ("b", ""), ("c", "")]}))
+    assert unlimited.record([("any.tsv", str(i), f"row {i}") for i in range(50)]) == 50
+
+
+def test_a_row_failing_mid_run_is_left_out_of_its_batch_and_reported(feature_dir, tmp_path):
+    from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings
+    from slam_fairseq.data.pretraining.speech import PretrainingSpeechDataset
+
+    refs = _refs(feature_dir)
+    rows = _rows(feature_dir, [refs["good"], refs["garbage"], refs["good"]])
+    reader = SpeechFeatureReader(rows, str(feature_dir), lambda x: x)
+    dataset = PretrainingSpeechDataset(reader, FrameMaskingSettings(0.065, 10), seed=1)
+    round_robin = RoundRobinBatchDataset({"speech": dataset}, seed=1, cycle=False)
+    round_robin.set_batches({"speech": [np.array([0, 1, 2]), np.array([1]), np.array([2])]})
+    assert BAD_ROWS_KEY not in round_robin.collater([round_robin[(1, 2)]]), "a clean batch carries no list"
+    batch = round_robin.collater([round_robin[(1, 0)]])
+    assert batch["speech"]["id"].tolist() == [0, 2] and batch["speech"]["features"].shape[0] == 2
+    ((manifest, row_id, message),) = batch[BAD_ROWS_KEY]
+    assert manifest == str(rows.manifest) and row_id == "r1"
+    assert "row 'r1'" in message and "feats.zip" in message and "unreadable audio" in message
+    only_bad = round_robin.collater([round_robin[(1, 1)]])
+    assert "speech" not in only_bad and len(only_bad[BAD_ROWS_KEY]) == 1
+
+
+# -- real fairseq-train runs ------------------------------------------------------------------------------
+def _bad_data_dir(root: Path) -> Path:
+    """The test corpus plus, in speech_train.tsv, a row whose zip is missing, one of another
+    dimension and one whose entry is garbage (met only when read); a missing zip in pair_train.tsv."""
+    data_dir = fixtures.build_data_dir(root / "data", real_speech=False)
+    rng = np.random.default_rng(3)
+    narrow = fixtures.speech_rows(data_dir, "narrow", {"narrow": rng.normal(size=(60, 40)).astype(np.float32)})
+    garbage = fixtures.speech_rows(data_dir, "garbage", {"garbage": rng.normal(size=(60, 80)).astype(np.float32)})
+    _corrupt_entry(data_dir, garbage[0]["audio"])
+    missing = dict(garbage[0], id="missing", audio="fbank/missing.zip:100:19328")
+    for name, extra in (("speech_train.tsv", [missing, narrow[0], garbage[0]]), ("pair_train.tsv", [missing])):
+        rows = read_speech_rows(data_dir / name, need_transcript=name.startswith("pair"))
+        table = [{"id": i, "audio": a, "n_frames": int(n), "tgt_text": t or "x", "speaker": "spk"}
+                 for i, a, n, t in zip(rows.ids, rows.audio, rows.n_frames, rows.transcripts)]
+        fixtures.write_manifest(data_dir / name, table + [dict(row, tgt_text="a picture") for row in extra])
+    return data_dir
+
+
+def _args(data_dir: Path, save_dir: Path, *extra: str):
+    return [str(data_dir), "--user-dir", USER_DIR, "--task", "slam_pretraining", "--arch", "slam_tiny",
+            "--criterion", "slam_multitask", "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "8",
+            "--max-sentences-speech", "3", "--max-sentences-text", "4", "--max-sentences-pair", "3",
+            "--stage2-start-update", "1", "--max-update", "6", "--save-dir", str(save_dir), "--no-save",
+            "--cpu", "--seed", "3", "--log-format", "json", "--log-interval", "1", "--ddp-backend", "legacy_ddp",
+            *extra]
+
+
+def test_cli_run_with_bad_rows_trains_to_the_end_and_a_limit_stops_it(tmp_path):
+    if not fixtures.criterion_registered("slam_multitask"):
+        pytest.fail("slam_multitask is not registered by the user dir")
+    data_dir = _bad_data_dir(tmp_path)
+    run = fixtures.run_fairseq(_args(data_dir, tmp_path / "a", "--max-bad-rows", "3"), stand_in=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-5000:]
+    assert (f"{data_dir / 'speech_train.tsv'}: dropped 2 of 11 rows whose features cannot be used: "
+            "1 feature file missing, 1 wrong shape or dtype") in output
+    assert f"{data_dir / 'pair_train.tsv'}: dropped 1 of 7 rows" in output
+    assert "skipped a bad row (3 in " in output and "row 'garbage'" in output and "garbage.zip" in output
+    records = fixtures.json_log_records(output)
+    assert [int(r["num_updates"]) for r in records] == list(range(1, 7)), "every update was made"
+    assert int(records[-1]["bad_rows"]) == 1
+    assert "valid" in output  # validation ran over the valid split too
+
+    stopped = fixtures.run_fairseq(_args(data_dir, tmp_path / "b", "--max-bad-rows", "2"), stand_in=False)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0
+    assert "TooManyBadRowsError" in output
+    assert (f"{data_dir / 'speech_train.tsv'}: 3 bad rows (of 11), more than the limit 2 (--max-bad-rows 2, "
+            "--max-bad-row-fraction 0.001)") in output and "row 'garbage'" in output

@@ -1,0 +1,188 @@
+"""Fine-tuning that fails loudly or not at all: utterances shorter than the subsampling needs
+(``slam_fairseq.modules.short_inputs``), and a pre-trained encoder that does not cover the model
+(``--load-pretrained-slam-from`` is strict unless ``--allow-partial-pretrained-slam``).
+
+Features are random frames (no espeak-ng needed): these tests are about shapes, masks, messages
+and exit codes, not about what the model learns.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import slam_fairseq  # noqa: F401  (registers slam_s2t; allow-lists fairseq's checkpoint types)
+from s2t_fixtures import (SENTENCES, USER_DIR, build_asr, build_slam_model, hypotheses, run_fairseq,
+                          save_slam_checkpoint)
+from slam_fairseq.models.pretrained_loading import PretrainedSlamError
+from slam_fairseq.models.slam_s2t import PRETRAINED_PARTS, SlamSpeechEncoder
+from slam_fairseq.modules.short_inputs import extend_short_inputs
+
+ENCODER_PREFIXES = tuple(f"encoder.{part}." for part in PRETRAINED_PARTS)
+SHORT_ID, SHORT_FRAMES = "s2_4", 4
+
+
+@pytest.fixture(scope="module")
+def asr(tmp_path_factory):
+    """ASR data: one random-feature utterance per sentence plus one of 4 frames."""
+    root = tmp_path_factory.mktemp("robust_finetuning")
+    rng = np.random.default_rng(0)
+    features = {f"s{index}_150": rng.normal(size=(40 + 10 * index, 80)).astype(np.float32)
+                for index in range(len(SENTENCES))}
+    features[SHORT_ID] = rng.normal(size=(SHORT_FRAMES, 80)).astype(np.float32)
+    task = build_asr(root / "asr", features, specaugment=False)
+    checkpoint, _ = save_slam_checkpoint(root / "slam_tiny.pt", seed=1)
+    return dict(root=root, data=root / "asr", task=task, features=features, checkpoint=checkpoint)
+
+
+# -- short utterances ---------------------------------------------------------------------------------
+def test_extend_short_inputs_appends_zero_frames_up_to_seven_and_leaves_the_rest():
+    features = torch.randn(3, 10, 4)
+    lengths = torch.tensor([3, 10, 0])
+    extended, new_lengths, count = extend_short_inputs(features, lengths)
+    assert count == 2 and new_lengths.tolist() == [7, 10, 7]
+    assert torch.equal(extended[0, :3], features[0, :3]) and torch.equal(extended[0, 3:7], torch.zeros(4, 4))
+    assert torch.equal(extended[0, 7:], features[0, 7:]), "beyond 7 frames the padding is untouched"
+    assert torch.equal(extended[1], features[1]) and torch.equal(extended[2, :7], torch.zeros(7, 4))
+
+    tiny = torch.randn(2, 4, 4)
+    padded, tiny_lengths, count = extend_short_inputs(tiny, torch.tensor([4, 2]))
+    assert padded.shape == (2, 7, 4) and tiny_lengths.tolist() == [7, 7] and count == 2
+    assert torch.equal(padded[0, :4], tiny[0]) and torch.equal(padded[1, 2:], torch.zeros(5, 4))
+
+    same = torch.randn(2, 9, 4)
+    unchanged, unchanged_lengths, count = extend_short_inputs(same, torch.tensor([9, 7]))
+    assert count == 0 and unchanged is same and unchanged_lengths.tolist() == [9, 7]
+
+
+def test_encoder_gives_a_short_utterance_one_frame_and_leaves_the_others_alone(caplog):
+    slam_model, _ = build_slam_model(seed=2)
+    encoder = SlamSpeechEncoder(slam_model.encoder, output_dim=64).eval()
+    long = torch.randn(1, 30, 80)
+    batch = torch.zeros(2, 30, 80)
+    batch[0] = long[0]
+    batch[1, :SHORT_FRAMES] = torch.randn(SHORT_FRAMES, 80)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        alone = encoder(long, torch.tensor([30]))
+        both = encoder(batch, torch.tensor([30, SHORT_FRAMES]))
+    padding = both["encoder_padding_mask"][0]
+    assert (~padding).sum(dim=1).tolist() == [6, 1], "30 frames -> 6 encoder frames; the short one gets 1"
+    assert torch.isfinite(both["encoder_out"][0]).all()
+    torch.testing.assert_close(both["encoder_out"][0][:, 0], alone["encoder_out"][0][:, 0])
+    assert "1 utterance(s) shorter than 7 feature frames so far were extended" in caplog.text
+    assert encoder.num_short_inputs == 1
+
+
+def test_fine_tuning_replaces_an_unreadable_checkpoint_last_before_fairseq_loads_it(asr, tmp_path, caplog):
+    save_dir = tmp_path / "checkpoints"
+    save_dir.mkdir()
+    intact = save_dir / "checkpoint_3_30.pt"
+    intact.write_bytes(asr["checkpoint"].read_bytes())
+    last = save_dir / "checkpoint_last.pt"
+    last.write_bytes(asr["checkpoint"].read_bytes()[:-4000])  # a kill during fairseq's copy
+    cfg, task = _setup(asr["data"], asr["task"], save_dir)
+    with caplog.at_level(logging.WARNING):
+        task.build_model(cfg.model)
+    assert last.read_bytes() == intact.read_bytes() and (save_dir / "checkpoint_last.pt.corrupt").is_file()
+    assert f"moved it to {last}.corrupt and resuming from {intact}" in caplog.text
+
+
+def test_cli_finetune_and_generate_over_a_manifest_with_a_short_utterance(asr, tmp_path):
+    save_dir = tmp_path / "checkpoints"
+    log = run_fairseq(
+        "fairseq-train", asr["data"], "--user-dir", USER_DIR, "--task", "speech_to_text",
+        "--config-yaml", f"config_{asr['task']}.yaml", "--train-subset", f"train_{asr['task']}",
+        "--valid-subset", f"train_{asr['task']}", "--save-dir", save_dir, "--max-tokens", "4000",
+        "--required-batch-size-multiple", "1", "--num-workers", "0", "--seed", "1", "--optimizer", "adam",
+        "--lr", "1e-3", "--arch", "slam_s2t_tiny", "--criterion", "label_smoothed_cross_entropy_with_ctc",
+        "--ctc-weight", "0.3", "--max-update", "3", "--no-epoch-checkpoints", "--log-format", "simple",
+        "--log-interval", "1").stdout
+    assert "utterance(s) shorter than 7 feature frames so far were extended" in log
+    assert "valid on" in log, "validation over the same manifest ran"
+    generated = run_fairseq(
+        "fairseq-generate", asr["data"], "--user-dir", USER_DIR, "--task", "speech_to_text",
+        "--config-yaml", f"config_{asr['task']}.yaml", "--gen-subset", f"train_{asr['task']}",
+        "--path", save_dir / "checkpoint_last.pt", "--max-tokens", "4000", "--required-batch-size-multiple",
+        "1", "--num-workers", "0", "--beam", "2", "--max-len-b", "10").stdout
+    results = hypotheses(generated)
+    assert len(results) == len(asr["features"]), "a hypothesis for every utterance, the short one included"
+    short_index = list(asr["features"]).index(SHORT_ID)  # fairseq-generate numbers rows by position
+    assert results[short_index][0] == SENTENCES[2][0]
+
+
+# -- strict pre-trained loading -------------------------------------------------------------------------
+def _setup(data_dir: Path, task_name: str, save_dir: Path, *extra: str):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(data_dir), "--task", "speech_to_text", "--config-yaml", f"config_{task_name}.yaml",
+        "--train-subset", f"train_{task_name}", "--arch", "slam_s2t_tiny", "--save-dir", str(save_dir),
+        "--max-tokens", "4000", "--seed", "1", *extra])
+    cfg = convert_namespace_to_omegaconf(args)
+    return cfg, tasks.setup_task(cfg.task)
+
+
+def test_fewer_or_more_layers_is_an_error_naming_the_file_and_the_layers(asr, tmp_path):
+    deeper, _ = save_slam_checkpoint(tmp_path / "deeper.pt", speech_encoder_layers=3)
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(deeper))
+    with pytest.raises(PretrainedSlamError) as error:
+        task.build_model(cfg.model)
+    message = str(error.value)
+    assert message.startswith(f"--load-pretrained-slam-from {deeper}: ")
+    assert "checkpoint tensors the model lacks" in message and "encoder.speech_encoder.conformer.layers.2.*" in message
+    assert "missing from the checkpoint" not in message and "--allow-partial-pretrained-slam" in message
+
+    shallower, _ = save_slam_checkpoint(tmp_path / "shallower.pt", speech_encoder_layers=1)
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(shallower))
+    with pytest.raises(PretrainedSlamError, match=r"shallower\.pt: .*model tensors missing from the checkpoint "
+                                                  r"\(\d+\): encoder\.speech_encoder\.conformer\.layers\.1\.\*"):
+        task.build_model(cfg.model)
+
+    wide, _ = save_slam_checkpoint(tmp_path / "wide.pt", encoder_ffn_embed_dim=96)
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(wide))
+    with pytest.raises(PretrainedSlamError, match=r"wide\.pt: .*shape mismatches \(\d+\): "
+                                                  r"encoder\.speech_encoder\.conformer\.layers\.0\..* has shape "
+                                                  r"\(96, 64\) in the checkpoint but \(128, 64\) in the model"):
+        task.build_model(cfg.model)
+
+
+def test_allow_partial_loads_what_fits_with_a_warning_listing_the_rest(asr, tmp_path, caplog):
+    deeper, state = save_slam_checkpoint(tmp_path / "deeper.pt", speech_encoder_layers=3)
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(deeper),
+                       "--allow-partial-pretrained-slam")
+    with caplog.at_level(logging.WARNING):
+        model = task.build_model(cfg.model)
+    assert f"--allow-partial-pretrained-slam: {deeper} covers the encoder only in part" in caplog.text
+    assert "encoder.speech_encoder.conformer.layers.2.*" in caplog.text
+    model_state = model.state_dict()
+    for key in model_state:
+        if key.startswith(ENCODER_PREFIXES) and key in state:
+            assert torch.equal(model_state[key], state[key]), key
+
+
+def test_unreadable_checkpoint_is_an_error_naming_the_file(asr, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(asr["checkpoint"].read_bytes()[:5000])
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(broken))
+    with pytest.raises(PretrainedSlamError, match=rf"--load-pretrained-slam-from {broken}: cannot be read"):
+        task.build_model(cfg.model)
+
+
+@pytest.mark.slow
+def test_cli_layer_mismatch_exits_non_zero_with_the_message(asr, tmp_path):
+    """fairseq-train itself stops (the in-process tests above take the same path, build_model)."""
+    deeper, _ = save_slam_checkpoint(tmp_path / "deeper.pt", speech_encoder_layers=3)
+    run = run_fairseq(
+        "fairseq-train", asr["data"], "--user-dir", USER_DIR, "--task", "speech_to_text",
+        "--config-yaml", f"config_{asr['task']}.yaml", "--train-subset", f"train_{asr['task']}",
+        "--save-dir", tmp_path / "checkpoints", "--max-tokens", "4000", "--optimizer", "adam", "--lr", "1e-3",
+        "--arch", "slam_s2t_tiny", "--criterion", "label_smoothed_cross_entropy", "--max-update", "1",
+        "--load-pretrained-slam-from", deeper, check=False)
+    assert run.returncode != 0
+    assert f"PretrainedSlamError: --load-pretrained-slam-from {deeper}: the checkpoint" in run.stdout
+    assert not (tmp_path / "checkpoints" / "checkpoint_last.pt").exists()
