@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from slam_formats.features import read_features  # noqa: E402
 from slam_fairseq.data.pretraining.row_checks import drop_bad_feature_rows  # noqa: E402
-from slam_fairseq.data.pretraining.speech import SpeechRows  # noqa: E402
+from slam_fairseq.data.pretraining.feature_rows import SpeechRows  # noqa: E402
 
 
 def write_shards(root: Path, rows: int, frames: int, shards: int) -> list:

@@ -20,8 +20,8 @@ from slam_fairseq.data.pretraining.round_robin import RoundRobinBatchDataset  # 
 from slam_fairseq.data.pretraining.row_checks import (BAD_ROWS_KEY, BadRowLimits, RowCheckReport,  # noqa: E402
                                                       TooManyBadRowsError, drop_bad_feature_rows,
                                                       feature_row_problem)
-from slam_fairseq.data.pretraining.speech import (SpeechFeatureReader, SpeechRows,  # noqa: E402
-                                                          read_speech_rows)
+from slam_fairseq.data.pretraining.feature_rows import (SpeechFeatureReader, SpeechRows,  # noqa: E402
+                                                        read_speech_rows)
 
 USER_DIR = str(fixtures.REPO_ROOT / "slam_fairseq")
 

@@ -28,9 +28,9 @@ from slam_fairseq.data.pretraining.round_robin import (RoundRobinBatchDataset,  
 from slam_fairseq.data.pretraining.seeding import masking_rng  # noqa: E402
 from slam_fairseq.data.pretraining.span_masks import (SpanMaskingSettings, TextVocabulary,  # noqa: E402
                                                         draw_spans, mask_text, spans_to_mask)
-from slam_fairseq.data.pretraining.speech import (PretrainingSpeechDataset,  # noqa: E402
-                                                          SpeechDataError, SpeechFeatureReader,
-                                                          read_speech_rows)
+from slam_fairseq.data.pretraining.feature_rows import (SpeechDataError, SpeechFeatureReader,  # noqa: E402
+                                                        read_speech_rows)
+from slam_fairseq.data.pretraining.speech import PretrainingSpeechDataset  # noqa: E402
 from slam_fairseq.data.pretraining.stm_negatives import draw_stm_negatives  # noqa: E402
 from slam_fairseq.data.pretraining.text import (PretrainingTextDataset,  # noqa: E402
                                                         load_text_tokens)

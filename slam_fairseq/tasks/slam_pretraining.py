@@ -36,6 +36,7 @@ from slam_formats.names import pair_manifest_name, speech_manifest_name
 from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
 from slam_fairseq.compat.fairseq_internals import is_fully_sharded
 from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
+from slam_fairseq.data.pretraining.feature_rows import SpeechFeatureReader, SpeechRows, read_speech_rows
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings, expected_masked_fraction
 from slam_fairseq.data.pretraining.pair import PretrainingPairDataset
 from slam_fairseq.data.pretraining.round_robin import (MODALITIES, RoundRobinBatchDataset,
@@ -44,10 +45,8 @@ from slam_fairseq.data.pretraining.round_robin import (MODALITIES, RoundRobinBat
 from slam_fairseq.data.pretraining.row_checks import BAD_ROWS_KEY, BadRowLimits, drop_bad_feature_rows
 from slam_fairseq.data.pretraining.span_masks import (SPAN_DISTRIBUTIONS, SpanMaskingSettings,
                                                         TextVocabulary)
-from slam_fairseq.data.pretraining.speech import (PretrainingSpeechDataset, SpeechFeatureReader,
-                                                          SpeechRows, read_speech_rows)
-from slam_fairseq.data.pretraining.text import (PretrainingTextDataset, load_text_tokens,
-                                                        text_source_paths)
+from slam_fairseq.data.pretraining.speech import PretrainingSpeechDataset
+from slam_fairseq.data.pretraining.text import PretrainingTextDataset, load_text_tokens, text_source_paths
 from slam_fairseq.tasks.logging_schema import complete_logging_output, logging_keys_of
 from slam_fairseq.tasks.nonfinite_updates import NonFiniteUpdateGuard
 

@@ -15,15 +15,14 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from slam_fairseq.data.pretraining.collate import collate_speech, collate_tokens
+from slam_fairseq.data.pretraining.feature_rows import SpeechFeatureReader, num_subsampled_frames
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
 from slam_fairseq.data.pretraining.seeding import (STM_NEGATIVES, TLM_FRAME_MASK, TLM_TEXT_MASK,
                                                    masking_rng)
 from slam_fairseq.data.pretraining.span_masks import SpanMaskingSettings, TextVocabulary, mask_text
-from slam_fairseq.data.pretraining.speech import (SpeechFeatureReader, collate_speech,
-                                                          num_subsampled_frames)
 from slam_fairseq.data.pretraining.stm_negatives import draw_stm_negatives
-from slam_fairseq.data.pretraining.text import collate_tokens
 
 __all__ = ["PretrainingPairDataset"]
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from slam_formats.manifest import ManifestError
 from slam_formats.names import text_prefix_name
+from slam_fairseq.data.pretraining.collate import collate_tokens
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
 from slam_fairseq.data.pretraining.seeding import TEXT_SPAN_MASK, masking_rng
 from slam_fairseq.data.pretraining.span_masks import SpanMaskingSettings, TextVocabulary, mask_text
@@ -108,14 +109,6 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, name: str, index: int) 
     if len(tokens) and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
         raise ManifestError(f"{name}: line {index} holds token id {int(tokens.max())} outside the dictionary "
                             f"of {vocab_size} symbols: was it binarized with another dictionary?")
-
-
-def collate_tokens(sequences: Sequence[torch.Tensor], pad: int) -> torch.Tensor:
-    """(B, L) right-padded with ``pad``."""
-    batch = torch.full((len(sequences), max(len(x) for x in sequences)), pad, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        batch[row, : len(sequence)] = sequence
-    return batch
 
 
 class PretrainingTextDataset(PretrainingModalityDataset):
