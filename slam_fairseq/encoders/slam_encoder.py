@@ -71,6 +71,16 @@ class SlamEncoder(nn.Module):
                                         text=text, text_padding_mask=text_padding_mask)
         return speech, joint
 
+    def encode_multimodal(self, speech: SpeechEncoderOutput, tokens: Optional[torch.Tensor] = None
+                          ) -> MultimodalOutput:
+        """The multimodal encoder over a speech encoder output alone, or packed with ``tokens``
+        (B, L): one speech pass can serve several multimodal passes."""
+        if tokens is None:
+            return self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask)
+        text, text_padding_mask = self.text_encoder(tokens)
+        return self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask,
+                                       text=text, text_padding_mask=text_padding_mask)
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> MultimodalOutput:
         """The fine-tuning path: speech in, multimodal encoder states out."""
         return self.encode_speech(features, lengths)[1]
