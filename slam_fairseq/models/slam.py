@@ -55,6 +55,11 @@ class SlamEncoderConfig(FairseqDataclass):
     min_params_to_wrap: int = field(
         default=DEFAULT_MIN_PARAMS_TO_WRAP,
         metadata={"help": "with --ddp-backend fully_sharded, wrap Conformer layers of at least this many parameters"})
+    compile_layers: bool = field(
+        default=False, metadata={"help": "torch.compile each Conformer layer (the same outputs, fused kernels; "
+                                         "the first updates of each new shape compile)"})
+    compile_backend: str = field(
+        default="inductor", metadata={"help": "torch.compile backend for --compile-layers"})
 
 
 def config_from(cfg, config_class=SlamEncoderConfig):
@@ -83,10 +88,13 @@ def encoder_sizes(cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> 
 
 
 def build_slam_encoder(cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> SlamEncoder:
-    """Build the encoder and wrap each Conformer layer for FSDP (a no-op outside FSDP)."""
+    """Build the encoder, compile each Conformer layer with ``--compile-layers``, and wrap each
+    for FSDP (a no-op outside FSDP)."""
     encoder = SlamEncoder(encoder_sizes(cfg, vocab_size, padding_idx))
     for stack in (encoder.speech_encoder.conformer, encoder.multimodal_encoder.conformer):
         for index, layer in enumerate(stack.layers):
+            if cfg.compile_layers:  # in place: parameter names (checkpoints) do not change
+                layer.compile(backend=cfg.compile_backend, dynamic=True)
             stack.layers[index] = fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap)
     return encoder
 
