@@ -201,7 +201,7 @@ def _write_dictionary(directory: Path, vocab_size: int) -> None:
 class OurUpdate:
     """The task, model, criterion and optimizer of a stage-2 ``fairseq-train`` run."""
 
-    def __init__(self, args: argparse.Namespace, device, vocab_dir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, device, vocab_dir: Path, checkpoint_activations: bool = False) -> None:
         import torch
 
         import slam_fairseq  # noqa: F401  (registers task, model, criterion)
@@ -217,7 +217,8 @@ class OurUpdate:
                                     train_subset="train")
         self.task = SlamPretrainingTask(cfg, PretrainingDataConfig(str(vocab_dir)))
         namespace = argparse.Namespace(**model_overrides(args), pair_ctc=args.pair_ctc,
-                                       pair_ctc_units="tokens", compile_layers=args.compile_layers)
+                                       pair_ctc_units="tokens", compile_layers=args.compile_layers,
+                                       checkpoint_activations=checkpoint_activations)
         ARCH_CONFIG_REGISTRY[args.arch](namespace)
         self.model = SlamModel.build_model(namespace, self.task).to(device)
         self.criterion = SlamMultitaskCriterion(SlamMultitaskCriterionConfig(), self.task)

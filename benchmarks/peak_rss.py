@@ -1,7 +1,7 @@
 """Peak resident memory of a fairseq command, read from ``/proc/self/status`` (Linux).
 
 Runs ``fairseq-train`` (or another ``fairseq_cli`` module) in this process and prints, at exit, one
-line ``peak RSS: X MiB (VmHWM), RSS at exit: Y MiB`` so that memory fixes can be measured on the real
+line ``peak RSS: X MiB (VmHWM), RSS at exit: Y MiB`` (and, on CUDA, ``peak CUDA memory: ...``) so that memory fixes can be measured on the real
 training loop:
 
     python benchmarks/peak_rss.py train DATA --user-dir slam_fairseq --task slam_pretraining ...
@@ -32,6 +32,10 @@ def _report() -> None:
     status = proc_status_mib()
     print(f"peak RSS: {status.get('VmHWM', float('nan')):.0f} MiB (VmHWM), "
           f"RSS at exit: {status.get('VmRSS', float('nan')):.0f} MiB", flush=True)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB allocated, "
+              f"{torch.cuda.max_memory_reserved() / 2 ** 20:.0f} MiB reserved", flush=True)
 
 
 def main() -> None:

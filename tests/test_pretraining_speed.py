@@ -219,3 +219,17 @@ def test_benchmark_smoke_mode_ends_with_a_finite_ratio(capsys):
     assert ratio > 0 and torch.isfinite(torch.tensor(ratio))
     sides = [line for line in lines if line.startswith(("ours", "stock"))]
     assert len(sides) == 2 and all("updates/s" in line and "nan" not in line for line in sides), sides
+
+
+# -- host memory ----------------------------------------------------------------------------------
+def test_a_cpu_train_step_gives_freed_heap_memory_back(monkeypatch):
+    from slam_fairseq.host_memory import release_free_heap_memory
+    from slam_fairseq.tasks import slam_pretraining
+
+    if sys.platform.startswith("linux"):
+        assert release_free_heap_memory()  # glibc has malloc_trim
+    calls = []
+    monkeypatch.setattr(slam_pretraining, "release_free_heap_memory", lambda: calls.append(1) or True)
+    update, sample = _our_update(pair_ctc=False)
+    update(sample)
+    assert calls == [1]

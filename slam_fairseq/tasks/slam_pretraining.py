@@ -45,6 +45,7 @@ from slam_fairseq.data.pretraining_speech_dataset import (PretrainingSpeechDatas
                                                           read_speech_rows)
 from slam_fairseq.data.pretraining_text_dataset import (PretrainingTextDataset, load_text_tokens,
                                                         text_source_paths)
+from slam_fairseq.host_memory import release_free_heap_memory
 
 logger = logging.getLogger(__name__)
 
@@ -406,6 +407,8 @@ class SlamPretrainingTask(FairseqTask):
             total_loss = total_loss.to(loss.device) + loss.detach().float()
             outputs.append(logging_output)
         self.num_updates_seen = update_num + 1
+        if total_loss.device.type == "cpu":
+            release_free_heap_memory()  # the freed activations, not kept in malloc's heaps
         sample_size = 1 if modalities else 0
         return total_loss, sample_size, merge_logging_outputs(outputs, sample_size)
 
