@@ -78,18 +78,20 @@ def largest_batch(preset: str, device, dtype: str, checkpoint_activations: bool,
     import bench_pretraining as bench
 
     fits, tried = 0, []
+    args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames)])
+    with tempfile.TemporaryDirectory() as directory:
+        update = bench.OurUpdate(args, device, Path(directory), checkpoint_activations=checkpoint_activations)
+    dictionary = update.task.source_dictionary
     for step in range(doublings + 1):
         batch = start * 2 ** step
-        args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype,
-                                 "--batch-speech", str(batch), "--batch-text", str(2 * batch),
-                                 "--batch-pair", str(batch), "--frames", str(frames)])
+        sample = None
         try:
-            with tempfile.TemporaryDirectory() as directory:
-                update = bench.OurUpdate(args, device, Path(directory), checkpoint_activations=checkpoint_activations)
-            dictionary = update.task.source_dictionary
             sample = bench._to_device(bench.make_batches(
                 batch, 2 * batch, batch, frames, args.tokens, frames // 30, args.length_spread,
                 len(dictionary) - 1, dictionary.nspecial, dictionary.pad(), dictionary.index("<mask>")), device)
+            if dtype != "fp32":
+                for name in ("speech", "pair"):
+                    sample[name]["features"] = sample[name]["features"].to(update.dtype)
             peak = bench.measure_peak_mib(lambda: update(sample), device)
             tried.append({"batch": batch, "fits": True, "peak_mib": round(peak)})
             fits = batch
@@ -97,9 +99,13 @@ def largest_batch(preset: str, device, dtype: str, checkpoint_activations: bool,
             tried.append({"batch": batch, "fits": False})
             break
         finally:
-            update = sample = None
+            sample = None
+            update.optimizer.zero_grad()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    del update
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {"largest_batch": fits, "frames": frames, "bounded_at": start * 2 ** doublings, "tried": tried}
 
 
@@ -135,6 +141,14 @@ def sdpa_kernels(preset: str, device, dtype: str) -> Dict[str, object]:
                 pass
         results[case] = usable
     return results
+
+
+def _save(out_dir: Path, report: Dict[str, object]) -> None:
+    """Write the JSON (and the markdown once complete) after every part, so that a run stopped by
+    the time limit still leaves what it measured."""
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if "wall_s" in report:
+        (out_dir / "gpu_check.md").write_text(_markdown(report), encoding="utf-8")
 
 
 def _markdown(report: Dict[str, object]) -> str:
@@ -195,6 +209,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         if precision is None:
             run["note"] = "fp32 on CPU (fairseq's --fp16 needs CUDA; --bf16 takes the TPU path)"
         report["fairseq_train"][precision or "fp32"] = run
+        _save(args.out_dir, report)
 
     bench_args = (["--smoke", "--threads", "1"] if args.cpu_smoke else
                   ["--arch", args.preset, "--device", "cuda", "--dtype", "bf16", "--peak-tflops", str(args.peak_tflops),
@@ -211,6 +226,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         report["bench_pretraining"] = {"returncode": 1, "ratio": None, "error": repr(error)[:1500]}
     report["bench_pretraining"]["output"] = captured.getvalue()
 
+    _save(args.out_dir, report)
     report["largest_batch"] = {}
     for checkpointing in (False, True):
         name = "checkpoint_activations" if checkpointing else "plain"
@@ -220,11 +236,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
                 doublings=1 if args.cpu_smoke else 5, frames=150 if args.cpu_smoke else 1600)
         except Exception as error:  # recorded, the other parts still run
             report["largest_batch"][name] = {"error": repr(error)[:500]}
+        _save(args.out_dir, report)
     try:
         report["sdpa_kernels"] = sdpa_kernels(args.preset, device, dtype)
     except Exception as error:
         report["sdpa_kernels"] = {"error": repr(error)[:500]}
 
+    _save(args.out_dir, report)
     if not cuda:
         report["fully_sharded"] = "skipped: needs CUDA"
     elif importlib.util.find_spec("fairscale") is None:
@@ -234,8 +252,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             data_dir, args.preset, "bf16", max(4, args.updates // 4), max_tokens, "cuda",
             ["--ddp-backend", "fully_sharded", "--distributed-world-size", "1"], timeout=600)
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (args.out_dir / "gpu_check.md").write_text(_markdown(report), encoding="utf-8")
+    _save(args.out_dir, report)
     print(f"gpu check written to {args.out_dir}/gpu_check.json and gpu_check.md ({report['wall_s']} s)")
     return report
 
