@@ -150,7 +150,8 @@ class SlamMultitaskCriterion(FairseqCriterion):
             sample: {"speech": SPEECH_BATCH, "text": TEXT_BATCH, "pair": PAIR_BATCH}, any non-empty
                 subset (absent or None keys are skipped).
         Returns:
-            (float32 scalar weighted loss, sample_size = 1, logging_output dict of summable numbers).
+            (float32 scalar weighted loss, sample_size = 1, logging_output dict of summable values:
+            scalar tensors on the model's device, read by ``reduce_metrics`` in one copy, and Python numbers).
         """
         batches = {name: sample[name] for name in MODALITIES if sample.get(name) is not None}
         if not batches:
