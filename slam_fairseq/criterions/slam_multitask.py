@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
-from fairseq import metrics, utils
+from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging.meters import safe_round
@@ -151,7 +151,8 @@ class SlamMultitaskCriterion(FairseqCriterion):
             sample: {"speech": SPEECH_BATCH, "text": TEXT_BATCH, "pair": PAIR_BATCH}, any non-empty
                 subset (absent or None keys are skipped).
         Returns:
-            (float32 scalar weighted loss, sample_size = 1, logging_output dict of summable numbers).
+            (float32 scalar weighted loss, sample_size = 1, logging_output dict of summable values:
+            scalar tensors on the model's device, read by ``reduce_metrics`` in one copy, and Python numbers).
         """
         batches = {name: sample[name] for name in MODALITIES if sample.get(name) is not None}
         if not batches:
@@ -161,19 +162,20 @@ class SlamMultitaskCriterion(FairseqCriterion):
         objectives = self.compute_objectives(outputs)
         loss = sum(self.weight(name) * objective.loss for name, objective in objectives.items())
 
-        logging_output = {"loss": utils.item(loss.data), "sample_size": 1, "ntokens": 0, "nsentences": 0}
+        # values stay tensors (no device read per objective); reduce_metrics reads them all at once
+        logging_output = {"loss": loss.detach(), "sample_size": 1, "ntokens": 0, "nsentences": 0}
         for name, objective in objectives.items():
-            count = utils.item(objective.count)
-            logging_output[f"_{name}_loss_sum"] = utils.item(objective.loss.data) * count
+            count = objective.count.detach()
+            logging_output[f"_{name}_loss_sum"] = objective.loss.detach() * count
             logging_output[f"_{name}_count"] = count
             if name in _WITH_ACCURACY:
-                logging_output[f"_{name}_correct"] = utils.item(objective.num_correct)
+                logging_output[f"_{name}_correct"] = objective.num_correct.detach()
         if "speech" in outputs:
             speech = outputs["speech"]
             logging_output.update(
                 nframes_speech=speech.num_frames, nsentences_speech=speech.num_utterances,
-                _quantizer_batches=1, _code_perplexity_sum=utils.item(speech.code_perplexity),
-                _prob_perplexity_sum=utils.item(speech.prob_perplexity.data),
+                _quantizer_batches=1, _code_perplexity_sum=speech.code_perplexity.detach(),
+                _prob_perplexity_sum=speech.prob_perplexity.detach(),
                 _gumbel_temperature_sum=speech.temperature)
         if "text" in outputs:
             text = outputs["text"]
@@ -191,8 +193,10 @@ class SlamMultitaskCriterion(FairseqCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs: List[Dict]) -> None:
+        totals = summed_logging_values(logging_outputs)
+
         def total(key: str) -> float:
-            return utils.item(sum(log.get(key, 0) for log in logging_outputs))
+            return totals.get(key, 0)
 
         sample_size = total("sample_size")
         metrics.log_scalar("loss", total("loss") / (sample_size or 1) / math.log(2), sample_size, round=3)
@@ -220,6 +224,23 @@ class SlamMultitaskCriterion(FairseqCriterion):
         """Every logged value is a sum (or a count), so workers' outputs can be summed first."""
         return True
 
+
+def summed_logging_values(logging_outputs: List[Dict]) -> Dict[str, float]:
+    """Every key's sum over ``logging_outputs`` as Python numbers, read from the device at once.
+
+    The criterion logs tensors; summing them stays on the device, and the sums of all keys are
+    stacked and copied to the host in one read (one host-device sync per update, not one per key).
+    """
+    sums: Dict[str, object] = {}
+    for log in logging_outputs:
+        for key, value in log.items():
+            sums[key] = sums[key] + value if key in sums else value
+    tensor_keys = [key for key, value in sums.items() if torch.is_tensor(value)]
+    if tensor_keys:
+        stacked = torch.stack([sums[key].detach().reshape(()).double() for key in tensor_keys])
+        for key, value in zip(tensor_keys, stacked.tolist()):
+            sums[key] = value
+    return {key: value for key, value in sums.items() if isinstance(value, (int, float))}
 
 def _accuracy(name: str):
     def derive(meters) -> float:

@@ -43,6 +43,11 @@ class SlamEncoderConfig(FairseqDataclass):
     min_params_to_wrap: int = field(
         default=DEFAULT_MIN_PARAMS_TO_WRAP,
         metadata={"help": "with --ddp-backend fully_sharded, wrap Conformer layers of at least this many parameters"})
+    compile_layers: bool = field(
+        default=False, metadata={"help": "torch.compile each Conformer layer (the same outputs, fused kernels; "
+                                         "the first updates of each new shape compile)"})
+    compile_backend: str = field(
+        default="inductor", metadata={"help": "torch.compile backend for --compile-layers"})
 
 
 # The encoder sizes of each preset (the heads' and the decoder's live with their models).

@@ -56,15 +56,28 @@ class SlamEncoder(nn.Module):
                                         text=text, text_padding_mask=text_padding_mask)
         return speech, joint
 
+    def encode_multimodal(self, speech: SpeechEncoderOutput, tokens: Optional[torch.Tensor] = None
+                          ) -> MultimodalOutput:
+        """The multimodal encoder over a speech encoder output alone, or packed with ``tokens``
+        (B, L): one speech pass can serve several multimodal passes."""
+        if tokens is None:
+            return self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask)
+        text, text_padding_mask = self.text_encoder(tokens)
+        return self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask,
+                                       text=text, text_padding_mask=text_padding_mask)
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> MultimodalOutput:
         """The fine-tuning path: speech in, multimodal encoder states out."""
         return self.encode_speech(features, lengths)[1]
 
 
 def build_slam_encoder(cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> SlamEncoder:
-    """Build the encoder and wrap each Conformer layer for FSDP (a no-op outside FSDP)."""
+    """Build the encoder, compile each Conformer layer with ``--compile-layers``, and wrap each
+    for FSDP (a no-op outside FSDP)."""
     encoder = SlamEncoder(cfg, vocab_size, padding_idx)
     for stack in (encoder.speech_encoder.conformer, encoder.multimodal_encoder.conformer):
         for index, layer in enumerate(stack.layers):
+            if cfg.compile_layers:  # in place: parameter names (checkpoints) do not change
+                layer.compile(backend=cfg.compile_backend, dynamic=True)
             stack.layers[index] = fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap)
     return encoder

@@ -5,6 +5,7 @@ import math
 
 import torch
 from fairseq.modules import SinusoidalPositionalEmbedding
+from fairseq.utils import make_positions
 from torch import nn
 
 
@@ -33,6 +34,13 @@ class TextEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
 
+    def _positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) fairseq's sinusoidal embeddings of the positions of ``tokens`` (padding: the
+        padding row), read from its table directly: its ``forward`` reads the shape back from
+        tensors, a scalar read per call."""
+        positions = make_positions(tokens, self.padding_idx, onnx_trace=False)
+        return self.embed_positions.weights.index_select(0, positions.reshape(-1)).view(*tokens.shape, -1).detach()
+
     def forward(self, tokens: torch.Tensor):
         """
         Args:
@@ -43,6 +51,6 @@ class TextEncoder(nn.Module):
         if tokens.shape[1] > self.max_positions:
             raise ValueError(f"text of {tokens.shape[1]} tokens exceeds max_text_positions={self.max_positions}")
         padding_mask = tokens.eq(self.padding_idx)
-        embedded = self.embed_scale * self.embed_tokens(tokens) + self.embed_positions(tokens)
+        embedded = self.embed_scale * self.embed_tokens(tokens) + self._positions(tokens)
         embedded = self.dropout(self.layer_norm(embedded))
         return embedded.masked_fill(padding_mask.unsqueeze(-1), 0.0), padding_mask

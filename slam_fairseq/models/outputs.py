@@ -23,7 +23,8 @@ class SpeechPretrainingOutput:
     prob_perplexity: scalar, perplexity of the batch-averaged code softmax (diversity loss input).
     code_perplexity: scalar, perplexity of the hard code choices (for logging).
     num_vars: G * C. temperature: the quantizer's current Gumbel temperature.
-    num_frames: real subsampled frames; num_utterances: B.
+    num_frames: real subsampled frames (a long scalar tensor: reading it would sync the device);
+    num_utterances: B.
     """
 
     contrastive_predictions: torch.Tensor
@@ -35,7 +36,7 @@ class SpeechPretrainingOutput:
     code_perplexity: torch.Tensor
     num_vars: int
     temperature: float
-    num_frames: int
+    num_frames: torch.Tensor
     num_utterances: int
 
 
@@ -44,12 +45,12 @@ class TextPretrainingOutput:
     """What span masking needs from a TEXT_BATCH; N = masked tokens (``target != pad``).
 
     text_logits: (N, V) scores at the masked tokens; text_targets: (N,) the original ids.
-    num_tokens: real tokens; num_sentences: B.
+    num_tokens: real tokens (a long scalar tensor); num_sentences: B.
     """
 
     text_logits: torch.Tensor
     text_targets: torch.Tensor
-    num_tokens: int
+    num_tokens: torch.Tensor
     num_sentences: int
 
 
@@ -62,7 +63,7 @@ class PairPretrainingOutput:
         targets are the quantizer's codes of the unmasked features (no gradient).
     stm_logits (B, 2), stm_labels (B,): STM on [unmasked speech of row b ; clean text of row
         ``stm_text_index[b]``].
-    num_tokens, num_frames: real tokens and subsampled frames; num_pairs: B.
+    num_tokens, num_frames: real tokens and subsampled frames (long scalar tensors); num_pairs: B.
     ctc_logits (B, T', K), ctc_lengths (B,), ctc_targets (N,), ctc_target_lengths (B,): mSLAM's CTC
         on the unmasked speech alone against the clean transcript (``--pair-ctc``), else None; K is
         the text vocabulary or the characters + blank (``--pair-ctc-units``).
@@ -74,8 +75,8 @@ class PairPretrainingOutput:
     code_targets: torch.Tensor
     stm_logits: torch.Tensor
     stm_labels: torch.Tensor
-    num_tokens: int
-    num_frames: int
+    num_tokens: torch.Tensor
+    num_frames: torch.Tensor
     num_pairs: int
     ctc_logits: Optional[torch.Tensor] = None
     ctc_lengths: Optional[torch.Tensor] = None

@@ -19,9 +19,10 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 
 from slam_fairseq.encoders.config import BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, config_from, set_defaults
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
+from slam_fairseq.encoders.speech_encoder import SpeechEncoderOutput
 from slam_fairseq.models.outputs import PairPretrainingOutput, SpeechPretrainingOutput, TextPretrainingOutput
 from slam_fairseq.modules.random_projection_quantizer import RandomProjectionQuantizer
-from slam_fairseq.modules.subsampling import SUBSAMPLING_FACTOR, subsampled_lengths
+from slam_fairseq.modules.subsampling import SUBSAMPLING_FACTOR, subsampled_length
 from slam_fairseq.objectives.msm import CodePredictionHead
 from slam_fairseq.objectives.pair_ctc import CTC_BLANK, Speller, transcript_targets
 from slam_fairseq.objectives.span_masking import TextPredictionHead
@@ -188,7 +189,7 @@ class SlamModel(BaseFairseqModel):
     def _speech_inputs(self, batch: Dict):
         features = batch["features"].to(self.quantizer.vars.dtype)
         lengths = batch["feature_lengths"]
-        num_subsampled = int(subsampled_lengths(torch.tensor(features.shape[1])))
+        num_subsampled = subsampled_length(features.shape[1])
         return features, lengths, _fit_frame_mask(batch["frame_mask"].bool(), num_subsampled)
 
     def quantizer_inputs(self, features: torch.Tensor, subsampled: torch.Tensor) -> torch.Tensor:
@@ -216,6 +217,24 @@ class SlamModel(BaseFairseqModel):
         result["targets"] = result["targets"].squeeze(0)
         return result
 
+    def quantize_masked(self, features: torch.Tensor, subsampled: torch.Tensor,
+                        utterance_index: torch.Tensor, frame_index: torch.Tensor) -> Dict:
+        """:meth:`quantize` of the N masked frames ``(utterance_index, frame_index)``, or, when N is 0,
+        the same keys for an empty batch (``x`` (0, Q), ``targets`` (0, G), ``prob_perplexity`` G * C,
+        which makes the diversity loss 0, ``code_perplexity`` 0).
+
+        Args:
+            features: (B, T, F) log-Mel frames; subsampled: (B, T', D) unmasked subsampling output.
+            utterance_index, frame_index: (N,) long, the masked real frames.
+        """
+        if utterance_index.numel() > 0:
+            return self.quantize(self.quantizer_inputs(features, subsampled)[utterance_index, frame_index])
+        groups, codebook_size = self.cfg.quantizer_groups, self.cfg.quantizer_codebook_size
+        prob_perplexity = subsampled.new_tensor(float(groups * codebook_size), dtype=torch.float32)
+        return {"x": subsampled.new_zeros(0, self.cfg.quantizer_codevector_dim),
+                "targets": utterance_index.new_zeros(0, groups), "prob_perplexity": prob_perplexity,
+                "code_perplexity": prob_perplexity.new_zeros(())}
+
     def forward_speech(self, batch: Dict) -> SpeechPretrainingOutput:
         """MSM on a SPEECH_BATCH (``features``, ``feature_lengths``, ``frame_mask``)."""
         features, lengths, frame_mask = self._speech_inputs(batch)
@@ -224,23 +243,14 @@ class SlamModel(BaseFairseqModel):
         utterance_index, frame_index = masked.nonzero(as_tuple=True)
         predictions = self.contrastive_projection(speech.output[utterance_index, frame_index])
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
-        groups, codebook_size = self.cfg.quantizer_groups, self.cfg.quantizer_codebook_size
-        if utterance_index.numel() > 0:
-            quantized = self.quantize(
-                self.quantizer_inputs(features, speech.subsampled)[utterance_index, frame_index])
-            codevectors, code_ids = quantized["x"], quantized["targets"]
-            prob_perplexity, code_perplexity = quantized["prob_perplexity"], quantized["code_perplexity"]
-        else:  # nothing masked: empty MSM losses, and a diversity loss of 0
-            codevectors = predictions.new_zeros(0, self.cfg.quantizer_codevector_dim)
-            code_ids = utterance_index.new_zeros(0, groups)
-            prob_perplexity = predictions.new_tensor(float(groups * codebook_size), dtype=torch.float32)
-            code_perplexity = prob_perplexity.new_zeros(())
+        quantized = self.quantize_masked(features, speech.subsampled, utterance_index, frame_index)
         return SpeechPretrainingOutput(
-            contrastive_predictions=predictions, codevectors=codevectors, code_ids=code_ids,
-            utterance_index=utterance_index, code_logits=code_logits,
-            prob_perplexity=prob_perplexity, code_perplexity=code_perplexity,
-            num_vars=groups * codebook_size, temperature=float(self.quantizer.curr_temp),
-            num_frames=int((~speech.padding_mask).sum()), num_utterances=features.shape[0])
+            contrastive_predictions=predictions, codevectors=quantized["x"],
+            code_ids=quantized["targets"], utterance_index=utterance_index, code_logits=code_logits,
+            prob_perplexity=quantized["prob_perplexity"], code_perplexity=quantized["code_perplexity"],
+            num_vars=self.cfg.quantizer_groups * self.cfg.quantizer_codebook_size,
+            temperature=float(self.quantizer.curr_temp), num_frames=(~speech.padding_mask).sum(),
+            num_utterances=features.shape[0])
 
     def forward_text(self, batch: Dict) -> TextPretrainingOutput:
         """Span masking on a TEXT_BATCH (``tokens``, ``target``)."""
@@ -251,13 +261,15 @@ class SlamModel(BaseFairseqModel):
         return TextPretrainingOutput(
             text_logits=self.text_prediction_head(joint.output[row, position]),
             text_targets=target[row, position],
-            num_tokens=int(tokens.ne(padding_idx).sum()), num_sentences=tokens.shape[0])
+            num_tokens=tokens.ne(padding_idx).sum(), num_sentences=tokens.shape[0])
 
     def forward_pair(self, batch: Dict) -> PairPretrainingOutput:
         """TLM and STM on a PAIR_BATCH.
 
-        Two passes through the encoder: TLM on [masked speech ; masked text], then STM on
-        [unmasked speech of row b ; ``clean_tokens[stm_text_index[b]]``].
+        Two speech-encoder passes: the masked speech for TLM on [masked speech ; masked text], and
+        the unmasked speech once, whose output feeds both STM's multimodal pass on [unmasked speech
+        of row b ; ``clean_tokens[stm_text_index[b]]``] and, with ``--pair-ctc``, the CTC pass on the
+        unmasked speech alone.
         """
         features, lengths, frame_mask = self._speech_inputs(batch)
         tokens, target = batch["tokens"], batch["target"]
@@ -266,29 +278,27 @@ class SlamModel(BaseFairseqModel):
         masked = frame_mask & ~speech.padding_mask
         utterance_index, frame_index = masked.nonzero(as_tuple=True)
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
-        if utterance_index.numel() > 0:
-            with torch.no_grad():
-                code_targets = self.quantize(
-                    self.quantizer_inputs(features, speech.subsampled)[utterance_index, frame_index])["targets"]
-        else:
-            code_targets = utterance_index.new_zeros(0, self.cfg.quantizer_groups)
+        with torch.no_grad():
+            code_targets = self.quantize_masked(features, speech.subsampled, utterance_index, frame_index)["targets"]
         # the text of row b sits at packed positions speech_lengths[b] + j
         row, position = target.ne(padding_idx).nonzero(as_tuple=True)
         text_hidden = joint.output[row, joint.speech_lengths[row] + position]
 
+        unmasked = self.encoder.speech_encoder(features, lengths)
         matched_text = batch["clean_tokens"][batch["stm_text_index"]]
-        _, matched = self.encoder.encode_pair(features, lengths, matched_text)
+        matched = self.encoder.encode_multimodal(unmasked, matched_text)
         stm_logits = self.pair_matching_classifier(matched.output, matched.padding_mask)
-        ctc = self._pair_ctc(features, lengths, batch["clean_tokens"]) if self.pair_ctc_head is not None else {}
+        ctc = self._pair_ctc(unmasked, batch["clean_tokens"]) if self.pair_ctc_head is not None else {}
         return PairPretrainingOutput(
             text_logits=self.text_prediction_head(text_hidden), text_targets=target[row, position],
             code_logits=code_logits, code_targets=code_targets, stm_logits=stm_logits,
-            stm_labels=batch["stm_label"], num_tokens=int(tokens.ne(padding_idx).sum()),
-            num_frames=int((~speech.padding_mask).sum()), num_pairs=features.shape[0], **ctc)
+            stm_labels=batch["stm_label"], num_tokens=tokens.ne(padding_idx).sum(),
+            num_frames=(~speech.padding_mask).sum(), num_pairs=features.shape[0], **ctc)
 
-    def _pair_ctc(self, features: torch.Tensor, lengths: torch.Tensor, clean_tokens: torch.Tensor) -> Dict:
-        """mSLAM's CTC inputs: a third pass, the pair's speech alone and unmasked."""
-        _, alone = self.encoder.encode_speech(features, lengths)
+    def _pair_ctc(self, unmasked: SpeechEncoderOutput, clean_tokens: torch.Tensor) -> Dict:
+        """mSLAM's CTC inputs: the unmasked speech encoder output of the pair, alone through the
+        multimodal encoder."""
+        alone = self.encoder.encode_multimodal(unmasked)
         if self.speller is not None:
             targets, target_lengths = self.speller(clean_tokens)
         else:

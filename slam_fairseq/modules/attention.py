@@ -1,11 +1,31 @@
 """Multi-head self-attention through ``torch.nn.functional.scaled_dot_product_attention``."""
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slam_fairseq.modules.rotary import RotaryPositionalEmbedding
+
+
+def attention_bias(padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """The ``attn_mask`` that keeps SDPA's fused kernels, made once per layer stack.
+
+    None when no position is padding (the flash kernel needs no mask at all); otherwise an additive
+    (B, 1, 1, T) float mask, 0 at real keys and -inf at padded ones. A boolean mask gives the same
+    result but rules out the flash kernel on CUDA and is slower than a float one in the other kernels.
+    Deciding between the two reads one bool from the device (one host sync per stack).
+
+    Args:
+        padding_mask: (B, T) bool, True at padding; every row has at least one real position.
+        dtype: the dtype of the mask (cast to the query's dtype in each layer).
+    """
+    if not bool(padding_mask.any()):
+        return None
+    bias = torch.zeros(padding_mask.shape, dtype=dtype, device=padding_mask.device)
+    return bias.masked_fill_(padding_mask, float("-inf"))[:, None, None, :]
 
 
 class RotarySelfAttention(nn.Module):
@@ -28,11 +48,14 @@ class RotarySelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.rotary = RotaryPositionalEmbedding(self.head_dim)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
+                bias: Union[torch.Tensor, None, str] = "auto") -> torch.Tensor:
         """
         Args:
             x: (B, T, D).
             padding_mask: (B, T) bool, True at padding; padded keys get no attention.
+            bias: :func:`attention_bias` of ``padding_mask`` when the caller has made it (None: no
+                padding); by default it is made here.
         Returns:
             (B, T, D).
         """
@@ -40,8 +63,11 @@ class RotarySelfAttention(nn.Module):
         qkv = self.qkv_proj(x).view(batch_size, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         query, key = self.rotary(query, key)
-        attend = (~padding_mask)[:, None, None, :]
+        if isinstance(bias, str):
+            bias = attention_bias(padding_mask)
+        if bias is not None:
+            bias = bias.to(query.dtype)
         output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0)
+            query, key, value, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
         output = output.transpose(1, 2).reshape(batch_size, length, embed_dim)
         return self.out_proj(output)

@@ -8,14 +8,14 @@ Differences from the textbook block, both required by SLAM's multimodal use:
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from slam_fairseq.modules.attention import RotarySelfAttention
+from slam_fairseq.modules.attention import RotarySelfAttention, attention_bias
 
 __all__ = ["ConformerLayer", "ConformerStack", "MaskedGroupNorm"]
 
@@ -110,10 +110,12 @@ class ConformerLayer(nn.Module):
         self.ffn_second = _FeedForward(embed_dim, ffn_dim, dropout, activation_dropout)
         self.final_norm = nn.LayerNorm(embed_dim)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D); padding_mask: (B, T) bool, True at padding. Returns (B, T, D)."""
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
+                bias: Union[torch.Tensor, None, str] = "auto") -> torch.Tensor:
+        """x: (B, T, D); padding_mask: (B, T) bool, True at padding; bias: the stack's
+        :func:`attention_bias` (made here by default). Returns (B, T, D)."""
         x = x + 0.5 * self.ffn_first(x)
-        x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask))
+        x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask, bias))
         x = x + self.convolution(x, padding_mask)
         x = x + 0.5 * self.ffn_second(x)
         return self.final_norm(x)
@@ -142,13 +144,16 @@ class ConformerStack(nn.Module):
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
                 return_all_hiddens: bool = False) -> List[torch.Tensor]:
-        """x: (B, T, D). Returns the outputs of every layer (or only the last, in a list)."""
+        """x: (B, T, D). Returns the outputs of every layer (or only the last, in a list).
+
+        The attention mask is made once for all layers (:func:`attention_bias`)."""
         hiddens = []
+        bias: Optional[torch.Tensor] = attention_bias(padding_mask)
         for layer in self.layers:
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, padding_mask, use_reentrant=False)
+                x = checkpoint(layer, x, padding_mask, bias, use_reentrant=False)
             else:
-                x = layer(x, padding_mask)
+                x = layer(x, padding_mask, bias)
             if return_all_hiddens:
                 hiddens.append(x)
         return hiddens if return_all_hiddens else [x]

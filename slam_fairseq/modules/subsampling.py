@@ -19,6 +19,11 @@ def subsampled_lengths(input_lengths: torch.Tensor) -> torch.Tensor:
     return _conv_output_length(_conv_output_length(input_lengths))
 
 
+def subsampled_length(input_length: int) -> int:
+    """:func:`subsampled_lengths` of one Python int (no tensor, so no device read)."""
+    return ((input_length - _KERNEL) // _STRIDE + 1 - _KERNEL) // _STRIDE + 1
+
+
 MIN_INPUT_FRAMES = 7  # the shortest input with one output frame
 
 
@@ -51,9 +56,13 @@ class Conv2dSubsampling(nn.Module):
         Returns:
             ((B, T', D), (B,) output lengths).
         """
-        if int(lengths.min()) < MIN_INPUT_FRAMES:
-            raise ValueError(
-                f"speech input of {int(lengths.min())} frames is too short: at least {MIN_INPUT_FRAMES} needed")
+        if lengths.device.type == "cpu":
+            if int(lengths.min()) < MIN_INPUT_FRAMES:
+                raise ValueError(f"speech input of {int(lengths.min())} frames is too short: "
+                                 f"at least {MIN_INPUT_FRAMES} needed")
+        else:  # checked on the device, without waiting for it
+            torch._assert_async(lengths.min() >= MIN_INPUT_FRAMES,
+                                f"speech input too short: at least {MIN_INPUT_FRAMES} frames needed")
         hidden = F.relu(self.conv_first(features.unsqueeze(1)))
         hidden = F.relu(self.conv_second(hidden))
         batch_size, channels, time, frequency = hidden.shape

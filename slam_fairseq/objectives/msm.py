@@ -84,10 +84,10 @@ def sample_distractor_indices(utterance_index: torch.Tensor, num_distractors: in
     if total == 0:
         empty = torch.zeros(0, num_distractors, dtype=torch.long, device=device)
         return empty, empty.bool()
-    _, counts = torch.unique_consecutive(utterance_index, return_counts=True)
-    starts = torch.cumsum(counts, dim=0) - counts
-    group = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
-    count, start = counts[group], starts[group]
+    # each frame's row occupies [start, end) of the sorted index (searchsorted, unlike
+    # unique_consecutive, has an output size known without reading the device)
+    start = torch.searchsorted(utterance_index, utterance_index, side="left")
+    count = torch.searchsorted(utterance_index, utterance_index, side="right") - start
     position = torch.arange(total, device=device)
     others = (count - 1).clamp(min=1).unsqueeze(1)
     uniform = torch.rand(total, num_distractors, generator=generator, device=device)
@@ -133,11 +133,12 @@ def contrastive_loss(predictions: torch.Tensor, codevectors: torch.Tensor,
     usable = valid & ~same_as_positive
     logits = torch.cat((logits[:, :1], logits[:, 1:].masked_fill(~usable, float("-inf"))), dim=1)
     counted = usable.any(dim=1)
-    logits = logits[counted]
     count = counted.sum()
-    loss_sum = F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long),
-                               reduction="sum")
-    num_correct = (logits[:, 0] > logits[:, 1:].max(dim=1).values).sum()
+    # frames without a usable distractor are zeroed, not dropped (dropping needs a device read)
+    frame_losses = F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long),
+                                   reduction="none")
+    loss_sum = torch.where(counted, frame_losses, frame_losses.new_zeros(())).sum()
+    num_correct = ((logits[:, 0] > logits[:, 1:].max(dim=1).values) & counted).sum()
     return ObjectiveOutput(loss_sum / count.clamp(min=1), num_correct, count)
 
 

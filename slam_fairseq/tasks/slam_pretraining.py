@@ -47,6 +47,7 @@ from slam_fairseq.data.pretraining.span_masks import (SPAN_DISTRIBUTIONS, SpanMa
                                                         TextVocabulary)
 from slam_fairseq.data.pretraining.speech import PretrainingSpeechDataset
 from slam_fairseq.data.pretraining.text import PretrainingTextDataset, load_text_tokens, text_source_paths
+from slam_fairseq.host_memory import release_free_heap_memory
 from slam_fairseq.tasks.logging_schema import complete_logging_output, logging_keys_of
 from slam_fairseq.tasks.nonfinite_updates import NonFiniteUpdateGuard
 
@@ -450,6 +451,8 @@ class SlamPretrainingTask(FairseqTask):
             outputs.append(logging_output)
         self.update_guard.after_backward(optimizer)  # a non-finite modality: the whole update is skipped
         self.num_updates_seen = update_num + 1
+        if total_loss.device.type == "cpu":
+            release_free_heap_memory()  # the freed activations, not kept in malloc's heaps
         sample_size = 1 if modalities else 0
         return total_loss, sample_size, _step_logging_output(outputs, sample_size, model, criterion)
 

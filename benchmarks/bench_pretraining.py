@@ -1,0 +1,561 @@
+"""One whole stage-2 pre-training update, ours against stock fairseq's closest equivalent.
+
+Ours: the real objects of a ``fairseq-train`` run, ``SlamPretrainingTask.train_step`` with the
+``slam`` model (``--arch`` preset) and the ``slam_multitask`` criterion, on one speech batch (MSM),
+one text batch (span masking) and one pair batch (TLM + STM, and pair CTC with ``--pair-ctc``),
+built in memory the way the task's collaters build them (masks of the task's default
+probabilities); forward, one backward per modality, then an Adam step.
+
+Stock: the same width, depth, heads, FFN size and kernel in fairseq 0.12's own modules, doing the
+same passes in the same order, with an Adam step:
+
+- speech: ``Conv1dSubsampler`` (s2t_conformer's 4x subsampling), N + M ``ConformerEncoderLayer``
+  (s2t_conformer's layer, absolute positions, fairseq ``MultiheadAttention``), a linear code head on
+  the masked frames (cross-entropy);
+- text: fairseq's ``TransformerEncoder`` (M layers, embed_tokens tied to a linear output head) on the
+  text batch, cross-entropy on the masked tokens;
+- pair: N speech layers on the masked speech, M Conformer layers on [speech ; text embeddings]
+  (TLM: code head at masked frames + text head at masked tokens), N speech layers on the unmasked
+  speech, M layers on [that ; the matched text] mean-pooled into a 2-way classifier (STM), and,
+  with ``--pair-ctc``, M layers on the unmasked speech alone into a CTC head.
+
+Why it is fair: both sides run the same number of Conformer / Transformer layers of the same size
+on the same number of positions per pass, the same heads (token vocabulary, codebook), and a
+backward pass per modality; the differences are what a user gets from each codebase (ours: 2-D
+subsampling, RoPE + SDPA, masked GroupNorm, the quantizer, contrastive loss; stock: 1-D
+subsampling, fairseq attention, BatchNorm). Stock does not quantize (its code targets are random),
+which favours stock.
+
+Timing is interleaved (ours, stock, ours, stock ...), medians of each and of the paired ratios.
+Reported: updates/s, seconds of audio (speech + pair batches, 10 ms frames) per second, peak memory
+(CPU: VmHWM from /proc/self/status, reset through /proc/self/clear_refs before each side's
+measured update; CUDA: ``torch.cuda.max_memory_allocated``), FLOPs per update counted with
+``torch.utils.flop_counter.FlopCounterMode`` and the MFU they imply against ``--peak-tflops``.
+``--curves`` adds the time per update over batch size and utterance length. The last line is
+``ratio ours/stock: X``, the throughput ratio (stock time / our time).
+
+    python benchmarks/bench_pretraining.py                       # small CPU case, a few minutes
+    python benchmarks/bench_pretraining.py --arch slam_paper --device cuda --dtype bf16 --peak-tflops 989
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def read_proc_status_kib(key: str) -> Optional[int]:
+    """A ``/proc/self/status`` value in kiB (None off Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak_mib(step: Callable[[], None], device) -> float:
+    """Peak memory of one ``step``: CUDA max allocated, or the process's VmHWM on CPU (MiB)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    if not reset_peak_rss():
+        step()
+        return float("nan")
+    step()
+    peak = read_proc_status_kib("VmHWM")
+    return peak / 1024 if peak is not None else float("nan")
+
+
+# -- batches --------------------------------------------------------------------------------------
+def _span_mask(lengths, width: int, probability: float, span: int, generator):
+    """(B, width) bool: spans of ``span`` starting with ``probability`` inside each row's length
+    (at least one masked position per row), as the task's frame and token masking."""
+    import torch
+
+    starts = (torch.rand(len(lengths), width, generator=generator) < probability)
+    real = torch.arange(width)[None, :] < lengths[:, None]
+    starts &= real
+    starts[:, 0] |= ~starts.any(dim=1)
+    mask = torch.zeros_like(starts)
+    for offset in range(span):
+        mask[:, offset:] |= starts[:, : width - offset]
+    return mask & real
+
+
+def make_batches(batch_speech: int, batch_text: int, batch_pair: int, frames: int, tokens: int,
+                 pair_tokens: int, spread: float, vocab_size: int, nspecial: int, pad: int, mask_index: int,
+                 seed: int = 0) -> Dict[str, dict]:
+    """Speech, text and pair batches in the layout of docs/pretraining_batches.md.
+
+    Lengths fall evenly between ``(1 - spread)`` times and the full ``frames``/``tokens`` (a length
+    bucket). Masks: MSM 0.065 x 10 (about 49% of subsampled frames), span masking 15% in spans of
+    5 (the task's defaults, here drawn per position), TLM 0.13 x 10 (about 75%) and 50% of the text.
+    """
+    import torch
+
+    from slam_fairseq.modules.subsampling import subsampled_lengths
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def lengths(count: int, longest: int):
+        return torch.linspace(max(7, longest * (1 - spread)), longest, count).round().long().flip(0)
+
+    def speech_part(count: int, mask_probability: float):
+        feature_lengths = lengths(count, frames)
+        features = torch.randn(count, int(feature_lengths.max()), 80, generator=generator)
+        features.masked_fill_(torch.arange(features.shape[1])[None, :, None] >= feature_lengths[:, None, None], 0)
+        sub = subsampled_lengths(feature_lengths)
+        frame_mask = _span_mask(sub, int(sub.max()), mask_probability, 10, generator)
+        return {"id": torch.arange(count), "features": features, "feature_lengths": feature_lengths,
+                "frame_mask": frame_mask, "nframes": int(sub.sum())}
+
+    def text_part(count: int, longest: int, probability: float, span: int):
+        token_lengths = lengths(count, longest).clamp(min=2)
+        clean = torch.randint(nspecial, vocab_size, (count, int(token_lengths.max())), generator=generator)
+        clean.masked_fill_(torch.arange(clean.shape[1])[None, :] >= token_lengths[:, None], pad)
+        masked = _span_mask(token_lengths, clean.shape[1], probability / span, span, generator)
+        return clean, clean.masked_fill(masked, mask_index), clean.masked_fill(~masked, pad), token_lengths
+
+    speech = speech_part(batch_speech, 0.065)
+    _, text_tokens, text_target, text_lengths = text_part(batch_text, tokens, 0.15, 5)
+    text = {"id": torch.arange(batch_text), "tokens": text_tokens, "target": text_target,
+            "ntokens": int(text_lengths.sum())}
+    pair = speech_part(batch_pair, 0.13)
+    clean, pair_tokens_masked, pair_target, pair_lengths = text_part(batch_pair, pair_tokens, 0.5, 5)
+    stm_text_index = torch.arange(batch_pair)
+    stm_text_index[1::2] = stm_text_index[1::2].roll(1) if batch_pair > 2 else stm_text_index[1::2]
+    pair.update(tokens=pair_tokens_masked, target=pair_target, clean_tokens=clean,
+                stm_text_index=stm_text_index, stm_label=(stm_text_index == torch.arange(batch_pair)).long(),
+                ntokens=int(pair_lengths.sum()))
+    return {"speech": speech, "text": text, "pair": pair}
+
+
+def audio_seconds(sample: Dict[str, dict]) -> float:
+    """Seconds of speech in an update (10 ms feature frames of the speech and pair batches)."""
+    return sum(float(sample[name]["feature_lengths"].sum()) for name in ("speech", "pair")) / 100.0
+
+
+def _to_device(sample, device):
+    import torch
+
+    return {name: {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+            for name, batch in sample.items()}
+
+
+# -- our side -------------------------------------------------------------------------------------
+class _Optimizer:
+    """What ``train_step`` needs of a fairseq optimizer (``backward``), around ``torch.optim.Adam``."""
+
+    def __init__(self, parameters) -> None:
+        import torch
+
+        self.optimizer = torch.optim.Adam(parameters, lr=1e-4)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _write_dictionary(directory: Path, vocab_size: int) -> None:
+    """config.yaml and a fairseq dictionary of ``vocab_size`` symbols (with the 4 specials and <mask>)."""
+    symbols = max(1, vocab_size - 5)
+    (directory / "dict.txt").write_text("".join(f"w{index} 1\n" for index in range(symbols)), encoding="utf-8")
+    (directory / "config.yaml").write_text("input_feat_per_channel: 80\nvocab_filename: dict.txt\n",
+                                           encoding="utf-8")
+
+
+class OurUpdate:
+    """The task, model, criterion and optimizer of a stage-2 ``fairseq-train`` run."""
+
+    def __init__(self, args: argparse.Namespace, device, vocab_dir: Path, checkpoint_activations: bool = False) -> None:
+        import torch
+
+        import slam_fairseq  # noqa: F401  (registers task, model, criterion)
+        from fairseq.models import ARCH_CONFIG_REGISTRY
+
+        from slam_fairseq.criterions.slam_multitask import SlamMultitaskCriterion, SlamMultitaskCriterionConfig
+        from slam_fairseq.data.pretraining.config import PretrainingDataConfig
+        from slam_fairseq.models.slam import SlamModel
+        from slam_fairseq.tasks.slam_pretraining import SlamPretrainingConfig, SlamPretrainingTask
+
+        _write_dictionary(vocab_dir, args.vocab_size)
+        cfg = SlamPretrainingConfig(data=str(vocab_dir), stage2_start_update=0, seed=1, max_update=0,
+                                    train_subset="train")
+        self.task = SlamPretrainingTask(cfg, PretrainingDataConfig(str(vocab_dir)))
+        namespace = argparse.Namespace(**model_overrides(args), pair_ctc=args.pair_ctc,
+                                       pair_ctc_units="tokens", compile_layers=args.compile_layers,
+                                       checkpoint_activations=checkpoint_activations)
+        ARCH_CONFIG_REGISTRY[args.arch](namespace)
+        self.model = SlamModel.build_model(namespace, self.task).to(device)
+        self.criterion = SlamMultitaskCriterion(SlamMultitaskCriterionConfig(), self.task)
+        self.optimizer = _Optimizer(self.model.parameters())
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        self.device = device
+        self.sizes = namespace
+
+    def __call__(self, sample) -> None:
+        import torch
+
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        self.optimizer.zero_grad()
+        with autocast:
+            self.task.train_step(sample, self.model, self.criterion, self.optimizer, update_num=0)
+        self.optimizer.step()
+
+    def parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.model.parameters())
+
+
+# -- stock side -----------------------------------------------------------------------------------
+def build_stock_model(sizes, vocab_size: int, pad: int, codebook_size: int, pair_ctc: bool):
+    """fairseq 0.12 modules at our sizes (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fairseq.data import Dictionary
+    from fairseq.models.speech_to_text.modules.convolution import Conv1dSubsampler
+    from fairseq.models.transformer import TransformerConfig, TransformerEncoderBase
+    from fairseq.modules import PositionalEmbedding
+    from fairseq.modules.conformer_layer import ConformerEncoderLayer
+
+    dim, ffn, heads = sizes.encoder_embed_dim, sizes.encoder_ffn_embed_dim, sizes.encoder_attention_heads
+    kernel, dropout = sizes.conv_kernel_size, sizes.dropout
+
+    def conformer(count: int) -> nn.ModuleList:
+        return nn.ModuleList(ConformerEncoderLayer(dim, ffn, heads, dropout=dropout, use_fp16=False,
+                                                   depthwise_conv_kernel_size=kernel)
+                             for _ in range(count))
+
+    dictionary = Dictionary()
+    for index in range(vocab_size - len(dictionary)):
+        dictionary.add_symbol(f"w{index}")
+    transformer_cfg = TransformerConfig()
+    transformer_cfg.encoder.embed_dim, transformer_cfg.encoder.ffn_embed_dim = dim, ffn
+    transformer_cfg.encoder.attention_heads = heads
+    transformer_cfg.encoder.layers = sizes.multimodal_encoder_layers
+    transformer_cfg.dropout = dropout
+    transformer_cfg.encoder.normalize_before = True
+
+    class StockPretraining(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.subsample = Conv1dSubsampler(80, sizes.subsampling_conv_channels * 4, dim, [5, 5])
+            self.speech_positions = PositionalEmbedding(6000, dim, pad)
+            self.speech_layers = conformer(sizes.speech_encoder_layers)
+            self.joint_layers = conformer(sizes.multimodal_encoder_layers)
+            self.embed_tokens = nn.Embedding(len(dictionary), dim, pad)
+            self.text_encoder = TransformerEncoderBase(transformer_cfg, dictionary, self.embed_tokens)
+            self.code_head = nn.Linear(dim, codebook_size)
+            self.text_bias = nn.Parameter(torch.zeros(len(dictionary)))
+            self.matching = nn.Linear(dim, 2)
+            self.ctc_head = nn.Linear(dim, len(dictionary)) if pair_ctc else None
+
+        def speech(self, features, lengths):
+            """(T', B, D) after subsampling and the speech layers, and the (B, T') padding mask."""
+            hidden, out_lengths = self.subsample(features, lengths)
+            padding = torch.arange(hidden.shape[0], device=hidden.device)[None, :] >= out_lengths[:, None]
+            hidden = hidden + self.speech_positions(padding.long()).transpose(0, 1)
+            for layer in self.speech_layers:
+                hidden, _ = layer(hidden, padding)
+            return hidden, padding
+
+        def joint(self, hidden, padding):
+            for layer in self.joint_layers:
+                hidden, _ = layer(hidden, padding)
+            return hidden
+
+        def text_logits(self, hidden):
+            return F.linear(hidden, self.embed_tokens.weight, self.text_bias)
+
+        def pair_input(self, speech, speech_padding, tokens):
+            text = self.embed_tokens(tokens).transpose(0, 1)
+            return torch.cat((speech, text), 0), torch.cat((speech_padding, tokens.eq(pad)), 1)
+
+        def loss_speech(self, batch):
+            hidden, padding = self.speech(batch["features"], batch["feature_lengths"])
+            hidden = self.joint(hidden, padding).transpose(0, 1)
+            mask = _fit(batch["frame_mask"], hidden.shape[1]) & ~padding
+            logits = self.code_head(hidden[mask])
+            return F.cross_entropy(logits.float(), torch.randint(codebook_size, logits.shape[:1], device=logits.device))
+
+        def loss_text(self, batch):
+            output = self.text_encoder(batch["tokens"])["encoder_out"][0].transpose(0, 1)
+            mask = batch["target"].ne(pad)
+            return F.cross_entropy(self.text_logits(output[mask]).float(), batch["target"][mask])
+
+        def loss_pair(self, batch):
+            features, lengths = batch["features"], batch["feature_lengths"]
+            speech, padding = self.speech(features, lengths)  # masked speech (stock has no mask embedding)
+            joint = self.joint(*self.pair_input(speech, padding, batch["tokens"])).transpose(0, 1)
+            frames = speech.shape[0]
+            frame_mask = _fit(batch["frame_mask"], frames) & ~padding
+            codes = self.code_head(joint[:, :frames][frame_mask])
+            loss = F.cross_entropy(codes.float(), torch.randint(codebook_size, codes.shape[:1], device=codes.device))
+            text_mask = batch["target"].ne(pad)
+            loss = loss + F.cross_entropy(self.text_logits(joint[:, frames:][text_mask]).float(),
+                                          batch["target"][text_mask])
+            unmasked, padding = self.speech(features, lengths)
+            matched_tokens = batch["clean_tokens"][batch["stm_text_index"]]
+            joint_input, joint_padding = self.pair_input(unmasked, padding, matched_tokens)
+            matched = self.joint(joint_input, joint_padding).transpose(0, 1)
+            real = (~joint_padding).unsqueeze(-1).to(matched.dtype)
+            pooled = (matched * real).sum(1) / real.sum(1)
+            loss = loss + F.cross_entropy(self.matching(pooled).float(), batch["stm_label"])
+            if self.ctc_head is not None:
+                alone = self.joint(unmasked, padding)
+                log_probs = F.log_softmax(self.ctc_head(alone).float(), dim=-1)
+                targets = batch["clean_tokens"]
+                loss = loss + F.ctc_loss(log_probs, targets, (~padding).sum(1), targets.ne(pad).sum(1),
+                                         blank=0, zero_infinity=True)
+            return loss
+
+    return StockPretraining()
+
+
+def _fit(mask, width: int):
+    import torch
+
+    if mask.shape[1] >= width:
+        return mask[:, :width]
+    return torch.cat((mask, mask.new_zeros(mask.shape[0], width - mask.shape[1])), 1)
+
+
+class StockUpdate:
+    """The stock model with one backward per modality, then an Adam step."""
+
+    def __init__(self, sizes, args: argparse.Namespace, device) -> None:
+        import torch
+
+        self.model = build_stock_model(sizes, args.vocab_size, 1, sizes.quantizer_codebook_size,
+                                       args.pair_ctc).to(device).train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        self.device = device
+
+    def __call__(self, sample) -> None:
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        for name in ("speech", "text", "pair"):
+            autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+            with autocast:
+                loss = getattr(self.model, f"loss_{name}")(sample[name])
+            loss.backward()
+        self.optimizer.step()
+
+    def parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.model.parameters())
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def model_overrides(args: argparse.Namespace) -> Dict[str, object]:
+    """Sizes given on the command line (the rest come from ``--arch``)."""
+    names = {"embed_dim": "encoder_embed_dim", "ffn_dim": "encoder_ffn_embed_dim",
+             "heads": "encoder_attention_heads", "speech_layers": "speech_encoder_layers",
+             "multimodal_layers": "multimodal_encoder_layers", "conv_channels": "subsampling_conv_channels"}
+    return {field: getattr(args, name) for name, field in names.items() if getattr(args, name) is not None}
+
+
+def _timed(step: Callable[[], None], device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(ours: Callable[[], None], stock: Callable[[], None], repeats: int, device):
+    """Median seconds of each and median of the paired ratios stock/ours, timed ours, stock, ..."""
+    ours(), stock()  # warm-up (allocator, kernels, lazy initialisation)
+    ours_times, stock_times = [], []
+    for _ in range(repeats):
+        ours_times.append(_timed(ours, device))
+        stock_times.append(_timed(stock, device))
+    ratios = [s / o for o, s in zip(ours_times, stock_times)]
+    return statistics.median(ours_times), statistics.median(stock_times), statistics.median(ratios)
+
+
+def count_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one call (forward + backward + optimizer), by ``FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def default_peak_tflops(device, dtype: str) -> float:
+    """A nominal peak when none is given: H100 SXM dense bf16/fp16 989 TFLOP/s (fp32: 67); on CPU,
+    32 fp32 FLOPs per cycle per core (AVX2 FMA) at 2.5 GHz times the threads torch uses."""
+    import torch
+
+    if device.type == "cuda":
+        return 989.0 if dtype != "fp32" else 67.0
+    return torch.get_num_threads() * 32 * 2.5e9 / 1e12
+
+
+def measure(args: argparse.Namespace, device, batches: Dict[str, int], frames: int, tokens: int,
+            repeats: int, with_memory: bool = True, with_flops: bool = True) -> Dict[str, float]:
+    """Build both sides, time them interleaved on one sample, and gather every figure."""
+    import torch
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        ours = OurUpdate(args, device, Path(vocab_dir))
+    stock = StockUpdate(ours.sizes, args, device)
+    dictionary = ours.task.source_dictionary
+    sample = make_batches(batches["speech"], batches["text"], batches["pair"], frames, tokens,
+                          max(2, frames // 30), args.length_spread, len(dictionary) - 1,
+                          dictionary.nspecial, dictionary.pad(), dictionary.index("<mask>"))
+    seconds = audio_seconds(sample)
+    sample = _to_device(sample, device)
+    if args.dtype != "fp32":
+        for name in ("speech", "pair"):
+            sample[name]["features"] = sample[name]["features"].to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[args.dtype]))
+    ours_s, stock_s, ratio = interleaved(lambda: ours(sample), lambda: stock(sample), repeats, device)
+    results = {"ours_s": ours_s, "stock_s": stock_s, "ratio": ratio, "audio_s": seconds,
+               "ours_params": ours.parameters(), "stock_params": stock.parameters()}
+    if with_memory:
+        results["ours_peak_mib"] = measure_peak_mib(lambda: ours(sample), device)
+        results["stock_peak_mib"] = measure_peak_mib(lambda: stock(sample), device)
+    if with_flops:
+        peak = args.peak_tflops or default_peak_tflops(device, args.dtype)
+        results["peak_tflops"] = peak
+        for side, step in (("ours", lambda: ours(sample)), ("stock", lambda: stock(sample))):
+            flops = count_flops(step)
+            results[f"{side}_flops"] = flops
+            results[f"{side}_mfu"] = flops / results[f"{side}_s"] / (peak * 1e12)
+    return results
+
+
+def curves(args: argparse.Namespace, device) -> List[Dict[str, float]]:
+    """Time per update over batch size (x1, x2, x4) and utterance length (x0.5, x1, x2)."""
+    rows = []
+    base = {"speech": args.batch_speech, "text": args.batch_text, "pair": args.batch_pair}
+    for scale in (1, 2, 4):
+        batches = {name: value * scale for name, value in base.items()}
+        result = measure(args, device, batches, args.frames, args.tokens, max(2, args.repeats // 2), False, False)
+        rows.append({"kind": "batch", "scale": scale, **result})
+    for scale in (0.5, 1, 2):
+        result = measure(args, device, base, int(args.frames * scale), max(2, int(args.tokens * scale)),
+                         max(2, args.repeats // 2), False, False)
+        rows.append({"kind": "length", "scale": scale, **result})
+    return rows
+
+
+def _growth(rows: List[Dict[str, float]], kind: str, side: str) -> float:
+    """Log-log slope of time per update against the scale (1: linear)."""
+    picked = [row for row in rows if row["kind"] == kind]
+    first, last = picked[0], picked[-1]
+    return math.log(last[f"{side}_s"] / first[f"{side}_s"]) / math.log(last["scale"] / first["scale"])
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="slam_tiny", help="a slam preset (slam_tiny, slam_paper)")
+    parser.add_argument("--embed-dim", type=int, help="override the preset's width")
+    parser.add_argument("--ffn-dim", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--speech-layers", type=int)
+    parser.add_argument("--multimodal-layers", type=int)
+    parser.add_argument("--conv-channels", type=int)
+    parser.add_argument("--vocab-size", type=int, default=1000, help="text vocabulary")
+    parser.add_argument("--pair-ctc", action="store_true", help="add mSLAM's pair CTC (ours and stock)")
+    parser.add_argument("--compile-layers", action="store_true", help="our model's --compile-layers")
+    parser.add_argument("--batch-speech", type=int, default=8, help="utterances per speech batch")
+    parser.add_argument("--batch-text", type=int, default=16, help="sentences per text batch")
+    parser.add_argument("--batch-pair", type=int, default=8, help="pairs per pair batch")
+    parser.add_argument("--frames", type=int, default=600, help="longest utterance, 10 ms frames")
+    parser.add_argument("--tokens", type=int, default=48, help="longest text sentence, tokens")
+    parser.add_argument("--length-spread", type=float, default=0.2,
+                        help="shortest row = (1 - spread) x longest, as in a length bucket")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the device's peak TFLOP/s for MFU (0: a nominal one, see default_peak_tflops)")
+    parser.add_argument("--curves", action="store_true", help="also time over batch size and utterance length")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI (tiny batches, 2 repeats)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch_speech, args.batch_text, args.batch_pair = 2, 2, 2
+        args.frames, args.tokens, args.repeats, args.vocab_size = 120, 12, 2, 100
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> float:
+    args = parse_args(argv)
+    import torch
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    batches = {"speech": args.batch_speech, "text": args.batch_text, "pair": args.batch_pair}
+    results = measure(args, device, batches, args.frames, args.tokens, args.repeats)
+    print(f"stage-2 update: {args.arch} {model_overrides(args) or ''} pair_ctc={args.pair_ctc}, "
+          f"{device} {args.dtype}, {torch.get_num_threads()} threads, batches speech {args.batch_speech} / "
+          f"text {args.batch_text} / pair {args.batch_pair}, up to {args.frames} frames, {args.tokens} tokens")
+    print(f"parameters: ours {results['ours_params']:,}, stock {results['stock_params']:,}")
+    for side in ("ours", "stock"):
+        seconds = results[f"{side}_s"]
+        print(f"{side:5s}: {1 / seconds:.3f} updates/s, {results['audio_s'] / seconds:.1f} s of audio per s, "
+              f"peak {results[f'{side}_peak_mib']:.0f} MiB, {results[f'{side}_flops'] / 1e9:.2f} GFLOP/update, "
+              f"MFU {100 * results[f'{side}_mfu']:.2f}% of {results['peak_tflops']:.3g} TFLOP/s")
+    if args.curves:
+        rows = curves(args, device)
+        print("curve  scale  ours_s  stock_s  ratio")
+        for row in rows:
+            print(f"{row['kind']:6s} {row['scale']:5g}  {row['ours_s']:.3f}  {row['stock_s']:.3f}  {row['ratio']:.2f}")
+        for kind in ("batch", "length"):
+            print(f"growth over {kind} (log-log slope, 1 = linear): ours {_growth(rows, kind, 'ours'):.2f}, "
+                  f"stock {_growth(rows, kind, 'stock'):.2f}")
+    print(f"ratio ours/stock: {results['ratio']:.2f}")
+    return results["ratio"]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    main()

@@ -1,0 +1,261 @@
+"""The prepared GPU check (run by ``benchmarks/gpu_check.sh``): JSON + markdown into an output dir.
+
+Parts, each timed and each allowed to fail on its own (the failure is recorded, the rest runs):
+
+1. ``fairseq-train`` pre-training of the preset on synthetic data (``make_synthetic_data.py``),
+   stage 2 from the first update, with ``--bf16`` and with ``--fp16`` (on CPU: fp32 only, as
+   fairseq's ``--fp16`` asserts CUDA and ``--bf16`` takes its TPU path there): updates/s from the
+   last ``train_inner`` record, peak memory (``peak_rss.py``: VmHWM, CUDA max allocated);
+2. ours against stock fairseq at equal size (``bench_pretraining.py``): updates/s, MFU, peak memory;
+3. the largest batch that fits, with and without ``--checkpoint-activations``: the real
+   ``train_step`` on in-memory batches, doubling the batch until out of memory (bounded);
+4. which SDPA kernel our attention can use, with and without padding: each backend alone under
+   ``torch.nn.attention.sdpa_kernel``, the ones that run are listed;
+5. a 1-GPU ``--ddp-backend fully_sharded`` run (skipped, with a note, without fairscale or CUDA).
+
+    GPU_CHECK_PRESET=slam_paper bash benchmarks/gpu_check.sh OUT_DIR      # on one H100/H200
+    bash benchmarks/gpu_check.sh OUT_DIR --cpu-smoke                        # slam_tiny on CPU (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO_ROOT = BENCHMARKS.parent
+sys.path.insert(0, str(BENCHMARKS))
+
+
+def _fairseq_train(data_dir: Path, preset: str, precision: Optional[str], updates: int, max_tokens: int,
+                   device: str, extra: List[str], timeout: int) -> Dict[str, object]:
+    """One ``fairseq-train`` run through peak_rss.py; its speed and memory."""
+    command = [sys.executable, str(BENCHMARKS / "peak_rss.py"), "train", str(data_dir),
+               "--user-dir", str(REPO_ROOT / "slam_fairseq"), "--task", "slam_pretraining",
+               "--criterion", "slam_multitask", "--arch", preset, "--stage2-start-update", "0",
+               "--max-update", str(updates), "--max-tokens", str(max_tokens), "--optimizer", "adam",
+               "--lr", "1e-4", "--clip-norm", "10", "--seed", "1", "--num-workers", "0",
+               "--required-batch-size-multiple", "1", "--log-format", "json", "--log-interval",
+               str(max(1, updates // 4)), "--no-progress-bar", "--no-save", "--disable-validation", *extra]
+    if precision:
+        command.append(f"--{precision}")
+    if device == "cpu":
+        command.append("--cpu")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
+    process = subprocess.run(command, capture_output=True, text=True, cwd=str(REPO_ROOT), env=env, timeout=timeout)
+    output = process.stdout + process.stderr
+    result: Dict[str, object] = {"returncode": process.returncode, "wall_s": round(time.perf_counter() - start, 1),
+                                 "command": " ".join(command[1:])}
+    records = [json.loads(match) for match in re.findall(r"train_inner \| (\{.*\})", output)]
+    if records:
+        result["updates_per_s"] = float(records[-1]["ups"])
+        result["last_loss"] = float(records[-1]["loss"])
+    for pattern, key in ((r"peak RSS: (\d+) MiB", "peak_rss_mib"), (r"peak CUDA memory: (\d+) MiB", "peak_cuda_mib")):
+        match = re.search(pattern, output)
+        if match:
+            result[key] = int(match.group(1))
+    if process.returncode != 0:
+        result["error"] = output[-1500:]
+    return result
+
+
+def largest_batch(preset: str, device, dtype: str, checkpoint_activations: bool, start: int,
+                  doublings: int, frames: int) -> Dict[str, object]:
+    """Double the batch of each modality from ``start`` while a train_step fits (at most ``doublings``)."""
+    import torch
+
+    import bench_pretraining as bench
+
+    fits, tried = 0, []
+    args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames)])
+    with tempfile.TemporaryDirectory() as directory:
+        update = bench.OurUpdate(args, device, Path(directory), checkpoint_activations=checkpoint_activations)
+    dictionary = update.task.source_dictionary
+    for step in range(doublings + 1):
+        batch = start * 2 ** step
+        sample = None
+        try:
+            sample = bench._to_device(bench.make_batches(
+                batch, 2 * batch, batch, frames, args.tokens, frames // 30, args.length_spread,
+                len(dictionary) - 1, dictionary.nspecial, dictionary.pad(), dictionary.index("<mask>")), device)
+            if dtype != "fp32":
+                for name in ("speech", "pair"):
+                    sample[name]["features"] = sample[name]["features"].to(update.dtype)
+            peak = bench.measure_peak_mib(lambda: update(sample), device)
+            tried.append({"batch": batch, "fits": True, "peak_mib": round(peak)})
+            fits = batch
+        except torch.cuda.OutOfMemoryError:
+            tried.append({"batch": batch, "fits": False})
+            break
+        finally:
+            sample = None
+            update.optimizer.zero_grad()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    del update
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"largest_batch": fits, "frames": frames, "bounded_at": start * 2 ** doublings, "tried": tried}
+
+
+def sdpa_kernels(preset: str, device, dtype: str) -> Dict[str, object]:
+    """Which SDPA backends run our attention call, with no padding (mask None) and with padding
+    (additive float mask)."""
+    import argparse as _argparse
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    import slam_fairseq  # noqa: F401
+    from slam_fairseq.modules.attention import RotarySelfAttention, attention_bias
+
+    sizes = _argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[preset](sizes)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    attention = RotarySelfAttention(sizes.encoder_embed_dim, sizes.encoder_attention_heads).to(device, torch_dtype)
+    x = torch.randn(4, 256, sizes.encoder_embed_dim, device=device, dtype=torch_dtype)
+    results: Dict[str, object] = {}
+    for case, lengths in (("no_padding", [256, 256, 256, 256]), ("padding", [256, 200, 150, 100])):
+        padding = torch.arange(256, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
+        usable = []
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH):
+            try:
+                with sdpa_kernel([backend]), torch.no_grad():
+                    attention(x, padding, attention_bias(padding))
+                usable.append(backend.name.lower())
+            except RuntimeError:
+                pass
+        results[case] = usable
+    return results
+
+
+def _save(out_dir: Path, report: Dict[str, object]) -> None:
+    """Write the JSON (and the markdown once complete) after every part, so that a run stopped by
+    the time limit still leaves what it measured."""
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if "wall_s" in report:
+        (out_dir / "gpu_check.md").write_text(_markdown(report), encoding="utf-8")
+
+
+def _markdown(report: Dict[str, object]) -> str:
+    lines = [f"# GPU check: {report['preset']} on {report['device_name']}", "",
+             f"torch {report['torch']}, {report['when']}, {report['wall_s']} s in all", ""]
+    lines += ["## fairseq-train (synthetic data, stage 2)", "", "| precision | updates/s | peak CUDA MiB | peak RSS MiB | note |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, run in report["fairseq_train"].items():
+        lines.append(f"| {name} | {run.get('updates_per_s', '-')} | {run.get('peak_cuda_mib', '-')} | "
+                     f"{run.get('peak_rss_mib', '-')} | {'failed: see JSON' if run.get('returncode') else run.get('note', '')} |")
+    bench = report.get("bench_pretraining", {})
+    lines += ["", "## ours against stock fairseq (bench_pretraining.py)", "", "```", bench.get("output", "").strip(), "```"]
+    lines += ["", "## largest batch (bounded doubling; rows per modality, text twice)", ""]
+    for name, result in report["largest_batch"].items():
+        lines.append(f"- {name}: {result.get('largest_batch', result.get('error', '-'))} "
+                     f"(of {result.get('frames', '-')} frames; bounded at {result.get('bounded_at', '-')})")
+    lines += ["", "## SDPA kernels our attention can use", ""]
+    for case, usable in report["sdpa_kernels"].items():
+        lines.append(f"- {case}: {usable}")
+    lines += ["", "## fully_sharded (1 GPU)", "", f"{report['fully_sharded']}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--cpu-smoke", action="store_true", help="slam_tiny on CPU, seconds per part (CI)")
+    parser.add_argument("--preset", default=os.environ.get("GPU_CHECK_PRESET", "slam_paper"))
+    parser.add_argument("--updates", type=int, default=40, help="updates per fairseq-train run")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    args = parser.parse_args(argv)
+    import torch
+
+    start = time.perf_counter()
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    if args.cpu_smoke:
+        args.preset, args.updates = "slam_tiny", 3
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = "bf16" if cuda else "fp32"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report: Dict[str, object] = {
+        "preset": args.preset, "device_name": torch.cuda.get_device_name() if cuda else "CPU (smoke)",
+        "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    import make_synthetic_data
+
+    data_dir = args.out_dir / "synthetic_data"
+    if not (data_dir / "config.yaml").is_file():
+        small = args.cpu_smoke
+        make_synthetic_data.build(data_dir, 8 if small else 256, 8 if small else 256, 32 if small else 2048,
+                                  100 if small else 400, 300 if small else 1600, 100 if small else 8000)
+    max_tokens = 2000 if args.cpu_smoke else 40000
+    precisions = ["bf16", "fp16"] if cuda else [None]
+    report["fairseq_train"] = {}
+    for precision in precisions:
+        run = _fairseq_train(data_dir, args.preset, precision, args.updates, max_tokens, device.type, [],
+                             timeout=900)
+        if precision is None:
+            run["note"] = "fp32 on CPU (fairseq's --fp16 needs CUDA; --bf16 takes the TPU path)"
+        report["fairseq_train"][precision or "fp32"] = run
+        _save(args.out_dir, report)
+
+    bench_args = (["--smoke", "--threads", "1"] if args.cpu_smoke else
+                  ["--arch", args.preset, "--device", "cuda", "--dtype", "bf16", "--peak-tflops", str(args.peak_tflops),
+                   "--batch-speech", "16", "--batch-text", "64", "--batch-pair", "16", "--frames", "1600",
+                   "--tokens", "128", "--repeats", "5"])
+    import bench_pretraining
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            ratio = bench_pretraining.main(bench_args)
+        report["bench_pretraining"] = {"returncode": 0, "ratio": ratio}
+    except Exception as error:  # recorded, the other parts still run
+        report["bench_pretraining"] = {"returncode": 1, "ratio": None, "error": repr(error)[:1500]}
+    report["bench_pretraining"]["output"] = captured.getvalue()
+
+    _save(args.out_dir, report)
+    report["largest_batch"] = {}
+    for checkpointing in (False, True):
+        name = "checkpoint_activations" if checkpointing else "plain"
+        try:
+            report["largest_batch"][name] = largest_batch(
+                args.preset, device, dtype, checkpointing, start=1 if args.cpu_smoke else 8,
+                doublings=1 if args.cpu_smoke else 5, frames=150 if args.cpu_smoke else 1600)
+        except Exception as error:  # recorded, the other parts still run
+            report["largest_batch"][name] = {"error": repr(error)[:500]}
+        _save(args.out_dir, report)
+    try:
+        report["sdpa_kernels"] = sdpa_kernels(args.preset, device, dtype)
+    except Exception as error:
+        report["sdpa_kernels"] = {"error": repr(error)[:500]}
+
+    _save(args.out_dir, report)
+    if not cuda:
+        report["fully_sharded"] = "skipped: needs CUDA"
+    elif importlib.util.find_spec("fairscale") is None:
+        report["fully_sharded"] = "skipped: fairscale is not installed (fairseq 0.12's fully_sharded needs it)"
+    else:
+        report["fully_sharded"] = _fairseq_train(
+            data_dir, args.preset, "bf16", max(4, args.updates // 4), max_tokens, "cuda",
+            ["--ddp-backend", "fully_sharded", "--distributed-world-size", "1"], timeout=600)
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    _save(args.out_dir, report)
+    print(f"gpu check written to {args.out_dir}/gpu_check.json and gpu_check.md ({report['wall_s']} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""What the speed work on the pre-training step must keep: the same outputs, few host syncs.
+
+- the attention mask (None without padding, additive float with it) gives the boolean mask's output;
+- one unmasked speech pass serves STM and pair CTC: the same outputs as three separate passes;
+- a whole ``SlamPretrainingTask.train_step`` reads the device at most ``SYNC_BOUND`` times (counted
+  at the ATen dispatcher on CPU: scalar reads, nonzero, boolean indexing, ...), and the
+  criterion's ``reduce_metrics`` reads it once;
+- ``--compile-layers`` gives the eager outputs and gradients.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from test_slam_multitask import make_criterion, make_model, make_sample
+
+from slam_fairseq.modules.attention import RotarySelfAttention, attention_bias
+from slam_fairseq.modules.conformer import ConformerStack
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_pretraining  # noqa: E402
+
+_ALWAYS_SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2",
+                "unique_dim", "_ctc_loss", "equal", "is_nonzero"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ATen calls that make the host wait for the device on CUDA: reading a scalar
+    (``item``, ``bool``, ``int``), ops whose output size depends on values (nonzero, boolean
+    indexing, masked_select, unique, repeat_interleave without ``output_size``), CTC's lengths.
+    ``Tensor.tolist`` is counted where it is called (it does not dispatch on CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+        self._tolist = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in _ALWAYS_SYNC:
+            self.counts[name] += 1
+        elif name in ("index", "index_put", "index_put_") and any(
+                torch.is_tensor(index) and index.dtype == torch.bool for index in (args[1] or ()) if index is not None):
+            self.counts[f"{name}[bool]"] += 1
+        elif name == "repeat_interleave" and kwargs.get("output_size") is None and torch.is_tensor(args[0]):
+            self.counts[name] += 1
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        original = torch.Tensor.tolist
+        counts = self.counts
+
+        def counted_tolist(tensor):
+            counts["tolist"] += 1
+            return original(tensor)
+
+        self._tolist = original
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+# -- attention masks ------------------------------------------------------------------------------
+def _boolean_mask_attention(attention: RotarySelfAttention, x, padding_mask):
+    """The previous formulation: SDPA with a boolean 'attend' mask."""
+    batch_size, length, embed_dim = x.shape
+    qkv = attention.qkv_proj(x).view(batch_size, length, 3, attention.num_heads, attention.head_dim)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    query, key = attention.rotary(query, key)
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=(~padding_mask)[:, None, None, :])
+    return attention.out_proj(output.transpose(1, 2).reshape(batch_size, length, embed_dim))
+
+
+def test_attention_bias_is_none_without_padding_and_additive_with_it():
+    assert attention_bias(torch.zeros(2, 5, dtype=torch.bool)) is None
+    padding = torch.tensor([[False, False, True], [False, False, False]])
+    bias = attention_bias(padding)
+    assert bias.shape == (2, 1, 1, 3) and bias.dtype == torch.float32
+    assert torch.equal(bias[:, 0, 0].isinf(), padding) and (bias[~padding[:, None, None, :]] == 0).all()
+
+
+@pytest.mark.parametrize("lengths", [(9, 9, 9), (9, 4, 7)])
+def test_attention_output_equals_the_boolean_mask_output(lengths):
+    torch.manual_seed(0)
+    attention = RotarySelfAttention(16, 4).eval()
+    x = torch.randn(3, 9, 16)
+    padding = torch.arange(9)[None, :] >= torch.tensor(lengths)[:, None]
+    expected = _boolean_mask_attention(attention, x, padding)
+    assert torch.allclose(attention(x, padding), expected, atol=1e-6)
+    assert torch.allclose(attention(x, padding, attention_bias(padding)), expected, atol=1e-6)
+    stack = ConformerStack(2, 16, 32, 4, 3, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0).eval()
+    with torch.no_grad():
+        for layer in stack.layers:
+            layer.attention.forward = (lambda module: lambda h, mask, bias="auto":
+                                       _boolean_mask_attention(module, h, mask))(layer.attention)
+        reference = stack(x, padding)[-1]
+        for layer in stack.layers:
+            del layer.attention.forward
+        assert torch.allclose(stack(x, padding)[-1], reference, atol=1e-5)
+
+
+# -- one unmasked speech pass for STM and pair CTC ------------------------------------------------
+def test_stm_and_pair_ctc_equal_separate_passes_of_the_unmasked_speech():
+    model = make_model(pair_ctc=True, pair_ctc_units="tokens").eval()
+    pair = make_sample()["pair"]
+    output = model(pair=pair)["pair"]
+    features, lengths = pair["features"], pair["feature_lengths"]
+    with torch.no_grad():
+        _, matched = model.encoder.encode_pair(features, lengths, pair["clean_tokens"][pair["stm_text_index"]])
+        _, alone = model.encoder.encode_speech(features, lengths)
+    assert torch.allclose(output.stm_logits, model.pair_matching_classifier(matched.output, matched.padding_mask),
+                          atol=1e-5)
+    assert torch.allclose(output.ctc_logits, model.pair_ctc_head(alone.output), atol=1e-5)
+
+
+def test_pair_runs_the_speech_encoder_twice():
+    model = make_model(pair_ctc=True, pair_ctc_units="tokens").train()
+    calls = []
+    model.encoder.speech_encoder.register_forward_hook(lambda *_: calls.append(1))
+    make_criterion()(model, {"pair": make_sample()["pair"]})[0].backward()
+    assert len(calls) == 2  # masked (TLM) and unmasked (STM + CTC)
+
+
+# -- host syncs -----------------------------------------------------------------------------------
+# Per update of speech + text + pairs (with pair CTC), counted on CPU:
+#   scalar reads (13): the speech length check of each speech-encoder pass (3; on CUDA an
+#     asynchronous device assert instead), whether a batch has padding, once per Conformer stack
+#     pass (8: speech 2, text 1, pair 5), the packed length of each [speech ; text] pass (2);
+#   value-dependent shapes (6): nonzero of the masked frames / tokens (4), the CTC targets' boolean
+#     index (1), ctc_loss's lengths (1).
+# The criterion reads nothing: its logged values stay tensors until reduce_metrics.
+SYNC_BOUND = 19
+
+
+def _our_update(pair_ctc: bool = True):
+    args = bench_pretraining.parse_args(["--smoke"] + (["--pair-ctc"] if pair_ctc else []))
+    with tempfile.TemporaryDirectory() as directory:
+        update = bench_pretraining.OurUpdate(args, torch.device("cpu"), Path(directory))
+    dictionary = update.task.source_dictionary
+    sample = bench_pretraining.make_batches(3, 3, 3, 150, 10, 6, 0.3, len(dictionary) - 1, dictionary.nspecial,
+                                            dictionary.pad(), dictionary.index("<mask>"))
+    return update, sample
+
+
+def test_a_train_step_reads_the_device_a_bounded_number_of_times_and_logging_once():
+    update, sample = _our_update()
+    update(sample)  # warm-up: lazy initialisation does not count
+    update.optimizer.zero_grad()
+    with SyncCounter() as counter:
+        _, _, logging_output = update.task.train_step(sample, update.model, update.criterion, update.optimizer,
+                                                      update_num=0)
+    assert counter.total <= SYNC_BOUND, dict(counter.counts)
+    assert counter.counts["_local_scalar_dense"] <= 13, dict(counter.counts)  # no per-objective item()
+    assert all(torch.is_tensor(logging_output[key]) for key in ("loss", "_stm_loss_sum", "_msm_mlm_count"))
+
+    from fairseq import metrics
+    with metrics.aggregate() as aggregated, SyncCounter() as counter:
+        update.criterion.reduce_metrics([logging_output])
+    assert counter.total == 1, dict(counter.counts)
+    assert aggregated.get_smoothed_values()["stm_loss"] > 0
+
+
+# -- torch.compile of each layer ------------------------------------------------------------------
+def _compiled_matches_eager(backend: str) -> None:
+    sample = make_sample()
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = make_model(compile_layers=compiled, compile_backend=backend).eval()
+        loss, _, _ = make_criterion()(model, {"speech": sample["speech"]})
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, sorted(model.state_dict())))
+    assert results[0][2] == results[1][2]  # checkpoints keep their parameter names
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    for name, grad in results[0][1].items():
+        assert torch.allclose(grad, results[1][1][name], rtol=1e-3, atol=1e-5), name
+
+
+def test_compile_layers_traces_the_layers_and_matches_eager():
+    """AOTAutograd tracing (forward and backward graphs of each layer), no code generation."""
+    _compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_compile_layers_with_inductor_matches_eager():
+    _compiled_matches_eager("inductor")
+
+
+def test_compile_layers_is_off_by_default():
+    model = make_model()
+    layer = model.encoder.speech_encoder.conformer.layers[0]
+    assert getattr(layer, "_compiled_call_impl", None) is None
+    assert make_model(compile_layers=True, compile_backend="eager").encoder.speech_encoder.conformer.layers[0] \
+        ._compiled_call_impl is not None
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+def test_benchmark_smoke_mode_ends_with_a_finite_ratio(capsys):
+    ratio = bench_pretraining.main(["--smoke", "--threads", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"ratio ours/stock: {ratio:.2f}"
+    assert ratio > 0 and torch.isfinite(torch.tensor(ratio))
+    sides = [line for line in lines if line.startswith(("ours", "stock"))]
+    assert len(sides) == 2 and all("updates/s" in line and "nan" not in line for line in sides), sides
+
+
+# -- host memory ----------------------------------------------------------------------------------
+def test_a_cpu_train_step_gives_freed_heap_memory_back(monkeypatch):
+    from slam_fairseq.host_memory import release_free_heap_memory
+    from slam_fairseq.tasks import slam_pretraining
+
+    if sys.platform.startswith("linux"):
+        assert release_free_heap_memory()  # glibc has malloc_trim
+    calls = []
+    monkeypatch.setattr(slam_pretraining, "release_free_heap_memory", lambda: calls.append(1) or True)
+    update, sample = _our_update(pair_ctc=False)
+    update(sample)
+    assert calls == [1]
