@@ -5,11 +5,14 @@ gradient: in FP32 a NaN or inf gradient norm raises ``FloatingPointError`` and e
 ``--fp16`` it is taken for a loss-scale overflow. :class:`NonFiniteUpdateGuard` acts earlier, on
 each modality's loss:
 
-1. :meth:`loss_for_backward`: a loss that is not finite is replaced by a zero that still touches
-   every trainable parameter (so DDP's reducer sees the same parameters on every rank and the
-   backward passes stay in step); the modality is remembered.
-2. :meth:`after_backward`: if any modality of the step was not finite, the gradients are zeroed, so
-   the gradient norm fairseq computes next is finite (no ``FloatingPointError``, no false overflow).
+1. :meth:`loss_for_backward`: a loss that is not finite is replaced by a zero with the same graph
+   (``torch.where`` on the device: no host read per modality), so the backward pass reaches the
+   parameters a finite loss would reach and DDP's reducer stays in step; the modality's finiteness
+   is kept as a device flag. The gradients of such a pass may hold NaNs (0 x inf on the way back):
+   step 2 removes them before fairseq's all-reduce (``legacy_ddp``, which the launcher sets).
+2. :meth:`after_backward`: the flags of all modalities are read once (one host read per update);
+   if any modality was not finite, the gradients are zeroed, so the gradient norm fairseq computes
+   next is finite (no ``FloatingPointError``, no false overflow).
 3. :meth:`skip_update` (from the task's ``optimizer_step``): with several ranks the decision is
    all-reduced (one rank's NaN skips the update everywhere, so the weights stay identical); when
    skipped, ``optimizer.step()`` is not called: parameters and optimizer state (Adam's moments,
@@ -22,21 +25,13 @@ WARNING naming the update and the modalities.
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import List, Tuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteUpdateGuard", "zero_loss_over_parameters"]
-
-
-def zero_loss_over_parameters(model: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
-    """A scalar 0 whose gradient is 0 for every trainable parameter of ``model``."""
-    terms = [parameter.reshape(-1)[:1].sum() * 0.0 for parameter in model.parameters() if parameter.requires_grad]
-    if not terms:
-        return torch.zeros((), device=like.device, dtype=like.dtype)
-    return torch.stack([term.to(like.dtype) for term in terms]).sum()
+__all__ = ["NonFiniteUpdateGuard"]
 
 
 class NonFiniteUpdateGuard:
@@ -45,16 +40,21 @@ class NonFiniteUpdateGuard:
     def __init__(self) -> None:
         self.pending: List[str] = []
         self.num_skipped_updates = 0
+        self._flags: List[Tuple[str, torch.Tensor]] = []
 
-    def loss_for_backward(self, name: str, loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-        """``loss``, or a parameter-touching zero when ``loss`` is NaN or infinite."""
-        if bool(torch.isfinite(loss.detach()).all()):
-            return loss
-        self.pending.append(name)
-        return zero_loss_over_parameters(model, loss)
+    def loss_for_backward(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` where it is finite, else a zero over the same graph (chosen on the device)."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._flags.append((name, finite))
+        return torch.where(finite, loss, torch.zeros_like(loss))
 
     def after_backward(self, optimizer) -> None:
-        """Zero the step's gradients when one of its modalities was not finite."""
+        """Read the step's flags once; zero the gradients when one of its modalities was not finite."""
+        if self._flags:
+            names = [name for name, _ in self._flags]
+            finite = torch.stack([flag for _, flag in self._flags]).tolist()
+            self.pending += [name for name, ok in zip(names, finite) if not ok]
+            self._flags = []
         if self.pending:
             optimizer.zero_grad()
 

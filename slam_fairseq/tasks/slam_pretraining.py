@@ -446,7 +446,7 @@ class SlamPretrainingTask(FairseqTask):
                 if sample_size not in (0.0, 1.0):
                     loss = loss / sample_size
                 with torch.autograd.profiler.record_function(f"backward-{name}"):
-                    optimizer.backward(self.update_guard.loss_for_backward(name, loss, model))
+                    optimizer.backward(self.update_guard.loss_for_backward(name, loss))
             total_loss = total_loss.to(loss.device) + loss.detach().float()
             outputs.append(logging_output)
         self.update_guard.after_backward(optimizer)  # a non-finite modality: the whole update is skipped
