@@ -150,6 +150,20 @@ def merge_logging_outputs(outputs: List[Dict[str, Any]], sample_size: int) -> Di
     return merged
 
 
+def modality_loss(criterion, model, name: str, batch: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """The criterion on one modality's batch: (loss divided by its sample size, logging output).
+
+    ``slam_multitask`` returns sample size 1 (its objectives are means already), so the division
+    is a no-op there; another criterion's sum is turned into a mean, so that the per-modality
+    losses of a step can be summed.
+    """
+    loss, sample_size, logging_output = criterion(model, {name: batch})
+    sample_size = float(sample_size)
+    if sample_size not in (0.0, 1.0):
+        loss = loss / sample_size
+    return loss, logging_output
+
+
 def _step_logging_output(outputs: List[Dict[str, Any]], sample_size: int, model, criterion) -> Dict[str, Any]:
     """The step's merged logging output, completed to the criterion's key schema (when it has one)
     so that every data-parallel rank logs the same keys, whatever modalities its step held
@@ -439,12 +453,9 @@ class SlamPretrainingTask(FairseqTask):
             with sync:
                 with torch.autograd.profiler.record_function(f"forward-{name}"), \
                         (torch.autocast("cuda") if use_amp else contextlib.nullcontext()):
-                    loss, sample_size, logging_output = criterion(model, {name: sample[name]})
+                    loss, logging_output = modality_loss(criterion, model, name, sample[name])
                 if ignore_grad:
                     loss = loss * 0
-                sample_size = float(sample_size)
-                if sample_size not in (0.0, 1.0):
-                    loss = loss / sample_size
                 with torch.autograd.profiler.record_function(f"backward-{name}"):
                     optimizer.backward(self.update_guard.loss_for_backward(name, loss))
             total_loss = total_loss.to(loss.device) + loss.detach().float()
@@ -480,10 +491,7 @@ class SlamPretrainingTask(FairseqTask):
         seed = int(np.random.SeedSequence([int(self.cfg.seed), *ids]).generate_state(1)[0] >> 1)
         with torch.no_grad(), utils.set_torch_seed(seed):
             for name in modalities:
-                loss, sample_size, logging_output = criterion(model, {name: sample[name]})
-                sample_size = float(sample_size)
-                if sample_size not in (0.0, 1.0):
-                    loss = loss / sample_size
+                loss, logging_output = modality_loss(criterion, model, name, sample[name])
                 total_loss = total_loss.to(loss.device) + loss.detach().float()
                 outputs.append(logging_output)
         sample_size = 1 if modalities else 0
