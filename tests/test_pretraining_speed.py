@@ -231,4 +231,7 @@ def test_a_cpu_train_step_gives_freed_heap_memory_back(monkeypatch):
     monkeypatch.setattr(slam_pretraining, "release_free_heap_memory", lambda: calls.append(1) or True)
     update, sample = _our_update(pair_ctc=False)
     update(sample)
+    assert calls == []  # off by default: it costs page faults on every update
+    update.task.cfg.release_host_memory = True
+    update(sample)
     assert calls == [1]
