@@ -114,7 +114,8 @@ def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
             assert len(generated) == len(test_rows) == scored["utterances"]
             assert scored["wer"] == pytest.approx(recomputed_wer(generated), abs=0.01), (init, decoder)
             assert 1 <= scored["distinct"] <= scored["utterances"]
-    assert set(report["probe"]) == {"slam_pretrained", "log_mel_stack4", "random_encoder"}
+    assert set(report["probe"]) == {"slam_pretrained", "log_mel_stack4", "random_encoder",
+                                    "asr_pretrained_seed1", "asr_scratch_seed1"}
     for by_split in report["probe"].values():
         for split in ("dev", "test"):
             assert 0.0 <= by_split[split]["cer"] < float("inf") and by_split[split]["utterances"] == 4

@@ -61,9 +61,9 @@ class RealSpeechBudget(Budget):
 
 
 BUDGETS: Dict[str, RealSpeechBudget] = {
-    "full": RealSpeechBudget("full", pretrain_stage1_updates=40, pretrain_stage2_updates=300,
-                             finetune_updates=600, seeds=[1, 2], text_vocab_size=300, target_vocab_size=200,
-                             max_tokens=12000, freeze_encoder_fraction=0.5, probe_steps=300),
+    "full": RealSpeechBudget("full", pretrain_stage1_updates=40, pretrain_stage2_updates=140,
+                             finetune_updates=400, seeds=[1, 2], text_vocab_size=300, target_vocab_size=200,
+                             max_tokens=8000, freeze_encoder_fraction=0.5, probe_steps=300),
     "ci": RealSpeechBudget("ci", pretrain_stage1_updates=4, pretrain_stage2_updates=4, finetune_updates=6,
                            seeds=[1, 2], text_vocab_size=100, target_vocab_size=100, max_tokens=6000,
                            probe_steps=10, probe_max_utterances=16,
@@ -242,17 +242,22 @@ def main() -> None:
     inits = {"pretrained": pretrained, "stage1": track.stage_checkpoint(budget.pretrain_stage1_updates),
              "scratch": None}
     results: Dict[str, Dict[int, Dict[str, Dict[str, object]]]] = {}
+    finetuned: Dict[tuple, Path] = {}
     for init in args.inits:
         for seed in budget.seeds:
             name, command, checkpoint = track.asr_finetune(init, seed, inits[init])
             track.run(name, command)
+            finetuned[(init, seed)] = checkpoint
             for decoder in DECODERS:
                 scored = track.decode_test(f"asr_{init}_seed{seed}", checkpoint, decoder)
                 results.setdefault(init, {}).setdefault(seed, {})[decoder] = scored
                 track.say(f"asr {init} seed {seed} {decoder}: WER {scored['wer']:.2f} "
                           f"({scored['distinct']}/{scored['utterances']} distinct)")
-    probe = track.probe({"slam_pretrained": f"slam:{pretrained}", "log_mel_stack4": "logmel",
-                         "random_encoder": f"random:{pretrained}"})
+    extractors = {"slam_pretrained": f"slam:{pretrained}", "log_mel_stack4": "logmel",
+                  "random_encoder": f"random:{pretrained}"}
+    for init in args.inits:  # what fine-tuning left in the encoder (first seed)
+        extractors[f"asr_{init}_seed{budget.seeds[0]}"] = f"slam:{finetuned[(init, budget.seeds[0])]}"
+    probe = track.probe(extractors)
     records = read_train_log(work / "logs" / "pretrain.log")
     pretraining = {key: first_and_last(records, key) for key in PRETRAINING_KEYS}
     track.timings["total"] = round(time.time() - track.started, 1)
