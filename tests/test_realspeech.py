@@ -114,6 +114,9 @@ def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
             assert len(generated) == len(test_rows) == scored["utterances"]
             assert scored["wer"] == pytest.approx(recomputed_wer(generated), abs=0.01), (init, decoder)
             assert 1 <= scored["distinct"] <= scored["utterances"]
+            train_texts = {line.split("\t")[3] for line in
+                           (work / "data" / "asr" / "train_asr.tsv").read_text().splitlines()[1:]}
+            assert scored["train_prompts"] == sum(hypothesis in train_texts for _, hypothesis in generated.values())
     assert set(report["probe"]) == {"slam_pretrained", "log_mel_stack4", "random_encoder",
                                     "asr_pretrained_seed1", "asr_scratch_seed1"}
     for by_split in report["probe"].values():

@@ -15,13 +15,14 @@ manifests, the pre-training recipe and the decoders.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -41,6 +42,13 @@ DECODERS: Dict[str, List[str]] = {
 # hypotheses of at most 0.1 tokens per feature frame + 10 (transcripts use about 0.04): an untrained
 # decoder otherwise writes fairseq's default 200 tokens for every utterance
 DECODING_LENGTH = ["--max-len-a", "0.1", "--max-len-b", "10"]
+def copy_atomically(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a temporary name, so that ``target`` is whole or absent."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+
+
 PRETRAINING_KEYS = ["span_masking_loss", "msm_contrastive_loss", "msm_mlm_loss", "tlm_text_loss",
                     "tlm_speech_loss", "stm_loss", "stm_accuracy", "pair_ctc_loss", "code_perplexity"]
 
@@ -119,30 +127,39 @@ class RealSpeech(Demo):
                               "--allow-smaller-vocab", "--out", str(asr), *common])
 
     def pretrain(self) -> Path:
-        """Stage 1 then stage 2 in one run; a checkpoint is kept at the end of each stage."""
+        """Stage 1, then stage 2 resumed from it: two ``fairseq-train`` runs on one save dir (fairseq
+        resumes from ``checkpoint_last.pt``), the end of stage 1 kept as ``checkpoint_stage1.pt``;
+        returns the end of stage 2 (``checkpoint_last.pt``)."""
         budget = self.budget
         save_dir = self.work / "checkpoints" / "pretrain"
         total = budget.pretrain_stage1_updates + budget.pretrain_stage2_updates
-        self.run("pretrain", [
+        self.run("pretrain_stage1", self._pretrain_command(save_dir, budget.pretrain_stage1_updates, total))
+        stage1 = self.stage1_checkpoint()
+        if not stage1.exists():  # checkpoint_last.pt is stage 1's until stage 2 runs
+            copy_atomically(save_dir / "checkpoint_last.pt", stage1)
+        self.run("pretrain_stage2", self._pretrain_command(save_dir, total, total))
+        return save_dir / "checkpoint_last.pt"
+
+    def _pretrain_command(self, save_dir: Path, max_update: int, total: int) -> List[str]:
+        budget = self.budget
+        return [
             "fairseq-train", str(self.work / "data" / "pretrain"), "--user-dir", USER_DIR,
             "--task", "slam_pretraining", "--criterion", "slam_multitask", "--arch", "slam_tiny",
             *budget.encoder_args, *budget.pretrain_objective_args,
-            "--stage2-start-update", str(budget.pretrain_stage1_updates), "--max-update", str(total),
+            "--stage2-start-update", str(budget.pretrain_stage1_updates), "--max-update", str(max_update),
             "--max-tokens", str(budget.max_tokens), "--max-tokens-text", str(budget.max_tokens // 2),
             "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(budget.pretrain_lr),
             "--clip-norm", "10", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(max(total // 5, 1)),
-            "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--no-last-checkpoints",
-            "--save-interval-updates", str(budget.pretrain_stage1_updates), "--keep-interval-updates", "-1",
-            "--disable-validation", *self._fairseq_common(seed=1, updates=total)])
-        checkpoint = self.stage_checkpoint(total)
-        if not checkpoint.exists():
-            raise SystemExit(f"[realspeech] pre-training finished without {checkpoint}")
-        return checkpoint
+            "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--disable-validation",
+            *self._fairseq_common(seed=1, updates=total)]
 
-    def stage_checkpoint(self, updates: int) -> Path:
-        """The pre-training checkpoint written at ``updates`` (fairseq's ``checkpoint_1_<n>.pt`` name)."""
-        found = sorted((self.work / "checkpoints" / "pretrain").glob(f"checkpoint_*_{updates}.pt"))
-        return found[-1] if found else self.work / "checkpoints" / "pretrain" / f"checkpoint_1_{updates}.pt"
+    def stage1_checkpoint(self) -> Path:
+        return self.work / "checkpoints" / "pretrain" / "checkpoint_stage1.pt"
+
+    def pretrain_records(self) -> List[Dict[str, float]]:
+        """The ``train_inner`` records of both pre-training stages, in order."""
+        return [record for stage in ("pretrain_stage1", "pretrain_stage2")
+                for record in read_train_log(self.work / "logs" / f"{stage}.log")]
 
     def asr_finetune(self, init: str, seed: int, pretrained: Optional[Path]):
         """The demo's ASR fine-tuning command with this budget's CTC weight; (name, command, checkpoint)."""
@@ -167,7 +184,13 @@ class RealSpeech(Demo):
             "--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"])
         (self.work / "generate").mkdir(exist_ok=True)
         (self.work / "generate" / f"{run_name}.txt").write_text(output, encoding="utf-8")
-        return {"wer": parse_score(output, "asr"), **distinct_hypotheses(output)}
+        return {"wer": parse_score(output, "asr"), **distinct_hypotheses(output),
+                "train_prompts": count_train_prompts(output, self.train_transcripts())}
+
+    def train_transcripts(self) -> Set[str]:
+        """The ASR train split's transcripts (what a decoder that ignores the audio writes)."""
+        with open(self.work / "data" / "asr" / "train_asr.tsv", encoding="utf-8", newline="") as handle:
+            return {row["tgt_text"] for row in csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)}
 
     def probe(self, extractors: Dict[str, str]) -> Dict[str, Dict[str, Dict[str, float]]]:
         """The frozen-feature linear CTC probe (``probe.py``) of each extractor (name -> ``KIND[:PATH]``),
@@ -182,13 +205,21 @@ class RealSpeech(Demo):
         return json.loads(output.read_text(encoding="utf-8"))
 
 
+def count_train_prompts(generate_output: str, train_transcripts: Set[str]) -> int:
+    """How many of fairseq-generate's hypotheses (``D-`` lines) are, word for word, a transcript of
+    the train split: a memorised prompt written whatever the audio says."""
+    hypotheses = [line.split("\t", 2)[-1] for line in generate_output.splitlines() if line.startswith("D-")]
+    return sum(" ".join(hypothesis.split()) in train_transcripts for hypothesis in hypotheses)
+
+
 def write_markdown(path: Path, command: str, results: Dict, probe: Dict, pretraining: Dict,
                    timings: Dict[str, float]) -> str:
     """``report.md``: test-split WER (distinct hypotheses) per init, seed and decoder; the probe;
     the pre-training objectives' first and last logged values; timings."""
     seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
     lines = ["# SLAM real-speech report", "", f"Command: `{command}`", "",
-             "## ASR, test split of the real-speech corpus: WER (distinct hypotheses / utterances)", "",
+             "## ASR, test split of the real-speech corpus: WER (distinct hypotheses / utterances; "
+             "hypotheses that are a train transcript)", "",
              "| init | decoder | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
              "| --- | --- |" + " --- |" * len(seeds)]
     for init, by_seed in results.items():
@@ -197,7 +228,8 @@ def write_markdown(path: Path, command: str, results: Dict, probe: Dict, pretrai
             for seed in seeds:
                 cell = by_seed.get(seed, {}).get(decoder)
                 cells.append("-" if cell is None else
-                             f"{cell['wer']:.2f} ({cell['distinct']}/{cell['utterances']})")
+                             f"{cell['wer']:.2f} ({cell['distinct']}/{cell['utterances']}; "
+                             f"{cell['train_prompts']})")
             lines.append(f"| {init} | {decoder} | " + " | ".join(cells) + " |")
     lines += ["", "## Frozen-feature linear CTC probe (characters; greedy CER / WER)", "",
               "| features | dev CER | dev WER | test CER | test WER |", "| --- | --- | --- | --- | --- |"]
@@ -239,7 +271,7 @@ def main() -> None:
     corpus = track.build_corpus(args.builder, args.corpus_dir.resolve() if args.corpus_dir else None)
     track.prepare(corpus)
     pretrained = track.pretrain()
-    inits = {"pretrained": pretrained, "stage1": track.stage_checkpoint(budget.pretrain_stage1_updates),
+    inits = {"pretrained": pretrained, "stage1": track.stage1_checkpoint(),
              "scratch": None}
     results: Dict[str, Dict[int, Dict[str, Dict[str, object]]]] = {}
     finetuned: Dict[tuple, Path] = {}
@@ -258,9 +290,10 @@ def main() -> None:
     for init in args.inits:  # what fine-tuning left in the encoder (first seed)
         extractors[f"asr_{init}_seed{budget.seeds[0]}"] = f"slam:{finetuned[(init, budget.seeds[0])]}"
     probe = track.probe(extractors)
-    records = read_train_log(work / "logs" / "pretrain.log")
+    records = track.pretrain_records()
     pretraining = {key: first_and_last(records, key) for key in PRETRAINING_KEYS}
-    track.timings["total"] = round(time.time() - track.started, 1)
+    # the stages' own seconds, so that a resumed run still reports what the whole track took
+    track.timings["total"] = round(sum(track.timings.values()), 1)
     command = "python examples/realspeech/run_realspeech.py " + " ".join(sys.argv[1:])
     report = write_markdown(work / "report.md", command, results, probe, pretraining, track.timings)
     (work / "report.json").write_text(json.dumps(
