@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# dev-split experiments on the real-speech track's data (sequential, one process at a time)
+# Dev-split experiments on a finished real-speech track (run_realspeech.py --work WORK), one process
+# at a time; results append to WORK/dev_exp/results.txt. Stages (arguments, in order):
+#   base      the track's seed-1 models on the dev split, greedy and joint decoding
+#   nofreeze  fine-tune seed 1 without freezing the encoder, CTC weight 0.5 (both inits), then decode dev
+# usage: WORK=realspeech_work [THREADS=2] [JW=0.3] bash examples/realspeech/dev_experiments.sh base nofreeze
 set -euo pipefail
-cd /work/wt-realspeech
+cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}
-W=/work/rs_full; D=$W/data/asr; OUT=$W/dev_exp; mkdir -p $OUT
+W=$(cd "${WORK:?set WORK to the --work folder of the track}" && pwd); D=$W/data/asr; OUT=$W/dev_exp; mkdir -p $OUT
 dec() {  # name checkpoint mode
   fairseq-generate $D --user-dir slam_fairseq --task slam_speech_to_text --config-yaml config_asr.yaml --gen-subset dev_asr \
     --path $2 --beam 5 --max-tokens 50000 --cpu --required-batch-size-multiple 1 --num-workers 0 --ctc-decoding $3 \
