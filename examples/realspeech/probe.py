@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
