@@ -1,5 +1,5 @@
 """The main job end to end, shortened (``--size ci``): every stage runs as a user runs it and the
-report holds real scores. The full demo (``--size demo``, about 21 minutes) is marked slow."""
+report holds real scores. The full demo (``--size demo``, about 24 minutes) is marked slow."""
 import json
 import os
 import subprocess

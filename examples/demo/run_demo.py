@@ -7,7 +7,7 @@ and writes ``report.md`` / ``report.json`` / ``losses.png`` into ``--work``. A s
 leaves ``logs/<stage>.done`` and is skipped by the next run, so an interrupted run resumes (use a
 new ``--work`` after changing the size or the seeds).
 
-    python examples/demo/run_demo.py --work demo_work            # about 21 minutes on 2 CPU cores
+    python examples/demo/run_demo.py --work demo_work            # about 24 minutes on 2 CPU cores
     python examples/demo/run_demo.py --work /tmp/ci --size ci    # a few minutes (CI)
 """
 from __future__ import annotations
