@@ -95,6 +95,11 @@ def _group_keys(keys: Sequence[str]) -> str:
         depth = 2 if parts[0] == CHECKPOINT_ENCODER_PREFIX[:-1] else 1
         prefix = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
         groups[prefix] = groups.get(prefix, 0) + 1
+    return _format_groups(groups)
+
+
+def _format_groups(groups: Dict[str, int]) -> str:
+    """``prefix (count)`` for the first groups, then how many more there are."""
     shown = [f"{prefix} ({count})" if count > 1 else prefix
              for prefix, count in list(groups.items())[:_REPORT_KEYS_SHOWN]]
     if len(groups) > _REPORT_KEYS_SHOWN:
@@ -110,11 +115,7 @@ def _group_by_layer(keys: Sequence[str]) -> str:
         numbered = [index for index, part in enumerate(parts) if part.isdigit()]
         prefix = ".".join(parts[: numbered[0] + 1]) + ".*" if numbered else key
         groups[prefix] = groups.get(prefix, 0) + 1
-    shown = [f"{prefix} ({count})" if count > 1 else prefix
-             for prefix, count in list(groups.items())[:_REPORT_KEYS_SHOWN]]
-    if len(groups) > _REPORT_KEYS_SHOWN:
-        shown.append(f"... {len(groups) - _REPORT_KEYS_SHOWN} more groups")
-    return ", ".join(shown)
+    return _format_groups(groups)
 
 
 def _arch_of(state: Mapping) -> Optional[str]:

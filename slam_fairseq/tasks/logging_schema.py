@@ -15,6 +15,7 @@ or tensors, on the CPU or the GPU), and no value needs a device-to-host copy her
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +29,7 @@ _QUANTIZER_KEYS = ("_quantizer_batches", "_code_perplexity_sum", "_prob_perplexi
                    "_gumbel_temperature_sum")
 
 
+@functools.lru_cache(maxsize=None)  # built from constants; asked for at every step
 def multitask_logging_keys() -> Tuple[str, ...]:
     """Every key ``slam_multitask`` may log, from its objective list, in a fixed order.
 
