@@ -183,6 +183,8 @@ class AudioOptions:
         segment_seconds: if > 0, cut each file into segments of this length (ids ``<id>_0000``, ...;
             a last segment shorter than ``min_seconds`` is dropped).
         num_mel_bins: filterbank size.
+        mel_high_freq: the filterbank's upper edge in Hz (0: Nyquist, 8 kHz); the real bandwidth
+            of upsampled audio (4000 for 8 kHz telephone speech), so that no bin is empty.
         accumulate_cmvn: compute features in on-the-fly mode too, for global CMVN statistics
             (stored mode always accumulates them).
     """
@@ -194,6 +196,7 @@ class AudioOptions:
     silence_threshold: float = 1e-4
     segment_seconds: float = 0.0
     num_mel_bins: int = audio_features.NUM_MEL_BINS
+    mel_high_freq: float = 0.0
     accumulate_cmvn: bool = False
 
 
@@ -431,7 +434,8 @@ def _process_item(item: AudioItem, options: AudioOptions, shard_zip: _ShardZip, 
                "n_frames": audio_features.num_fbank_frames(num_samples)}
         features = None
         if not options.on_the_fly or cmvn is not None:
-            features = audio_features.compute_fbank(segment, num_mel_bins=options.num_mel_bins)
+            features = audio_features.compute_fbank(segment, num_mel_bins=options.num_mel_bins,
+                                                    high_freq=options.mel_high_freq)
             if features.shape[0] != row["n_frames"]:
                 raise RuntimeError(f"{features.shape[0]} frames, expected {row['n_frames']}")
             if cmvn is not None:
@@ -789,6 +793,11 @@ def add_audio_arguments(parser: argparse.ArgumentParser, on_the_fly_help: str = 
     group.add_argument("--min-seconds", type=float, default=0.1, help="skip shorter audio (default 0.1)")
     group.add_argument("--silence-threshold", type=float, default=1e-4,
                        help="skip audio whose peak |x| (in [-1, 1]) is below this (default 1e-4)")
+    group.add_argument("--mel-high-freq", type=float, default=0.0,
+                       help="upper edge of the Mel filterbank in Hz (default 0: Nyquist, 8000). For "
+                            "audio recorded at a lower rate and upsampled, its own Nyquist (4000 for "
+                            "8 kHz telephone speech): the bins above it are empty, and CMVN scales "
+                            "their noise up to the size of speech. Needs stored features")
     group.add_argument("--cmvn", choices=("utterance", "global"), default="utterance",
                        help="feature normalisation named in the config: fairseq's utterance_cmvn, "
                             "or global_cmvn with mean/std computed from the training split's features")
@@ -797,9 +806,17 @@ def add_audio_arguments(parser: argparse.ArgumentParser, on_the_fly_help: str = 
 def audio_options_from_args(args: argparse.Namespace, segment_seconds: float = 0.0) -> AudioOptions:
     if args.min_sample_rate <= 0 or args.min_sample_rate > audio_features.SAMPLE_RATE:
         raise UsageError(f"--min-sample-rate must be in 1..{audio_features.SAMPLE_RATE}")
+    try:
+        mel_high_freq = audio_features.check_high_freq(args.mel_high_freq)
+    except ValueError as error:
+        raise UsageError(f"--mel-high-freq: {error}") from error
+    if mel_high_freq and args.on_the_fly:
+        raise UsageError("--mel-high-freq needs stored features: the on-the-fly readers (fairseq's and "
+                         "the pre-training task's) compute the full-band filterbank; drop --on-the-fly")
     return AudioOptions(on_the_fly=args.on_the_fly, downmix=args.downmix,
                         min_sample_rate=args.min_sample_rate, min_seconds=args.min_seconds,
                         silence_threshold=args.silence_threshold, segment_seconds=segment_seconds,
+                        mel_high_freq=mel_high_freq,
                         accumulate_cmvn=args.on_the_fly and args.cmvn == "global")
 
 

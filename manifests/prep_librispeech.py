@@ -104,6 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allow-smaller-vocab", action="store_true",
                         help="accept fewer pieces than --vocab-size when the text is too small "
                              "(default: refuse, naming the largest possible size)")
+    parser.add_argument("--specaugment", choices=(*sorted(data_config.SPECAUGMENT_POLICIES), "none"), default="lb",
+                        help="SpecAugment policy of the ASR config's train transform (fairseq's LB, LD, SM, "
+                             "SS; default lb). LB and LD mask up to 100 frames with p=1.0, which can be a "
+                             "whole short utterance; SM and SS mask at most 20%% of each utterance")
     core.add_run_arguments(parser)
     core.add_audio_arguments(parser)
     return parser.parse_args(argv)
@@ -143,7 +147,9 @@ def main(argv=None) -> core.RunSummary:
             asr_rows = [{**row, "tgt_text": row["tgt_text"].lower()} for row in rows]
             core.write_manifest(summary, args.out / name, asr_rows, S2T_COLUMNS)
     if "asr" in args.outputs:
-        config = {**data_config.speech_config(args.out, args.cmvn, gcmvn_name, specaugment_policy="lb"),
+        config = {**data_config.speech_config(
+                      args.out, args.cmvn, gcmvn_name,
+                      specaugment_policy=None if args.specaugment == "none" else args.specaugment),
                   **data_config.vocabulary_config(spm_name, spm_name.replace(".model", ".txt"))}
         config_name = fine_tuning_config_name(task)
         data_config.write_config(args.out / config_name, config)

@@ -61,8 +61,9 @@ class _KaldiFilters:
 
 
 @functools.lru_cache(maxsize=8)
-def _kaldi_filters(num_mel_bins: int) -> _KaldiFilters:
-    """The window and Mel filters of kaldi-native-fbank itself, for 16 kHz and ``num_mel_bins``."""
+def _kaldi_filters(num_mel_bins: int, high_freq: float = 0.0) -> _KaldiFilters:
+    """The window and Mel filters of kaldi-native-fbank itself, for 16 kHz, ``num_mel_bins`` and the
+    filterbank's upper edge ``high_freq`` (Kaldi's convention: <= 0 is an offset from Nyquist)."""
     import kaldi_native_fbank as knf
 
     frame_options = knf.FrameExtractionOptions()
@@ -70,6 +71,7 @@ def _kaldi_filters(num_mel_bins: int) -> _KaldiFilters:
     frame_options.window_type = "povey"
     mel_options = knf.MelBanksOptions()
     mel_options.num_bins = num_mel_bins
+    mel_options.high_freq = float(high_freq)
     window = np.asarray(knf.FeatureWindowFunction(frame_options).window, dtype=np.float32)
     matrix = np.asarray(knf.MelBanks(mel_options, frame_options, 1.0).get_matrix(), dtype=np.float64)
     if window.shape != (FRAME_LENGTH_SAMPLES,) or matrix.shape != (num_mel_bins, FFT_SIZE // 2 + 1):
@@ -122,13 +124,29 @@ def _fbank_block(frames: np.ndarray, filters: _KaldiFilters) -> np.ndarray:
     return np.log(np.maximum(mel_energies, _LOG_FLOOR, out=mel_energies), out=mel_energies)
 
 
+def check_high_freq(high_freq: float) -> float:
+    """``high_freq`` if it is a usable upper edge of the Mel filterbank at 16 kHz, else ValueError.
+
+    0 (the default) is Nyquist, 8 kHz. Audio recorded at a lower rate and upsampled (8 kHz
+    telephone speech stored at 16 kHz) has no energy above its own Nyquist: Mel bins there hold
+    only the log floor and noise, which utterance or global CMVN then scales up to the size of
+    speech; ``high_freq`` = the recording's Nyquist (4000) spreads all bins over the real band.
+    """
+    high_freq = float(high_freq)
+    if not (high_freq == 0.0 or 1000.0 <= high_freq <= SAMPLE_RATE / 2):
+        raise ValueError(f"Mel filterbank upper edge {high_freq:g} Hz: expected 0 (Nyquist) or a "
+                         f"frequency from 1000 to {SAMPLE_RATE // 2} Hz")
+    return high_freq
+
+
 def compute_fbank(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE,
-                  num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
+                  num_mel_bins: int = NUM_MEL_BINS, high_freq: float = 0.0) -> np.ndarray:
     """Log-Mel filterbanks of a mono waveform in [-1, 1], Kaldi's fbank vectorised over frames.
 
     Kaldi's (and kaldi-native-fbank's) settings: 25 ms povey window, 10 ms shift, snip_edges,
     dither 0, DC removal, pre-emphasis 0.97, 512-point power spectrum, Kaldi Mel banks from 20 Hz to
-    Nyquist, log floored at float32 epsilon, samples scaled to the 16-bit range.
+    ``high_freq`` (0: Nyquist; see :func:`check_high_freq`), log floored at float32 epsilon, samples
+    scaled to the 16-bit range.
     ``tests/test_audio_features_fbank.py`` holds it to kaldi-native-fbank's output.
 
     Args:
@@ -146,7 +164,7 @@ def compute_fbank(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE,
     features = np.empty((num_frames, num_mel_bins), dtype=np.float32)
     if num_frames == 0:
         return features
-    filters = _kaldi_filters(num_mel_bins)
+    filters = _kaldi_filters(num_mel_bins, check_high_freq(high_freq))
     all_frames = np.lib.stride_tricks.sliding_window_view(samples, FRAME_LENGTH_SAMPLES)[::FRAME_SHIFT_SAMPLES]
     for start in range(0, num_frames, _FRAMES_PER_BLOCK):
         block = all_frames[start:start + _FRAMES_PER_BLOCK]

@@ -21,7 +21,7 @@ REFERENCE_FILE = Path(__file__).resolve().parent / "data" / "fbank_reference.npz
 SAMPLE_RATE = 16000
 
 
-def knf_fbank(waveform: np.ndarray, num_mel_bins: int = 80) -> np.ndarray:
+def knf_fbank(waveform: np.ndarray, num_mel_bins: int = 80, high_freq: float = 0.0) -> np.ndarray:
     """Kaldi fbank of a 16 kHz waveform in [-1, 1]: (num_frames, num_mel_bins) float32.
 
     Options: 25 ms povey window, 10 ms shift, dither 0, DC removal, pre-emphasis 0.97,
@@ -34,6 +34,7 @@ def knf_fbank(waveform: np.ndarray, num_mel_bins: int = 80) -> np.ndarray:
     options.frame_opts.snip_edges = True
     options.frame_opts.samp_freq = SAMPLE_RATE
     options.mel_opts.num_bins = num_mel_bins
+    options.mel_opts.high_freq = high_freq
     samples = np.asarray(waveform, dtype=np.float32).reshape(-1) * 32768.0
     extractor = knf.OnlineFbank(options)
     extractor.accept_waveform(SAMPLE_RATE, samples)

@@ -85,6 +85,26 @@ def test_real_speech_and_odd_lengths_match_knf_frame_by_frame():
         assert tolerance_violations(ours, knf_fbank(speech, num_mel_bins)) == 0, num_mel_bins
 
 
+def test_band_limited_filterbank_matches_knf_and_fills_every_bin_of_telephone_speech():
+    """``high_freq`` = 4000 on 8 kHz speech upsampled to 16 kHz: Kaldi's own numbers, and no bin is
+    left empty (with the default full band, the bins above 4 kHz hold only the upsampler's residue)."""
+    speech_8k = audio_features.resample(espeak_waveform(ENGLISH[3]), 16000, 8000)
+    telephone = audio_features.resample(speech_8k, 8000, 16000)
+    band_limited = audio_features.compute_fbank(telephone, high_freq=4000)
+    assert tolerance_violations(band_limited, knf_fbank(telephone, high_freq=4000)) == 0
+    full_band = audio_features.compute_fbank(telephone)
+    voiced = full_band[:, :40].mean(axis=1) > np.median(full_band[:, :40].mean(axis=1))
+    top_full, top_limited = full_band[voiced, -10:].mean(), band_limited[voiced, -10:].mean()
+    speech_level = full_band[voiced, 20:40].mean()
+    assert speech_level - top_full > 8  # e^8: the full band's top bins are empty on voiced frames
+    assert speech_level - top_limited < 6  # the band-limited top bins hold speech
+    assert not np.array_equal(audio_features.compute_fbank(telephone, high_freq=8000), band_limited)
+    assert np.array_equal(audio_features.compute_fbank(telephone, high_freq=0), full_band)
+    for bad in (-100.0, 500.0, 9000.0):
+        with pytest.raises(ValueError, match="Mel filterbank upper edge"):
+            audio_features.compute_fbank(telephone, high_freq=bad)
+
+
 def test_the_tolerance_rejects_near_misses(monkeypatch):
     """A 0.01 % gain error or a slightly different pre-emphasis would not pass as Kaldi's features."""
     speech = espeak_waveform(ENGLISH[2])

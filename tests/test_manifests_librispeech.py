@@ -164,3 +164,38 @@ def test_on_the_fly_manifests_read_by_fairseq(librispeech_tree, tmp_path):
         from_fairseq = get_features_or_waveform(path)
         assert int(row["n_frames"]) == from_fairseq.shape[0] == expected.shape[0]
         assert np.allclose(from_fairseq, expected, atol=1e-4)
+
+
+def test_band_limited_features_and_specaugment_policy(librispeech_tree, tmp_path):
+    """``--mel-high-freq 4000`` stores the band-limited filterbank of every utterance (read back
+    through fairseq), ``--specaugment sm`` writes fairseq's SM policy; on-the-fly features refuse the
+    option (their readers compute the full band) and a bad edge is named."""
+    from fairseq.data.audio.audio_utils import get_features_or_waveform
+    from fairseq.data.audio.data_cfg import S2TDataConfig
+
+    out = tmp_path / "out"
+    run_script("prep_librispeech.py", "--root", librispeech_tree["root"], "--out", out, "--vocab-size", "40",
+               "--splits", "train-clean-100:train", "--workers", "1", "--no-progress",
+               "--mel-high-freq", "4000", "--specaugment", "sm")
+    rows = read_s2t_manifest(out / "train_asr.tsv")
+    assert rows
+    for row in rows:
+        expected = audio_features.compute_fbank(audio_features.load_mono_16k(_source_of(librispeech_tree, row["id"])),
+                                                high_freq=4000)
+        stored = get_features_or_waveform(f"{out}/{row['audio']}")
+        assert np.array_equal(stored, expected)
+        assert not np.allclose(stored, _expected_features(_source_of(librispeech_tree, row["id"])), atol=0.1)
+    config = S2TDataConfig(out / "config_asr.yaml")
+    assert config.config["specaugment"] == {"time_wrap_W": 0, "freq_mask_N": 2, "freq_mask_F": 15,
+                                            "time_mask_N": 2, "time_mask_T": 70, "time_mask_p": 0.2}
+    run_script("prep_librispeech.py", "--root", librispeech_tree["root"], "--out", tmp_path / "none",
+               "--vocab-size", "40", "--splits", "train-clean-100:train", "--workers", "1", "--no-progress",
+               "--specaugment", "none")
+    plain = S2TDataConfig(tmp_path / "none" / "config_asr.yaml")
+    assert "specaugment" not in plain.config and plain.config["transforms"] == {"*": ["utterance_cmvn"]}
+    refused = run_script("prep_librispeech.py", "--root", librispeech_tree["root"], "--out", tmp_path / "fly",
+                         "--outputs", "pair", "--on-the-fly", "--mel-high-freq", "4000", "--no-progress", check=False)
+    assert refused.returncode != 0 and "--mel-high-freq needs stored features" in refused.stderr
+    bad = run_script("prep_librispeech.py", "--root", librispeech_tree["root"], "--out", tmp_path / "bad",
+                     "--outputs", "pair", "--mel-high-freq", "12000", "--no-progress", check=False)
+    assert bad.returncode != 0 and "--mel-high-freq" in bad.stderr and "12000" in bad.stderr

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +108,7 @@ def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
     assert "stage 2 starts" in result.stdout
     report = json.loads((work / "report.json").read_text())
     test_rows = (work / "data" / "asr" / "test_asr.tsv").read_text().strip().splitlines()[1:]
-    for init in ("pretrained", "scratch"):
+    for init in ("pretrained", "stage1", "scratch"):
         for decoder in ("beam", "joint", "greedy"):
             scored = report["asr"][init]["1"][decoder]
             generated = hypotheses((work / "generate" / f"asr_{init}_seed1_{decoder}.txt").read_text())
@@ -117,8 +118,18 @@ def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
             train_texts = {line.split("\t")[3] for line in
                            (work / "data" / "asr" / "train_asr.tsv").read_text().splitlines()[1:]}
             assert scored["train_prompts"] == sum(hypothesis in train_texts for _, hypothesis in generated.values())
-    assert set(report["probe"]) == {"slam_pretrained", "log_mel_stack4", "random_encoder",
-                                    "asr_pretrained_seed1", "asr_scratch_seed1"}
+    assert set(report["probe"]) == {"slam_pretrained", "slam_stage1", "log_mel_stack4", "random_encoder",
+                                    "asr_pretrained_seed1", "asr_stage1_seed1", "asr_scratch_seed1"}
+    # the telephone corpus's recipe: Mel bins over 0-4 kHz in every speech manifest, SpecAugment SM
+    for stage in ("prep_librilight", "prep_pairs", "prep_asr"):
+        assert "--mel-high-freq 4000.0" in (work / "logs" / f"{stage}.log").read_text().splitlines()[0], stage
+    asr_config = yaml.safe_load((work / "data" / "asr" / "config_asr.yaml").read_text())
+    assert asr_config["specaugment"]["time_mask_p"] == 0.2 and asr_config["specaugment"]["freq_mask_N"] == 2
+    # stage 1's end is kept apart from the end of stage 2, and both inits load their own
+    finetune_logs = {init: (work / "logs" / f"finetune_asr_{init}_seed1.log").read_text().splitlines()[0]
+                     for init in ("pretrained", "stage1", "scratch")}
+    assert "checkpoint_stage1.pt" in finetune_logs["stage1"] and "checkpoint_last.pt" in finetune_logs["pretrained"]
+    assert "--load-pretrained-slam-from" not in finetune_logs["scratch"]
     for by_split in report["probe"].values():
         for split in ("dev", "test"):
             assert 0.0 <= by_split[split]["cer"] < float("inf") and by_split[split]["utterances"] == 4

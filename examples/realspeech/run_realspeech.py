@@ -62,19 +62,29 @@ class RealSpeechBudget(Budget):
         "--quantizer-codebook-size", "64", "--quantizer-input", "features", "--quantizer-type",
         "random_projection", "--pair-ctc", "--pair-ctc-units", "characters", "--pair-ctc-weight", "10"])
     pretrain_lr: float = 2e-3
+    pretrain_max_tokens: int = 8000
     finetune_ctc_weight: float = 0.3
-    joint_decoding_weight: float = 0.3
+    joint_decoding_weight: float = 0.5  # dev split: 0.5 ties greedy CTC, 0.3 was 4.5 WER points worse
     probe_steps: int = 300
     probe_max_utterances: int = 0  # 0: every utterance of each split
+    # the corpus is 8 kHz telephone speech upsampled to 16 kHz: Mel bins spread over 0-4 kHz, none empty
+    mel_high_freq: float = 4000.0
+    # fairseq's SM policy: each time mask at most 20 % of the utterance (LB's 100 frames at p = 1.0
+    # can cover a whole one-word prompt)
+    specaugment: str = "sm"
 
 
 BUDGETS: Dict[str, RealSpeechBudget] = {
-    "full": RealSpeechBudget("full", pretrain_stage1_updates=40, pretrain_stage2_updates=140,
-                             finetune_updates=400, seeds=[1, 2], text_vocab_size=300, target_vocab_size=200,
-                             max_tokens=8000, freeze_encoder_fraction=0.5, probe_steps=300),
+    # small batches (about 20 s of speech): on 0.3 h of speech, more updates per epoch are what take
+    # CTC off its blank plateau; a target vocabulary of 70 pieces (the 64 characters and a few
+    # words): 200 pieces left each too rare for CTC to learn in the budget (dev split)
+    "full": RealSpeechBudget("full", pretrain_stage1_updates=100, pretrain_stage2_updates=900,
+                             pretrain_max_tokens=2000, finetune_updates=1200, seeds=[1, 2], text_vocab_size=300,
+                             target_vocab_size=70, max_tokens=2000, freeze_encoder_fraction=0.0,
+                             finetune_ctc_weight=1.0, probe_steps=300),
     "ci": RealSpeechBudget("ci", pretrain_stage1_updates=4, pretrain_stage2_updates=4, finetune_updates=6,
                            seeds=[1, 2], text_vocab_size=100, target_vocab_size=100, max_tokens=6000,
-                           probe_steps=10, probe_max_utterances=16,
+                           pretrain_max_tokens=6000, probe_steps=10, probe_max_utterances=16,
                            encoder_args=["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
                                          "--encoder-attention-heads", "2", "--speech-encoder-layers", "1",
                                          "--multimodal-encoder-layers", "1", "--subsampling-conv-channels", "8"]),
@@ -107,7 +117,8 @@ class RealSpeech(Demo):
         """``manifests/`` as a user runs them: unlabeled speech, pairs, text, the ASR set."""
         data = self.work / "data"
         pretrain, pairs, asr = data / "pretrain", data / "pairs", data / "asr"
-        common = ["--workers", str(self.workers), "--no-progress"]
+        common = ["--workers", str(self.workers), "--no-progress",
+                  "--mel-high-freq", str(self.budget.mel_high_freq)]
         python = sys.executable
         self.run("prep_librilight", [python, "manifests/prep_librilight.py", "--root", str(corpus / "LibriLight"),
                                      "--splits", ".:train", "--out", str(pretrain), *common])
@@ -124,7 +135,8 @@ class RealSpeech(Demo):
         self.run("prep_asr", [python, "manifests/prep_librispeech.py", "--root", str(corpus / "LibriSpeech"),
                               "--splits", "train-clean-100:train", "dev-clean:dev", "test-clean:test",
                               "--outputs", "asr", "--vocab-size", str(self.budget.target_vocab_size),
-                              "--allow-smaller-vocab", "--out", str(asr), *common])
+                              "--allow-smaller-vocab", "--specaugment", self.budget.specaugment,
+                              "--out", str(asr), *common])
 
     def pretrain(self) -> Path:
         """Stage 1, then stage 2 resumed from it: two ``fairseq-train`` runs on one save dir (fairseq
@@ -147,7 +159,7 @@ class RealSpeech(Demo):
             "--task", "slam_pretraining", "--criterion", "slam_multitask", "--arch", "slam_tiny",
             *budget.encoder_args, *budget.pretrain_objective_args,
             "--stage2-start-update", str(budget.pretrain_stage1_updates), "--max-update", str(max_update),
-            "--max-tokens", str(budget.max_tokens), "--max-tokens-text", str(budget.max_tokens // 2),
+            "--max-tokens", str(budget.pretrain_max_tokens), "--max-tokens-text", str(budget.pretrain_max_tokens // 2),
             "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(budget.pretrain_lr),
             "--clip-norm", "10", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(max(total // 5, 1)),
             "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--disable-validation",
@@ -169,23 +181,37 @@ class RealSpeech(Demo):
             command += ["--load-pretrained-slam-from", str(pretrained)]
         return name, command, checkpoint
 
-    def decode_test(self, name: str, checkpoint: Path, decoder: str, subset: str = "test_asr") -> Dict[str, object]:
+    def decode_command(self, name: str, checkpoint: Path, decoder: str, subset: str = "test_asr"):
         """fairseq-generate (``slam_speech_to_text``) on ``subset`` with one of :data:`DECODERS`;
-        returns WER and the distinct-hypothesis count."""
+        returns (stage name, command)."""
         extra = list(DECODERS[decoder])
         if decoder == "joint":
             extra += ["--ctc-decoding-weight", str(self.budget.joint_decoding_weight)]
         run_name = f"{name}_{decoder}" + ("" if subset == "test_asr" else f"_{subset}")
-        output = self.run(f"decode_{run_name}", [
+        return f"decode_{run_name}", [
             "fairseq-generate", str(self.work / "data" / "asr"), "--user-dir", USER_DIR,
             "--task", "slam_speech_to_text", "--config-yaml", "config_asr.yaml", "--gen-subset", subset,
             "--path", str(checkpoint), "--beam", "5", "--max-tokens", "50000", "--cpu",
             "--required-batch-size-multiple", "1", "--num-workers", "0", *extra, *DECODING_LENGTH,
-            "--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"])
+            "--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"]
+
+    def decode_scores(self, stage: str) -> Dict[str, object]:
+        """WER, distinct hypotheses and memorised prompts of a finished decoding stage (its log),
+        which is also kept as ``generate/<name>.txt``."""
+        output = (self.work / "logs" / f"{stage}.log").read_text(encoding="utf-8")
         (self.work / "generate").mkdir(exist_ok=True)
-        (self.work / "generate" / f"{run_name}.txt").write_text(output, encoding="utf-8")
+        (self.work / "generate" / f"{stage[len('decode_'):]}.txt").write_text(output, encoding="utf-8")
         return {"wer": parse_score(output, "asr"), **distinct_hypotheses(output),
                 "train_prompts": count_train_prompts(output, self.train_transcripts())}
+
+    def run_in_groups(self, jobs: List[tuple], parallel: int) -> None:
+        """(name, command) jobs, ``parallel`` at a time (each group shares the torch threads)."""
+        for start in range(0, len(jobs), max(1, parallel)):
+            group = jobs[start:start + max(1, parallel)]
+            if len(group) == 1:
+                self.run(*group[0])
+            else:
+                self.run_parallel(group)
 
     def train_transcripts(self) -> Set[str]:
         """The ASR train split's transcripts (what a decoder that ignores the audio writes)."""
@@ -213,12 +239,12 @@ def count_train_prompts(generate_output: str, train_transcripts: Set[str]) -> in
 
 
 def write_markdown(path: Path, command: str, results: Dict, probe: Dict, pretraining: Dict,
-                   timings: Dict[str, float]) -> str:
-    """``report.md``: test-split WER (distinct hypotheses) per init, seed and decoder; the probe;
+                   timings: Dict[str, float], split: str = "test") -> str:
+    """``report.md``: the ``split``'s WER (distinct hypotheses) per init, seed and decoder; the probe;
     the pre-training objectives' first and last logged values; timings."""
     seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
     lines = ["# SLAM real-speech report", "", f"Command: `{command}`", "",
-             "## ASR, test split of the real-speech corpus: WER (distinct hypotheses / utterances; "
+             f"## ASR, {split} split of the real-speech corpus: WER (distinct hypotheses / utterances; "
              "hypotheses that are a train transcript)", "",
              "| init | decoder | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
              "| --- | --- |" + " --- |" * len(seeds)]
@@ -254,11 +280,18 @@ def main() -> None:
                         help=f"the corpus builder script (default {DEFAULT_BUILDER})")
     parser.add_argument("--corpus-dir", type=Path, help="an already built corpus in the builder's layout")
     parser.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default: the size's)")
-    parser.add_argument("--inits", nargs="+", default=["pretrained", "scratch"],
+    parser.add_argument("--inits", nargs="+", default=["pretrained", "stage1", "scratch"],
                         choices=["pretrained", "stage1", "scratch"],
                         help="fine-tuning inits; 'stage1' is the checkpoint at the end of pre-training stage 1")
+    parser.add_argument("--split", choices=["test", "dev"], default="test",
+                        help="split the fine-tuned models are decoded and scored on: 'dev' for choosing a "
+                             "recipe (report_dev.md / .json), 'test' only to report it (default)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data-preparation workers")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads, shared out between the runs that go at once")
+    parser.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1),
+                        help="fine-tuning and decoding runs at once (default: 2, or 1 on one core); "
+                             "small models train faster as two one-thread processes than as one of two")
     args = parser.parse_args()
 
     budget = BUDGETS[args.size]
@@ -275,18 +308,27 @@ def main() -> None:
              "scratch": None}
     results: Dict[str, Dict[int, Dict[str, Dict[str, object]]]] = {}
     finetuned: Dict[tuple, Path] = {}
+    finetuning = []
     for init in args.inits:
         for seed in budget.seeds:
             name, command, checkpoint = track.asr_finetune(init, seed, inits[init])
-            track.run(name, command)
+            finetuning.append((name, command))
             finetuned[(init, seed)] = checkpoint
-            for decoder in DECODERS:
-                scored = track.decode_test(f"asr_{init}_seed{seed}", checkpoint, decoder)
-                results.setdefault(init, {}).setdefault(seed, {})[decoder] = scored
-                track.say(f"asr {init} seed {seed} {decoder}: WER {scored['wer']:.2f} "
-                          f"({scored['distinct']}/{scored['utterances']} distinct)")
+    track.run_in_groups(finetuning, args.parallel)
+    subset = f"{args.split}_asr"
+    decoding = {(init, seed, decoder): track.decode_command(f"asr_{init}_seed{seed}", finetuned[(init, seed)],
+                                                            decoder, subset)
+                for init in args.inits for seed in budget.seeds for decoder in DECODERS}
+    track.run_in_groups(list(decoding.values()), args.parallel)
+    for (init, seed, decoder), (stage, _) in decoding.items():
+        scored = track.decode_scores(stage)
+        results.setdefault(init, {}).setdefault(seed, {})[decoder] = scored
+        track.say(f"asr {init} seed {seed} {decoder}: WER {scored['wer']:.2f} "
+                  f"({scored['distinct']}/{scored['utterances']} distinct)")
     extractors = {"slam_pretrained": f"slam:{pretrained}", "log_mel_stack4": "logmel",
                   "random_encoder": f"random:{pretrained}"}
+    if "stage1" in args.inits:
+        extractors["slam_stage1"] = f"slam:{track.stage1_checkpoint()}"
     for init in args.inits:  # what fine-tuning left in the encoder (first seed)
         extractors[f"asr_{init}_seed{budget.seeds[0]}"] = f"slam:{finetuned[(init, budget.seeds[0])]}"
     probe = track.probe(extractors)
@@ -295,8 +337,10 @@ def main() -> None:
     # the stages' own seconds, so that a resumed run still reports what the whole track took
     track.timings["total"] = round(sum(track.timings.values()), 1)
     command = "python examples/realspeech/run_realspeech.py " + " ".join(sys.argv[1:])
-    report = write_markdown(work / "report.md", command, results, probe, pretraining, track.timings)
-    (work / "report.json").write_text(json.dumps(
+    report_name = "report" if args.split == "test" else f"report_{args.split}"
+    report = write_markdown(work / f"{report_name}.md", command, results, probe, pretraining, track.timings,
+                            args.split)
+    (work / f"{report_name}.json").write_text(json.dumps(
         {"asr": results, "probe": probe, "pretraining": pretraining, "timings": track.timings,
          "budget": asdict(budget)}, indent=2), encoding="utf-8")
     print(report)
