@@ -1,37 +1,74 @@
 #!/usr/bin/env bash
-# Dev-split experiments on a finished real-speech track (run_realspeech.py --work WORK), one process
-# at a time; results append to WORK/dev_exp/results.txt. Stages (arguments, in order):
-#   base      the track's seed-1 models on the dev split, greedy and joint decoding
-#   nofreeze  fine-tune seed 1 without freezing the encoder, CTC weight 0.5 (both inits), then decode dev
-# usage: WORK=realspeech_work [THREADS=2] [JW=0.3] bash examples/realspeech/dev_experiments.sh base nofreeze
+# Dev-split experiments next to a real-speech track (run_realspeech.py --work WORK, finished or at
+# least through its pre-training); results append to WORK/dev_exp/results.txt, one line per run:
+# WER and CER (greedy CTC, joint CTC/attention) and the number of distinct hypotheses.
+# Stages (arguments, in order):
+#   data      the ablation data sets, from WORK/corpus (or CORPUS=DIR) into WORK/dev_exp/data/:
+#             fullband_lb_v200 (Mel bins to 8 kHz, SpecAugment LB, 200 pieces: the first recipe's),
+#             bandlimited_lb_v200, bandlimited_sm_v200 (the track's own data is bandlimited_sm_v70)
+#   ablation  fine-tune from scratch with the track's recipe on each of them and on WORK/data/asr,
+#             then the first recipe's batches and updates (8000 frames x 400) on bandlimited_sm_v70
+#   inits     the track's recipe from the end of stage 2, the end of stage 1 and scratch (seed 1)
+#   jw        joint CTC/attention weights 0.3 0.5 0.7 0.9 on the stage-2 model of `inits`
+# usage: WORK=realspeech_work [THREADS=1] [UPDATES=1200] bash examples/realspeech/dev_experiments.sh data ablation
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}
-W=$(cd "${WORK:?set WORK to the --work folder of the track}" && pwd); D=$W/data/asr; OUT=$W/dev_exp; mkdir -p $OUT
-dec() {  # name checkpoint mode
-  fairseq-generate $D --user-dir slam_fairseq --task slam_speech_to_text --config-yaml config_asr.yaml --gen-subset dev_asr \
-    --path $2 --beam 5 --max-tokens 50000 --cpu --required-batch-size-multiple 1 --num-workers 0 --ctc-decoding $3 \
-    --ctc-decoding-weight ${JW:-0.3} --max-len-a 0.1 --max-len-b 10 --scoring wer --wer-tokenizer 13a --wer-lowercase --wer-remove-punct \
-    > $OUT/dec_$1_$3.txt 2>&1
-  echo "$1 $3 $(grep -o 'WER: [0-9.]*' $OUT/dec_$1_$3.txt | tail -1) distinct $(grep '^D-' $OUT/dec_$1_$3.txt | cut -f3 | sort -u | wc -l)" | tee -a $OUT/results.txt
+W=$(cd "${WORK:?set WORK to the --work folder of the track}" && pwd); OUT=$W/dev_exp; mkdir -p $OUT
+CORPUS=${CORPUS:-$W/corpus}; UPDATES=${UPDATES:-1200}
+PRETRAINED=$W/checkpoints/pretrain/checkpoint_last.pt; STAGE1=$W/checkpoints/pretrain/checkpoint_stage1.pt
+
+cer() {  # generate-output -> "CER x" (characters of the D- lines against the T- lines)
+  python - "$1" <<'EOF'
+import sys, editdistance
+hyp, ref = {}, {}
+for line in open(sys.argv[1], encoding="utf-8"):
+    fields = line.rstrip("\n").split("\t")
+    if line.startswith("D-"): hyp[fields[0][2:]] = fields[2]
+    elif line.startswith("T-"): ref[fields[0][2:]] = fields[1]
+errors = sum(editdistance.eval(hyp.get(key, ""), text) for key, text in ref.items())
+print(f"CER {100 * errors / max(1, sum(map(len, ref.values()))):.2f}")
+EOF
 }
-ft() {  # name init(pretrained|scratch) extra args...
-  name=$1; init=$2; shift 2
-  load=(); [ $init = pretrained ] && load=(--load-pretrained-slam-from $W/checkpoints/pretrain/checkpoint_last.pt)
-  fairseq-train $D --user-dir slam_fairseq --task speech_to_text --config-yaml config_asr.yaml --train-subset train_asr \
+dec() {  # name data checkpoint decoder joint-weight
+  local f=$OUT/dec_$1_$4_$5.txt
+  fairseq-generate $2 --user-dir slam_fairseq --task slam_speech_to_text --config-yaml config_asr.yaml --gen-subset dev_asr \
+    --path $3 --beam 5 --max-tokens 50000 --cpu --required-batch-size-multiple 1 --num-workers 0 --ctc-decoding $4 \
+    --ctc-decoding-weight $5 --max-len-a 0.1 --max-len-b 10 --scoring wer --wer-tokenizer 13a --wer-lowercase \
+    --wer-remove-punct > $f 2>&1
+  echo "  $4 (weight $5): $(grep -o 'WER: [0-9.]*' $f | tail -1) $(cer $f) distinct $(grep '^D-' $f | cut -f3 | sort -u | wc -l)"
+}
+ft() {  # name data init-checkpoint|scratch [fairseq-train args that replace the recipe's]
+  local name=$1 data=$2 init=$3; shift 3
+  local load=(); [ $init != scratch ] && load=(--load-pretrained-slam-from $init)
+  fairseq-train $data --user-dir slam_fairseq --task speech_to_text --config-yaml config_asr.yaml --train-subset train_asr \
     --valid-subset dev_asr --arch slam_s2t_tiny --encoder-embed-dim 128 --encoder-ffn-embed-dim 256 --encoder-attention-heads 4 \
     --speech-encoder-layers 3 --multimodal-encoder-layers 3 --subsampling-conv-channels 32 --decoder-embed-dim 128 \
     --decoder-ffn-embed-dim 256 --decoder-layers 2 --decoder-attention-heads 4 --criterion label_smoothed_cross_entropy_with_ctc \
     --label-smoothing 0.1 --optimizer adam --adam-betas '(0.9,0.98)' --lr 2e-3 --clip-norm 10 --lr-scheduler inverse_sqrt \
-    --warmup-updates 40 --max-update 400 --max-tokens 8000 --save-dir $OUT/ckpt_$name --no-epoch-checkpoints \
-    --disable-validation --cpu --seed 1 --num-workers 0 --required-batch-size-multiple 1 --log-format json --log-interval 50 \
-    --no-progress-bar "${load[@]}" "$@" > $OUT/ft_$name.log 2>&1
-  echo "$name: $* -> last $(grep train_inner $OUT/ft_$name.log | tail -1 | grep -o '"ctc_loss": "[0-9.]*"')" | tee -a $OUT/results.txt
+    --warmup-updates $(( UPDATES >= 10 ? UPDATES / 10 : 1 )) --max-update $UPDATES --max-tokens 2000 --ctc-weight 1.0 --freeze-encoder-updates 0 \
+    --save-dir $OUT/ckpt_$name --no-epoch-checkpoints --disable-validation --cpu --seed 1 --num-workers 0 \
+    --required-batch-size-multiple 1 --log-format json --log-interval 50 --no-progress-bar "${load[@]}" "$@" > $OUT/ft_$name.log 2>&1 \
+    || { tail -n 20 $OUT/ft_$name.log >&2; return 1; }
+  { echo "$name: data $(basename $data), init $(basename $init) $*"
+    dec $name $data $OUT/ckpt_$name/checkpoint_last.pt greedy 0.5
+    dec $name $data $OUT/ckpt_$name/checkpoint_last.pt joint 0.5; } | tee -a $OUT/results.txt
+}
+prep() {  # name prep_librispeech flags...
+  local name=$1; shift
+  python manifests/prep_librispeech.py --root $CORPUS/LibriSpeech --splits train-clean-100:train dev-clean:dev \
+    test-clean:test --outputs asr --allow-smaller-vocab --out $OUT/data/$name --workers 1 --no-progress "$@" > $OUT/prep_$name.log
 }
 for stage in "$@"; do
   case $stage in
-    base)  for i in pretrained scratch; do for m in greedy joint; do dec shipped_${i}_seed1 $W/checkpoints/asr_${i}_seed1/checkpoint_last.pt $m; done; done ;;
-    nofreeze) for i in pretrained scratch; do ft nofreeze_ctc05_$i $i --freeze-encoder-updates 0 --ctc-weight 0.5
-                for m in greedy joint; do dec nofreeze_ctc05_$i $OUT/ckpt_nofreeze_ctc05_$i/checkpoint_last.pt $m; done; done ;;
+    data) prep fullband_lb_v200 --vocab-size 200 --specaugment lb
+          prep bandlimited_lb_v200 --vocab-size 200 --specaugment lb --mel-high-freq 4000
+          prep bandlimited_sm_v200 --vocab-size 200 --specaugment sm --mel-high-freq 4000 ;;
+    ablation) for name in fullband_lb_v200 bandlimited_lb_v200 bandlimited_sm_v200; do ft scratch_$name $OUT/data/$name scratch; done
+              ft scratch_bandlimited_sm_v70 $W/data/asr scratch
+              ft scratch_bandlimited_sm_v70_8000x400 $W/data/asr scratch --max-tokens 8000 --max-update 400 --warmup-updates 40 ;;
+    inits) ft stage2 $W/data/asr $PRETRAINED; ft stage1 $W/data/asr $STAGE1; ft scratch $W/data/asr scratch ;;
+    jw) for weight in 0.3 0.5 0.7 0.9; do dec stage2 $W/data/asr $OUT/ckpt_stage2/checkpoint_last.pt joint $weight | tee -a $OUT/results.txt; done ;;
+    *) echo "unknown stage $stage (data, ablation, inits, jw)" >&2; exit 2 ;;
   esac
 done
