@@ -10,12 +10,15 @@
 #             then the first recipe's batches and updates (8000 frames x 400) on bandlimited_sm_v70
 #   inits     the track's recipe from the end of stage 2, the end of stage 1 and scratch (seed 1)
 #   jw        joint CTC/attention weights 0.3 0.5 0.7 0.9 on the stage-2 model of `inits`
+#   control   the equal-compute control: scratch fine-tuning for CONTROL_UPDATES (default 5400: the
+#             track's 1200 plus the updates its pre-training's wall clock buys), seeds 1 and 2 at once
+# Decoding is on the dev split; SUBSET=test scores a finished comparison on the test split instead.
 # usage: WORK=realspeech_work [THREADS=1] [UPDATES=1200] bash examples/realspeech/dev_experiments.sh data ablation
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}
 W=$(cd "${WORK:?set WORK to the --work folder of the track}" && pwd); OUT=$W/dev_exp; mkdir -p $OUT
-CORPUS=${CORPUS:-$W/corpus}; UPDATES=${UPDATES:-1200}
+CORPUS=${CORPUS:-$W/corpus}; UPDATES=${UPDATES:-1200}; SUBSET=${SUBSET:-dev}; CONTROL_UPDATES=${CONTROL_UPDATES:-5400}
 PRETRAINED=$W/checkpoints/pretrain/checkpoint_last.pt; STAGE1=$W/checkpoints/pretrain/checkpoint_stage1.pt
 
 cer() {  # generate-output -> "CER x" (characters of the D- lines against the T- lines)
@@ -31,14 +34,21 @@ print(f"CER {100 * errors / max(1, sum(map(len, ref.values()))):.2f}")
 EOF
 }
 dec() {  # name data checkpoint decoder joint-weight
-  local f=$OUT/dec_$1_$4_$5.txt
-  fairseq-generate $2 --user-dir slam_fairseq --task slam_speech_to_text --config-yaml config_asr.yaml --gen-subset dev_asr \
+  local f=$OUT/dec_$1_$4_$5_$SUBSET.txt
+  fairseq-generate $2 --user-dir slam_fairseq --task slam_speech_to_text --config-yaml config_asr.yaml --gen-subset ${SUBSET}_asr \
     --path $3 --beam 5 --max-tokens 50000 --cpu --required-batch-size-multiple 1 --num-workers 0 --ctc-decoding $4 \
     --ctc-decoding-weight $5 --max-len-a 0.1 --max-len-b 10 --scoring wer --wer-tokenizer 13a --wer-lowercase \
     --wer-remove-punct > $f 2>&1
-  echo "  $4 (weight $5): $(grep -o 'WER: [0-9.]*' $f | tail -1) $(cer $f) distinct $(grep '^D-' $f | cut -f3 | sort -u | wc -l)"
+  echo "  $SUBSET $4 (weight $5): $(grep -o 'WER: [0-9.]*' $f | tail -1) $(cer $f) distinct $(grep '^D-' $f | cut -f3 | sort -u | wc -l)"
 }
 ft() {  # name data init-checkpoint|scratch [fairseq-train args that replace the recipe's]
+  local name=$1 data=$2 init=$3; shift 3
+  train "$name" "$data" "$init" "$@"
+  { echo "$name: data $(basename $data), init $(basename $init) $*"
+    dec $name $data $OUT/ckpt_$name/checkpoint_last.pt greedy 0.5
+    dec $name $data $OUT/ckpt_$name/checkpoint_last.pt joint 0.5; } | tee -a $OUT/results.txt
+}
+train() {  # name data init-checkpoint|scratch [fairseq-train args]: the track's fine-tuning recipe
   local name=$1 data=$2 init=$3; shift 3
   local load=(); [ $init != scratch ] && load=(--load-pretrained-slam-from $init)
   fairseq-train $data --user-dir slam_fairseq --task speech_to_text --config-yaml config_asr.yaml --train-subset train_asr \
@@ -50,9 +60,6 @@ ft() {  # name data init-checkpoint|scratch [fairseq-train args that replace the
     --save-dir $OUT/ckpt_$name --no-epoch-checkpoints --disable-validation --cpu --seed 1 --num-workers 0 \
     --required-batch-size-multiple 1 --log-format json --log-interval 50 --no-progress-bar "${load[@]}" "$@" > $OUT/ft_$name.log 2>&1 \
     || { tail -n 20 $OUT/ft_$name.log >&2; return 1; }
-  { echo "$name: data $(basename $data), init $(basename $init) $*"
-    dec $name $data $OUT/ckpt_$name/checkpoint_last.pt greedy 0.5
-    dec $name $data $OUT/ckpt_$name/checkpoint_last.pt joint 0.5; } | tee -a $OUT/results.txt
 }
 prep() {  # name prep_librispeech flags...
   local name=$1; shift
@@ -69,6 +76,16 @@ for stage in "$@"; do
               ft scratch_bandlimited_sm_v70_8000x400 $W/data/asr scratch --max-tokens 8000 --max-update 400 --warmup-updates 40 ;;
     inits) ft stage2 $W/data/asr $PRETRAINED; ft stage1 $W/data/asr $STAGE1; ft scratch $W/data/asr scratch ;;
     jw) for weight in 0.3 0.5 0.7 0.9; do dec stage2 $W/data/asr $OUT/ckpt_stage2/checkpoint_last.pt joint $weight | tee -a $OUT/results.txt; done ;;
-    *) echo "unknown stage $stage (data, ablation, inits, jw)" >&2; exit 2 ;;
+    control) for seed in 1 2; do
+               train scratch_control_seed$seed $W/data/asr scratch --seed $seed --max-update $CONTROL_UPDATES \
+                 --warmup-updates $((CONTROL_UPDATES / 10)) &
+             done; wait
+             for seed in 1 2; do
+               { echo "scratch_control_seed$seed: scratch, $CONTROL_UPDATES updates"
+                 for decoder in greedy joint; do
+                   dec scratch_control_seed$seed $W/data/asr $OUT/ckpt_scratch_control_seed$seed/checkpoint_last.pt $decoder 0.5
+                 done; } | tee -a $OUT/results.txt
+             done ;;
+    *) echo "unknown stage $stage (data, ablation, inits, jw, control)" >&2; exit 2 ;;
   esac
 done

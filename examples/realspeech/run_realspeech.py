@@ -1,8 +1,9 @@
 """The main job on REAL recorded speech: build the development corpus with the shared builder,
-prepare it with ``manifests/``, pre-train a small SLAM (stage 1, then stage 2), fine-tune ASR with a
-CTC head from the pre-trained encoder and from scratch (same budget, two seeds), decode the test
-split three ways (beam search, joint CTC/attention, greedy CTC), run the frozen-encoder linear CTC
-probe, and write ``report.md`` / ``report.json`` into ``--work``.
+prepare it with ``manifests/`` (Mel filters over the 8 kHz audio's real band), pre-train a small SLAM
+(stage 1, then stage 2), fine-tune ASR with a CTC head from the end of stage 2, from the end of
+stage 1 and from scratch (same budget, two seeds, two runs at a time), decode the test split (or,
+with ``--split dev``, the dev split) three ways (beam search, joint CTC/attention, greedy CTC), run
+the frozen-encoder linear CTC probe, and write ``report.md`` / ``report.json`` into ``--work``.
 
 The stage machinery (logs, ``.done`` markers, resuming, fine-tuning commands, score parsing) is
 the synthetic demo's (``examples/demo/run_demo.py``); this script only changes the corpus, the
