@@ -37,7 +37,7 @@ dec() {  # name data checkpoint decoder joint-weight
   local f=$OUT/dec_$1_$4_$5_$SUBSET.txt
   fairseq-generate $2 --user-dir slam_fairseq --task slam_speech_to_text --config-yaml config_asr.yaml --gen-subset ${SUBSET}_asr \
     --path $3 --beam 5 --max-tokens 50000 --cpu --required-batch-size-multiple 1 --num-workers 0 --ctc-decoding $4 \
-    --ctc-decoding-weight $5 --max-len-a 0.1 --max-len-b 10 --scoring wer --wer-tokenizer 13a --wer-lowercase \
+    --ctc-decoding-weight $5 --max-len-a 0.25 --max-len-b 10 --scoring wer --wer-tokenizer 13a --wer-lowercase \
     --wer-remove-punct > $f 2>&1
   echo "  $SUBSET $4 (weight $5): $(grep -o 'WER: [0-9.]*' $f | tail -1) $(cer $f) distinct $(grep '^D-' $f | cut -f3 | sort -u | wc -l)"
 }

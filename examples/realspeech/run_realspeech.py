@@ -40,9 +40,10 @@ DECODERS: Dict[str, List[str]] = {
     "joint": ["--ctc-decoding", "joint"],
     "greedy": ["--ctc-decoding", "greedy"],
 }
-# hypotheses of at most 0.1 tokens per feature frame + 10 (transcripts use about 0.04): an untrained
-# decoder otherwise writes fairseq's default 200 tokens for every utterance
-DECODING_LENGTH = ["--max-len-a", "0.1", "--max-len-b", "10"]
+# hypotheses of at most 0.25 tokens per feature frame + 10: the transcripts, in the 70 pieces of the
+# full budget, use up to 0.2 (median 0.13); without a cap an untrained or looping decoder writes
+# fairseq's default 200 tokens for every utterance
+DECODING_LENGTH = ["--max-len-a", "0.25", "--max-len-b", "10"]
 def copy_atomically(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` through a temporary name, so that ``target`` is whole or absent."""
     partial = target.with_name(target.name + ".partial")
