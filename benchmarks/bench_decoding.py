@@ -29,7 +29,6 @@ import io
 import os
 import re
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from manifests.core import stored_zip_entries  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 USER_DIR = REPO_ROOT / "slam_fairseq"
@@ -70,15 +71,11 @@ def write_data(directory: Path, utterances: int, min_frames: int, max_frames: in
             np.save(buffer, generator.standard_normal((int(length), 80)).astype(np.float32))
             archive.writestr(f"utt{index}.npy", buffer.getvalue())
     rows = []
-    with zipfile.ZipFile(zip_path) as archive, open(zip_path, "rb") as raw:
-        for index, info in enumerate(archive.infolist()):
-            raw.seek(info.header_offset + 26)
-            name_length, extra_length = struct.unpack("<HH", raw.read(4))
-            offset = info.header_offset + 30 + name_length + extra_length
-            words = generator.integers(0, vocab_size, size=target_words)
-            rows.append({"id": f"utt{index}", "audio": f"{zip_path.name}:{offset}:{info.file_size}",
-                         "n_frames": int(lengths[index]), "tgt_text": " ".join(f"w{w}" for w in words),
-                         "speaker": "bench"})
+    for index, (offset, length) in enumerate(stored_zip_entries(zip_path).values()):
+        words = generator.integers(0, vocab_size, size=target_words)
+        rows.append({"id": f"utt{index}", "audio": f"{zip_path.name}:{offset}:{length}",
+                     "n_frames": int(lengths[index]), "tgt_text": " ".join(f"w{w}" for w in words),
+                     "speaker": "bench"})
     for split in ("train", "test"):
         write_s2t_manifest(str(directory / f"{split}_{TASK}.tsv"), rows)
     (directory / "dict.txt").write_text("".join(f"w{index} 1\n" for index in range(vocab_size)), encoding="utf-8")

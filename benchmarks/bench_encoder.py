@@ -10,36 +10,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable, Dict
 
 import torch
 
 from fairseq.modules.conformer_layer import ConformerEncoderLayer
+from interleaved_timing import interleaved
 from slam_fairseq.modules.conformer import ConformerLayer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _time_once(step: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def _time_interleaved(first: Callable[[], None], second: Callable[[], None], repeats: int,
                       device: torch.device):
-    """Median seconds of each, and the median of the per-pair ratios, timed A B A B ... so that a
-    machine whose speed drifts slows both alike."""
-    first(), second()  # warm-up
-    first_times, second_times = [], []
-    for _ in range(repeats):
-        first_times.append(_time_once(first, device))
-        second_times.append(_time_once(second, device))
+    """Median seconds of each, and the median of the per-pair ratios first/second (interleaved)."""
+    first_times, second_times = interleaved(first, second, repeats, device)
     ratios = [a / b for a, b in zip(first_times, second_times)]
     return statistics.median(first_times), statistics.median(second_times), statistics.median(ratios)
 

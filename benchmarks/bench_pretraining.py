@@ -46,9 +46,10 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+from interleaved_timing import interleaved as interleaved_times
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("fp32", "bf16", "fp16")
@@ -391,25 +392,9 @@ def model_overrides(args: argparse.Namespace) -> Dict[str, object]:
     return {field: getattr(args, name) for name, field in names.items() if getattr(args, name) is not None}
 
 
-def _timed(step: Callable[[], None], device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def interleaved(ours: Callable[[], None], stock: Callable[[], None], repeats: int, device):
     """Median seconds of each and median of the paired ratios stock/ours, timed ours, stock, ..."""
-    ours(), stock()  # warm-up (allocator, kernels, lazy initialisation)
-    ours_times, stock_times = [], []
-    for _ in range(repeats):
-        ours_times.append(_timed(ours, device))
-        stock_times.append(_timed(stock, device))
+    ours_times, stock_times = interleaved_times(ours, stock, repeats, device)
     ratios = [s / o for o, s in zip(ours_times, stock_times)]
     return statistics.median(ours_times), statistics.median(stock_times), statistics.median(ratios)
 

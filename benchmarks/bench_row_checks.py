@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import struct
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from manifests.core import stored_zip_entries  # noqa: E402
 from slam_formats.features import read_features  # noqa: E402
 from slam_fairseq.data.pretraining.row_checks import drop_bad_feature_rows  # noqa: E402
 from slam_fairseq.data.pretraining.feature_rows import SpeechRows  # noqa: E402
@@ -38,12 +38,7 @@ def write_shards(root: Path, rows: int, frames: int, shards: int) -> list:
         with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
             for index in range(shard, rows, shards):
                 archive.writestr(f"u{index}.npy", entry)
-        with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
-            for info in archive.infolist():
-                handle.seek(info.header_offset + 26)
-                name_length, extra_length = struct.unpack("<HH", handle.read(4))
-                offset = info.header_offset + 30 + name_length + extra_length
-                audio.append(f"{path.name}:{offset}:{info.file_size}")
+        audio += [f"{path.name}:{offset}:{length}" for offset, length in stored_zip_entries(path).values()]
     return audio
 
 

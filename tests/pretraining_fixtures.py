@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import zipfile
@@ -27,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from english_sentences import ENGLISH
+from manifests.core import stored_zip_entries
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
@@ -108,15 +108,9 @@ def write_feature_zip(zip_path: Path, features: Dict[str, np.ndarray], data_dir:
             buffer = io.BytesIO()
             np.save(buffer, np.asarray(array, dtype=np.float32))
             archive.writestr(f"{utterance_id}.npy", buffer.getvalue())
-    references = {}
     relative = os.path.relpath(zip_path, data_dir)
-    with zipfile.ZipFile(zip_path) as archive, open(zip_path, "rb") as handle:
-        for info in archive.infolist():
-            handle.seek(info.header_offset + 26)
-            name_length, extra_length = struct.unpack("<HH", handle.read(4))
-            offset = info.header_offset + 30 + name_length + extra_length
-            references[info.filename[: -len(".npy")]] = f"{relative}:{offset}:{info.file_size}"
-    return references
+    return {name[: -len(".npy")]: f"{relative}:{offset}:{length}"
+            for name, (offset, length) in stored_zip_entries(zip_path).items()}
 
 
 def write_manifest(path: Path, rows: List[Dict[str, object]]) -> None:

@@ -12,7 +12,6 @@ import argparse
 import io
 import os
 import re
-import struct
 import subprocess
 import sys
 import zipfile
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from manifests.core import stored_zip_entries
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 USER_DIR = REPO_ROOT / "slam_fairseq"
@@ -60,14 +61,22 @@ def write_feature_zip(zip_path: Path, features: Dict[str, np.ndarray]) -> Dict[s
             buffer = io.BytesIO()
             np.save(buffer, array.astype(np.float32))
             archive.writestr(f"{utterance_id}.npy", buffer.getvalue())
-    references = {}
-    with zipfile.ZipFile(zip_path) as archive, open(zip_path, "rb") as raw:
-        for info in archive.infolist():
-            raw.seek(info.header_offset + 26)
-            name_length, extra_length = struct.unpack("<HH", raw.read(4))
-            offset = info.header_offset + 30 + name_length + extra_length
-            references[Path(info.filename).stem] = f"{zip_path.name}:{offset}:{info.file_size}"
-    return references
+    return {Path(name).stem: f"{zip_path.name}:{offset}:{length}"
+            for name, (offset, length) in stored_zip_entries(zip_path).items()}
+
+
+def s2t_cfg_and_task(data_dir: Path, task_name: str, save_dir: Path, *extra: str, arch: str = "slam_s2t_tiny"):
+    """(cfg, task) exactly as fairseq-train makes them from a command line."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(data_dir), "--task", "speech_to_text", "--config-yaml", f"config_{task_name}.yaml",
+        "--train-subset", f"train_{task_name}", "--arch", arch, "--save-dir", str(save_dir),
+        "--max-tokens", "4000", "--seed", "1", *extra])
+    cfg = convert_namespace_to_omegaconf(args)
+    return cfg, tasks.setup_task(cfg.task)
 
 
 def train_spm(sentences: Sequence[str], prefix: Path, vocab_size: int = 120,

@@ -16,6 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretraining_fixtures as fixtures  # noqa: E402
 
+from manifests.core import stored_zip_entries  # noqa: E402
+
 from slam_fairseq.data.pretraining.round_robin import RoundRobinBatchDataset  # noqa: E402
 from slam_fairseq.data.pretraining.row_checks import (BAD_ROWS_KEY, BadRowLimits, RowCheckReport,  # noqa: E402
                                                       TooManyBadRowsError, drop_bad_feature_rows,
@@ -68,16 +70,8 @@ def _object_npy(array: np.ndarray) -> bytes:
 
 
 def _entry_references(zip_path: Path, root: Path):
-    import struct
-
-    references = {}
-    with zipfile.ZipFile(zip_path) as archive, open(zip_path, "rb") as handle:
-        for info in archive.infolist():
-            handle.seek(info.header_offset + 26)
-            name_length, extra_length = struct.unpack("<HH", handle.read(4))
-            offset = info.header_offset + 30 + name_length + extra_length
-            references[info.filename[:-4]] = f"{zip_path.relative_to(root)}:{offset}:{info.file_size}"
-    return references
+    return {name[: -len(".npy")]: f"{zip_path.relative_to(root)}:{offset}:{length}"
+            for name, (offset, length) in stored_zip_entries(zip_path).items()}
 
 
 def _refs(feature_dir: Path):

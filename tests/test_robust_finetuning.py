@@ -8,13 +8,13 @@ and exit codes, not about what the model learns.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import slam_fairseq  # noqa: F401  (registers slam_s2t; allow-lists fairseq's checkpoint types)
+from s2t_fixtures import s2t_cfg_and_task as _setup  # noqa: E402
 from s2t_fixtures import (SENTENCES, USER_DIR, build_asr, build_slam_model, hypotheses, run_fairseq,
                           save_slam_checkpoint)
 from slam_fairseq.models.pretrained_loading import PretrainedSlamError
@@ -114,19 +114,6 @@ def test_cli_finetune_and_generate_over_a_manifest_with_a_short_utterance(asr, t
 
 
 # -- strict pre-trained loading -------------------------------------------------------------------------
-def _setup(data_dir: Path, task_name: str, save_dir: Path, *extra: str):
-    from fairseq import options, tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [
-        str(data_dir), "--task", "speech_to_text", "--config-yaml", f"config_{task_name}.yaml",
-        "--train-subset", f"train_{task_name}", "--arch", "slam_s2t_tiny", "--save-dir", str(save_dir),
-        "--max-tokens", "4000", "--seed", "1", *extra])
-    cfg = convert_namespace_to_omegaconf(args)
-    return cfg, tasks.setup_task(cfg.task)
-
-
 def test_fewer_or_more_layers_is_an_error_naming_the_file_and_the_layers(asr, tmp_path):
     deeper, _ = save_slam_checkpoint(tmp_path / "deeper.pt", speech_encoder_layers=3)
     cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(deeper))

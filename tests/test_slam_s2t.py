@@ -4,12 +4,12 @@ encoder freezing through fairseq's Trainer, padding, beam-search reordering and 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import slam_fairseq  # noqa: F401  (registers slam, slam_s2t)
+from s2t_fixtures import s2t_cfg_and_task as setup  # noqa: E402
 from s2t_fixtures import (
     build_asr,
     build_multilingual_st,
@@ -40,20 +40,6 @@ def data(tmp_path_factory):
     checkpoint, checkpoint_state = save_slam_checkpoint(root / "slam_tiny.pt", seed=3)
     return dict(root=root, st=root / "st", st_task=st_task, asr=root / "asr", asr_task=asr_task,
                 checkpoint=checkpoint, checkpoint_state=checkpoint_state)
-
-
-def setup(data_dir: Path, task_name: str, save_dir: Path, *extra: str, arch: str = "slam_s2t_tiny"):
-    """(cfg, task) exactly as fairseq-train makes them from a command line."""
-    from fairseq import options, tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [
-        str(data_dir), "--task", "speech_to_text", "--config-yaml", f"config_{task_name}.yaml",
-        "--train-subset", f"train_{task_name}", "--arch", arch, "--save-dir", str(save_dir),
-        "--max-tokens", "4000", "--seed", "1", *extra])
-    cfg = convert_namespace_to_omegaconf(args)
-    return cfg, tasks.setup_task(cfg.task)
 
 
 def batch_of(task, split: str, count: int = 6):

@@ -21,16 +21,17 @@ W=$(cd "${WORK:?set WORK to the --work folder of the track}" && pwd); OUT=$W/dev
 CORPUS=${CORPUS:-$W/corpus}; UPDATES=${UPDATES:-1200}; SUBSET=${SUBSET:-dev}; CONTROL_UPDATES=${CONTROL_UPDATES:-5400}
 PRETRAINED=$W/checkpoints/pretrain/checkpoint_last.pt; STAGE1=$W/checkpoints/pretrain/checkpoint_stage1.pt
 
-cer() {  # generate-output -> "CER x" (characters of the D- lines against the T- lines)
+cer() {  # generate-output -> "CER x" (the D- lines against the T- lines; probe.py's error rates)
   python - "$1" <<'EOF'
-import sys, editdistance
+import sys
+sys.path.insert(0, "examples/realspeech")
+from probe import error_rates
 hyp, ref = {}, {}
 for line in open(sys.argv[1], encoding="utf-8"):
     fields = line.rstrip("\n").split("\t")
     if line.startswith("D-"): hyp[fields[0][2:]] = fields[2]
     elif line.startswith("T-"): ref[fields[0][2:]] = fields[1]
-errors = sum(editdistance.eval(hyp.get(key, ""), text) for key, text in ref.items())
-print(f"CER {100 * errors / max(1, sum(map(len, ref.values()))):.2f}")
+print(f"CER {error_rates([hyp.get(key, '') for key in ref], list(ref.values()))['cer']:.2f}")
 EOF
 }
 dec() {  # name data checkpoint decoder joint-weight
