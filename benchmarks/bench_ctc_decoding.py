@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Speed and WER of ``fairseq-generate --task slam_speech_to_text --ctc-decoding none|greedy|joint``.
+"""Speed and WER of ``fairseq-generate --task slam_speech_to_text --ctc-decoding none|greedy|joint|lexicon``.
 
 A ``slam_s2t_tiny`` with a CTC head (``--criterion label_smoothed_cross_entropy_with_ctc
 --ctc-weight 0.5``) is trained by ``fairseq-train`` until it overfits the six espeak-ng sentences of
 ``tests/s2t_fixtures.py``, spoken at several speeds (``--speeds``); the same set is then decoded with
-fairseq's beam search (none), best-path CTC (greedy) and joint CTC/attention beam search (joint,
-``--ctc-decoding-weight``), interleaved (none greedy joint none ...) ``--repeats`` times. We report
+fairseq's beam search (none), best-path CTC (greedy), joint CTC/attention beam search (joint,
+``--ctc-decoding-weight``) and CTC beam search over the lexicon of the training transcripts
+(lexicon, ``--lexicon-text`` the train manifest, default weights), interleaved (none greedy joint
+lexicon none ...) ``--repeats`` times. We report
 the sentences/second that fairseq-generate prints ("Translated N sentences ... (Y sentences/s"),
 generation time only, model loading excluded: the median and the best of the repeats, and the WER.
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 USER_DIR = REPO_ROOT / "slam_fairseq"
-MODES = ("none", "greedy", "joint")
+MODES = ("none", "greedy", "joint", "lexicon")
 _TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s")
 _WER = re.compile(r"Generate \S+ with beam=\d+: WER: ([0-9.]+)")
 _THREADS: Dict[str, str] = {}
@@ -70,9 +72,10 @@ def build_model(work: Path, speeds: List[int], updates: int) -> tuple:
 
 def decode(data: Path, task_name: str, checkpoint: Path, mode: str, args: argparse.Namespace,
            utterances: int) -> Dict[str, float]:
+    lexicon = ["--lexicon-text", str(data / f"train_{task_name}.tsv")] if mode == "lexicon" else []
     log = _run("fairseq_cli.generate", *_common(data, task_name), "--gen-subset", f"train_{task_name}",
                "--path", str(checkpoint), "--beam", str(args.beam), "--batch-size", str(args.batch_size),
-               "--ctc-decoding", mode, "--ctc-decoding-weight", str(args.weight), "--scoring", "wer",
+               "--ctc-decoding", mode, "--ctc-decoding-weight", str(args.weight), *lexicon, "--scoring", "wer",
                "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct")
     translated, wer = _TRANSLATED.search(log), _WER.search(log)
     if translated is None or wer is None:
@@ -111,7 +114,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     for mode in MODES:
         rates = [run["sentences_per_second"] for run in runs[mode]]
         summary[mode] = {"median": statistics.median(rates), "best": max(rates), "wer": runs[mode][0]["wer"]}
-        print(f"  --ctc-decoding {mode:<6}  median {summary[mode]['median']:7.1f}  best {summary[mode]['best']:7.1f} "
+        print(f"  --ctc-decoding {mode:<7}  median {summary[mode]['median']:7.1f}  best {summary[mode]['best']:7.1f} "
               f"sentences/s  WER {summary[mode]['wer']:6.2f}  tokens {runs[mode][0]['tokens']}  "
               f"(runs: {', '.join(f'{rate:.1f}' for rate in rates)})")
     return summary

@@ -9,8 +9,9 @@ search, and task ``slam_speech_to_text`` through fairseq's own command-line tool
   slam_speech_to_text`` until it overfits six espeak-ng utterances (about 25 s of CPU):
   joint search with weight 0 gives fairseq's beam search hypotheses; with weight 1, and with a
   decoder that never ends a sentence, no hypothesis outgrows the CTC frames; ``fairseq-generate
-  --ctc-decoding joint|greedy --scoring wer`` prints every utterance and a WER that matches its
-  lines.
+  --ctc-decoding joint|greedy|lexicon --scoring wer`` prints every utterance and a WER that matches
+  its lines; lexicon decoding without ``--lexicon-text`` is refused; ``--no-repeat-ngram-size``
+  bans every repeated n-gram on CPU (fairseq's own CPU blocker bans none).
 - ``--task slam_speech_to_text`` trains exactly as ``speech_to_text`` (the same logged losses).
 """
 from __future__ import annotations
@@ -41,8 +42,9 @@ from slam_fairseq.models.slam_s2t import CTC_BLANK_INDEX
 
 
 WER_OPTIONS = ("--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct")
-# Measured on the overfit model below (seed 1, one thread): beam search 8.3, joint 0.0, greedy 33.3.
-JOINT_WER_BOUND, GREEDY_WER_BOUND = 20.0, 60.0
+# Measured on the overfit model below (seed 1, one thread): beam search 8.3, joint 0.0, greedy 25.0,
+# lexicon (the train transcripts' words and bigrams) 4.2.
+JOINT_WER_BOUND, GREEDY_WER_BOUND, LEXICON_WER_BOUND = 20.0, 60.0, 20.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -398,12 +400,8 @@ def test_joint_weight_one_never_outgrows_the_ctc_frames(trained):
             assert math.isfinite(float(hypo["score"]))
 
 
-def test_joint_search_stops_a_decoder_that_never_ends(trained):
-    """With eos all but forbidden to the decoder, beam search writes until --max-len-b; joint
-    search must end every hypothesis where the CTC frames run out."""
-    task, models, generation_cfg, batches = load_for_generation(trained, "--max-len-b", "60")
-    model = models[0]
-    eos = task.target_dictionary.eos()
+def _never_end(model, eos: int) -> None:
+    """Makes ``model``'s decoder all but forbid end-of-sentence: it writes until ``--max-len-b``."""
     projection = model.decoder.output_projection
 
     class NoEnd(torch.nn.Module):
@@ -413,6 +411,13 @@ def test_joint_search_stops_a_decoder_that_never_ends(trained):
             return logits
 
     model.decoder.output_projection = NoEnd()
+
+
+def test_joint_search_stops_a_decoder_that_never_ends(trained):
+    """With eos all but forbidden to the decoder, beam search writes until --max-len-b; joint
+    search must end every hypothesis where the CTC frames run out."""
+    task, models, generation_cfg, batches = load_for_generation(trained, "--max-len-b", "60")
+    _never_end(models[0], task.target_dictionary.eos())
     frames = ctc_frames(models, batches)
     _, plain = decode(task, models, generation_cfg, batches, "none")
     assert all(len(hypos[0]["tokens"]) == 61 for hypos in plain.values())  # 60 tokens, then forced eos
@@ -421,14 +426,45 @@ def test_joint_search_stops_a_decoder_that_never_ends(trained):
         assert frames_needed(hypos[0]["tokens"][:-1].tolist()) <= frames[sample_id] < 60
 
 
+def _repeated_ngrams(tokens, size: int) -> int:
+    ngrams = [tuple(tokens[i:i + size]) for i in range(len(tokens) - size + 1)]
+    return len(ngrams) - len(set(ngrams))
+
+
+def test_no_repeat_ngram_size_blocks_repeats_on_cpu(trained):
+    """fairseq's CPU n-gram blocker reads padding and bans nothing; the task's generator must ban
+    every repeated n-gram, here of a decoder that never ends and so writes 60 tokens."""
+    task, models, generation_cfg, batches = load_for_generation(trained, "--max-len-b", "60",
+                                                                "--no-repeat-ngram-size", "3")
+    _never_end(models[0], task.target_dictionary.eos())
+    generator, blocked = decode(task, models, generation_cfg, batches, "none")
+    assert type(generator.repeat_ngram_blocker).__name__ == "PrefixNGramRepeatBlock"
+    generation_cfg.no_repeat_ngram_size = 0
+    _, free = decode(task, models, generation_cfg, batches, "none")
+    assert sum(_repeated_ngrams(hypos[0]["tokens"][:-1].tolist(), 3) for hypos in free.values()) > 0
+    for hypos in blocked.values():
+        for hypo in hypos:
+            assert _repeated_ngrams(hypo["tokens"][:-1].tolist(), 3) == 0
+
+
 def test_ctc_decoding_needs_a_ctc_head(trained):
     task, models, generation_cfg, _ = load_for_generation(trained)
     models[0].ctc_projection = None
-    for mode in ("greedy", "joint"):
+    for mode in ("greedy", "joint", "lexicon"):
         task.args.ctc_decoding = mode
         with pytest.raises(ValueError, match=f"--ctc-decoding {mode} needs a model with a CTC head.*"
                                              f"{re.escape(str(trained.checkpoint))}"):
             task.build_generator(models, generation_cfg)
+
+
+def test_lexicon_decoding_needs_a_lexicon_text(trained, tmp_path):
+    task, models, generation_cfg, _ = load_for_generation(trained)
+    task.args.ctc_decoding, task.args.lexicon_text = "lexicon", None
+    with pytest.raises(ValueError, match="--ctc-decoding lexicon needs --lexicon-text FILE"):
+        task.build_generator(models, generation_cfg)
+    task.args.lexicon_text = str(tmp_path / "no_such_text.txt")
+    with pytest.raises(FileNotFoundError, match="no_such_text.txt"):
+        task.build_generator(models, generation_cfg)
 
 
 def test_encoder_reordering_keeps_the_ctc_input(trained):
@@ -449,11 +485,16 @@ def _recomputed_wer(results) -> float:
     return 100.0 * errors / sum(len(reference.split()) for reference, _ in results.values())
 
 
-@pytest.mark.parametrize("mode, bound", [("joint", JOINT_WER_BOUND), ("greedy", GREEDY_WER_BOUND)])
+LOG_LINES = {"joint": "joint CTC/attention beam search", "greedy": "best-path CTC", "lexicon": "CTC lexicon beam search"}
+
+
+@pytest.mark.parametrize("mode, bound", [("joint", JOINT_WER_BOUND), ("greedy", GREEDY_WER_BOUND),
+                                         ("lexicon", LEXICON_WER_BOUND)])
 def test_fairseq_generate_ctc_decoding_scores_wer(trained, mode, bound):
+    lexicon = ["--lexicon-text", trained.data / f"train_{trained.task_name}.tsv"] if mode == "lexicon" else []
     log = run_fairseq(*generate_command(trained, "--ctc-decoding", mode, "--ctc-decoding-weight", "0.3",
-                                        *WER_OPTIONS)).stdout
-    assert ("joint CTC/attention beam search" if mode == "joint" else "best-path CTC") in log
+                                        *lexicon, *WER_OPTIONS)).stdout
+    assert LOG_LINES[mode] in log
     results = hypotheses(log)
     assert sorted(results) == list(range(trained.utterances))
     assert all(re.search(rf"^H-{index}\t\S+\t", log, flags=re.M) for index in results)

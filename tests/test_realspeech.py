@@ -109,7 +109,7 @@ def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
     report = json.loads((work / "report.json").read_text())
     test_rows = (work / "data" / "asr" / "test_asr.tsv").read_text().strip().splitlines()[1:]
     for init in ("pretrained", "stage1", "scratch"):
-        for decoder in ("beam", "joint", "greedy"):
+        for decoder in ("beam", "joint", "greedy", "lexicon"):
             scored = report["asr"][init]["1"][decoder]
             generated = hypotheses((work / "generate" / f"asr_{init}_seed1_{decoder}.txt").read_text())
             assert len(generated) == len(test_rows) == scored["utterances"]
@@ -141,5 +141,11 @@ def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
              ("decode_asr_pretrained_seed1_beam", "decode_asr_pretrained_seed1_joint")]
     overlap = sum(min(timings[a], timings[b]) for a, b in pairs)
     assert wall <= sum(timings.values()) - overlap + 0.2
+    # the decoders' options: beam search blocks repeated 3-grams; lexicon search reads the train transcripts
+    beam_command = (work / "logs" / "decode_asr_pretrained_seed1_beam.log").read_text().splitlines()[0]
+    assert "--ctc-decoding none" in beam_command and "--no-repeat-ngram-size 3" in beam_command
+    lexicon_log = (work / "logs" / "decode_asr_pretrained_seed1_lexicon.log").read_text()
+    assert f"--lexicon-text {work / 'data' / 'asr' / 'train_asr.tsv'}" in lexicon_log.splitlines()[0]
+    assert "CTC lexicon beam search" in lexicon_log and "beam 64" in lexicon_log
     markdown = (work / "report.md").read_text()
     assert "| pretrained | joint |" in markdown and "log_mel_stack4" in markdown

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Dev-split experiments next to a real-speech track (run_realspeech.py --work WORK, finished or at
 # least through its pre-training); results append to WORK/dev_exp/results.txt, one line per run:
-# WER and CER (greedy CTC, joint CTC/attention) and the number of distinct hypotheses.
+# WER and CER (greedy CTC, joint CTC/attention; control: also beam and lexicon) and the number of
+# distinct hypotheses.
 # Stages (arguments, in order):
 #   data      the ablation data sets, from WORK/corpus (or CORPUS=DIR) into WORK/dev_exp/data/:
 #             fullband_lb_v200 (Mel bins to 8 kHz, SpecAugment LB, 200 pieces: the first recipe's),
@@ -11,7 +12,8 @@
 #   inits     the track's recipe from the end of stage 2, the end of stage 1 and scratch (seed 1)
 #   jw        joint CTC/attention weights 0.3 0.5 0.7 0.9 on the stage-2 model of `inits`
 #   control   the equal-compute control: scratch fine-tuning for CONTROL_UPDATES (default 5400: the
-#             track's 1200 plus the updates its pre-training's wall clock buys), seeds 1 and 2 at once
+#             track's 1200 plus the updates its pre-training's wall clock buys), seeds 1 and 2 at once,
+#             decoded with the track's four decoders (a finished run is only decoded again)
 # Decoding is on the dev split; SUBSET=test scores a finished comparison on the test split instead.
 # usage: WORK=realspeech_work [THREADS=1] [UPDATES=1200] bash examples/realspeech/dev_experiments.sh data ablation
 set -euo pipefail
@@ -34,11 +36,17 @@ for line in open(sys.argv[1], encoding="utf-8"):
 print(f"CER {error_rates([hyp.get(key, '') for key in ref], list(ref.values()))['cer']:.2f}")
 EOF
 }
-dec() {  # name data checkpoint decoder joint-weight
-  local f=$OUT/dec_$1_$4_$5_$SUBSET.txt
+dec() {  # name data checkpoint decoder(beam|joint|greedy|lexicon) joint-weight: the track's decoding options
+  local f=$OUT/dec_$1_$4_$5_$SUBSET.txt beam=5 extra=()
+  case $4 in
+    beam) extra=(--ctc-decoding none --no-repeat-ngram-size 3) ;;
+    lexicon) beam=64; extra=(--ctc-decoding lexicon --lexicon-text $2/train_asr.tsv --lexicon-lm-weight 1.5
+                             --lexicon-word-score 3 --lexicon-oov-score=-inf) ;;
+    *) extra=(--ctc-decoding $4 --ctc-decoding-weight $5) ;;
+  esac
   fairseq-generate $2 --user-dir slam_fairseq --task slam_speech_to_text --config-yaml config_asr.yaml --gen-subset ${SUBSET}_asr \
-    --path $3 --beam 5 --max-tokens 50000 --cpu --required-batch-size-multiple 1 --num-workers 0 --ctc-decoding $4 \
-    --ctc-decoding-weight $5 --max-len-a 0.25 --max-len-b 10 --scoring wer --wer-tokenizer 13a --wer-lowercase \
+    --path $3 --beam $beam --max-tokens 50000 --cpu --required-batch-size-multiple 1 --num-workers 0 "${extra[@]}" \
+    --max-len-a 0.25 --max-len-b 10 --scoring wer --wer-tokenizer 13a --wer-lowercase \
     --wer-remove-punct > $f 2>&1
   echo "  $SUBSET $4 (weight $5): $(grep -o 'WER: [0-9.]*' $f | tail -1) $(cer $f) distinct $(grep '^D-' $f | cut -f3 | sort -u | wc -l)"
 }
@@ -77,13 +85,14 @@ for stage in "$@"; do
               ft scratch_bandlimited_sm_v70_8000x400 $W/data/asr scratch --max-tokens 8000 --max-update 400 --warmup-updates 40 ;;
     inits) ft stage2 $W/data/asr $PRETRAINED; ft stage1 $W/data/asr $STAGE1; ft scratch $W/data/asr scratch ;;
     jw) for weight in 0.3 0.5 0.7 0.9; do dec stage2 $W/data/asr $OUT/ckpt_stage2/checkpoint_last.pt joint $weight | tee -a $OUT/results.txt; done ;;
-    control) for seed in 1 2; do
+    control) for seed in 1 2; do  # a finished control run is decoded again, not retrained
+               [ -f $OUT/ckpt_scratch_control_seed$seed/checkpoint_last.pt ] ||
                train scratch_control_seed$seed $W/data/asr scratch --seed $seed --max-update $CONTROL_UPDATES \
                  --warmup-updates $((CONTROL_UPDATES / 10)) &
              done; wait
              for seed in 1 2; do
                { echo "scratch_control_seed$seed: scratch, $CONTROL_UPDATES updates"
-                 for decoder in greedy joint; do
+                 for decoder in beam greedy joint lexicon; do
                    dec scratch_control_seed$seed $W/data/asr $OUT/ckpt_scratch_control_seed$seed/checkpoint_last.pt $decoder 0.5
                  done; } | tee -a $OUT/results.txt
              done ;;

@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BestPath", "ctc_best_paths", "CTCGreedyGenerator"]
+__all__ = ["BestPath", "ctc_best_paths", "CTCHeadGenerator", "CTCGreedyGenerator"]
 
 
 @dataclass
@@ -54,51 +54,72 @@ def ctc_best_paths(log_probs: Tensor, lengths: Tensor, blank: int) -> List[BestP
     return paths
 
 
-class CTCGreedyGenerator:
-    """Best-path CTC decoding in fairseq's generator interface (``generate(models, sample, ...)``
-    returning, per sentence, a list of hypothesis dicts).
-
-    Each hypothesis: ``tokens`` (the labels followed by ``eos``, as fairseq's beam search ends
-    them), ``score`` (the best path's log-probability divided by the output length with eos, as
-    fairseq normalises), ``positional_scores`` (each label's first-frame log-probability; 0 for eos),
-    ``attention`` and ``alignment`` None. Prefix tokens (``--prefix-size``, e.g. a language tag)
-    are put in front of the labels with score 0.
+class CTCHeadGenerator:
+    """What the generators that read only a model's CTC head share, in fairseq's generator interface
+    (``generate(models, sample, ...)`` returning, per sentence, a list of hypothesis dicts): the
+    encoder pass, and hypotheses ended as fairseq's beam search ends them.
 
     Args:
         model: a model with ``encoder`` and ``get_ctc_output(net_output)`` (``slam_s2t`` with a CTC
             head).
         eos: end-of-sentence index.
-        blank: the CTC blank's index.
         symbols_to_strip_from_output: indices ``fairseq-generate`` leaves out of the printed text.
     """
 
-    def __init__(self, model, eos: int, blank: int, symbols_to_strip_from_output: Iterable[int] = ()) -> None:
+    def __init__(self, model, eos: int, symbols_to_strip_from_output: Iterable[int] = ()) -> None:
         self.model = model
         self.eos = eos
-        self.blank = blank
         self.symbols_to_strip_from_output = set(symbols_to_strip_from_output) | {eos}
         self.model.eval()
 
-    def cuda(self) -> "CTCGreedyGenerator":
+    def cuda(self):
         self.model.cuda()
         return self
+
+    def ctc_output(self, sample: Dict):
+        """((T', B, V) CTC log-probabilities, (B,) frames) of ``sample["net_input"]`` (``src_tokens``
+        (B, T, F), ``src_lengths`` (B,))."""
+        net_input = sample["net_input"]
+        encoder_out = self.model.encoder(src_tokens=net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        return self.model.get_ctc_output((None, {"encoder_out": encoder_out}))
+
+    def hypothesis(self, tokens: Tensor, scores: Tensor, total_score: float,
+                   prefix: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
+        """One hypothesis dict: ``prefix`` (a row of prefix tokens, padded with eos, or None) in front
+        with score 0, eos behind with score 0, ``score`` = ``total_score`` over the length with eos."""
+        if prefix is not None:
+            prefix = prefix[prefix != self.eos].to(tokens)
+            tokens = torch.cat([prefix, tokens])
+            scores = torch.cat([scores.new_zeros(len(prefix)), scores])
+        tokens = torch.cat([tokens, tokens.new_tensor([self.eos])])
+        scores = torch.cat([scores, scores.new_zeros(1)])
+        return {"tokens": tokens, "score": torch.tensor(total_score / len(tokens)),
+                "positional_scores": scores, "attention": None, "alignment": None}
+
+
+class CTCGreedyGenerator(CTCHeadGenerator):
+    """Best-path CTC decoding as a :class:`CTCHeadGenerator`.
+
+    Each hypothesis: ``tokens`` (the labels followed by ``eos``), ``score`` (the best path's
+    log-probability divided by the output length with eos, as fairseq normalises),
+    ``positional_scores`` (each label's first-frame log-probability; 0 for eos), ``attention`` and
+    ``alignment`` None. Prefix tokens (``--prefix-size``, e.g. a language tag) are put in front of
+    the labels with score 0.
+
+    Args:
+        model, eos, symbols_to_strip_from_output: as for :class:`CTCHeadGenerator`.
+        blank: the CTC blank's index.
+    """
+
+    def __init__(self, model, eos: int, blank: int, symbols_to_strip_from_output: Iterable[int] = ()) -> None:
+        super().__init__(model, eos, symbols_to_strip_from_output)
+        self.blank = blank
 
     @torch.no_grad()
     def generate(self, models, sample: Dict, prefix_tokens: Optional[Tensor] = None,
                  **unused) -> List[List[Dict[str, Optional[Tensor]]]]:
         """Decodes ``sample["net_input"]`` (``src_tokens`` (B, T, F), ``src_lengths`` (B,))."""
-        net_input = sample["net_input"]
-        encoder_out = self.model.encoder(src_tokens=net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-        log_probs, lengths = self.model.get_ctc_output((None, {"encoder_out": encoder_out}))
-        hypotheses = []
-        for row, path in enumerate(ctc_best_paths(log_probs, lengths, self.blank)):
-            tokens, scores = path.tokens, path.token_scores
-            if prefix_tokens is not None:
-                prefix = prefix_tokens[row][prefix_tokens[row] != self.eos].to(tokens)
-                tokens = torch.cat([prefix, tokens])
-                scores = torch.cat([scores.new_zeros(len(prefix)), scores])
-            tokens = torch.cat([tokens, tokens.new_tensor([self.eos])])
-            scores = torch.cat([scores, scores.new_zeros(1)])
-            hypotheses.append([{"tokens": tokens, "score": torch.tensor(path.path_score / len(tokens)),
-                                "positional_scores": scores, "attention": None, "alignment": None}])
-        return hypotheses
+        log_probs, lengths = self.ctc_output(sample)
+        return [[self.hypothesis(path.tokens, path.token_scores, path.path_score,
+                                 None if prefix_tokens is None else prefix_tokens[row])]
+                for row, path in enumerate(ctc_best_paths(log_probs, lengths, self.blank))]

@@ -6,6 +6,10 @@ Training is fairseq's ``speech_to_text`` unchanged (same data, batches and losse
 - ``--ctc-decoding none`` (default): fairseq's own beam search.
 - ``--ctc-decoding greedy``: best-path CTC decoding of the CTC head
   (:class:`slam_fairseq.decoding.ctc_greedy.CTCGreedyGenerator`); the decoder is not run.
+- ``--ctc-decoding lexicon``: CTC prefix beam search (``--beam`` prefixes) whose words come from the
+  lexicon of ``--lexicon-text`` (one sentence per line), scored with that text's word bigram model
+  (``--lexicon-lm-weight``, ``--lexicon-word-score``; a word outside the lexicon costs
+  ``--lexicon-oov-score``, ``-inf`` forbids it) (:mod:`slam_fairseq.decoding.ctc_lexicon_search`).
 - ``--ctc-decoding joint``: fairseq's beam search with each step's decoder log-probabilities fused
   with CTC prefix scores, ``(1 - w) * log p_att + w * delta log p_ctc_prefix``
   (:mod:`slam_fairseq.decoding.joint_ctc_generator`), ``w = --ctc-decoding-weight``; the decoder's
@@ -25,6 +29,9 @@ from fairseq.tasks.speech_to_text import SpeechToTextTask
 from fairseq.utils import safe_getattr
 
 from slam_fairseq.decoding.ctc_greedy import CTCGreedyGenerator
+from slam_fairseq.decoding.ctc_lexicon_search import CTCLexiconGenerator, LexiconSearchOptions, dictionary_label_texts
+from slam_fairseq.decoding.ngram_repeat_block import fix_ngram_repeat_block
+from slam_fairseq.decoding.word_lm import LexiconTrie, WordBigramLM
 from slam_fairseq.decoding.joint_ctc_generator import add_ctc_prefix_scores
 from slam_fairseq.models.slam_s2t import CTC_BLANK_INDEX
 
@@ -32,28 +39,39 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CTC_DECODING_MODES", "SlamSpeechToTextTask"]
 
-CTC_DECODING_MODES = ("none", "greedy", "joint")
+CTC_DECODING_MODES = ("none", "greedy", "joint", "lexicon")
 
 
 @register_task("slam_speech_to_text")
 class SlamSpeechToTextTask(SpeechToTextTask):
-    """fairseq's ``speech_to_text`` with ``--ctc-decoding {none,greedy,joint}``."""
+    """fairseq's ``speech_to_text`` with ``--ctc-decoding {none,greedy,joint,lexicon}``."""
 
     @classmethod
     def add_args(cls, parser) -> None:
         super().add_args(parser)
         parser.add_argument("--ctc-decoding", choices=CTC_DECODING_MODES, default="none",
-                            help="decoding: fairseq's beam search (none), best-path CTC (greedy), or joint "
-                                 "CTC/attention beam search (joint); CTC modes need a model with a CTC head")
+                            help="decoding: fairseq's beam search (none), best-path CTC (greedy), joint "
+                                 "CTC/attention beam search (joint), or CTC beam search over a lexicon with a word "
+                                 "bigram model (lexicon); CTC modes need a model with a CTC head")
         parser.add_argument("--ctc-decoding-weight", type=float, default=0.3, metavar="W",
                             help="joint: score = (1 - W) * decoder log-prob + W * CTC prefix score increment")
         parser.add_argument("--ctc-decoding-candidates", type=int, default=10, metavar="K",
                             help="joint: the decoder's best K tokens of each hypothesis (at least 2 x beam; "
                                  "eos always) get CTC prefix scores, the others -inf")
+        parser.add_argument("--lexicon-text", type=str, default=None, metavar="FILE",
+                            help="lexicon: text (one sentence per line, or a speech_to_text manifest's tgt_text column) "
+                                 "whose words are the lexicon and train the word bigram model")
+        parser.add_argument("--lexicon-lm-weight", type=float, default=0.5, metavar="W",
+                            help="lexicon: weight of the word bigram log-probabilities")
+        parser.add_argument("--lexicon-word-score", type=float, default=0.0, metavar="S",
+                            help="lexicon: added for each word written")
+        parser.add_argument("--lexicon-oov-score", type=float, default=-10.0, metavar="S",
+                            help="lexicon: added for each word outside the lexicon; -inf writes lexicon words only")
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None):
         generator = super().build_generator(models, args, seq_gen_cls=seq_gen_cls,
                                             extra_gen_cls_kwargs=extra_gen_cls_kwargs)
+        fix_ngram_repeat_block(generator)
         mode = safe_getattr(self.args, "ctc_decoding", "none")
         if mode == "none":
             return generator
@@ -66,6 +84,8 @@ class SlamSpeechToTextTask(SpeechToTextTask):
             logger.info("decoding: best-path CTC (the decoder is not run)")
             return CTCGreedyGenerator(model, eos=generator.eos, blank=CTC_BLANK_INDEX,
                                       symbols_to_strip_from_output=generator.symbols_to_strip_from_output)
+        if mode == "lexicon":
+            return self._lexicon_generator(model, generator, args)
         weight = float(self.args.ctc_decoding_weight)
         candidates = int(self.args.ctc_decoding_candidates)
         generator = add_ctc_prefix_scores(generator, weight=weight, candidates=candidates, blank=CTC_BLANK_INDEX,
@@ -73,6 +93,28 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         logger.info(f"decoding: joint CTC/attention beam search, CTC weight {weight}, "
                     f"{generator.model.candidates} CTC candidates per hypothesis")
         return generator
+
+    def _lexicon_generator(self, model, generator, args) -> CTCLexiconGenerator:
+        if not isinstance(generator, SequenceGenerator):
+            raise ValueError("--ctc-decoding lexicon cannot be combined with --score-reference")
+        text = safe_getattr(self.args, "lexicon_text", None)
+        if not text:
+            raise ValueError("--ctc-decoding lexicon needs --lexicon-text FILE (one sentence per line: the lexicon "
+                             "and the word bigram model's text)")
+        lm = WordBigramLM.from_text(text)
+        trie = LexiconTrie(lm.vocabulary)
+        options = LexiconSearchOptions(beam=int(safe_getattr(args, "beam", 5) or 5),
+                                       lm_weight=float(self.args.lexicon_lm_weight),
+                                       word_score=float(self.args.lexicon_word_score),
+                                       oov_score=float(self.args.lexicon_oov_score))
+        dictionary = self.target_dictionary
+        unwritten = {dictionary.bos(), dictionary.pad(), dictionary.eos(), dictionary.unk(), CTC_BLANK_INDEX,
+                     *generator.symbols_to_strip_from_output}
+        label_texts = dictionary_label_texts(dictionary.symbols, sorted(unwritten))
+        logger.info(f"decoding: CTC lexicon beam search, {len(lm.vocabulary)} words from {text}, beam {options.beam}, "
+                    f"LM weight {options.lm_weight}, word score {options.word_score}, OOV score {options.oov_score}")
+        return CTCLexiconGenerator(model, label_texts, eos=generator.eos, blank=CTC_BLANK_INDEX, trie=trie, lm=lm,
+                                   options=options, symbols_to_strip_from_output=generator.symbols_to_strip_from_output)
 
     def _single_ctc_model(self, models, mode: str):
         path = safe_getattr(self.args, "path", None) or "--path"
