@@ -23,6 +23,7 @@ from slam_fairseq.decoding.ctc_lexicon_search import (
     LexiconSearchOptions,
     ctc_lexicon_search,
     dictionary_label_texts,
+    unspellable_words,
 )
 from slam_fairseq.decoding.word_lm import SENTENCE_END, UNKNOWN_WORD, LexiconTrie, WordBigramLM, read_sentences
 
@@ -187,3 +188,13 @@ def test_search_rejects_posteriors_of_another_vocabulary():
     lm = WordBigramLM(SENTENCES)
     with pytest.raises(ValueError, match=r"expected \(T, 5\) log-probs"):
         ctc_lexicon_search(torch.zeros(3, 4), LABELS, BLANK, LexiconTrie(lm.vocabulary), lm)
+
+
+def test_bad_options_and_unspellable_words_are_named():
+    for bad, named in [(dict(beam=0), "beam must be at least 1"), (dict(lm_weight=-1.0), "lm_weight"),
+                       (dict(word_score=math.inf), "word_score"), (dict(oov_score=math.inf), "oov_score"),
+                       (dict(blank_skip=0.0), "blank_skip")]:
+        with pytest.raises(ValueError, match=named):
+            LexiconSearchOptions(**bad)
+    LexiconSearchOptions(oov_score=-math.inf)
+    assert unspellable_words(["кот", "Кот", "cat"], WORD_LABELS) == ["cat", "Кот"]

@@ -32,7 +32,7 @@ from slam_fairseq.decoding.ctc_greedy import CTCHeadGenerator
 from slam_fairseq.decoding.word_lm import SENTENCE_END, SENTENCE_START, UNKNOWN_WORD, LexiconTrie, WordBigramLM
 
 __all__ = ["WORD_BOUNDARY", "LexiconSearchOptions", "LexiconHypothesis", "ctc_lexicon_search", "dictionary_label_texts",
-           "CTCLexiconGenerator"]
+           "unspellable_words", "CTCLexiconGenerator"]
 
 WORD_BOUNDARY = "\u2581"  # SentencePiece's "▁"
 _NEG_INF = float("-inf")
@@ -62,6 +62,22 @@ class LexiconSearchOptions:
     prune: float = 10.0
     labels_per_frame: int = 12
     blank_skip: float = 0.999
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.beam < 1:
+            problems.append(f"beam must be at least 1, got {self.beam}")
+        if not (0.0 <= self.lm_weight < math.inf):
+            problems.append(f"lm_weight must be finite and at least 0, got {self.lm_weight}")
+        if not math.isfinite(self.word_score):
+            problems.append(f"word_score must be finite, got {self.word_score}")
+        if math.isnan(self.oov_score) or self.oov_score == math.inf:
+            problems.append(f"oov_score must be a number or -inf, got {self.oov_score}")
+        if not self.prune > 0 or self.labels_per_frame < 1 or not 0.0 < self.blank_skip <= 1.0:
+            problems.append(f"prune > 0, labels_per_frame >= 1 and blank_skip in (0, 1] are needed, got "
+                            f"{self.prune}, {self.labels_per_frame}, {self.blank_skip}")
+        if problems:
+            raise ValueError("lexicon search: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -218,6 +234,12 @@ def ctc_lexicon_search(log_probs: Tensor, label_texts: Sequence[Optional[str]], 
     if best is None:  # every prefix ends in a word outside the lexicon: write nothing
         best = LexiconHypothesis([], _NEG_INF, float(frames[:, blank].sum()))
     return best
+
+
+def unspellable_words(words, label_texts: Sequence[Optional[str]]) -> List[str]:
+    """The words that use a character no label writes (they can never be output)."""
+    characters = {char for text in label_texts if text for char in text}
+    return sorted(word for word in words if any(char not in characters for char in word))
 
 
 def dictionary_label_texts(symbols: Sequence[str], unwritten: Sequence[int]) -> List[Optional[str]]:

@@ -29,7 +29,12 @@ from fairseq.tasks.speech_to_text import SpeechToTextTask
 from fairseq.utils import safe_getattr
 
 from slam_fairseq.decoding.ctc_greedy import CTCGreedyGenerator
-from slam_fairseq.decoding.ctc_lexicon_search import CTCLexiconGenerator, LexiconSearchOptions, dictionary_label_texts
+from slam_fairseq.decoding.ctc_lexicon_search import (
+    CTCLexiconGenerator,
+    LexiconSearchOptions,
+    dictionary_label_texts,
+    unspellable_words,
+)
 from slam_fairseq.decoding.ngram_repeat_block import fix_ngram_repeat_block
 from slam_fairseq.decoding.word_lm import LexiconTrie, WordBigramLM
 from slam_fairseq.decoding.joint_ctc_generator import add_ctc_prefix_scores
@@ -111,6 +116,10 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         unwritten = {dictionary.bos(), dictionary.pad(), dictionary.eos(), dictionary.unk(), CTC_BLANK_INDEX,
                      *generator.symbols_to_strip_from_output}
         label_texts = dictionary_label_texts(dictionary.symbols, sorted(unwritten))
+        unspellable = unspellable_words(lm.vocabulary, label_texts)
+        if unspellable:
+            logger.warning(f"--lexicon-text {text}: {len(unspellable)} of {len(lm.vocabulary)} words use characters no "
+                           f"target label writes (they can never be output), e.g. {unspellable[:5]}")
         logger.info(f"decoding: CTC lexicon beam search, {len(lm.vocabulary)} words from {text}, beam {options.beam}, "
                     f"LM weight {options.lm_weight}, word score {options.word_score}, OOV score {options.oov_score}")
         return CTCLexiconGenerator(model, label_texts, eos=generator.eos, blank=CTC_BLANK_INDEX, trie=trie, lm=lm,
