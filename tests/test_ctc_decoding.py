@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections import defaultdict
 from types import SimpleNamespace
 
 import editdistance
@@ -27,6 +26,7 @@ import pytest
 import torch
 
 import slam_fairseq  # noqa: F401  (registers slam_s2t and slam_speech_to_text)
+from ctc_reference import brute_force_ctc
 from s2t_fixtures import (
     USER_DIR,
     build_asr,
@@ -56,34 +56,6 @@ def _one_thread():
 # The prefix scorer
 
 
-def _collapse(path, blank: int):
-    labels, previous = [], None
-    for label in path:
-        if label != previous and label != blank:
-            labels.append(label)
-        previous = label
-    return tuple(labels)
-
-
-def _brute_force(log_probs: torch.Tensor, length: int, blank: int):
-    """({prefix: log sum over alignments whose output starts with it}, {output: log sum of its
-    alignments}) of one row, over every path of ``length`` frames."""
-    prefix_terms, full_terms = defaultdict(list), defaultdict(list)
-    vocabulary = log_probs.size(-1)
-    for path in itertools.product(range(vocabulary), repeat=length):
-        score = sum(float(log_probs[t, label]) for t, label in enumerate(path))
-        output = _collapse(path, blank)
-        full_terms[output].append(score)
-        for end in range(len(output) + 1):
-            prefix_terms[output[:end]].append(score)
-
-    def log_sum(terms):
-        return float(torch.logsumexp(torch.tensor(terms, dtype=torch.float64), dim=0))
-
-    return ({key: log_sum(value) for key, value in prefix_terms.items()},
-            {key: log_sum(value) for key, value in full_terms.items()})
-
-
 def _assert_log_close(actual: float, expected: float, what: str) -> None:
     if math.isinf(expected):
         assert math.isinf(actual) and actual < 0, f"{what}: {actual}, expected -inf"
@@ -98,7 +70,7 @@ def test_prefix_scores_equal_brute_force_over_all_alignments():
     lengths = torch.tensor([6, 4, 2])  # rows 1 and 2 are padded: their last frames must not count
     log_probs[4:, 1] = torch.tensor([5.0, -9.0, 3.0, 0.0]).log_softmax(-1)  # garbage in the padding
     scorer = CTCPrefixScorer(blank=blank, eos=eos)
-    brute = [_brute_force(log_probs[:, row], int(lengths[row]), blank) for row in range(3)]
+    brute = [brute_force_ctc(log_probs[:, row], int(lengths[row]), blank) for row in range(3)]
     labels = (1, 2)  # eos (3) stays a possible CTC output but is never part of a prefix
     checked_infinite = 0
     for size in range(frames + 2):
@@ -118,7 +90,7 @@ def test_candidate_scoring_eos_blank_and_a_forced_token():
     log_probs = torch.randn(frames, 2, 4).log_softmax(-1)
     lengths = torch.tensor([5, 3])
     scorer = CTCPrefixScorer(blank=blank, eos=eos)
-    brute = [_brute_force(log_probs[:, row], int(lengths[row]), blank) for row in range(2)]
+    brute = [brute_force_ctc(log_probs[:, row], int(lengths[row]), blank) for row in range(2)]
     rows = torch.arange(2)
     state = scorer.initial_state(log_probs, lengths)
     ones = torch.ones(2, dtype=torch.long)

@@ -11,13 +11,12 @@
 """
 from __future__ import annotations
 
-import itertools
 import math
-from collections import defaultdict
 
 import pytest
 import torch
 
+from ctc_reference import brute_force_ctc
 from slam_fairseq.decoding.ctc_greedy import ctc_best_paths
 from slam_fairseq.decoding.ctc_lexicon_search import (
     LexiconSearchOptions,
@@ -82,24 +81,6 @@ LABELS = [None, "▁a", "b", "▁ab", "▁"]  # blank, then pieces that spell a,
 SENTENCES = [["ab", "a"], ["a", "ab"], ["ab"], ["a", "a", "ab"]]
 
 
-def _collapse(path):
-    labels, previous = [], None
-    for label in path:
-        if label != previous and label != BLANK:
-            labels.append(label)
-        previous = label
-    return tuple(labels)
-
-
-def _ctc_log_probs_of_outputs(log_probs):
-    """Every label sequence the frames can emit -> log of its summed alignment probabilities."""
-    terms = defaultdict(list)
-    for path in itertools.product(range(log_probs.size(1)), repeat=log_probs.size(0)):
-        terms[_collapse(path)].append(sum(float(log_probs[t, label]) for t, label in enumerate(path)))
-    return {output: float(torch.logsumexp(torch.tensor(values, dtype=torch.float64), 0))
-            for output, values in terms.items()}
-
-
 def _language_score(labels, lm, lexicon, options):
     """The search's word terms computed from the output text: None when it is ruled out."""
     words = "".join(LABELS[label] for label in labels).replace("▁", " ").split()
@@ -124,7 +105,7 @@ def test_search_finds_the_best_output_of_brute_force(seed, oov_score):
     lexicon = lm.vocabulary
     options = LexiconSearchOptions(lm_weight=0.8, word_score=0.3, oov_score=oov_score, **EXACT)
     expected = {}
-    for output, ctc in _ctc_log_probs_of_outputs(log_probs).items():
+    for output, ctc in brute_force_ctc(log_probs, log_probs.size(0), BLANK)[1].items():
         language = _language_score(output, lm, lexicon, options)
         if language is not None:
             expected[output] = (ctc + language, ctc)

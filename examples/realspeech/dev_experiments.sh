@@ -37,17 +37,18 @@ print(f"CER {error_rates([hyp.get(key, '') for key in ref], list(ref.values()))[
 EOF
 }
 dec() {  # name data checkpoint decoder(beam|joint|greedy|lexicon) joint-weight: the track's decoding options
-  local f=$OUT/dec_$1_$4_$5_$SUBSET.txt beam=5 extra=()
-  case $4 in
-    beam) extra=(--ctc-decoding none --no-repeat-ngram-size 3) ;;
-    lexicon) beam=64; extra=(--ctc-decoding lexicon --lexicon-text $2/train_asr.tsv --lexicon-lm-weight 1.5
-                             --lexicon-word-score 3 --lexicon-oov-score=-inf) ;;
-    *) extra=(--ctc-decoding $4 --ctc-decoding-weight $5) ;;
-  esac
+  local f=$OUT/dec_$1_$4_$5_$SUBSET.txt options
+  options=$(python - "$4" "$2" "$5" <<'EOF'
+import sys
+sys.path.insert(0, "examples/realspeech")
+from run_realspeech import BUDGETS
+decoder, data, weight = sys.argv[1:]
+print(" ".join(BUDGETS["full"].decoding_options(decoder, data, joint_weight=float(weight))))
+EOF
+)
   fairseq-generate $2 --user-dir slam_fairseq --task slam_speech_to_text --config-yaml config_asr.yaml --gen-subset ${SUBSET}_asr \
-    --path $3 --beam $beam --max-tokens 50000 --cpu --required-batch-size-multiple 1 --num-workers 0 "${extra[@]}" \
-    --max-len-a 0.25 --max-len-b 10 --scoring wer --wer-tokenizer 13a --wer-lowercase \
-    --wer-remove-punct > $f 2>&1
+    --path $3 --max-tokens 50000 --cpu --required-batch-size-multiple 1 --num-workers 0 $options \
+    --scoring wer --wer-tokenizer 13a --wer-lowercase --wer-remove-punct > $f 2>&1
   echo "  $SUBSET $4 (weight $5): $(grep -o 'WER: [0-9.]*' $f | tail -1) $(cer $f) distinct $(grep '^D-' $f | cut -f3 | sort -u | wc -l)"
 }
 ft() {  # name data init-checkpoint|scratch [fairseq-train args that replace the recipe's]

@@ -84,6 +84,24 @@ class RealSpeechBudget(Budget):
     lexicon_word_score: float = 3.0
     lexicon_oov_score: float = float("-inf")
     lexicon_beam: int = 64
+
+    def decoding_options(self, decoder: str, asr_data: Path, joint_weight: Optional[float] = None) -> List[str]:
+        """fairseq-generate options of one of :data:`DECODERS` with this budget's settings: the beam,
+        the decoder's own flags and :data:`DECODING_LENGTH`; ``asr_data`` holds ``train_asr.tsv``
+        (the lexicon's text); ``joint_weight`` replaces :attr:`joint_decoding_weight`."""
+        options, beam = list(DECODERS[decoder]), 5
+        if decoder == "beam":
+            options += ["--no-repeat-ngram-size", str(self.beam_no_repeat_ngram_size)]
+        if decoder == "joint":
+            weight = self.joint_decoding_weight if joint_weight is None else joint_weight
+            options += ["--ctc-decoding-weight", str(weight)]
+        if decoder == "lexicon":
+            options += ["--lexicon-text", str(Path(asr_data) / "train_asr.tsv"),
+                        f"--lexicon-lm-weight={self.lexicon_lm_weight}",
+                        f"--lexicon-word-score={self.lexicon_word_score}",
+                        f"--lexicon-oov-score={self.lexicon_oov_score}"]
+            beam = self.lexicon_beam
+        return ["--beam", str(beam), *options, *DECODING_LENGTH]
     probe_steps: int = 300
     probe_max_utterances: int = 0  # 0: every utterance of each split
     # the corpus is 8 kHz telephone speech upsampled to 16 kHz: Mel bins spread over 0-4 kHz, none empty
@@ -204,24 +222,13 @@ class RealSpeech(Demo):
     def decode_command(self, name: str, checkpoint: Path, decoder: str, subset: str = "test_asr"):
         """fairseq-generate (``slam_speech_to_text``) on ``subset`` with one of :data:`DECODERS`;
         returns (stage name, command)."""
-        extra, beam = list(DECODERS[decoder]), 5
-        if decoder == "beam":
-            extra += ["--no-repeat-ngram-size", str(self.budget.beam_no_repeat_ngram_size)]
-        if decoder == "joint":
-            extra += ["--ctc-decoding-weight", str(self.budget.joint_decoding_weight)]
-        if decoder == "lexicon":
-            extra += ["--lexicon-text", str(self.work / "data" / "asr" / "train_asr.tsv"),
-                      f"--lexicon-lm-weight={self.budget.lexicon_lm_weight}",
-                      f"--lexicon-word-score={self.budget.lexicon_word_score}",
-                      f"--lexicon-oov-score={self.budget.lexicon_oov_score}"]
-            beam = self.budget.lexicon_beam
         run_name = f"{name}_{decoder}" + ("" if subset == "test_asr" else f"_{subset}")
         return f"decode_{run_name}", [
             "fairseq-generate", str(self.work / "data" / "asr"), "--user-dir", USER_DIR,
             "--task", "slam_speech_to_text", "--config-yaml", "config_asr.yaml", "--gen-subset", subset,
-            "--path", str(checkpoint), "--beam", str(beam), "--max-tokens", "50000", "--cpu",
-            "--required-batch-size-multiple", "1", "--num-workers", "0", *extra, *DECODING_LENGTH,
-            "--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"]
+            "--path", str(checkpoint), "--max-tokens", "50000", "--cpu",
+            "--required-batch-size-multiple", "1", "--num-workers", "0",
+            *self.budget.decoding_options(decoder, self.work / "data" / "asr"), "--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"]
 
     def decode_scores(self, stage: str) -> Dict[str, object]:
         """WER, distinct hypotheses and memorised prompts of a finished decoding stage (its log),

@@ -96,12 +96,14 @@ class _Words:
         that word is outside the lexicon and ``oov_score`` is ``-inf``."""
         score, history = self.score, self.history
         if self.partial:
-            in_lexicon = self.node != _OOV_NODE and trie.is_word(self.node)
-            if not in_lexicon and self.node != _OOV_NODE:  # a lexicon prefix that is not a word
-                if options.oov_score == _NEG_INF:
-                    return None
-                score += options.oov_score
-            word = self.partial if in_lexicon else UNKNOWN_WORD
+            if self.node != _OOV_NODE and trie.is_word(self.node):
+                word = self.partial
+            else:  # outside the lexicon: paid where it left the trie, or here for a prefix of words
+                if self.node != _OOV_NODE:
+                    if options.oov_score == _NEG_INF:
+                        return None
+                    score += options.oov_score
+                word = UNKNOWN_WORD
             score += options.lm_weight * lm.log_prob(history, word) + options.word_score
             history = word
         if final:
@@ -189,17 +191,12 @@ def ctc_lexicon_search(log_probs: Tensor, label_texts: Sequence[Optional[str]], 
             candidates = [(int(i), float(v)) for v, i in zip(top.values, top.indices)
                           if float(v) >= best - options.prune]
         following: Dict[Tuple[int, ...], _Prefix] = {}
-
-        def slot(labels: Tuple[int, ...], words: _Words) -> _Prefix:
-            prefix = following.get(labels)
-            if prefix is None:
-                prefix = following[labels] = _Prefix(labels, words)
-            return prefix
-
         for prefix in beam.values():
             total = prefix.ctc()
             # blank: the labels stay the same
-            kept = slot(prefix.labels, prefix.words)
+            kept = following.get(prefix.labels)
+            if kept is None:
+                kept = following[prefix.labels] = _Prefix(prefix.labels, prefix.words)
             kept.blank = _log_add(kept.blank, total + blank_lp)
             last = prefix.labels[-1] if prefix.labels else None
             for label, label_lp in candidates:
@@ -212,13 +209,13 @@ def ctc_lexicon_search(log_probs: Tensor, label_texts: Sequence[Optional[str]], 
                 if from_blank == _NEG_INF:
                     continue
                 labels = prefix.labels + (label,)
-                existing = following.get(labels)
-                if existing is None:
+                extended = following.get(labels)
+                if extended is None:
                     words = prefix.words.write(label_texts[label], lm, options, trie)
                     if words is None:
                         continue
-                    existing = slot(labels, words)
-                existing.label = _log_add(existing.label, from_blank + label_lp)
+                    extended = following[labels] = _Prefix(labels, words)
+                extended.label = _log_add(extended.label, from_blank + label_lp)
         ranked = sorted(following.values(), key=lambda p: p.ctc() + p.words.score, reverse=True)
         beam = {p.labels: p for p in ranked[:options.beam]}
 
