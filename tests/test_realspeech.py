@@ -141,9 +141,11 @@ def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
              ("decode_asr_pretrained_seed1_beam", "decode_asr_pretrained_seed1_joint")]
     overlap = sum(min(timings[a], timings[b]) for a, b in pairs)
     assert wall <= sum(timings.values()) - overlap + 0.2
-    # the decoders' options: beam search blocks repeated 3-grams; lexicon search reads the train transcripts
+    # the decoders' options: beam search (10) blocks repeated 2-grams with no length bonus; lexicon
+    # search reads the train transcripts
     beam_command = (work / "logs" / "decode_asr_pretrained_seed1_beam.log").read_text().splitlines()[0]
-    assert "--ctc-decoding none" in beam_command and "--no-repeat-ngram-size 3" in beam_command
+    assert "--ctc-decoding none" in beam_command and "--no-repeat-ngram-size 2" in beam_command
+    assert "--beam 10" in beam_command and "--lenpen 0.0" in beam_command
     lexicon_log = (work / "logs" / "decode_asr_pretrained_seed1_lexicon.log").read_text()
     assert f"--lexicon-text {work / 'data' / 'asr' / 'train_asr.tsv'}" in lexicon_log.splitlines()[0]
     assert "CTC lexicon beam search" in lexicon_log and "beam 64" in lexicon_log

@@ -74,10 +74,14 @@ class RealSpeechBudget(Budget):
     finetune_ctc_weight: float = 0.3
     joint_decoding_weight: float = 0.5  # dev split: 0.5 ties greedy CTC, 0.3 was 4.5 WER points worse
     # dev split: fairseq's beam search loops on long prompts ("не не не ...": WER 114 / 143 for the
-    # pre-trained models); blocking repeated 3-grams of pieces gives (seed 1 / 2) pre-trained
-    # 93.6 / 92.1, stage 1 95.9 / 97.4, scratch 95.0 / 91.9, 4-grams 97.1 / 92.4, 118.1 / 97.4,
-    # 96.2 / 92.4 (pre-trained: 5-grams 114.1 / 102.6, 6-grams 98.3 / 107.9)
-    beam_no_repeat_ngram_size: int = 3
+    # pre-trained models of run A); blocking repeated n-grams of pieces stops the loops. On run C's
+    # models (seed 1 / 2, pre-trained | stage 1 | scratch): beam 5, 3-grams, lenpen 1 94.8 / 99.5 |
+    # 99.1 / 100.2 | 95.7 / 101.0; beam 5, 2-grams 91.2 / 92.1 | 97.6 / 98.3 | 94.5 / 99.1; beam 10,
+    # 2-grams, lenpen 0 90.2 / 90.2 | 96.9 / 95.9 | 92.8 / 98.8 (the choice). Over pieces that are
+    # mostly single characters, blocking 2-grams also bounds the hypothesis: no piece pair twice.
+    beam_size: int = 10
+    beam_no_repeat_ngram_size: int = 2
+    beam_lenpen: float = 0.0
     # dev split, pre-trained models (WER seed 1 / 2): greedy CTC 81 / 80 -> lexicon words only, LM
     # weight 1.5, word score 3, 64 prefixes 50.4 / 54.4 (beam 16: 57 / 63; OOV words at -30: 55 / 56)
     lexicon_lm_weight: float = 1.5
@@ -91,7 +95,9 @@ class RealSpeechBudget(Budget):
         (the lexicon's text); ``joint_weight`` replaces :attr:`joint_decoding_weight`."""
         options, beam = list(DECODERS[decoder]), 5
         if decoder == "beam":
-            options += ["--no-repeat-ngram-size", str(self.beam_no_repeat_ngram_size)]
+            options += ["--no-repeat-ngram-size", str(self.beam_no_repeat_ngram_size),
+                        "--lenpen", str(self.beam_lenpen)]
+            beam = self.beam_size
         if decoder == "joint":
             weight = self.joint_decoding_weight if joint_weight is None else joint_weight
             options += ["--ctc-decoding-weight", str(weight)]
