@@ -359,6 +359,34 @@ def test_joint_weight_zero_is_fairseq_beam_search(trained):
             torch.testing.assert_close(actual["score"], expected["score"])
 
 
+@pytest.mark.parametrize("mode", ["none", "joint"])
+def test_beamable_cross_attention_gives_the_per_hypothesis_results(trained, mode):
+    """SequenceGenerator makes the decoder's cross-attention cache the encoder states once per
+    sentence (``set_beam_size``); hypotheses and scores must be those of one copy per hypothesis,
+    across batches whose sentences finish at different steps; training mode turns it off."""
+    task, models, generation_cfg, batches = load_for_generation(trained)
+    attentions = [layer.encoder_attn for layer in models[0].decoder.layers]
+
+    def run(beamable: bool):
+        task.args.ctc_decoding, task.args.ctc_decoding_weight = mode, 0.3
+        generator = task.build_generator(models, generation_cfg)
+        assert all(attention.beam_size == 5 for attention in attentions)
+        if not beamable:
+            models[0].set_beam_size(1)
+        return {sample_id: hypos for sample in batches
+                for sample_id, hypos in zip(sample["id"].tolist(), task.inference_step(generator, models, sample))}
+
+    shared, per_hypothesis = run(beamable=True), run(beamable=False)
+    assert sorted(shared) == sorted(per_hypothesis) == list(range(trained.utterances))
+    for sample_id, hypos in shared.items():
+        for actual, expected in zip(hypos, per_hypothesis[sample_id]):
+            assert torch.equal(actual["tokens"], expected["tokens"])
+            torch.testing.assert_close(actual["positional_scores"], expected["positional_scores"])
+    task.build_generator(models, generation_cfg)
+    models[0].train()
+    assert all(attention.beam_size == 1 for attention in attentions)
+
+
 def test_joint_weight_one_never_outgrows_the_ctc_frames(trained):
     task, models, generation_cfg, batches = load_for_generation(trained)
     frames = ctc_frames(models, batches)

@@ -101,7 +101,8 @@ def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
     work = tmp_path / "work"
     result = subprocess.run(
         [sys.executable, "examples/realspeech/run_realspeech.py", "--work", str(work), "--size", "ci",
-         "--corpus-dir", str(corpus), "--seeds", "1", "--threads", "1", "--workers", "1", "--parallel", "2"],
+         "--corpus-dir", str(corpus), "--seeds", "1", "--threads", "1", "--workers", "1", "--parallel", "2",
+         "--probe-finetuned"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
         env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -304,6 +304,25 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         extra["encoder_out"] = encoder_out
         return logits, extra
 
+    # ---- beam search: fairseq's beamable encoder-decoder attention ----
+
+    def set_beam_size(self, beam_size: int) -> None:
+        """Called by fairseq's ``SequenceGenerator``: with ``beam_size > 1`` each decoder layer's
+        cross-attention projects and caches the encoder states once per sentence instead of once
+        per hypothesis, and beam reordering copies that cache only when sentences finish (the same
+        scores; for beam 10 the cache and its per-step copies are 10x smaller). Training mode turns
+        it off again (:meth:`train`): it assumes that a batch holds ``beam_size`` copies of each
+        sentence."""
+        for layer in self.decoder.layers:
+            attention = getattr(layer, "encoder_attn", None)
+            if attention is not None and hasattr(attention, "set_beam_size"):
+                attention.set_beam_size(beam_size)
+
+    def train(self, mode: bool = True) -> "SlamS2TModel":
+        if mode:
+            self.set_beam_size(1)
+        return super().train(mode)
+
     # ---- CTC: the interface of fairseq's label_smoothed_cross_entropy_with_ctc criterion ----
 
     def get_ctc_output(self, net_output, sample: Optional[Dict[str, Tensor]] = None):
