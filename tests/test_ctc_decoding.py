@@ -362,7 +362,8 @@ def test_joint_weight_zero_is_fairseq_beam_search(trained):
 @pytest.mark.parametrize("mode", ["none", "joint"])
 def test_beamable_cross_attention_gives_the_per_hypothesis_results(trained, mode):
     """SequenceGenerator makes the decoder's cross-attention cache the encoder states once per
-    sentence (``set_beam_size``); hypotheses and scores must be those of one copy per hypothesis,
+    sentence and the encoder leave them unreordered (``set_beam_size``); hypotheses and scores
+    must be those of one copy per hypothesis (joint search: also of the CTC input),
     across batches whose sentences finish at different steps; training mode turns it off."""
     task, models, generation_cfg, batches = load_for_generation(trained)
     attentions = [layer.encoder_attn for layer in models[0].decoder.layers]
@@ -370,7 +371,7 @@ def test_beamable_cross_attention_gives_the_per_hypothesis_results(trained, mode
     def run(beamable: bool):
         task.args.ctc_decoding, task.args.ctc_decoding_weight = mode, 0.3
         generator = task.build_generator(models, generation_cfg)
-        assert all(attention.beam_size == 5 for attention in attentions)
+        assert all(attention.beam_size == 5 for attention in attentions) and models[0].encoder.beamable_decoder
         if not beamable:
             models[0].set_beam_size(1)
         return {sample_id: hypos for sample in batches
@@ -384,7 +385,7 @@ def test_beamable_cross_attention_gives_the_per_hypothesis_results(trained, mode
             torch.testing.assert_close(actual["positional_scores"], expected["positional_scores"])
     task.build_generator(models, generation_cfg)
     models[0].train()
-    assert all(attention.beam_size == 1 for attention in attentions)
+    assert all(attention.beam_size == 1 for attention in attentions) and not models[0].encoder.beamable_decoder
 
 
 def test_joint_weight_one_never_outgrows_the_ctc_frames(trained):

@@ -12,7 +12,6 @@ from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.models.slam import SlamConfig, slam_base, slam_paper, slam_tiny
 from slam_fairseq.modules.conformer import ConformerLayer
 from slam_fairseq.modules.conformer import ConformerStack, MaskedGroupNorm
-from slam_fairseq.modules.dropout import Dropout
 from slam_fairseq.modules.subsampling import Conv2dSubsampling, subsampled_lengths
 
 PAD = 1
@@ -172,7 +171,7 @@ def test_activation_checkpointing_recomputes_every_layer_and_gives_the_same_grad
     for encoder in (plain, checkpointed):
         encoder.train()
         for module in encoder.modules():
-            if isinstance(module, (nn.Dropout, Dropout)):
+            if isinstance(module, nn.Dropout):
                 module.p = 0.0
         encoder.zero_grad()
         calls = []
@@ -221,3 +220,24 @@ def test_subsampled_features_vary_over_time_at_initialisation():
     features = torch.randn(1, 400, 80)
     output, _ = subsampling(features, torch.tensor([400]))
     assert output.std(dim=1).mean() > 0.5
+
+
+def test_activation_checkpointing_with_dropout_recomputes_the_same_masks():
+    """With dropout on, a checkpointed stack's recomputation must draw the masks of its forward
+    pass (the RNG state is restored), or its gradients would not be the plain stack's."""
+    torch.manual_seed(2)
+    plain = ConformerStack(2, 16, 32, 2, 3, dropout=0.3, attention_dropout=0.0, activation_dropout=0.3)
+    checkpointed = ConformerStack(2, 16, 32, 2, 3, dropout=0.3, attention_dropout=0.0, activation_dropout=0.3,
+                                  checkpoint_activations=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 11, 16)
+    padding_mask = torch.zeros(2, 11, dtype=torch.bool)
+    padding_mask[1, 8:] = True
+    gradients = []
+    for stack in (plain, checkpointed):
+        stack.train()
+        torch.manual_seed(3)
+        stack(x, padding_mask)[-1].sum().backward()
+        gradients.append([p.grad.clone() for p in stack.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*gradients))
+    assert any(isinstance(module, nn.Dropout) and module.p > 0 for module in plain.modules())

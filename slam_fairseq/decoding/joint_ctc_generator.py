@@ -88,6 +88,10 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         """Brings the CTC state to each row's current prefix."""
         if step == 0:
             log_probs, lengths = self.single_model.get_ctc_output((None, {"encoder_out": encoder_out}))
+            if log_probs.size(1) < tokens.size(0):  # one row per sentence (a beamable decoder's)
+                hypotheses = tokens.size(0) // log_probs.size(1)
+                log_probs = log_probs.repeat_interleave(hypotheses, dim=1)
+                lengths = lengths.repeat_interleave(hypotheses)
             self._state = self.scorer.initial_state(log_probs, lengths)
             self._scored = None
             return

@@ -146,6 +146,8 @@ class SlamSpeechEncoder(FairseqEncoder):
         self.num_updates = 0
         self.max_source_positions = max_source_positions
         self.num_short_inputs = 0
+        # set by SlamS2TModel.set_beam_size: the decoder's cross-attention caches what it reads
+        self.beamable_decoder = False
 
     def is_frozen(self) -> bool:
         return self.num_updates < self.freeze_updates
@@ -188,7 +190,14 @@ class SlamSpeechEncoder(FairseqEncoder):
         return features, lengths
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order: Tensor):
-        """Beam search reordering, ``slam_encoder_out`` included (the CTC head reads it when decoding)."""
+        """Beam search reordering, ``slam_encoder_out`` included (the CTC head reads it when decoding).
+
+        With a beamable decoder (:attr:`beamable_decoder`) the states are left as they are, one row
+        per sentence: the decoder's cross-attention reads them at the first step only, from then on
+        its own per-sentence cache, which fairseq reorders (as for BART); joint CTC/attention
+        search reads the CTC input at the first step too, and repeats it per hypothesis."""
+        if self.beamable_decoder:
+            return encoder_out
         return {
             "encoder_out": [x.index_select(1, new_order) for x in encoder_out["encoder_out"]],
             "encoder_padding_mask": [x.index_select(0, new_order) for x in encoder_out["encoder_padding_mask"]],
@@ -309,14 +318,18 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
     def set_beam_size(self, beam_size: int) -> None:
         """Called by fairseq's ``SequenceGenerator``: with ``beam_size > 1`` each decoder layer's
         cross-attention projects and caches the encoder states once per sentence instead of once
-        per hypothesis, and beam reordering copies that cache only when sentences finish (the same
-        scores; for beam 10 the cache and its per-step copies are 10x smaller). Training mode turns
+        per hypothesis, beam reordering copies that cache only when sentences finish, and the encoder
+        states are not reordered at all (the same scores; for beam 10 the cache is 10x smaller and
+        the per-step copies of the encoder states are gone). Training mode turns
         it off again (:meth:`train`): it assumes that a batch holds ``beam_size`` copies of each
         sentence."""
+        beamable = False
         for layer in self.decoder.layers:
             attention = getattr(layer, "encoder_attn", None)
             if attention is not None and hasattr(attention, "set_beam_size"):
                 attention.set_beam_size(beam_size)
+                beamable = True
+        self.encoder.beamable_decoder = beamable and beam_size > 1
 
     def train(self, mode: bool = True) -> "SlamS2TModel":
         if mode:
