@@ -388,6 +388,19 @@ def test_beamable_cross_attention_gives_the_per_hypothesis_results(trained, mode
     assert all(attention.beam_size == 1 for attention in attentions) and not models[0].encoder.beamable_decoder
 
 
+def test_a_beam_one_generator_after_a_beam_five_one_reads_every_hypothesis(trained):
+    """SequenceGenerator sets the beamable attention only for beams above 1; the task's
+    build_generator must clear what a previous, wider generator left on the same model."""
+    task, models, generation_cfg, batches = load_for_generation(trained)
+    decode(task, models, generation_cfg, batches, "none")
+    generation_cfg.beam = 1
+    _, greedy = decode(task, models, generation_cfg, batches, "none")
+    assert all(layer.encoder_attn.beam_size == 1 for layer in models[0].decoder.layers)
+    assert not models[0].encoder.beamable_decoder
+    assert sorted(greedy) == list(range(trained.utterances))
+    assert all(len(hypos) == 1 for hypos in greedy.values())
+
+
 def test_joint_weight_one_never_outgrows_the_ctc_frames(trained):
     task, models, generation_cfg, batches = load_for_generation(trained)
     frames = ctc_frames(models, batches)

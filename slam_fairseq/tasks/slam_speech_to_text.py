@@ -74,6 +74,11 @@ class SlamSpeechToTextTask(SpeechToTextTask):
                             help="lexicon: added for each word outside the lexicon; -inf writes lexicon words only")
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None):
+        # SequenceGenerator sets the beamable cross-attention only for beams above 1: a generator
+        # built after one with a larger beam must not inherit its setting
+        for model in models:
+            if hasattr(model, "set_beam_size"):
+                model.set_beam_size(1)
         generator = super().build_generator(models, args, seq_gen_cls=seq_gen_cls,
                                             extra_gen_cls_kwargs=extra_gen_cls_kwargs)
         fix_ngram_repeat_block(generator)
