@@ -60,6 +60,28 @@ def test_contrastive_loss_is_low_when_predictions_are_the_true_codevectors():
     assert matched.loss.dtype == torch.float32
 
 
+def test_contrastive_loss_equals_the_cosine_similarity_cross_entropy_and_its_gradients():
+    """The loss and its gradients against wav2vec 2.0's formula written out: F.cosine_similarity of
+    each prediction with [its positive ; the drawn distractors] / temperature, cross-entropy at 0."""
+    torch.manual_seed(0)
+    utterance_index = _utterance_index([12, 9, 20])
+    predictions = (3 * torch.randn(41, 16)).requires_grad_()
+    codevectors = (0.5 * torch.randn(41, 16)).requires_grad_()
+    output = contrastive_loss(predictions, codevectors, utterance_index, 7, 0.1,
+                              generator=torch.Generator().manual_seed(3))
+    gradients = torch.autograd.grad(output.loss, (predictions, codevectors))
+
+    indices, _ = sample_distractor_indices(utterance_index, 7, torch.Generator().manual_seed(3))
+    candidates = torch.cat((codevectors.unsqueeze(1), codevectors[indices]), dim=1)
+    logits = torch.nn.functional.cosine_similarity(predictions.unsqueeze(1), candidates, dim=-1) / 0.1
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(41, dtype=torch.long))
+    expected_gradients = torch.autograd.grad(expected, (predictions, codevectors))
+    assert torch.allclose(output.loss, expected, rtol=1e-5)
+    assert output.num_correct == (logits[:, 0] > logits[:, 1:].max(dim=1).values).sum()
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        assert torch.allclose(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
+
+
 def test_contrastive_loss_ignores_distractors_with_the_positive_code():
     """Frames sharing a code are not distractors of each other (wav2vec 2.0's neg_is_pos)."""
     codevectors = torch.eye(4)[[0, 0, 1, 1]]

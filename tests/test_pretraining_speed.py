@@ -128,23 +128,55 @@ def test_stm_and_pair_ctc_equal_separate_passes_of_the_unmasked_speech():
     assert torch.allclose(output.ctc_logits, model.pair_ctc_head(alone.output), atol=1e-5)
 
 
-def test_pair_runs_the_speech_encoder_twice():
+def test_pair_subsamples_once_and_runs_the_conformer_stack_twice():
     model = make_model(pair_ctc=True, pair_ctc_units="tokens").train()
-    calls = []
-    model.encoder.speech_encoder.register_forward_hook(lambda *_: calls.append(1))
+    subsampling_calls, conformer_calls = [], []
+    model.encoder.speech_encoder.subsampling.register_forward_hook(lambda *_: subsampling_calls.append(1))
+    model.encoder.speech_encoder.conformer.register_forward_hook(lambda *_: conformer_calls.append(1))
     make_criterion()(model, {"pair": make_sample()["pair"]})[0].backward()
-    assert len(calls) == 2  # masked (TLM) and unmasked (STM + CTC)
+    assert len(subsampling_calls) == 1  # shared by the masked and the unmasked pass
+    assert len(conformer_calls) == 2  # masked (TLM) and unmasked (STM + CTC)
+
+
+def test_the_shared_subsampling_gives_the_gradients_of_two_separate_passes():
+    """forward_pair's one subsampling pass against two full speech-encoder passes over the same pair
+    batch (masked for TLM, unmasked for STM and CTC): the same loss and gradients."""
+    model = make_model(pair_ctc=True, pair_ctc_units="tokens", attention_dropout=0.0,
+                       activation_dropout=0.0).train()
+    pair = make_sample()["pair"]
+    criterion = make_criterion()
+
+    def loss_and_gradients():
+        model.zero_grad()
+        torch.manual_seed(0)  # the quantizer's Gumbel noise
+        loss = criterion(model, {"pair": pair})[0]
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    shared_loss, shared_gradients = loss_and_gradients()
+    speech_encoder = model.encoder.speech_encoder
+    inputs = (pair["features"].float(), pair["feature_lengths"])
+    encode_subsampled = speech_encoder.encode_subsampled
+    speech_encoder.encode_subsampled = (  # each pass subsamples the features again
+        lambda subsampled, padding_mask, frame_mask=None: encode_subsampled(*speech_encoder.subsample(*inputs),
+                                                                            frame_mask))
+    separate_loss, separate_gradients = loss_and_gradients()
+    assert torch.allclose(shared_loss, separate_loss, rtol=1e-6)
+    assert shared_gradients.keys() == separate_gradients.keys()
+    assert shared_gradients["encoder.speech_encoder.subsampling.conv_first.weight"].abs().sum() > 0
+    for name, gradient in shared_gradients.items():
+        assert torch.allclose(gradient, separate_gradients[name], rtol=1e-4, atol=1e-7), name
 
 
 # -- host syncs -----------------------------------------------------------------------------------
 # Per update of speech + text + pairs (with pair CTC), counted on CPU:
-#   scalar reads (13): the speech length check of each speech-encoder pass (3; on CUDA an
-#     asynchronous device assert instead), whether a batch has padding, once per Conformer stack
+#   scalar reads (12): the speech length check of each subsampling pass (2: speech 1, pair 1; on
+#     CUDA an asynchronous device assert instead), whether a batch has padding, once per Conformer stack
 #     pass (8: speech 2, text 1, pair 5), the packed length of each [speech ; text] pass (2);
 #   value-dependent shapes (6): nonzero of the masked frames / tokens (4), the CTC targets' boolean
 #     index (1), ctc_loss's lengths (1).
 # The criterion reads nothing: its logged values stay tensors until reduce_metrics.
-SYNC_BOUND = 20  # 19 in the model and criterion, 1 for the non-finite-loss guard (read once per update)
+SYNC_BOUND = 19  # 18 in the model and criterion, 1 for the non-finite-loss guard (read once per update)
 
 
 def _our_update(pair_ctc: bool = True):

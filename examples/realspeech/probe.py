@@ -151,8 +151,10 @@ def load_slam_encoder(checkpoint: Path, pretrained: bool = True, seed: int = 1) 
     return encoder
 
 
+@torch.no_grad()
 def extract(extractor: Extractor, utterances: Sequence[Utterance], batch_size: int = 16) -> List[torch.Tensor]:
-    """Each utterance's (T', D) states, batched by ``batch_size`` with zero padding."""
+    """Each utterance's (T', D) states, batched by ``batch_size`` with zero padding (the extractor
+    is frozen: no autograd graph)."""
     states = []
     for start in range(0, len(utterances), batch_size):
         chunk = utterances[start:start + batch_size]

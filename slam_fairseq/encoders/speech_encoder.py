@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,6 +49,29 @@ class SpeechEncoder(nn.Module):
                                         activation_dropout, checkpoint_activations)
         self.output_projection = nn.Linear(embed_dim, embed_dim)
 
+    def subsample(self, features: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, F) padded log-Mel frames and (B,) frame counts -> ((B, T', D) subsampled frames,
+        (B, T') bool padding mask, True at padding). Deterministic (no dropout), so one result can
+        feed several :meth:`encode_subsampled` passes of the same batch (masked and unmasked)."""
+        subsampled, output_lengths = self.subsampling(features, lengths)
+        return subsampled, lengths_to_padding_mask(output_lengths, subsampled.shape[1])
+
+    def encode_subsampled(self, subsampled: torch.Tensor, padding_mask: torch.Tensor,
+                          frame_mask: Optional[torch.Tensor] = None) -> SpeechEncoderOutput:
+        """The Conformer stack and projection over :meth:`subsample`'s output.
+
+        Args:
+            subsampled: (B, T', D) subsampled frames; padding_mask: (B, T') bool, True at padding.
+            frame_mask: optional (B, T') bool; True frames are replaced by a learned mask embedding
+                (masked speech modelling).
+        """
+        hidden = subsampled
+        if frame_mask is not None:
+            hidden = torch.where(frame_mask.unsqueeze(-1), self.mask_embedding.to(hidden.dtype), hidden)
+        hidden = self.conformer(self.dropout(hidden), padding_mask)[-1]
+        output = self.output_projection(hidden).masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        return SpeechEncoderOutput(subsampled=subsampled, output=output, padding_mask=padding_mask)
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor,
                 frame_mask: Optional[torch.Tensor] = None) -> SpeechEncoderOutput:
         """
@@ -58,11 +81,4 @@ class SpeechEncoder(nn.Module):
             frame_mask: optional (B, T') bool over *subsampled* frames; True frames are replaced by
                 a learned mask embedding (masked speech modelling).
         """
-        subsampled, output_lengths = self.subsampling(features, lengths)
-        padding_mask = lengths_to_padding_mask(output_lengths, subsampled.shape[1])
-        hidden = subsampled
-        if frame_mask is not None:
-            hidden = torch.where(frame_mask.unsqueeze(-1), self.mask_embedding.to(hidden.dtype), hidden)
-        hidden = self.conformer(self.dropout(hidden), padding_mask)[-1]
-        output = self.output_projection(hidden).masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        return SpeechEncoderOutput(subsampled=subsampled, output=output, padding_mask=padding_mask)
+        return self.encode_subsampled(*self.subsample(features, lengths), frame_mask)

@@ -266,15 +266,20 @@ class SlamModel(BaseFairseqModel):
     def forward_pair(self, batch: Dict) -> PairPretrainingOutput:
         """TLM and STM on a PAIR_BATCH.
 
-        Two speech-encoder passes: the masked speech for TLM on [masked speech ; masked text], and
-        the unmasked speech once, whose output feeds both STM's multimodal pass on [unmasked speech
-        of row b ; ``clean_tokens[stm_text_index[b]]``] and, with ``--pair-ctc``, the CTC pass on the
-        unmasked speech alone.
+        One subsampling pass and two Conformer passes of the speech encoder over it: the masked
+        speech for TLM on [masked speech ; masked text], and the unmasked speech once, whose output
+        feeds both STM's multimodal pass on [unmasked speech of row b ;
+        ``clean_tokens[stm_text_index[b]]``] and, with ``--pair-ctc``, the CTC pass on the unmasked
+        speech alone. The frame mask replaces subsampled frames, so both passes share the
+        subsampling output and its backward.
         """
         features, lengths, frame_mask = self._speech_inputs(batch)
         tokens, target = batch["tokens"], batch["target"]
         padding_idx = self.encoder.text_encoder.padding_idx
-        speech, joint = self.encoder.encode_pair(features, lengths, tokens, frame_mask)
+        speech_encoder = self.encoder.speech_encoder
+        subsampled, speech_padding_mask = speech_encoder.subsample(features, lengths)
+        speech = speech_encoder.encode_subsampled(subsampled, speech_padding_mask, frame_mask)
+        joint = self.encoder.encode_multimodal(speech, tokens)
         masked = frame_mask & ~speech.padding_mask
         utterance_index, frame_index = masked.nonzero(as_tuple=True)
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
@@ -284,7 +289,7 @@ class SlamModel(BaseFairseqModel):
         row, position = target.ne(padding_idx).nonzero(as_tuple=True)
         text_hidden = joint.output[row, joint.speech_lengths[row] + position]
 
-        unmasked = self.encoder.speech_encoder(features, lengths)
+        unmasked = speech_encoder.encode_subsampled(subsampled, speech_padding_mask)
         matched_text = batch["clean_tokens"][batch["stm_text_index"]]
         matched = self.encoder.encode_multimodal(unmasked, matched_text)
         stm_logits = self.pair_matching_classifier(matched.output, matched.padding_mask)

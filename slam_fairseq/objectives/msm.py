@@ -25,6 +25,7 @@ from slam_fairseq.objectives.masked_prediction import ObjectiveOutput, masked_cr
 
 DEFAULT_NUM_DISTRACTORS = 100
 DEFAULT_CONTRASTIVE_TEMPERATURE = 0.1
+_COSINE_EPS = 1e-8  # F.cosine_similarity's, applied here to each norm
 
 
 class CodePredictionHead(nn.Module):
@@ -124,12 +125,16 @@ def contrastive_loss(predictions: torch.Tensor, codevectors: torch.Tensor,
     """
     predictions, codevectors = predictions.float(), codevectors.float()
     indices, valid = sample_distractor_indices(utterance_index, num_distractors, generator)
-    candidates = torch.cat((codevectors.unsqueeze(1), codevectors[indices]), dim=1)  # (N, 1+K, C)
-    logits = F.cosine_similarity(predictions.unsqueeze(1), candidates, dim=-1) / temperature
+    # unit vectors first, then one batched product: (N, 1+K, C) @ (N, C, 1) -> (N, 1+K) cosines
+    unit_predictions = F.normalize(predictions, dim=-1, eps=_COSINE_EPS)
+    unit_codevectors = F.normalize(codevectors, dim=-1, eps=_COSINE_EPS)
+    candidate_index = torch.cat((torch.arange(len(indices), device=indices.device).unsqueeze(1), indices), dim=1)
+    candidates = unit_codevectors[candidate_index]  # (N, 1+K, C)
+    logits = torch.bmm(candidates, unit_predictions.unsqueeze(-1)).squeeze(-1) / temperature
     if code_ids is not None:
         same_as_positive = (code_ids[indices] == code_ids.unsqueeze(1)).all(dim=-1)
     else:
-        same_as_positive = (candidates[:, 1:] == codevectors.unsqueeze(1)).all(dim=-1)
+        same_as_positive = (codevectors[indices] == codevectors.unsqueeze(1)).all(dim=-1)
     usable = valid & ~same_as_positive
     logits = torch.cat((logits[:, :1], logits[:, 1:].masked_fill(~usable, float("-inf"))), dim=1)
     counted = usable.any(dim=1)
