@@ -161,7 +161,7 @@ def extract(extractor: Extractor, utterances: Sequence[Utterance], batch_size: i
         lengths = torch.tensor([u.features.shape[0] for u in chunk])
         padded = nn.utils.rnn.pad_sequence([u.features for u in chunk], batch_first=True)
         output, output_lengths = extractor(padded, lengths)
-        states += [output[row, :int(length)].detach().float() for row, length in enumerate(output_lengths)]
+        states += [output[row, :int(length)].float() for row, length in enumerate(output_lengths)]
     return states
 
 

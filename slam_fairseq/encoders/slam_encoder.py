@@ -41,7 +41,7 @@ class SlamEncoder(nn.Module):
                       frame_mask: Optional[torch.Tensor] = None):
         """Returns (SpeechEncoderOutput, MultimodalOutput) for speech alone."""
         speech = self.speech_encoder(features, lengths, frame_mask)
-        return speech, self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask)
+        return speech, self.encode_multimodal(speech)
 
     def encode_text(self, tokens: torch.Tensor) -> MultimodalOutput:
         text, text_padding_mask = self.text_encoder(tokens)
@@ -51,10 +51,7 @@ class SlamEncoder(nn.Module):
                     frame_mask: Optional[torch.Tensor] = None):
         """Returns (SpeechEncoderOutput, MultimodalOutput of the packed [speech ; text])."""
         speech = self.speech_encoder(features, lengths, frame_mask)
-        text, text_padding_mask = self.text_encoder(tokens)
-        joint = self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask,
-                                        text=text, text_padding_mask=text_padding_mask)
-        return speech, joint
+        return speech, self.encode_multimodal(speech, tokens)
 
     def encode_multimodal(self, speech: SpeechEncoderOutput, tokens: Optional[torch.Tensor] = None
                           ) -> MultimodalOutput:
