@@ -47,7 +47,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from interleaved_timing import interleaved as interleaved_times
 
@@ -210,7 +210,8 @@ class OurUpdate:
 
         from slam_fairseq.criterions.slam_multitask import SlamMultitaskCriterion, SlamMultitaskCriterionConfig
         from slam_fairseq.data.pretraining.config import PretrainingDataConfig
-        from slam_fairseq.models.slam import SlamModel
+        from slam_fairseq.encoders.config import config_from
+        from slam_fairseq.models.slam import SlamConfig, SlamModel
         from slam_fairseq.tasks.slam_pretraining import SlamPretrainingConfig, SlamPretrainingTask
 
         _write_dictionary(vocab_dir, args.vocab_size)
@@ -226,7 +227,7 @@ class OurUpdate:
         self.optimizer = _Optimizer(self.model.parameters())
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         self.device = device
-        self.sizes = namespace
+        self.sizes = config_from(namespace, SlamConfig)  # every field: presets leave defaults unset
 
     def __call__(self, sample) -> None:
         import torch
@@ -419,15 +420,23 @@ def default_peak_tflops(device, dtype: str) -> float:
     return torch.get_num_threads() * 32 * 2.5e9 / 1e12
 
 
-def measure(args: argparse.Namespace, device, batches: Dict[str, int], frames: int, tokens: int,
-            repeats: int, with_memory: bool = True, with_flops: bool = True) -> Dict[str, float]:
-    """Build both sides, time them interleaved on one sample, and gather every figure."""
+def build_sides(args: argparse.Namespace, device) -> Tuple["OurUpdate", "StockUpdate"]:
+    """Both sides, from the same seed."""
     import torch
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as vocab_dir:
         ours = OurUpdate(args, device, Path(vocab_dir))
-    stock = StockUpdate(ours.sizes, args, device)
+    return ours, StockUpdate(ours.sizes, args, device)
+
+
+def measure(args: argparse.Namespace, device, batches: Dict[str, int], frames: int, tokens: int,
+            repeats: int, with_memory: bool = True, with_flops: bool = True,
+            sides: Optional[Tuple["OurUpdate", "StockUpdate"]] = None) -> Dict[str, float]:
+    """Time both sides (built here, or ``sides``) interleaved on one sample; gather every figure."""
+    import torch
+
+    ours, stock = sides if sides is not None else build_sides(args, device)
     dictionary = ours.task.source_dictionary
     sample = make_batches(batches["speech"], batches["text"], batches["pair"], frames, tokens,
                           max(2, frames // 30), args.length_spread, len(dictionary) - 1,
@@ -456,14 +465,16 @@ def measure(args: argparse.Namespace, device, batches: Dict[str, int], frames: i
 def curves(args: argparse.Namespace, device) -> List[Dict[str, float]]:
     """Time per update over batch size (x1, x2, x4) and utterance length (x0.5, x1, x2)."""
     rows = []
+    sides = build_sides(args, device)  # one pair of models for every point
     base = {"speech": args.batch_speech, "text": args.batch_text, "pair": args.batch_pair}
     for scale in (1, 2, 4):
         batches = {name: value * scale for name, value in base.items()}
-        result = measure(args, device, batches, args.frames, args.tokens, max(2, args.repeats // 2), False, False)
+        result = measure(args, device, batches, args.frames, args.tokens, max(2, args.repeats // 2), False, False,
+                         sides=sides)
         rows.append({"kind": "batch", "scale": scale, **result})
     for scale in (0.5, 1, 2):
         result = measure(args, device, base, int(args.frames * scale), max(2, int(args.tokens * scale)),
-                         max(2, args.repeats // 2), False, False)
+                         max(2, args.repeats // 2), False, False, sides=sides)
         rows.append({"kind": "length", "scale": scale, **result})
     return rows
 

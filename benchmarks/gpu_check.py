@@ -2,16 +2,28 @@
 
 Parts, each timed and each allowed to fail on its own (the failure is recorded, the rest runs):
 
-1. ``fairseq-train`` pre-training of the preset on synthetic data (``make_synthetic_data.py``),
-   stage 2 from the first update, with ``--bf16`` and with ``--fp16`` (on CPU: fp32 only, as
-   fairseq's ``--fp16`` asserts CUDA and ``--bf16`` takes its TPU path there): updates/s from the
-   last ``train_inner`` record, peak memory (``peak_rss.py``: VmHWM, CUDA max allocated);
+1. pre-training of the preset on synthetic data (``make_synthetic_data.py``), stage 2 from the
+   first update: ``slam-fairseq-train --bf16`` (fairseq 0.12's own ``fairseq-train --bf16`` looks
+   for a TPU; the launcher trains in bf16 on the GPU or CPU) and ``fairseq-train --fp16`` (on CPU:
+   ``fairseq-train`` in fp32, as ``--fp16`` asserts CUDA, and the launcher's bf16): updates/s from
+   the last ``train_inner`` record, peak memory (``peak_rss.py``: VmHWM, CUDA max allocated);
 2. ours against stock fairseq at equal size (``bench_pretraining.py``): updates/s, MFU, peak memory;
 3. the largest batch that fits, with and without ``--checkpoint-activations``: the real
    ``train_step`` on in-memory batches, doubling the batch until out of memory (bounded);
 4. which SDPA kernel our attention can use, with and without padding: each backend alone under
    ``torch.nn.attention.sdpa_kernel``, the ones that run are listed;
-5. a 1-GPU ``--ddp-backend fully_sharded`` run (skipped, with a note, without fairscale or CUDA).
+5. the cost curves over batch size (x1, x2, x4) and utterance length (x0.5, x1, x2) from a batch
+   of 4 utterances, 16 sentences and 4 pairs (``bench_pretraining.py --curves``), ours and stock;
+6. a ``torch.profiler`` table of one update of ours (the operators with the most self time on the
+   device, or on the CPU without one) and the number of kernels it launches;
+7. a 1-GPU ``slam-fairseq-train --ddp-backend fully_sharded --fp16`` run (fairseq's FSDP refuses
+   bf16; the launcher gives the one process the process group fairscale needs); skipped, with a
+   note, without fairscale or CUDA;
+8. on CUDA, ``bench_pretraining.py`` again with ``--compile-layers`` (``torch.compile`` of each
+   Conformer layer), in a subprocess under its own time limit.
+
+The JSON and the markdown are rewritten after every part, so a run stopped by the time limit still
+leaves what it measured.
 
     GPU_CHECK_PRESET=slam_paper bash benchmarks/gpu_check.sh OUT_DIR      # on one H100/H200
     bash benchmarks/gpu_check.sh OUT_DIR --cpu-smoke                        # slam_tiny on CPU (CI)
@@ -38,9 +50,10 @@ sys.path.insert(0, str(BENCHMARKS))
 
 
 def _fairseq_train(data_dir: Path, preset: str, precision: Optional[str], updates: int, max_tokens: int,
-                   device: str, extra: List[str], timeout: int) -> Dict[str, object]:
-    """One ``fairseq-train`` run through peak_rss.py; its speed and memory."""
-    command = [sys.executable, str(BENCHMARKS / "peak_rss.py"), "train", str(data_dir),
+                   device: str, extra: List[str], timeout: int, program: str = "train") -> Dict[str, object]:
+    """One training run through peak_rss.py (``program``: ``train`` for ``fairseq-train``, ``launch``
+    for ``slam-fairseq-train``); its speed and memory."""
+    command = [sys.executable, str(BENCHMARKS / "peak_rss.py"), program, str(data_dir),
                "--user-dir", str(REPO_ROOT / "slam_fairseq"), "--task", "slam_pretraining",
                "--criterion", "slam_multitask", "--arch", preset, "--stage2-start-update", "0",
                "--max-update", str(updates), "--max-tokens", str(max_tokens), "--optimizer", "adam",
@@ -57,7 +70,7 @@ def _fairseq_train(data_dir: Path, preset: str, precision: Optional[str], update
     output = process.stdout + process.stderr
     result: Dict[str, object] = {"returncode": process.returncode, "wall_s": round(time.perf_counter() - start, 1),
                                  "command": " ".join(command[1:])}
-    records = [json.loads(match) for match in re.findall(r"train_inner \| (\{.*\})", output)]
+    records = [json.loads(match) for match in re.findall(r"train_inner\W+(\{.*\})", output)]
     if records:
         result["updates_per_s"] = float(records[-1]["ups"])
         result["last_loss"] = float(records[-1]["loss"])
@@ -68,6 +81,86 @@ def _fairseq_train(data_dir: Path, preset: str, precision: Optional[str], update
     if process.returncode != 0:
         result["error"] = output[-1500:]
     return result
+
+
+def _bench_in_process(bench_args: List[str]) -> Dict[str, object]:
+    """``bench_pretraining.main`` here; its printed lines, ratio and growth slopes."""
+    import bench_pretraining
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            ratio = bench_pretraining.main(bench_args)
+        result: Dict[str, object] = {"returncode": 0, "ratio": ratio}
+    except Exception as error:  # recorded, the other parts still run
+        result = {"returncode": 1, "ratio": None, "error": repr(error)[:1500]}
+    result["output"] = captured.getvalue()
+    for kind, ours, stock in re.findall(r"growth over (\w+) \(log-log slope, 1 = linear\): ours ([-0-9.]+), "
+                                        r"stock ([-0-9.]+)", result["output"]):
+        result[f"growth_{kind}"] = {"ours": float(ours), "stock": float(stock)}
+    return result
+
+
+def _bench_subprocess(bench_args: List[str], timeout: int) -> Dict[str, object]:
+    """``bench_pretraining.py`` in a child process (a ``torch.compile`` run can be stopped there)."""
+    command = [sys.executable, str(BENCHMARKS / "bench_pretraining.py"), *bench_args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        process = subprocess.run(command, capture_output=True, text=True, cwd=str(REPO_ROOT), env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"returncode": None, "error": f"stopped after {timeout} s"}
+    ratio = re.search(r"ratio ours/stock: ([0-9.]+)", process.stdout)
+    lines = [line for line in process.stdout.splitlines() if not line.startswith(("INFO", "WARNING"))]
+    result: Dict[str, object] = {"returncode": process.returncode, "ratio": float(ratio.group(1)) if ratio else None,
+                                 "output": "\n".join(lines[-8:])}
+    if process.returncode != 0:
+        result["error"] = process.stderr[-1500:]
+    return result
+
+
+def _batch(update, batch: int, frames: int, tokens: int, device, dtype: str):
+    """An in-memory stage-2 sample: ``batch`` rows of speech and of pairs, twice as many texts."""
+    import bench_pretraining as bench
+
+    dictionary = update.task.source_dictionary
+    sample = bench._to_device(bench.make_batches(
+        batch, 2 * batch, batch, frames, tokens, frames // 30, 0.2, len(dictionary) - 1,
+        dictionary.nspecial, dictionary.pad(), dictionary.index("<mask>")), device)
+    if dtype != "fp32":
+        for name in ("speech", "pair"):
+            sample[name]["features"] = sample[name]["features"].to(update.dtype)
+    return sample
+
+
+def profile_update(preset: str, device, dtype: str, batch: int, frames: int, rows: int = 15) -> Dict[str, object]:
+    """``torch.profiler`` over one update of ours after two warm-up updates: the ``rows`` operators
+    with the most self time on the device (CPU without one), and the kernels launched."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import bench_pretraining as bench
+
+    args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames)])
+    with tempfile.TemporaryDirectory() as directory:
+        update = bench.OurUpdate(args, device, Path(directory))
+    sample = _batch(update, batch, frames, 128 if frames > 400 else 12, device, dtype)
+    for _ in range(2):
+        update(sample)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=activities) as profiler:
+        update(sample)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = profiler.key_averages()
+    kernels = sum(1 for event in profiler.events() if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    table = events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+    del update
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"batch": batch, "frames": frames, "sorted_by": sort_by, "kernels_launched": kernels, "table": table}
 
 
 def largest_batch(preset: str, device, dtype: str, checkpoint_activations: bool, start: int,
@@ -81,17 +174,11 @@ def largest_batch(preset: str, device, dtype: str, checkpoint_activations: bool,
     args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames)])
     with tempfile.TemporaryDirectory() as directory:
         update = bench.OurUpdate(args, device, Path(directory), checkpoint_activations=checkpoint_activations)
-    dictionary = update.task.source_dictionary
     for step in range(doublings + 1):
         batch = start * 2 ** step
         sample = None
         try:
-            sample = bench._to_device(bench.make_batches(
-                batch, 2 * batch, batch, frames, args.tokens, frames // 30, args.length_spread,
-                len(dictionary) - 1, dictionary.nspecial, dictionary.pad(), dictionary.index("<mask>")), device)
-            if dtype != "fp32":
-                for name in ("speech", "pair"):
-                    sample[name]["features"] = sample[name]["features"].to(update.dtype)
+            sample = _batch(update, batch, frames, args.tokens, device, dtype)
             peak = bench.measure_peak_mib(lambda: update(sample), device)
             tried.append({"batch": batch, "fits": True, "peak_mib": round(peak)})
             fits = batch
@@ -144,32 +231,62 @@ def sdpa_kernels(preset: str, device, dtype: str) -> Dict[str, object]:
 
 
 def _save(out_dir: Path, report: Dict[str, object]) -> None:
-    """Write the JSON (and the markdown once complete) after every part, so that a run stopped by
-    the time limit still leaves what it measured."""
+    """Write the JSON and the markdown after every part, so that a run stopped by the time limit
+    still leaves what it measured."""
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    if "wall_s" in report:
-        (out_dir / "gpu_check.md").write_text(_markdown(report), encoding="utf-8")
+    (out_dir / "gpu_check.md").write_text(_markdown(report), encoding="utf-8")
+
+
+def _run_note(run: Dict[str, object]) -> str:
+    """The note of a run, or for a failed one the last line of its output naming an error."""
+    if not run.get("returncode"):
+        return str(run.get("note", ""))
+    lines = str(run.get("error", "")).strip().splitlines()
+    errors = [line for line in lines if "Error" in line] or lines or [""]
+    return "failed: " + errors[-1].strip()[:200]
 
 
 def _markdown(report: Dict[str, object]) -> str:
+    wall = f"{report['wall_s']} s in all" if "wall_s" in report else "incomplete (stopped before the last part)"
     lines = [f"# GPU check: {report['preset']} on {report['device_name']}", "",
-             f"torch {report['torch']}, {report['when']}, {report['wall_s']} s in all", ""]
-    lines += ["## fairseq-train (synthetic data, stage 2)", "", "| precision | updates/s | peak CUDA MiB | peak RSS MiB | note |",
-              "| --- | --- | --- | --- | --- |"]
-    for name, run in report["fairseq_train"].items():
+             f"torch {report['torch']}, {report['when']}, {wall}", ""]
+    lines += ["## training runs (synthetic data, stage 2)", "",
+              "| run | updates/s | peak CUDA MiB | peak RSS MiB | note |", "| --- | --- | --- | --- | --- |"]
+    for name, run in report.get("fairseq_train", {}).items():
         lines.append(f"| {name} | {run.get('updates_per_s', '-')} | {run.get('peak_cuda_mib', '-')} | "
-                     f"{run.get('peak_rss_mib', '-')} | {'failed: see JSON' if run.get('returncode') else run.get('note', '')} |")
-    bench = report.get("bench_pretraining", {})
-    lines += ["", "## ours against stock fairseq (bench_pretraining.py)", "", "```", bench.get("output", "").strip(), "```"]
-    lines += ["", "## largest batch (bounded doubling; rows per modality, text twice)", ""]
-    for name, result in report["largest_batch"].items():
-        lines.append(f"- {name}: {result.get('largest_batch', result.get('error', '-'))} "
-                     f"(of {result.get('frames', '-')} frames; bounded at {result.get('bounded_at', '-')})")
-    lines += ["", "## SDPA kernels our attention can use", ""]
-    for case, usable in report["sdpa_kernels"].items():
-        lines.append(f"- {case}: {usable}")
-    lines += ["", "## fully_sharded (1 GPU)", "", f"{report['fully_sharded']}", ""]
-    return "\n".join(lines)
+                     f"{run.get('peak_rss_mib', '-')} | {_run_note(run)} |")
+    for title, key in (("ours against stock fairseq (bench_pretraining.py)", "bench_pretraining"),
+                       ("the same with --compile-layers", "bench_compiled"),
+                       ("seconds per update over batch size and utterance length (--curves)", "curves")):
+        if key in report:
+            bench = report[key]
+            text = bench.get("output", "").strip() or str(bench.get("error", bench.get("note", "")))
+            lines += ["", f"## {title}", "", "```", text, "```"]
+    if "largest_batch" in report:
+        lines += ["", "## largest batch (bounded doubling; rows per modality, text twice)", ""]
+        for name, result in report["largest_batch"].items():
+            lines.append(f"- {name}: {result.get('largest_batch', result.get('error', '-'))} "
+                         f"(of {result.get('frames', '-')} frames; bounded at {result.get('bounded_at', '-')}; "
+                         f"peak MiB by batch: {[(t['batch'], t.get('peak_mib', 'OOM')) for t in result.get('tried', [])]})")
+    if "profile" in report:
+        result = report["profile"]
+        lines += ["", "## one update of ours under torch.profiler", ""]
+        if "table" in result:
+            lines += [f"batch {result['batch']} x {result['frames']} frames, sorted by {result['sorted_by']}, "
+                      f"{result['kernels_launched']} device kernels launched", "", "```", result["table"].rstrip(), "```"]
+        else:
+            lines.append(str(result.get("error")))
+    if "sdpa_kernels" in report:
+        lines += ["", "## SDPA kernels our attention can use", ""]
+        for case, usable in report["sdpa_kernels"].items():
+            lines.append(f"- {case}: {usable}")
+    if "fully_sharded" in report:
+        run = report["fully_sharded"]
+        lines += ["", "## fully_sharded (1 GPU)", ""]
+        lines.append(str(run) if not isinstance(run, dict) else
+                     f"updates/s {run.get('updates_per_s', '-')}, peak CUDA {run.get('peak_cuda_mib', '-')} MiB; "
+                     f"{_run_note(run) or 'ok'}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
@@ -179,6 +296,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--preset", default=os.environ.get("GPU_CHECK_PRESET", "slam_paper"))
     parser.add_argument("--updates", type=int, default=40, help="updates per fairseq-train run")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    parser.add_argument("--compile-timeout", type=int, default=150, help="seconds for the --compile-layers benchmark")
     args = parser.parse_args(argv)
     import torch
 
@@ -201,31 +319,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         make_synthetic_data.build(data_dir, 8 if small else 256, 8 if small else 256, 32 if small else 2048,
                                   100 if small else 400, 300 if small else 1600, 100 if small else 8000)
     max_tokens = 2000 if args.cpu_smoke else 40000
-    precisions = ["bf16", "fp16"] if cuda else [None]
+    # (label, precision flag, program): fairseq-train's --bf16 means a TPU in fairseq 0.12
+    runs = ([("slam-fairseq-train --bf16", "bf16", "launch"), ("fairseq-train --fp16", "fp16", "train")] if cuda else
+            [("fairseq-train fp32", None, "train"), ("slam-fairseq-train --bf16", "bf16", "launch")])
     report["fairseq_train"] = {}
-    for precision in precisions:
+    for label, precision, program in runs:
         run = _fairseq_train(data_dir, args.preset, precision, args.updates, max_tokens, device.type, [],
-                             timeout=900)
-        if precision is None:
-            run["note"] = "fp32 on CPU (fairseq's --fp16 needs CUDA; --bf16 takes the TPU path)"
-        report["fairseq_train"][precision or "fp32"] = run
+                             timeout=900, program=program)
+        if not cuda:
+            run["note"] = "on CPU (fairseq's --fp16 needs CUDA)"
+        report["fairseq_train"][label] = run
         _save(args.out_dir, report)
 
     bench_args = (["--smoke", "--threads", "1"] if args.cpu_smoke else
                   ["--arch", args.preset, "--device", "cuda", "--dtype", "bf16", "--peak-tflops", str(args.peak_tflops),
                    "--batch-speech", "16", "--batch-text", "64", "--batch-pair", "16", "--frames", "1600",
                    "--tokens", "128", "--repeats", "5"])
-    import bench_pretraining
-
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured):
-            ratio = bench_pretraining.main(bench_args)
-        report["bench_pretraining"] = {"returncode": 0, "ratio": ratio}
-    except Exception as error:  # recorded, the other parts still run
-        report["bench_pretraining"] = {"returncode": 1, "ratio": None, "error": repr(error)[:1500]}
-    report["bench_pretraining"]["output"] = captured.getvalue()
-
+    report["bench_pretraining"] = _bench_in_process(bench_args)
     _save(args.out_dir, report)
     report["largest_batch"] = {}
     for checkpointing in (False, True):
@@ -243,14 +353,31 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         report["sdpa_kernels"] = {"error": repr(error)[:500]}
 
     _save(args.out_dir, report)
+    try:
+        report["profile"] = profile_update(args.preset, device, dtype, batch=2 if args.cpu_smoke else 16,
+                                           frames=150 if args.cpu_smoke else 1600)
+    except Exception as error:  # recorded, the other parts still run
+        report["profile"] = {"error": repr(error)[:500]}
+    _save(args.out_dir, report)
+    curve_args = (["--smoke", "--threads", "1", "--curves"] if args.cpu_smoke else
+                  ["--arch", args.preset, "--device", "cuda", "--dtype", "bf16", "--peak-tflops", str(args.peak_tflops),
+                   "--batch-speech", "4", "--batch-text", "16", "--batch-pair", "4", "--frames", "1600",
+                   "--tokens", "128", "--repeats", "4", "--curves"])
+    report["curves"] = _bench_in_process(curve_args)
+    _save(args.out_dir, report)
     if not cuda:
         report["fully_sharded"] = "skipped: needs CUDA"
     elif importlib.util.find_spec("fairscale") is None:
         report["fully_sharded"] = "skipped: fairscale is not installed (fairseq 0.12's fully_sharded needs it)"
     else:
         report["fully_sharded"] = _fairseq_train(
-            data_dir, args.preset, "bf16", max(4, args.updates // 4), max_tokens, "cuda",
-            ["--ddp-backend", "fully_sharded", "--distributed-world-size", "1"], timeout=600)
+            data_dir, args.preset, "fp16", max(8, args.updates // 4), max_tokens, "cuda",
+            ["--ddp-backend", "fully_sharded"], timeout=600, program="launch")
+    _save(args.out_dir, report)
+    if cuda:
+        report["bench_compiled"] = _bench_subprocess([*bench_args, "--compile-layers"], timeout=args.compile_timeout)
+    else:
+        report["bench_compiled"] = {"note": "skipped on CPU (inductor's C++ build takes minutes)"}
     report["wall_s"] = round(time.perf_counter() - start, 1)
     _save(args.out_dir, report)
     print(f"gpu check written to {args.out_dir}/gpu_check.json and gpu_check.md ({report['wall_s']} s)")

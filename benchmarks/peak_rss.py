@@ -1,6 +1,6 @@
 """Peak resident memory of a fairseq command, read from ``/proc/self/status`` (Linux).
 
-Runs ``fairseq-train`` (or another ``fairseq_cli`` module) in this process and prints, at exit, one
+Runs ``fairseq-train`` (or another ``fairseq_cli`` module, or ``launch``: ``slam-fairseq-train``) in this process and prints, at exit, one
 line ``peak RSS: X MiB (VmHWM), RSS at exit: Y MiB`` (and, on CUDA, ``peak CUDA memory: ...``) so that memory fixes can be measured on the real
 training loop:
 
@@ -40,10 +40,13 @@ def _report() -> None:
 
 def main() -> None:
     if len(sys.argv) < 2:
-        raise SystemExit(f"usage: {sys.argv[0]} train|hydra_train ARGS...")
+        raise SystemExit(f"usage: {sys.argv[0]} train|hydra_train|launch ARGS...")
+    atexit.register(_report)
+    if sys.argv[1] == "launch":  # slam-fairseq-train (slam_fairseq.launch)
+        importlib.import_module("slam_fairseq.launch").main(sys.argv[2:])
+        return
     module = importlib.import_module(f"fairseq_cli.{sys.argv[1]}")
     sys.argv = [f"fairseq-{sys.argv[1]}", *sys.argv[2:]]
-    atexit.register(_report)
     module.cli_main()
 
 

@@ -6,6 +6,7 @@
 # - keeps a fairseq 0.12 that imports; else installs a Python-3.11-capable fairseq 0.12 build
 #   (ve-fairseq wheels for CPython 3.11/3.12, fairseq-fixed from source otherwise) WITHOUT its
 #   torchaudio requirement (torchaudio cannot load beside torch 2.13 CPU), plus fairseq's real deps;
+# - installs fairscale (fairseq's --ddp-backend fully_sharded) without its dependencies;
 # - installs espeak-ng and sox (speech synthesis for the demo corpus and the tests) when run as root
 #   with apt-get;
 # - installs this package in editable mode, and pytest with --tests.
@@ -63,6 +64,12 @@ else
   pip_install --no-deps "$FAIRSEQ_DIST"
   "$PYTHON" -c "import fairseq, fairseq.models, fairseq_cli.train" 2>/dev/null \
     || { echo "install.sh: fairseq installed but does not import" >&2; exit 1; }
+fi
+
+# 3b. fairscale: fairseq 0.12's --ddp-backend fully_sharded needs it (pure Python; no-deps keeps torch).
+if ! "$PYTHON" -c "import fairscale" 2>/dev/null; then
+  say "installing fairscale==0.4.13 (--ddp-backend fully_sharded)"
+  pip_install --no-deps "fairscale==0.4.13"
 fi
 
 # 4. This package (its requirements name neither torch nor fairseq, see setup.py).

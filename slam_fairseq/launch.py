@@ -24,7 +24,16 @@ Flags added where the command line does not give them (given ones win):
   ``--ddp-backend c10d``/``pytorch_ddp`` pass ``device_ids`` to PyTorch and fail on the CPU;
 - ``--user-dir`` pointing at this package.
 
-Without a launcher environment (or with a world size of 1) only ``--user-dir`` is added.
+Without a launcher environment (or with a world size of 1) only ``--user-dir`` is added, and, for
+``--ddp-backend fully_sharded`` on one GPU, a one-process rendezvous (fairscale's FSDP needs a
+process group, which fairseq creates only when given an init method).
+
+``--bf16`` trains on the GPU (or the CPU) here. fairseq 0.12 reads ``--bf16`` as "train on a TPU"
+(its argument post-processing sets ``--tpu``, and ``fairseq-train --bf16`` on a GPU machine then
+fails in ``get_tpu_device``); the launcher keeps fairseq's bf16 training (the model and batches in
+bfloat16, float32 master weights in its ``FP16Optimizer``) and clears only the implied ``--tpu``,
+unless ``--tpu`` is given. Without CUDA it also adds ``--fp16-no-flatten-grads`` (fairseq allocates
+the flat float32 master buffer on the current CUDA device).
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ import re
 import sys
 from typing import List, Mapping, Optional, Sequence
 
-__all__ = ["distributed_args", "first_slurm_host", "warn_if_launched_without_mapping", "main"]
+__all__ = ["distributed_args", "bf16_args", "first_slurm_host", "warn_if_launched_without_mapping", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,26 +125,27 @@ def _rendezvous(env: Mapping[str, str]):
     return None
 
 
-def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available: bool) -> List[str]:
+def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available: bool,
+                     cuda_device_count: int = 1) -> List[str]:
     """fairseq flags for this process, to append to ``argv``; the flags ``argv`` gives win.
 
     Args:
         env: the process environment (torchrun's or SLURM's variables).
         argv: the fairseq-train arguments the user gave (without the program name).
         cuda_available: whether this process will train on CUDA (else CPU, gloo).
+        cuda_device_count: GPUs this process sees (fairseq's default world size without a launcher).
     Returns:
         the added flags, e.g. ``["--distributed-world-size", "2", "--distributed-rank", "1", ...]``;
-        ``[]`` when the environment holds no multi-process launch.
+        ``[]`` when the environment holds no multi-process launch, except for
+        ``--ddp-backend fully_sharded`` on CUDA, which gets a one-process rendezvous.
     Raises:
         ValueError: a variable is malformed, or ``--distributed-world-size`` /
             ``--distributed-rank`` contradicts the environment (the ranks would wait forever).
     """
     found = _rendezvous(env)
-    if found is None:
-        return []
+    if found is None or found[0] <= 1:
+        return _single_process_fsdp_args(argv, cuda_available, cuda_device_count)
     world_size, rank, local_rank, address = found
-    if world_size <= 1:
-        return []
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the world size {world_size} of the launch environment")
     for flag, expected in (("--distributed-world-size", world_size), ("--distributed-rank", rank)):
@@ -169,6 +179,84 @@ def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available
         if not _given(argv, flag, *aliases):
             added += [flag, *values]
     return added
+
+
+def _free_local_port() -> int:
+    """A port free now; fairseq binds it moments later (another process could take it first, which
+    fails the start with an address-in-use error rather than anything silent)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _single_process_fsdp_args(argv: Sequence[str], cuda_available: bool, cuda_device_count: int) -> List[str]:
+    """``--ddp-backend fully_sharded`` in one process on one GPU: fairscale's FSDP needs a process
+    group, which fairseq creates only when given an init method, so the process gets a one-member
+    rendezvous on a free local port. ``[]`` for anything else: other backends, the CPU, a command
+    that sets an init method, or several GPUs without ``--distributed-world-size 1`` (fairseq then
+    spawns one process per GPU itself)."""
+    use_cuda = cuda_available and not _given(argv, "--cpu")
+    if _value(argv, "--ddp-backend") != "fully_sharded" or not use_cuda or _given(argv, "--distributed-init-method"):
+        return []
+    world_size = _value(argv, "--distributed-world-size")
+    if world_size != "1" and (world_size is not None or cuda_device_count != 1):
+        return []
+    wanted = [("--distributed-world-size", ["1"]), ("--distributed-rank", ["0"]), ("--distributed-no-spawn", []),
+              ("--device-id", ["0"]), ("--distributed-backend", ["nccl"]),
+              ("--distributed-init-method", [f"tcp://127.0.0.1:{_free_local_port()}"])]
+    return [item for flag, values in wanted if not _given(argv, flag) for item in (flag, *values)]
+
+
+def wants_bf16_off_tpu(argv: Sequence[str]) -> bool:
+    """Whether the command asks for bf16 training (``--bf16`` / ``--memory-efficient-bf16``)
+    without ``--tpu``: the launcher then trains in bf16 on the GPU or CPU instead of a TPU."""
+    return _given(argv, "--bf16", "--memory-efficient-bf16") and not _given(argv, "--tpu")
+
+
+def bf16_args(argv: Sequence[str], cuda_available: bool) -> List[str]:
+    """Flags that bf16 training off a TPU needs: ``--fp16-no-flatten-grads`` without CUDA (fairseq
+    puts the flat float32 master copy on the current CUDA device); ``[]`` otherwise."""
+    if not wants_bf16_off_tpu(argv):
+        return []
+    use_cuda = cuda_available and not _given(argv, "--cpu")
+    if use_cuda or _given(argv, "--fp16-no-flatten-grads"):
+        return []
+    return ["--fp16-no-flatten-grads"]
+
+
+def _run_fairseq_train(bf16_off_tpu: bool) -> None:
+    """``fairseq_cli.train.cli_main`` on ``sys.argv``. With ``bf16_off_tpu``, the same steps as
+    ``cli_main`` (parse, convert to a config, the plasma store for ``--use-plasma-view``, the NVTX
+    ranges for ``--profile``, ``call_main``) with the ``--tpu`` that ``--bf16`` implies cleared."""
+    from fairseq_cli.train import cli_main
+
+    if not bf16_off_tpu:
+        cli_main()
+        return
+    import torch
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq_cli.train import main as train_main
+
+    args = options.parse_args_and_arch(options.get_training_parser())
+    args.tpu = False
+    on_cpu = args.cpu or not torch.cuda.is_available()
+    logger.info(f"--bf16 without --tpu: training in bfloat16 on {'the CPU' if on_cpu else 'CUDA'} "
+                "(fairseq 0.12 alone would look for a TPU)")
+    cfg = convert_namespace_to_omegaconf(args)
+    if cfg.common.use_plasma_view:
+        from fairseq.data.plasma_utils import PlasmaStore
+
+        server = PlasmaStore(path=cfg.common.plasma_path)
+        logger.info(f"Started plasma server pid {server.server.pid} {cfg.common.plasma_path}")
+    if args.profile:
+        with torch.cuda.profiler.profile(), torch.autograd.profiler.emit_nvtx():
+            distributed_utils.call_main(cfg, train_main)
+    else:
+        distributed_utils.call_main(cfg, train_main)
 
 
 def _user_dir_args(argv: Sequence[str]) -> List[str]:
@@ -207,24 +295,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import torch
 
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)
+                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout,
+                        force=True)  # importing fairseq installs a root handler first; log as fairseq-train does
     args = list(sys.argv[1:] if argv is None else argv)
     cuda = torch.cuda.is_available()
     try:
-        added = distributed_args(os.environ, args, cuda)
+        added = distributed_args(os.environ, args, cuda, torch.cuda.device_count() if cuda else 0)
     except ValueError as error:
         raise SystemExit(f"slam-fairseq-train: {error}") from None
     local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
     if cuda and "--device-id" in added and local_world_size and int(local_world_size) > torch.cuda.device_count():
         raise SystemExit(f"slam-fairseq-train: LOCAL_WORLD_SIZE={local_world_size} processes on this node but "
                          f"{torch.cuda.device_count()} CUDA devices; start one process per GPU")
-    added += _user_dir_args(args)
+    added += bf16_args(args, cuda) + _user_dir_args(args)
     if added:
         logger.info(f"slam-fairseq-train adds: {' '.join(added)}")
-    from fairseq_cli.train import cli_main
-
     sys.argv = ["slam-fairseq-train", *args, *added]
-    cli_main()
+    _run_fairseq_train(wants_bf16_off_tpu(args))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,20 @@ def test_gpu_check_cpu_smoke_writes_its_json_and_markdown(tmp_path):
     assert process.returncode == 0, process.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["preset"] == "slam_tiny"
-    run = report["fairseq_train"]["fp32"]
-    assert run["returncode"] == 0 and run["updates_per_s"] > 0 and run["peak_rss_mib"] > 0, run
+    assert list(report["fairseq_train"]) == ["fairseq-train fp32", "slam-fairseq-train --bf16"]
+    for run in report["fairseq_train"].values():
+        assert run["returncode"] == 0 and run["updates_per_s"] > 0 and run["peak_rss_mib"] > 0, run
+        assert run["last_loss"] == run["last_loss"], run  # not NaN
     assert report["bench_pretraining"]["ratio"] > 0, report["bench_pretraining"]
     for name in ("plain", "checkpoint_activations"):
         assert report["largest_batch"][name]["largest_batch"] >= 1, report["largest_batch"]
     assert "math" in report["sdpa_kernels"]["padding"] and "math" in report["sdpa_kernels"]["no_padding"]
+    curves = report["curves"]
+    assert curves["returncode"] == 0 and set(curves["growth_batch"]) == {"ours", "stock"}, curves
+    assert curves["output"].count("\nbatch ") == 3 and curves["output"].count("\nlength ") == 3, curves["output"]
+    profile = report["profile"]
+    assert profile["sorted_by"] == "self_cpu_time_total" and "aten::" in profile["table"], profile
+    assert "one update of ours under torch.profiler" in (tmp_path / "gpu_check.md").read_text()
     assert report["fully_sharded"].startswith("skipped")
+    assert report["bench_compiled"]["note"].startswith("skipped on CPU"), report["bench_compiled"]
     assert "## SDPA kernels" in (tmp_path / "gpu_check.md").read_text()

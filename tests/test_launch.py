@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_helpers as dist  # noqa: E402
 import pretraining_fixtures  # noqa: E402
 
-from slam_fairseq.launch import distributed_args, first_slurm_host, warn_if_launched_without_mapping  # noqa: E402
+from slam_fairseq.launch import (bf16_args, distributed_args, first_slurm_host,  # noqa: E402
+                                 wants_bf16_off_tpu, warn_if_launched_without_mapping)
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400"}
@@ -107,6 +108,38 @@ def test_no_launcher_or_a_single_process_adds_nothing():
     assert distributed_args({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, ["DATA"], False) == []
 
 
+def test_fully_sharded_in_one_cuda_process_gets_a_one_process_rendezvous():
+    """fairscale's FSDP needs a process group; fairseq makes one only when given an init method."""
+    flags = _flags(distributed_args({}, ["DATA", "--ddp-backend", "fully_sharded"], cuda_available=True))
+    port = flags.pop("--distributed-init-method")
+    assert port.startswith("tcp://127.0.0.1:") and int(port.rsplit(":", 1)[1]) > 0
+    assert flags == {"--distributed-world-size": "1", "--distributed-rank": "0", "--distributed-no-spawn": "",
+                     "--device-id": "0", "--distributed-backend": "nccl"}
+    single = dict(TORCHRUN, WORLD_SIZE="1", RANK="0")
+    assert "--distributed-init-method" in _flags(distributed_args(single, ["--ddp-backend=fully_sharded"], True))
+    # what the command already says wins; nothing on the CPU or for other backends
+    given = ["--ddp-backend", "fully_sharded", "--distributed-init-method", "tcp://h:1"]
+    assert distributed_args({}, given, True) == []
+    assert distributed_args({}, ["--ddp-backend", "fully_sharded", "--cpu"], True) == []
+    assert distributed_args({}, ["--ddp-backend", "fully_sharded"], False) == []
+    assert distributed_args({}, ["--ddp-backend", "legacy_ddp"], True) == []
+    # several GPUs: fairseq starts one process per GPU itself, unless the command asks for one
+    assert distributed_args({}, ["--ddp-backend", "fully_sharded"], True, cuda_device_count=8) == []
+    one_of_eight = ["--ddp-backend", "fully_sharded", "--distributed-world-size", "1"]
+    assert _flags(distributed_args({}, one_of_eight, True, cuda_device_count=8))["--device-id"] == "0"
+    assert distributed_args({}, ["--ddp-backend", "fully_sharded", "--distributed-world-size", "2"], True) == []
+
+
+def test_bf16_trains_off_a_tpu_and_without_cuda_skips_the_flat_master_buffer():
+    assert wants_bf16_off_tpu(["DATA", "--bf16"]) and wants_bf16_off_tpu(["--memory-efficient-bf16"])
+    assert not wants_bf16_off_tpu(["DATA", "--bf16", "--tpu"]) and not wants_bf16_off_tpu(["DATA", "--fp16"])
+    assert bf16_args(["DATA", "--bf16"], cuda_available=False) == ["--fp16-no-flatten-grads"]
+    assert bf16_args(["DATA", "--bf16", "--cpu"], cuda_available=True) == ["--fp16-no-flatten-grads"]
+    assert bf16_args(["DATA", "--bf16"], cuda_available=True) == []
+    assert bf16_args(["DATA", "--bf16", "--fp16-no-flatten-grads"], cuda_available=False) == []
+    assert bf16_args(["DATA", "--fp16"], cuda_available=False) == []
+
+
 def test_warning_for_torchrun_fairseq_train(caplog):
     with caplog.at_level(logging.WARNING, logger="slam_fairseq.launch"):
         assert warn_if_launched_without_mapping({"WORLD_SIZE": "2"}, ["/usr/bin/fairseq-train", "DATA"])
@@ -163,3 +196,30 @@ def test_the_plugin_warns_on_import_under_torchrun_without_the_launcher():
     assert "WARNING:slam_fairseq.launch:started with WORLD_SIZE=2 but without fairseq's distributed flags" \
         in result.stderr
     assert "slam-fairseq-train" in result.stderr
+
+
+def _first_losses(output: str):
+    return [float(record["loss"]) for record in dist.json_records(output, "train_inner")]
+
+
+def test_the_launcher_trains_in_bf16_where_fairseq_train_would_look_for_a_tpu(data_dir, tmp_path):
+    """``slam-fairseq-train --bf16`` on the CPU: fairseq's bf16 training (model and batches in
+    bfloat16, float32 master weights), not its TPU path; the same run in float32 for reference."""
+    import subprocess
+
+    env = dist.base_env()
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        command = [sys.executable, "-m", "slam_fairseq.launch", *_pretraining_args(data_dir, tmp_path / name),
+                   "--cpu", "--stage2-start-update", "0", "--no-save", *extra]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs[name] = result.stdout + result.stderr
+    assert "--bf16 without --tpu: training in bfloat16 on the CPU" in runs["bf16"]
+    assert "'bf16': True" in runs["bf16"] and "'tpu': False" in runs["bf16"]
+    assert "--fp16-no-flatten-grads" in runs["bf16"]
+    fp32, bf16 = _first_losses(runs["fp32"]), _first_losses(runs["bf16"])
+    assert len(fp32) == len(bf16) == 3, (fp32, bf16)
+    # the same data and seed: bfloat16 arithmetic changes the loss a little, and only a little
+    assert fp32[0] != bf16[0] and abs(fp32[0] - bf16[0]) < 0.05 * fp32[0], (fp32, bf16)
+    assert all(loss == loss for loss in bf16)

@@ -1,18 +1,19 @@
 """What the ``slam`` model hands the ``slam_multitask`` criterion for each modality of a pre-training step.
 
-One dataclass per modality (docs/pretraining_batches.md): the logits and targets each objective
-needs, already gathered at the masked positions, and the counts the criterion logs.
+One named tuple per modality (docs/pretraining_batches.md): the logits and targets each objective
+needs, already gathered at the masked positions, and the counts the criterion logs. Named tuples,
+not dataclasses: wrappers that walk a forward's outputs to hook the tensors in them (fairscale's
+FSDP registers its pre-backward hooks that way) see into dicts, lists and tuples only, and a root
+FSDP module whose outputs hide their tensors never enters its backward state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 
-@dataclass
-class SpeechPretrainingOutput:
+class SpeechPretrainingOutput(NamedTuple):
     """What MSM needs from a SPEECH_BATCH; N = masked real frames, in ``frame_mask.nonzero()`` order.
 
     contrastive_predictions: (N, Q) speech encoder output at the masked frames, projected to Q.
@@ -40,8 +41,7 @@ class SpeechPretrainingOutput:
     num_utterances: int
 
 
-@dataclass
-class TextPretrainingOutput:
+class TextPretrainingOutput(NamedTuple):
     """What span masking needs from a TEXT_BATCH; N = masked tokens (``target != pad``).
 
     text_logits: (N, V) scores at the masked tokens; text_targets: (N,) the original ids.
@@ -54,8 +54,7 @@ class TextPretrainingOutput:
     num_sentences: int
 
 
-@dataclass
-class PairPretrainingOutput:
+class PairPretrainingOutput(NamedTuple):
     """What TLM and STM need from a PAIR_BATCH.
 
     text_logits (N_t, V), text_targets (N_t,): TLM text side, at the masked tokens.
