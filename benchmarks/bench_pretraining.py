@@ -30,7 +30,9 @@ Timing is interleaved (ours, stock, ours, stock ...), medians of each and of the
 Reported: updates/s, seconds of audio (speech + pair batches, 10 ms frames) per second, peak memory
 (CPU: VmHWM from /proc/self/status, reset through /proc/self/clear_refs before each side's
 measured update; CUDA: ``torch.cuda.max_memory_allocated``), FLOPs per update counted with
-``torch.utils.flop_counter.FlopCounterMode`` and the MFU they imply against ``--peak-tflops``.
+``torch.utils.flop_counter.FlopCounterMode`` and the MFU they imply against ``--peak-tflops``, and
+the operators dispatched per update that compute (views, reshapes and detaches left out): on a GPU
+each launches at least one kernel, so at small shapes their count, not the FLOPs, sets the pace.
 ``--curves`` adds the time per update over batch size and utterance length. The last line is
 ``ratio ours/stock: X``, the throughput ratio (stock time / our time).
 
@@ -410,6 +412,27 @@ def count_flops(step: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
+def count_compute_ops(step: Callable[[], None]) -> int:
+    """ATen operators of one call (forward + backward + optimizer) that produce new data: every
+    dispatched operator except views (``OpOverload.is_view``: aliases of their input) and detach."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in ("detach", "lift_fresh"):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = _Counter()
+    with counter:
+        step()
+    return counter.count
+
+
 def default_peak_tflops(device, dtype: str) -> float:
     """A nominal peak when none is given: H100 SXM dense bf16/fp16 989 TFLOP/s (fp32: 67); on CPU,
     32 fp32 FLOPs per cycle per core (AVX2 FMA) at 2.5 GHz times the threads torch uses."""
@@ -457,6 +480,7 @@ def measure(args: argparse.Namespace, device, batches: Dict[str, int], frames: i
         results["peak_tflops"] = peak
         for side, step in (("ours", lambda: ours(sample)), ("stock", lambda: stock(sample))):
             flops = count_flops(step)
+            results[f"{side}_ops"] = count_compute_ops(step)
             results[f"{side}_flops"] = flops
             results[f"{side}_mfu"] = flops / results[f"{side}_s"] / (peak * 1e12)
     return results
@@ -535,6 +559,8 @@ def main(argv: Optional[List[str]] = None) -> float:
           f"{device} {args.dtype}, {torch.get_num_threads()} threads, batches speech {args.batch_speech} / "
           f"text {args.batch_text} / pair {args.batch_pair}, up to {args.frames} frames, {args.tokens} tokens")
     print(f"parameters: ours {results['ours_params']:,}, stock {results['stock_params']:,}")
+    print(f"computing operators dispatched per update (views and detaches left out): ours {results['ours_ops']:,}, "
+          f"stock {results['stock_ops']:,}")
     for side in ("ours", "stock"):
         seconds = results[f"{side}_s"]
         print(f"{side:5s}: {1 / seconds:.3f} updates/s, {results['audio_s'] / seconds:.1f} s of audio per s, "

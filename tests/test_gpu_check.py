@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,6 +22,9 @@ def test_gpu_check_cpu_smoke_writes_its_json_and_markdown(tmp_path):
         assert run["returncode"] == 0 and run["updates_per_s"] > 0 and run["peak_rss_mib"] > 0, run
         assert run["last_loss"] == run["last_loss"], run  # not NaN
     assert report["bench_pretraining"]["ratio"] > 0, report["bench_pretraining"]
+    ops = re.search(r"per update \(views and detaches left out\): ours ([0-9,]+), stock ([0-9,]+)",
+                    report["bench_pretraining"]["output"])
+    assert ops and all(int(count.replace(",", "")) > 500 for count in ops.groups()), report["bench_pretraining"]
     for name in ("plain", "checkpoint_activations"):
         assert report["largest_batch"][name]["largest_batch"] >= 1, report["largest_batch"]
     assert "math" in report["sdpa_kernels"]["padding"] and "math" in report["sdpa_kernels"]["no_padding"]

@@ -252,6 +252,19 @@ def test_benchmark_smoke_mode_ends_with_a_finite_ratio(capsys):
     assert len(sides) == 2 and all("updates/s" in line and "nan" not in line for line in sides), sides
 
 
+def test_the_operator_count_leaves_out_views_and_counts_each_computing_call():
+    x = torch.randn(4, 6, requires_grad=True)
+
+    def step():
+        y = x.view(6, 4).t().reshape(24)  # views only
+        (y * 2 + 1).sum().backward()  # mul, add, sum, then their backward
+
+    forward_only = bench_pretraining.count_compute_ops(lambda: (x.detach().view(24) * 2).sum())
+    assert forward_only == 2  # mul, sum
+    assert bench_pretraining.count_compute_ops(step) > bench_pretraining.count_compute_ops(
+        lambda: (x.view(24) * 2 + 1).sum()) == 3
+
+
 # -- host memory ----------------------------------------------------------------------------------
 def test_a_cpu_train_step_gives_freed_heap_memory_back(monkeypatch):
     from slam_fairseq.host_memory import release_free_heap_memory
