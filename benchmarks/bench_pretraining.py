@@ -443,32 +443,44 @@ def default_peak_tflops(device, dtype: str) -> float:
     return torch.get_num_threads() * 32 * 2.5e9 / 1e12
 
 
+def build_ours(args: argparse.Namespace, device, checkpoint_activations: bool = False) -> "OurUpdate":
+    """Our side, its dictionary written to a temporary folder (the task keeps it in memory)."""
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        return OurUpdate(args, device, Path(vocab_dir), checkpoint_activations=checkpoint_activations)
+
+
 def build_sides(args: argparse.Namespace, device) -> Tuple["OurUpdate", "StockUpdate"]:
     """Both sides, from the same seed."""
     import torch
 
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as vocab_dir:
-        ours = OurUpdate(args, device, Path(vocab_dir))
+    ours = build_ours(args, device)
     return ours, StockUpdate(ours.sizes, args, device)
+
+
+def device_sample(ours: "OurUpdate", batches: Dict[str, int], frames: int, tokens: int, length_spread: float,
+                  device, dtype: str):
+    """A stage-2 sample for ``ours``'s dictionary (:func:`make_batches`) on ``device``, the features
+    in ``dtype`` (the other tensors are indices and lengths)."""
+    import torch
+
+    dictionary = ours.task.source_dictionary
+    sample = _to_device(make_batches(batches["speech"], batches["text"], batches["pair"], frames, tokens,
+                                     max(2, frames // 30), length_spread, len(dictionary) - 1, dictionary.nspecial,
+                                     dictionary.pad(), dictionary.index("<mask>")), device)
+    if dtype != "fp32":
+        for name in ("speech", "pair"):
+            sample[name]["features"] = sample[name]["features"].to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    return sample
 
 
 def measure(args: argparse.Namespace, device, batches: Dict[str, int], frames: int, tokens: int,
             repeats: int, with_memory: bool = True, with_flops: bool = True,
             sides: Optional[Tuple["OurUpdate", "StockUpdate"]] = None) -> Dict[str, float]:
     """Time both sides (built here, or ``sides``) interleaved on one sample; gather every figure."""
-    import torch
-
     ours, stock = sides if sides is not None else build_sides(args, device)
-    dictionary = ours.task.source_dictionary
-    sample = make_batches(batches["speech"], batches["text"], batches["pair"], frames, tokens,
-                          max(2, frames // 30), args.length_spread, len(dictionary) - 1,
-                          dictionary.nspecial, dictionary.pad(), dictionary.index("<mask>"))
+    sample = device_sample(ours, batches, frames, tokens, args.length_spread, device, args.dtype)
     seconds = audio_seconds(sample)
-    sample = _to_device(sample, device)
-    if args.dtype != "fp32":
-        for name in ("speech", "pair"):
-            sample[name]["features"] = sample[name]["features"].to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[args.dtype]))
     ours_s, stock_s, ratio = interleaved(lambda: ours(sample), lambda: stock(sample), repeats, device)
     results = {"ours_s": ours_s, "stock_s": stock_s, "ratio": ratio, "audio_s": seconds,
                "ours_params": ours.parameters(), "stock_params": stock.parameters()}

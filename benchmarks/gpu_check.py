@@ -39,7 +39,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -47,6 +46,11 @@ from typing import Dict, List, Optional
 BENCHMARKS = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS.parent
 sys.path.insert(0, str(BENCHMARKS))
+
+
+def _child_env() -> Dict[str, str]:
+    """This environment with the repository first on PYTHONPATH (the plugin and its packages)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
 def _fairseq_train(data_dir: Path, preset: str, precision: Optional[str], updates: int, max_tokens: int,
@@ -64,7 +68,7 @@ def _fairseq_train(data_dir: Path, preset: str, precision: Optional[str], update
         command.append(f"--{precision}")
     if device == "cpu":
         command.append("--cpu")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = _child_env()
     start = time.perf_counter()
     process = subprocess.run(command, capture_output=True, text=True, cwd=str(REPO_ROOT), env=env, timeout=timeout)
     output = process.stdout + process.stderr
@@ -104,7 +108,7 @@ def _bench_in_process(bench_args: List[str]) -> Dict[str, object]:
 def _bench_subprocess(bench_args: List[str], timeout: int) -> Dict[str, object]:
     """``bench_pretraining.py`` in a child process (a ``torch.compile`` run can be stopped there)."""
     command = [sys.executable, str(BENCHMARKS / "bench_pretraining.py"), *bench_args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = _child_env()
     try:
         process = subprocess.run(command, capture_output=True, text=True, cwd=str(REPO_ROOT), env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -122,14 +126,8 @@ def _batch(update, batch: int, frames: int, tokens: int, device, dtype: str):
     """An in-memory stage-2 sample: ``batch`` rows of speech and of pairs, twice as many texts."""
     import bench_pretraining as bench
 
-    dictionary = update.task.source_dictionary
-    sample = bench._to_device(bench.make_batches(
-        batch, 2 * batch, batch, frames, tokens, frames // 30, 0.2, len(dictionary) - 1,
-        dictionary.nspecial, dictionary.pad(), dictionary.index("<mask>")), device)
-    if dtype != "fp32":
-        for name in ("speech", "pair"):
-            sample[name]["features"] = sample[name]["features"].to(update.dtype)
-    return sample
+    return bench.device_sample(update, {"speech": batch, "text": 2 * batch, "pair": batch}, frames, tokens, 0.2,
+                               device, dtype)
 
 
 def profile_update(preset: str, device, dtype: str, batch: int, frames: int, rows: int = 15) -> Dict[str, object]:
@@ -141,8 +139,7 @@ def profile_update(preset: str, device, dtype: str, batch: int, frames: int, row
     import bench_pretraining as bench
 
     args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames)])
-    with tempfile.TemporaryDirectory() as directory:
-        update = bench.OurUpdate(args, device, Path(directory))
+    update = bench.build_ours(args, device)
     sample = _batch(update, batch, frames, 128 if frames > 400 else 12, device, dtype)
     for _ in range(2):
         update(sample)
@@ -172,8 +169,7 @@ def largest_batch(preset: str, device, dtype: str, checkpoint_activations: bool,
 
     fits, tried = 0, []
     args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames)])
-    with tempfile.TemporaryDirectory() as directory:
-        update = bench.OurUpdate(args, device, Path(directory), checkpoint_activations=checkpoint_activations)
+    update = bench.build_ours(args, device, checkpoint_activations=checkpoint_activations)
     for step in range(doublings + 1):
         batch = start * 2 ** step
         sample = None

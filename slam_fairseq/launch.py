@@ -94,6 +94,10 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise ValueError(f"{key}={env[key]!r} is not an integer") from None
 
 
+def _trains_on_cuda(argv: Sequence[str], cuda_available: bool) -> bool:
+    return cuda_available and not _given(argv, "--cpu")
+
+
 def _rendezvous(env: Mapping[str, str]):
     """(world size, rank, local rank, tcp address) from torchrun's or SLURM's variables, or None."""
     if all(key in env for key in _TORCHRUN_KEYS):
@@ -155,7 +159,7 @@ def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available
         if given is not None and int(given) != expected:
             raise ValueError(f"{flag} {given} contradicts the launch environment ({expected}); "
                              f"drop {flag} and let the launcher set it")
-    use_cuda = cuda_available and not _given(argv, "--cpu")
+    use_cuda = _trains_on_cuda(argv, cuda_available)
     ddp_backend = _value(argv, "--ddp-backend")
     if not use_cuda and ddp_backend in _CUDA_ONLY_DDP_BACKENDS:
         raise ValueError(f"--ddp-backend {ddp_backend} cannot run on the CPU with fairseq 0.12 "
@@ -197,7 +201,7 @@ def _single_process_fsdp_args(argv: Sequence[str], cuda_available: bool, cuda_de
     rendezvous on a free local port. ``[]`` for anything else: other backends, the CPU, a command
     that sets an init method, or several GPUs without ``--distributed-world-size 1`` (fairseq then
     spawns one process per GPU itself)."""
-    use_cuda = cuda_available and not _given(argv, "--cpu")
+    use_cuda = _trains_on_cuda(argv, cuda_available)
     if _value(argv, "--ddp-backend") != "fully_sharded" or not use_cuda or _given(argv, "--distributed-init-method"):
         return []
     world_size = _value(argv, "--distributed-world-size")
@@ -220,7 +224,7 @@ def bf16_args(argv: Sequence[str], cuda_available: bool) -> List[str]:
     puts the flat float32 master copy on the current CUDA device); ``[]`` otherwise."""
     if not wants_bf16_off_tpu(argv):
         return []
-    use_cuda = cuda_available and not _given(argv, "--cpu")
+    use_cuda = _trains_on_cuda(argv, cuda_available)
     if use_cuda or _given(argv, "--fp16-no-flatten-grads"):
         return []
     return ["--fp16-no-flatten-grads"]
