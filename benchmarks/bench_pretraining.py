@@ -6,8 +6,11 @@ one text batch (span masking) and one pair batch (TLM + STM, and pair CTC with `
 built in memory the way the task's collaters build them (masks of the task's default
 probabilities); forward, one backward per modality, then an Adam step.
 
-Stock: the same width, depth, heads, FFN size and kernel in fairseq 0.12's own modules, doing the
-same passes in the same order, with an Adam step:
+Stock: the same width, depth, heads, FFN size, kernel and dropout rates in fairseq 0.12's own
+modules, doing the same passes in the same order, with an Adam step. Stock's
+``ConformerEncoderLayer`` takes one rate for every dropout; its attention-probability and
+FFN-activation dropouts are set to ours (``slam_tiny`` has none of either) and so are the
+``TransformerEncoder``'s, so that neither side draws more random masks than the other:
 
 - speech: ``Conv1dSubsampler`` (s2t_conformer's 4x subsampling), N + M ``ConformerEncoderLayer``
   (s2t_conformer's layer, absolute positions, fairseq ``MultiheadAttention``), a linear code head on
@@ -261,9 +264,13 @@ def build_stock_model(sizes, vocab_size: int, pad: int, codebook_size: int, pair
     kernel, dropout = sizes.conv_kernel_size, sizes.dropout
 
     def conformer(count: int) -> nn.ModuleList:
-        return nn.ModuleList(ConformerEncoderLayer(dim, ffn, heads, dropout=dropout, use_fp16=False,
-                                                   depthwise_conv_kernel_size=kernel)
-                             for _ in range(count))
+        layers = nn.ModuleList(ConformerEncoderLayer(dim, ffn, heads, dropout=dropout, use_fp16=False,
+                                                     depthwise_conv_kernel_size=kernel)
+                               for _ in range(count))
+        for layer in layers:  # stock takes one rate for all; set each role's rate to ours
+            layer.self_attn.dropout_module.p = sizes.attention_dropout
+            layer.ffn1.dropout1.p = layer.ffn2.dropout1.p = sizes.activation_dropout
+        return layers
 
     dictionary = Dictionary()
     for index in range(vocab_size - len(dictionary)):
@@ -273,6 +280,8 @@ def build_stock_model(sizes, vocab_size: int, pad: int, codebook_size: int, pair
     transformer_cfg.encoder.attention_heads = heads
     transformer_cfg.encoder.layers = sizes.multimodal_encoder_layers
     transformer_cfg.dropout = dropout
+    transformer_cfg.attention_dropout = sizes.attention_dropout
+    transformer_cfg.activation_dropout = sizes.activation_dropout
     transformer_cfg.encoder.normalize_before = True
 
     class StockPretraining(nn.Module):

@@ -106,7 +106,7 @@ def test_attention_output_equals_the_boolean_mask_output(lengths):
     stack = ConformerStack(2, 16, 32, 4, 3, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0).eval()
     with torch.no_grad():
         for layer in stack.layers:
-            layer.attention.forward = (lambda module: lambda h, mask, bias="auto":
+            layer.attention.forward = (lambda module: lambda h, mask, bias="auto", tables=None:
                                        _boolean_mask_attention(module, h, mask))(layer.attention)
         reference = stack(x, padding)[-1]
         for layer in stack.layers:
@@ -250,6 +250,33 @@ def test_benchmark_smoke_mode_ends_with_a_finite_ratio(capsys):
     assert ratio > 0 and torch.isfinite(torch.tensor(ratio))
     sides = [line for line in lines if line.startswith(("ours", "stock"))]
     assert len(sides) == 2 and all("updates/s" in line and "nan" not in line for line in sides), sides
+
+
+@pytest.mark.parametrize("arch", ["slam_tiny", "slam_paper"])
+def test_stock_side_drops_out_at_our_rate_in_each_role(arch):
+    """Stock's Conformer layer takes one dropout rate for every role; the benchmark sets attention
+    and FFN-activation dropout to ours, so neither side does more random draws than the other."""
+    import argparse
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    from slam_fairseq.encoders.config import config_from
+    from slam_fairseq.models.slam import SlamConfig
+
+    namespace = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[arch](namespace)
+    sizes = config_from(namespace, SlamConfig)
+    if arch == "slam_paper":  # build the layers at a small width: only the rates matter here
+        sizes.encoder_embed_dim, sizes.encoder_ffn_embed_dim, sizes.subsampling_conv_channels = 16, 32, 4
+    stock = bench_pretraining.build_stock_model(sizes, 50, 1, 8, pair_ctc=False)
+    for layer in (*stock.speech_layers, *stock.joint_layers):
+        assert layer.self_attn.dropout_module.p == sizes.attention_dropout
+        assert layer.ffn1.dropout1.p == layer.ffn2.dropout1.p == sizes.activation_dropout
+        assert layer.ffn1.dropout2.p == layer.self_attn_dropout.p == layer.conv_module.dropout.p == sizes.dropout
+    for layer in stock.text_encoder.layers:
+        assert layer.self_attn.dropout_module.p == sizes.attention_dropout
+        assert layer.activation_dropout_module.p == sizes.activation_dropout
+        assert layer.dropout_module.p == sizes.dropout
 
 
 def test_the_operator_count_leaves_out_views_and_counts_each_computing_call():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slam_fairseq.modules.rotary import RotaryPositionalEmbedding
+from slam_fairseq.modules.rotary import RotaryPositionalEmbedding, RotaryTables, rotate
 
 
 def attention_bias(padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
@@ -49,20 +49,25 @@ class RotarySelfAttention(nn.Module):
         self.rotary = RotaryPositionalEmbedding(self.head_dim)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
-                bias: Union[torch.Tensor, None, str] = "auto") -> torch.Tensor:
+                bias: Union[torch.Tensor, None, str] = "auto",
+                rotary_tables: Optional[RotaryTables] = None) -> torch.Tensor:
         """
         Args:
             x: (B, T, D).
             padding_mask: (B, T) bool, True at padding; padded keys get no attention.
             bias: :func:`attention_bias` of ``padding_mask`` when the caller has made it (None: no
                 padding); by default it is made here.
+            rotary_tables: ``self.rotary.tables(T, device)`` when the caller has made them.
         Returns:
             (B, T, D).
         """
         batch_size, length, embed_dim = x.shape
         qkv = self.qkv_proj(x).view(batch_size, length, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        query, key = self.rotary(query, key)
+        if rotary_tables is None:
+            rotary_tables = self.rotary.tables(length, x.device)
+        # Query and key rotated together: (B, T, 2, H, head_dim), T at dim -4.
+        query, key = rotate(qkv[:, :, :2], rotary_tables, time_dim=-4).permute(2, 0, 3, 1, 4).unbind(0)
+        value = qkv[:, :, 2].transpose(1, 2)
         if isinstance(bias, str):
             bias = attention_bias(padding_mask)
         if bias is not None:

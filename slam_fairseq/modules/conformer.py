@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from slam_fairseq.modules.attention import RotarySelfAttention, attention_bias
+from slam_fairseq.modules.rotary import RotaryTables
 
 __all__ = ["ConformerLayer", "ConformerStack", "MaskedGroupNorm"]
 
@@ -111,11 +112,13 @@ class ConformerLayer(nn.Module):
         self.final_norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
-                bias: Union[torch.Tensor, None, str] = "auto") -> torch.Tensor:
+                bias: Union[torch.Tensor, None, str] = "auto",
+                rotary_tables: Optional[RotaryTables] = None) -> torch.Tensor:
         """x: (B, T, D); padding_mask: (B, T) bool, True at padding; bias: the stack's
-        :func:`attention_bias` (made here by default). Returns (B, T, D)."""
+        :func:`attention_bias` (made here by default); rotary_tables: the stack's RoPE tables for T
+        (made here by default). Returns (B, T, D)."""
         x = x + 0.5 * self.ffn_first(x)
-        x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask, bias))
+        x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask, bias, rotary_tables))
         x = x + self.convolution(x, padding_mask)
         x = x + 0.5 * self.ffn_second(x)
         return self.final_norm(x)
@@ -146,14 +149,15 @@ class ConformerStack(nn.Module):
                 return_all_hiddens: bool = False) -> List[torch.Tensor]:
         """x: (B, T, D). Returns the outputs of every layer (or only the last, in a list).
 
-        The attention mask is made once for all layers (:func:`attention_bias`)."""
+        The attention mask (:func:`attention_bias`) and the RoPE tables are made once for all layers."""
         hiddens = []
         bias: Optional[torch.Tensor] = attention_bias(padding_mask)
+        tables = self.layers[0].attention.rotary.tables(x.shape[1], x.device) if len(self.layers) else None
         for layer in self.layers:
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, padding_mask, bias, use_reentrant=False)
+                x = checkpoint(layer, x, padding_mask, bias, tables, use_reentrant=False)
             else:
-                x = layer(x, padding_mask, bias)
+                x = layer(x, padding_mask, bias, tables)
             if return_all_hiddens:
                 hiddens.append(x)
         return hiddens if return_all_hiddens else [x]
