@@ -26,6 +26,62 @@ def subsampled_length(input_length: int) -> int:
 
 MIN_INPUT_FRAMES = 7  # the shortest input with one output frame
 
+BLOCK_BYTES = 4 << 20  # first-convolution output per block of :class:`_BlockedConvolutions`
+
+_convolution_backward = torch.ops.aten.convolution_backward.default
+_relu_backward = torch.ops.aten.threshold_backward.default
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, _STRIDE)
+
+
+def _conv_grads(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool):
+    """(gradient of x or None, of weight, of bias) of :func:`_conv`."""
+    return _convolution_backward(grad_output, x, weight, [weight.shape[0]], [_STRIDE, _STRIDE], [0, 0], [1, 1],
+                                 False, [0, 0], 1, [need_input, True, True])
+
+
+class _BlockedConvolutions(torch.autograd.Function):
+    """``relu(conv2(relu(conv1(x))))`` a block of utterances at a time, forward and backward.
+
+    The first convolution's output is the encoder's largest tensor (B x C x T/2 x F/2 floats: 12 MB
+    for 8 utterances of 6 s at 32 channels). Taken whole, every pass over it touches freshly mapped
+    memory (glibc maps blocks that large on their own) and its backward needs three more of its
+    size. Taken ``rows`` utterances at a time, the blocks are small enough to be reused from the heap
+    and stay in cache from conv1 to conv2; the backward recomputes each block's first convolution
+    (one input channel: cheap) instead of keeping the whole map. The same values, and the same
+    gradients up to float summation order (``tests/test_subsampling.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_first: torch.Tensor, bias_first: torch.Tensor,
+                weight_second: torch.Tensor, bias_second: torch.Tensor, rows: int) -> torch.Tensor:
+        blocks = [F.relu(_conv(F.relu(_conv(block, weight_first, bias_first), inplace=True),
+                               weight_second, bias_second), inplace=True)
+                  for block in x.split(rows)]
+        output = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        ctx.save_for_backward(x, weight_first, bias_first, weight_second, output)
+        ctx.rows = rows
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, weight_first, bias_first, weight_second, output = ctx.saved_tensors
+        totals = [torch.zeros_like(weight_first), torch.zeros_like(bias_first), torch.zeros_like(weight_second),
+                  weight_second.new_zeros(weight_second.shape[0])]
+        for block, block_output, block_grad in zip(x.split(ctx.rows), output.split(ctx.rows),
+                                                   grad_output.split(ctx.rows)):
+            hidden = F.relu(_conv(block, weight_first, bias_first), inplace=True)
+            grad_hidden, grad_weight_second, grad_bias_second = _conv_grads(
+                _relu_backward(block_grad, block_output, 0), hidden, weight_second, need_input=True)
+            _, grad_weight_first, grad_bias_first = _conv_grads(
+                _relu_backward(grad_hidden, hidden, 0), block, weight_first, need_input=False)
+            for total, part in zip(totals, (grad_weight_first, grad_bias_first, grad_weight_second,
+                                            grad_bias_second)):
+                total += part
+        return (None, *totals, None)
+
 
 class Conv2dSubsampling(nn.Module):
     """(B, T, F) features -> (B, T', D) with T' = :func:`subsampled_lengths` (T), layer-normalised.
@@ -63,8 +119,23 @@ class Conv2dSubsampling(nn.Module):
         else:  # checked on the device, without waiting for it
             torch._assert_async(lengths.min() >= MIN_INPUT_FRAMES,
                                 f"speech input too short: at least {MIN_INPUT_FRAMES} frames needed")
-        hidden = F.relu(self.conv_first(features.unsqueeze(1)))
-        hidden = F.relu(self.conv_second(hidden))
+        hidden = self.convolutions(features.unsqueeze(1))
         batch_size, channels, time, frequency = hidden.shape
         hidden = hidden.permute(0, 2, 1, 3).reshape(batch_size, time, channels * frequency)
         return self.layer_norm(self.output_projection(hidden)), subsampled_lengths(lengths)
+
+    def convolutions(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, F) -> (B, C, T', F'): both convolutions and their ReLUs.
+
+        Training on a CPU runs them in blocks of utterances (:class:`_BlockedConvolutions`, about
+        :data:`BLOCK_BYTES` of first-convolution output per block); elsewhere (CUDA, autocast,
+        inference, or when ``x`` itself needs a gradient) the modules run on the whole batch."""
+        blocked = (x.device.type == "cpu" and torch.is_grad_enabled() and not x.requires_grad
+                   and self.conv_first.weight.requires_grad and not torch.is_autocast_enabled("cpu"))
+        if not blocked:
+            return F.relu(self.conv_second(F.relu(self.conv_first(x))))
+        channels = self.conv_first.out_channels
+        row_bytes = channels * ((x.shape[2] - _KERNEL) // _STRIDE + 1) * ((x.shape[3] - _KERNEL) // _STRIDE + 1) \
+            * x.element_size()
+        return _BlockedConvolutions.apply(x, self.conv_first.weight, self.conv_first.bias, self.conv_second.weight,
+                                          self.conv_second.bias, max(1, BLOCK_BYTES // row_bytes))
