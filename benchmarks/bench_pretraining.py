@@ -32,7 +32,10 @@ which favours stock.
 Timing is interleaved (ours, stock, ours, stock ...), medians of each and of the paired ratios.
 Reported: updates/s, seconds of audio (speech + pair batches, 10 ms frames) per second, peak memory
 (CPU: VmHWM from /proc/self/status, reset through /proc/self/clear_refs before each side's
-measured update; CUDA: ``torch.cuda.max_memory_allocated``), FLOPs per update counted with
+measured update; CUDA: ``torch.cuda.max_memory_allocated``) and the update's own share of it
+(the peak minus what was resident before the update) against what the update needs on top: the
+gradients and the most that autograd's saved tensors hold at once (counted with
+``saved_tensors_hooks``, once per storage), FLOPs per update counted with
 ``torch.utils.flop_counter.FlopCounterMode`` and the MFU they imply against ``--peak-tflops``, and
 the operators dispatched per update that compute (views, reshapes and detaches left out): on a GPU
 each launches at least one kernel, so at small shapes their count, not the FLOPs, sets the pace.
@@ -83,22 +86,84 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def trim_heap() -> None:
+    """glibc's ``malloc_trim(0)``: freed heap pages back to the OS, so that RSS is live memory
+    (nothing elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        library = ctypes.CDLL(name) if name else None
+    except OSError:
+        return
+    if library is not None and hasattr(library, "malloc_trim"):
+        library.malloc_trim(0)
+
+
 def measure_peak_mib(step: Callable[[], None], device) -> float:
     """Peak memory of one ``step``: CUDA max allocated, or the process's VmHWM on CPU (MiB)."""
+    return measure_memory_mib(step, device)[1]
+
+
+def measure_memory_mib(step: Callable[[], None], device) -> Tuple[float, float]:
+    """(memory right before ``step``, peak during it), MiB: CUDA allocated, or on CPU the process's
+    VmRSS after :func:`trim_heap` and VmHWM (NaN where the peak cannot be reset)."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+        return before / 2 ** 20, torch.cuda.max_memory_allocated() / 2 ** 20
+    trim_heap()
     if not reset_peak_rss():
         step()
-        return float("nan")
+        return float("nan"), float("nan")
+    before = read_proc_status_kib("VmRSS")
     step()
     peak = read_proc_status_kib("VmHWM")
-    return peak / 1024 if peak is not None else float("nan")
+    if before is None or peak is None:
+        return float("nan"), float("nan")
+    return before / 1024, peak / 1024
+
+
+def saved_activation_mib(step: Callable[[], None], parameters) -> float:
+    """The most memory that tensors saved for backward hold at once during ``step`` (MiB).
+
+    Autograd's saved tensors, counted once per storage and without the parameters' own storages,
+    grouped by backward pass: a group ends when a backward has started reading them (both sides
+    run one backward per modality, which frees that modality's saved tensors)."""
+    import torch
+
+    parameter_storages = {parameter.untyped_storage().data_ptr() for parameter in parameters}
+    groups: List[int] = []
+    current: Dict[int, int] = {}
+    unpacked = [False]
+
+    def pack(tensor):
+        if unpacked[0]:
+            groups.append(sum(current.values()))
+            current.clear()
+            unpacked[0] = False
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # opaque tensors (mkldnn) have no storage
+            return tensor
+        if storage.data_ptr() not in parameter_storages:
+            current[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def unpack(tensor):
+        unpacked[0] = True
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        step()
+    groups.append(sum(current.values()))
+    return max(groups) / 2 ** 20
 
 
 # -- batches --------------------------------------------------------------------------------------
@@ -494,8 +559,13 @@ def measure(args: argparse.Namespace, device, batches: Dict[str, int], frames: i
     results = {"ours_s": ours_s, "stock_s": stock_s, "ratio": ratio, "audio_s": seconds,
                "ours_params": ours.parameters(), "stock_params": stock.parameters()}
     if with_memory:
-        results["ours_peak_mib"] = measure_peak_mib(lambda: ours(sample), device)
-        results["stock_peak_mib"] = measure_peak_mib(lambda: stock(sample), device)
+        for side, step, model in (("ours", lambda: ours(sample), ours.model), ("stock", lambda: stock(sample), stock.model)):
+            before, peak = measure_memory_mib(step, device)
+            parameters = list(model.parameters())
+            results[f"{side}_peak_mib"] = peak
+            results[f"{side}_step_mib"] = peak - before
+            results[f"{side}_weights_mib"] = sum(p.numel() * p.element_size() for p in parameters) / 2 ** 20
+            results[f"{side}_activation_mib"] = saved_activation_mib(step, parameters)
     if with_flops:
         peak = args.peak_tflops or default_peak_tflops(device, args.dtype)
         results["peak_tflops"] = peak
@@ -587,6 +657,14 @@ def main(argv: Optional[List[str]] = None) -> float:
         print(f"{side:5s}: {1 / seconds:.3f} updates/s, {results['audio_s'] / seconds:.1f} s of audio per s, "
               f"peak {results[f'{side}_peak_mib']:.0f} MiB, {results[f'{side}_flops'] / 1e9:.2f} GFLOP/update, "
               f"MFU {100 * results[f'{side}_mfu']:.2f}% of {results['peak_tflops']:.3g} TFLOP/s")
+    for side in ("ours", "stock"):
+        # During the update, on top of what was resident before it: the gradients (one copy of the
+        # weights) and the saved activations; the weights and Adam's two moments stay resident.
+        need = results[f"{side}_weights_mib"] + results[f"{side}_activation_mib"]
+        print(f"memory {side}: the update's own peak (peak minus before it) {results[f'{side}_step_mib']:.0f} MiB "
+              f"against {need:.0f} MiB of gradients ({results[f'{side}_weights_mib']:.1f}) and saved activations "
+              f"({results[f'{side}_activation_mib']:.0f}): {results[f'{side}_step_mib'] / need:.2f}x; weights + Adam "
+              f"state {3 * results[f'{side}_weights_mib']:.1f} MiB")
     if args.curves:
         rows = curves(args, device)
         print("curve  scale  ours_s  stock_s  ratio")

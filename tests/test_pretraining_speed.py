@@ -250,6 +250,8 @@ def test_benchmark_smoke_mode_ends_with_a_finite_ratio(capsys):
     assert ratio > 0 and torch.isfinite(torch.tensor(ratio))
     sides = [line for line in lines if line.startswith(("ours", "stock"))]
     assert len(sides) == 2 and all("updates/s" in line and "nan" not in line for line in sides), sides
+    memory = [line for line in lines if line.startswith("memory ")]
+    assert len(memory) == 2 and all("saved activations" in line and "nan" not in line for line in memory), memory
 
 
 @pytest.mark.parametrize("arch", ["slam_tiny", "slam_paper"])
@@ -277,6 +279,19 @@ def test_stock_side_drops_out_at_our_rate_in_each_role(arch):
         assert layer.self_attn.dropout_module.p == sizes.attention_dropout
         assert layer.activation_dropout_module.p == sizes.activation_dropout
         assert layer.dropout_module.p == sizes.dropout
+
+
+def test_saved_activations_are_counted_once_per_storage_per_backward_and_without_parameters():
+    weight = torch.nn.Parameter(torch.randn(1 << 18))  # 1 MiB
+    small, large = torch.randn(1 << 18, requires_grad=True), torch.randn(1 << 19, requires_grad=True)
+
+    def step():
+        (small * small * weight).sum().backward()  # small (1 MiB, saved twice), small * small (1 MiB)
+        large.exp().sum().backward()  # exp's result (2 MiB): a second backward pass, on its own
+
+    assert bench_pretraining.saved_activation_mib(step, [weight]) == pytest.approx(2.0)
+    assert bench_pretraining.saved_activation_mib(lambda: (small * weight).sum().backward(), [weight]) \
+        == pytest.approx(1.0)
 
 
 def test_the_operator_count_leaves_out_views_and_counts_each_computing_call():
