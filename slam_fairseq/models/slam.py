@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-from fairseq.modules import GradMultiply, GumbelVectorQuantizer
+from fairseq.modules import GradMultiply
 from torch import nn
 
 from fairseq.dataclass import ChoiceEnum
@@ -21,6 +21,7 @@ from slam_fairseq.encoders.config import BASE_ENCODER, PAPER_ENCODER, TINY_ENCOD
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.encoders.speech_encoder import SpeechEncoderOutput
 from slam_fairseq.models.outputs import PairPretrainingOutput, SpeechPretrainingOutput, TextPretrainingOutput
+from slam_fairseq.modules.gumbel_quantizer import GumbelQuantizer
 from slam_fairseq.modules.random_projection_quantizer import RandomProjectionQuantizer
 from slam_fairseq.modules.subsampling import SUBSAMPLING_FACTOR, subsampled_length
 from slam_fairseq.objectives.msm import CodePredictionHead
@@ -98,9 +99,10 @@ class SlamModel(BaseFairseqModel):
     """The SLAM encoder as a fairseq model, with the pre-training heads.
 
     Heads (none of them is used by fine-tuning, which loads ``encoder.*`` only):
-        quantizer_input_norm, quantizer: LayerNorm then fairseq's ``GumbelVectorQuantizer`` on the
-            unmasked subsampled features (w2v-BERT: the feature encoder's output); its temperature
-            is annealed by ``set_num_updates`` (called by fairseq's trainer).
+        quantizer_input_norm, quantizer: LayerNorm then :class:`GumbelQuantizer` (fairseq's
+            Gumbel-softmax quantizer, codevectors by a batched product) on the unmasked subsampled
+            features (w2v-BERT: the feature encoder's output); its temperature is annealed by
+            ``set_num_updates`` (called by fairseq's trainer).
         contrastive_projection: speech encoder output (D) -> codevector width (Q).
         code_prediction_head: multimodal output -> code-id scores (MSM and TLM speech targets).
         text_prediction_head: multimodal output -> token scores, tied to
@@ -125,7 +127,7 @@ class SlamModel(BaseFairseqModel):
             self.quantizer = RandomProjectionQuantizer(
                 quantizer_dim, cfg.quantizer_codebook_size, cfg.quantizer_groups, cfg.quantizer_codevector_dim)
         else:
-            self.quantizer = GumbelVectorQuantizer(
+            self.quantizer = GumbelQuantizer(
                 dim=quantizer_dim, num_vars=cfg.quantizer_codebook_size, temp=cfg.quantizer_temperature,
                 groups=cfg.quantizer_groups, combine_groups=False, vq_dim=cfg.quantizer_codevector_dim,
                 time_first=True)

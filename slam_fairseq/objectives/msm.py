@@ -1,8 +1,9 @@
 """Masked speech modelling after w2v-BERT.
 
 About half of the subsampled frames are replaced by a mask embedding before the speech encoder.
-A Gumbel-softmax quantizer (fairseq's ``GumbelVectorQuantizer``, built by the model) turns the
-*unmasked* subsampled features of those frames into codevectors and code ids. Then:
+A Gumbel-softmax quantizer (fairseq's ``GumbelVectorQuantizer``, as the model's
+:class:`GumbelQuantizer`) turns the *unmasked* subsampled features of those frames into
+codevectors and code ids. Then:
 
 - contrastive loss (wav2vec 2.0): the speech encoder's output at a masked frame, projected to the
   codevector width, must pick its own codevector among distractors drawn from the other masked
