@@ -20,7 +20,9 @@ Parts, each timed and each allowed to fail on its own (the failure is recorded, 
    bf16; the launcher gives the one process the process group fairscale needs); skipped, with a
    note, without fairscale or CUDA;
 8. on CUDA, ``bench_pretraining.py`` again with ``--compile-layers`` (``torch.compile`` of each
-   Conformer layer), in a subprocess under its own time limit.
+   Conformer layer), in a subprocess under its own time limit;
+9. the MSM quantizer alone, ours against fairseq's ``GumbelVectorQuantizer`` at ``slam_paper``'s
+   size (``bench_quantizer.py``, bf16 autocast on CUDA): time and peak memory.
 
 The JSON and the markdown are rewritten after every part, so a run stopped by the time limit still
 leaves what it measured.
@@ -87,14 +89,14 @@ def _fairseq_train(data_dir: Path, preset: str, precision: Optional[str], update
     return result
 
 
-def _bench_in_process(bench_args: List[str]) -> Dict[str, object]:
-    """``bench_pretraining.main`` here; its printed lines, ratio and growth slopes."""
-    import bench_pretraining
+def _bench_in_process(bench_args: List[str], module: str = "bench_pretraining") -> Dict[str, object]:
+    """``main`` of a benchmark script (``module``) here; its printed lines, ratio and growth slopes."""
+    bench = importlib.import_module(module)
 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
-            ratio = bench_pretraining.main(bench_args)
+            ratio = bench.main(bench_args)
         result: Dict[str, object] = {"returncode": 0, "ratio": ratio}
     except Exception as error:  # recorded, the other parts still run
         result = {"returncode": 1, "ratio": None, "error": repr(error)[:1500]}
@@ -253,7 +255,8 @@ def _markdown(report: Dict[str, object]) -> str:
                      f"{run.get('peak_rss_mib', '-')} | {_run_note(run)} |")
     for title, key in (("ours against stock fairseq (bench_pretraining.py)", "bench_pretraining"),
                        ("the same with --compile-layers", "bench_compiled"),
-                       ("seconds per update over batch size and utterance length (--curves)", "curves")):
+                       ("seconds per update over batch size and utterance length (--curves)", "curves"),
+                       ("the MSM quantizer, ours against fairseq's (bench_quantizer.py)", "quantizer")):
         if key in report:
             bench = report[key]
             text = bench.get("output", "").strip() or str(bench.get("error", bench.get("note", "")))
@@ -369,6 +372,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         report["fully_sharded"] = _fairseq_train(
             data_dir, args.preset, "fp16", max(8, args.updates // 4), max_tokens, "cuda",
             ["--ddp-backend", "fully_sharded"], timeout=600, program="launch")
+    _save(args.out_dir, report)
+    quantizer_args = (["--frames", "40", "--input-dim", "16", "--codes", "32", "--codevector-dim", "16",
+                       "--repeats", "2", "--threads", "1"] if args.cpu_smoke else
+                      ["--device", "cuda", "--dtype", "bf16", "--frames", "6000"])
+    report["quantizer"] = _bench_in_process(quantizer_args, module="bench_quantizer")
     _save(args.out_dir, report)
     if cuda:
         report["bench_compiled"] = _bench_subprocess([*bench_args, "--compile-layers"], timeout=args.compile_timeout)

@@ -37,3 +37,6 @@ def test_gpu_check_cpu_smoke_writes_its_json_and_markdown(tmp_path):
     assert report["fully_sharded"].startswith("skipped")
     assert report["bench_compiled"]["note"].startswith("skipped on CPU"), report["bench_compiled"]
     assert "## SDPA kernels" in (tmp_path / "gpu_check.md").read_text()
+    quantizer = report["quantizer"]
+    assert quantizer["returncode"] == 0 and quantizer["ratio"] > 0, quantizer
+    assert "## the MSM quantizer" in (tmp_path / "gpu_check.md").read_text()
