@@ -241,3 +241,30 @@ def test_activation_checkpointing_with_dropout_recomputes_the_same_masks():
         gradients.append([p.grad.clone() for p in stack.parameters()])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*gradients))
     assert any(isinstance(module, nn.Dropout) and module.p > 0 for module in plain.modules())
+
+
+def test_contiguous_gradient_is_an_identity_whose_gradient_is_contiguous(monkeypatch):
+    from slam_fairseq.modules import conformer
+
+    x = torch.randn(2, 5, 7, requires_grad=True)
+    seen = []
+    y = conformer._ContiguousGradient.apply(x)
+    assert torch.equal(y, x)
+    y.register_hook(lambda grad: seen.append(grad.is_contiguous()))
+    (y.transpose(1, 2) * torch.arange(5.0)).sum().backward()  # the gradient arrives transposed
+    assert seen == [False] and x.grad.is_contiguous()
+    assert torch.equal(x.grad, torch.arange(5.0)[None, :, None].expand(2, 5, 7))
+
+    torch.manual_seed(0)
+    layer = ConformerLayer(16, 32, 4, 3, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    inputs = torch.randn(2, 9, 16)
+    padding = torch.arange(9)[None, :] >= torch.tensor([9, 6])[:, None]
+    grads = []
+    for identity in (False, True):
+        if identity:
+            monkeypatch.setattr(conformer._ContiguousGradient, "apply", lambda tensor: tensor)
+        layer.zero_grad(set_to_none=True)
+        layer(inputs, padding).pow(2).sum().backward()
+        grads.append([parameter.grad.clone() for parameter in layer.parameters()])
+    for with_copy, without in zip(*grads):
+        assert torch.allclose(with_copy, without, atol=1e-6)

@@ -46,6 +46,24 @@ class MaskedGroupNorm(nn.GroupNorm):
         return normalized.to(x.dtype)
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    In the convolution module the (B, C, T) activations after the depthwise convolution are
+    contiguous, but their gradient arrives through ``transpose(1, 2)`` as a (B, T, C) layout; the
+    element-wise backwards of SiLU and the GroupNorm then pair two layouts, which on a CPU leaves
+    their vectorised loops (3-5x slower per element). One explicit transposing copy puts the
+    gradient in the activations' layout first."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output.contiguous()
+
+
 class _FeedForward(nn.Module):
     """Pre-LayerNorm position-wise FFN with Swish (one macaron half; the 0.5 is applied by the layer)."""
 
@@ -83,7 +101,7 @@ class _ConvolutionModule(nn.Module):
         """x: (B, T, D); padding_mask: (B, T). Returns (B, T, D)."""
         hidden = F.glu(self.pointwise_in(self.layer_norm(x)), dim=-1)
         hidden = hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0).transpose(1, 2)
-        hidden = F.silu(self.norm(self.depthwise(hidden), padding_mask))
+        hidden = _ContiguousGradient.apply(F.silu(self.norm(self.depthwise(hidden), padding_mask)))
         return self.dropout(self.pointwise_out(hidden.transpose(1, 2)))
 
 
