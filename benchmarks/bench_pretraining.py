@@ -10,7 +10,8 @@ Stock: the same width, depth, heads, FFN size, kernel and dropout rates in fairs
 modules, doing the same passes in the same order, with an Adam step. Stock's
 ``ConformerEncoderLayer`` takes one rate for every dropout; its attention-probability and
 FFN-activation dropouts are set to ours (``slam_tiny`` has none of either) and so are the
-``TransformerEncoder``'s, so that neither side draws more random masks than the other:
+``TransformerEncoder``'s, and the speech layers' input is dropped out as in ``s2t_conformer``'s
+encoder (and ours), so that both sides draw the same random masks:
 
 - speech: ``Conv1dSubsampler`` (s2t_conformer's 4x subsampling), N + M ``ConformerEncoderLayer``
   (s2t_conformer's layer, absolute positions, fairseq ``MultiheadAttention``), a linear code head on
@@ -368,6 +369,7 @@ def build_stock_model(sizes, vocab_size: int, pad: int, codebook_size: int, pair
             hidden, out_lengths = self.subsample(features, lengths)
             padding = torch.arange(hidden.shape[0], device=hidden.device)[None, :] >= out_lengths[:, None]
             hidden = hidden + self.speech_positions(padding.long()).transpose(0, 1)
+            hidden = F.dropout(hidden, dropout, self.training)  # s2t_conformer's input dropout (ours has one too)
             for layer in self.speech_layers:
                 hidden, _ = layer(hidden, padding)
             return hidden, padding

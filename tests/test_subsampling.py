@@ -70,3 +70,23 @@ def test_the_blocked_path_keeps_no_first_convolution_output_for_backward():
         module.convolutions(features.unsqueeze(1))
     assert (2, 1, 40, 80) in saved and (2, 4, 9, 19) in saved
     assert (2, 4, 19, 39) not in saved  # the first convolution's output
+
+
+def test_half_precision_weights_sum_their_block_gradients_in_float32(monkeypatch):
+    """bf16 weights (a model cast by --bf16 on CPU), one utterance per block: the blocks' weight
+    gradients are summed in float32 and rounded once, not rounded after every block."""
+    torch.manual_seed(0)
+    module = Conv2dSubsampling(80, 8, 16).to(torch.bfloat16)
+    features, lengths = torch.randn(32, 41, 80).to(torch.bfloat16), torch.full((32,), 41)
+    monkeypatch.setattr(subsampling, "BLOCK_BYTES", 1)
+    parts = []
+    original = subsampling._conv_grads
+    monkeypatch.setattr(subsampling, "_conv_grads",
+                        lambda *args, **kwargs: parts.append(original(*args, **kwargs)) or parts[-1])
+    gradients = _values_and_gradients(module, features, lengths, monkeypatch, plain=False)[1]
+    second_bias = torch.stack([part[2] for part in parts[0::2]]).double().sum(0)  # conv2's, block by block
+    first_bias = torch.stack([part[2] for part in parts[1::2]]).double().sum(0)
+    for name, exact in (("conv_second.bias", second_bias), ("conv_first.bias", first_bias)):
+        assert gradients[name].dtype == torch.bfloat16
+        ulp = exact.abs() * 2.0 ** -7  # one bfloat16 step at that size
+        assert ((gradients[name].double() - exact).abs() <= ulp).all(), name

@@ -42,6 +42,13 @@ def _conv_grads(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                                  False, [0, 0], 1, [need_input, True, True])
 
 
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 takes no device
+        return torch.is_autocast_cpu_enabled()
+
+
 class _BlockedConvolutions(torch.autograd.Function):
     """``relu(conv2(relu(conv1(x))))`` a block of utterances at a time, forward and backward.
 
@@ -68,8 +75,9 @@ class _BlockedConvolutions(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         x, weight_first, bias_first, weight_second, output = ctx.saved_tensors
-        totals = [torch.zeros_like(weight_first), torch.zeros_like(bias_first), torch.zeros_like(weight_second),
-                  weight_second.new_zeros(weight_second.shape[0])]
+        # Summed over blocks in float32 (fp16/bf16 weights: one rounding, as a whole-batch backward).
+        totals = [torch.zeros(shape, dtype=torch.float32, device=x.device) for shape in (
+            weight_first.shape, bias_first.shape, weight_second.shape, (weight_second.shape[0],))]
         for block, block_output, block_grad in zip(x.split(ctx.rows), output.split(ctx.rows),
                                                    grad_output.split(ctx.rows)):
             hidden = F.relu(_conv(block, weight_first, bias_first), inplace=True)
@@ -80,7 +88,8 @@ class _BlockedConvolutions(torch.autograd.Function):
             for total, part in zip(totals, (grad_weight_first, grad_bias_first, grad_weight_second,
                                             grad_bias_second)):
                 total += part
-        return (None, *totals, None)
+        dtypes = (weight_first.dtype, bias_first.dtype, weight_second.dtype, weight_second.dtype)
+        return (None, *(total.to(dtype) for total, dtype in zip(totals, dtypes)), None)
 
 
 class Conv2dSubsampling(nn.Module):
@@ -131,7 +140,7 @@ class Conv2dSubsampling(nn.Module):
         :data:`BLOCK_BYTES` of first-convolution output per block); elsewhere (CUDA, autocast,
         inference, or when ``x`` itself needs a gradient) the modules run on the whole batch."""
         blocked = (x.device.type == "cpu" and torch.is_grad_enabled() and not x.requires_grad
-                   and self.conv_first.weight.requires_grad and not torch.is_autocast_enabled("cpu"))
+                   and self.conv_first.weight.requires_grad and not _cpu_autocast_enabled())
         if not blocked:
             return F.relu(self.conv_second(F.relu(self.conv_first(x))))
         channels = self.conv_first.out_channels
