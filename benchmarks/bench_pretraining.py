@@ -87,21 +87,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def trim_heap() -> None:
-    """glibc's ``malloc_trim(0)``: freed heap pages back to the OS, so that RSS is live memory
-    (nothing elsewhere)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        library = ctypes.CDLL(name) if name else None
-    except OSError:
-        return
-    if library is not None and hasattr(library, "malloc_trim"):
-        library.malloc_trim(0)
-
-
 def measure_peak_mib(step: Callable[[], None], device) -> float:
     """Peak memory of one ``step``: CUDA max allocated, or the process's VmHWM on CPU (MiB)."""
     return measure_memory_mib(step, device)[1]
@@ -109,8 +94,11 @@ def measure_peak_mib(step: Callable[[], None], device) -> float:
 
 def measure_memory_mib(step: Callable[[], None], device) -> Tuple[float, float]:
     """(memory right before ``step``, peak during it), MiB: CUDA allocated, or on CPU the process's
-    VmRSS after :func:`trim_heap` and VmHWM (NaN where the peak cannot be reset)."""
+    VmRSS once freed heap pages are returned (so that it is live memory) and VmHWM (NaN where the
+    peak cannot be reset)."""
     import torch
+
+    from slam_fairseq.host_memory import trim_heap
 
     if device.type == "cuda":
         torch.cuda.synchronize()

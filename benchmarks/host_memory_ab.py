@@ -32,11 +32,10 @@ def main(argv) -> None:
     from slam_fairseq import host_memory
     from slam_fairseq.tasks import slam_pretraining
 
-    library = host_memory._libc()
     if variant == "none":
         slam_pretraining.release_free_heap_memory = lambda: False
     elif variant == "trim":
-        slam_pretraining.release_free_heap_memory = lambda: bool(library is not None and library.malloc_trim(0))
+        slam_pretraining.release_free_heap_memory = host_memory.trim_heap
     if "--release-host-memory" not in train_args:
         train_args = [*train_args, "--release-host-memory"]  # the task calls the (replaced) release
     from fairseq_cli.train import cli_main

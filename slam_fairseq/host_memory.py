@@ -41,9 +41,18 @@ def _libc() -> Optional[ctypes.CDLL]:
     return _LIBC
 
 
+def trim_heap() -> bool:
+    """``malloc_trim(0)`` alone: free heap pages back to the OS. False where libc is not glibc."""
+    library = _libc()
+    if library is None:
+        return False
+    library.malloc_trim(0)
+    return True
+
+
 def release_free_heap_memory() -> bool:
-    """``malloc_trim(0)``: free heap pages back to the OS; the first call also fixes the mmap
-    threshold at :data:`MMAP_THRESHOLD_BYTES`. False where libc is not glibc."""
+    """:func:`trim_heap`; the first call also fixes the mmap threshold at
+    :data:`MMAP_THRESHOLD_BYTES`. False where libc is not glibc."""
     global _THRESHOLD_SET
     library = _libc()
     if library is None:
@@ -51,5 +60,4 @@ def release_free_heap_memory() -> bool:
     if not _THRESHOLD_SET:
         _THRESHOLD_SET = True
         library.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    library.malloc_trim(0)
-    return True
+    return trim_heap()

@@ -19,9 +19,14 @@ def subsampled_lengths(input_lengths: torch.Tensor) -> torch.Tensor:
     return _conv_output_length(_conv_output_length(input_lengths))
 
 
+def _conv_output_size(size: int) -> int:
+    """:func:`_conv_output_length` of one Python int."""
+    return (size - _KERNEL) // _STRIDE + 1
+
+
 def subsampled_length(input_length: int) -> int:
     """:func:`subsampled_lengths` of one Python int (no tensor, so no device read)."""
-    return ((input_length - _KERNEL) // _STRIDE + 1 - _KERNEL) // _STRIDE + 1
+    return _conv_output_size(_conv_output_size(input_length))
 
 
 MIN_INPUT_FRAMES = 7  # the shortest input with one output frame
@@ -107,7 +112,7 @@ class Conv2dSubsampling(nn.Module):
         super().__init__()
         self.conv_first = nn.Conv2d(1, channels, _KERNEL, _STRIDE)
         self.conv_second = nn.Conv2d(channels, channels, _KERNEL, _STRIDE)
-        frequency = ((input_dim - _KERNEL) // _STRIDE + 1 - _KERNEL) // _STRIDE + 1
+        frequency = subsampled_length(input_dim)
         self.output_projection = nn.Linear(channels * frequency, output_dim)
         # Without a norm the projected features start tiny (about 0.05) and the projection's bias
         # dominates them, so an encoder trained from scratch sees a near-constant input.
@@ -143,8 +148,7 @@ class Conv2dSubsampling(nn.Module):
                    and self.conv_first.weight.requires_grad and not _cpu_autocast_enabled())
         if not blocked:
             return F.relu(self.conv_second(F.relu(self.conv_first(x))))
-        channels = self.conv_first.out_channels
-        row_bytes = channels * ((x.shape[2] - _KERNEL) // _STRIDE + 1) * ((x.shape[3] - _KERNEL) // _STRIDE + 1) \
-            * x.element_size()
+        row_bytes = (self.conv_first.out_channels * _conv_output_size(x.shape[2]) * _conv_output_size(x.shape[3])
+                     * x.element_size())
         return _BlockedConvolutions.apply(x, self.conv_first.weight, self.conv_first.bias, self.conv_second.weight,
                                           self.conv_second.bias, max(1, BLOCK_BYTES // row_bytes))
