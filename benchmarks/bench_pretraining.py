@@ -11,7 +11,7 @@ modules, doing the same passes in the same order, with an Adam step. Stock's
 ``ConformerEncoderLayer`` takes one rate for every dropout; its attention-probability and
 FFN-activation dropouts are set to ours (``slam_tiny`` has none of either) and so are the
 ``TransformerEncoder``'s, and the speech layers' input is dropped out as in ``s2t_conformer``'s
-encoder (and ours), so that both sides draw the same random masks:
+encoder (and ours), so that both sides draw random masks of the same sizes at the same rates:
 
 - speech: ``Conv1dSubsampler`` (s2t_conformer's 4x subsampling), N + M ``ConformerEncoderLayer``
   (s2t_conformer's layer, absolute positions, fairseq ``MultiheadAttention``), a linear code head on
@@ -26,8 +26,9 @@ encoder (and ours), so that both sides draw the same random masks:
 Why it is fair: both sides run the same number of Conformer / Transformer layers of the same size
 on the same number of positions per pass, the same heads (token vocabulary, codebook), and a
 backward pass per modality; the differences are what a user gets from each codebase (ours: 2-D
-subsampling, RoPE + SDPA, masked GroupNorm, the quantizer, contrastive loss; stock: 1-D
-subsampling, fairseq attention, BatchNorm). Stock does not quantize (its code targets are random),
+subsampling, RoPE + SDPA, masked GroupNorm, the quantizer, contrastive loss, and on a CPU a dropout
+that draws 16 random bits per element; stock: 1-D subsampling, fairseq attention, BatchNorm,
+``bernoulli_`` dropout masks). Stock does not quantize (its code targets are random),
 which favours stock.
 
 Timing is interleaved (ours, stock, ours, stock ...), medians of each and of the paired ratios.

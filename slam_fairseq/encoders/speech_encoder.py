@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from slam_fairseq.modules.conformer import ConformerStack
+from slam_fairseq.modules.dropout import Dropout
 from slam_fairseq.modules.padding import lengths_to_padding_mask
 from slam_fairseq.modules.subsampling import Conv2dSubsampling
 
@@ -42,7 +43,7 @@ class SpeechEncoder(nn.Module):
                  activation_dropout: float = 0.1, checkpoint_activations: bool = False) -> None:
         super().__init__()
         self.subsampling = Conv2dSubsampling(input_dim, conv_channels, embed_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.mask_embedding = nn.Parameter(torch.empty(embed_dim).uniform_())
         self.conformer = ConformerStack(num_layers, embed_dim, ffn_dim, num_heads, kernel_size,
                                         conv_norm_groups, dropout, attention_dropout,

@@ -8,6 +8,8 @@ from fairseq.modules import SinusoidalPositionalEmbedding
 from fairseq.utils import make_positions
 from torch import nn
 
+from slam_fairseq.modules.dropout import Dropout
+
 
 class TextEncoder(nn.Module):
     """Embeds token ids; the contextual work is left to the multimodal encoder, as in SLAM.
@@ -32,7 +34,7 @@ class TextEncoder(nn.Module):
         self.embed_positions = SinusoidalPositionalEmbedding(
             embed_dim, padding_idx, init_size=max_positions + padding_idx + 1)
         self.layer_norm = nn.LayerNorm(embed_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _positions(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) fairseq's sinusoidal embeddings of the positions of ``tokens`` (padding: the

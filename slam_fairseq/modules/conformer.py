@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from slam_fairseq.modules.attention import RotarySelfAttention, attention_bias
+from slam_fairseq.modules.dropout import Dropout
 from slam_fairseq.modules.rotary import RotaryTables
 
 __all__ = ["ConformerLayer", "ConformerStack", "MaskedGroupNorm"]
@@ -72,8 +73,8 @@ class _FeedForward(nn.Module):
         self.layer_norm = nn.LayerNorm(embed_dim)
         self.fc1 = nn.Linear(embed_dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
-        self.activation_dropout = nn.Dropout(activation_dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = Dropout(activation_dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.activation_dropout(F.silu(self.fc1(self.layer_norm(x))))
@@ -95,7 +96,7 @@ class _ConvolutionModule(nn.Module):
                                    groups=embed_dim)
         self.norm = MaskedGroupNorm(norm_groups, embed_dim)
         self.pointwise_out = nn.Linear(embed_dim, embed_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D); padding_mask: (B, T). Returns (B, T, D)."""
@@ -124,7 +125,7 @@ class ConformerLayer(nn.Module):
         self.ffn_first = _FeedForward(embed_dim, ffn_dim, dropout, activation_dropout)
         self.attention_norm = nn.LayerNorm(embed_dim)
         self.attention = RotarySelfAttention(embed_dim, num_heads, attention_dropout)
-        self.attention_dropout = nn.Dropout(dropout)
+        self.attention_dropout = Dropout(dropout)
         self.convolution = _ConvolutionModule(embed_dim, kernel_size, conv_norm_groups, dropout)
         self.ffn_second = _FeedForward(embed_dim, ffn_dim, dropout, activation_dropout)
         self.final_norm = nn.LayerNorm(embed_dim)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slam_fairseq.modules.dropout import Dropout
 from slam_fairseq.objectives.masked_prediction import ObjectiveOutput
 
 
@@ -34,7 +35,7 @@ class PairMatchingClassifier(nn.Module):
     def __init__(self, embed_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.dense = nn.Linear(embed_dim, embed_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.output_projection = nn.Linear(embed_dim, 2)
 
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
