@@ -52,6 +52,29 @@ def test_elements_sharing_a_draw_are_independent():
         assert abs(both - p * p) < _tolerance(p * p, count)
 
 
+def test_every_bit_of_every_draw_is_uniform():
+    """All 16 bits of each int16 decide (a drop rate only tests the high ones): each bit is set
+    half the time, at each of the four positions in a 64-bit word."""
+    torch.manual_seed(7)
+    draws = dropout_module._keep_draws(NUM_ELEMENTS, torch.device("cpu")).view(-1, 4).to(torch.int32)
+    count = draws.shape[0]
+    for bit in range(16):
+        frequency = ((draws >> bit) & 1).double().mean(dim=0)
+        assert ((frequency - 0.5).abs() < _tolerance(0.5, count)).all(), (bit, frequency)
+
+
+def test_inplace_multiplies_the_input_itself():
+    torch.manual_seed(8)
+    x = torch.rand(64, 64) + 0.5
+    expected = x.clone()
+    torch.manual_seed(9)
+    output = Dropout(0.3, inplace=True).train()(x)
+    torch.manual_seed(9)
+    assert output is x
+    assert torch.equal(x, cpu_dropout(expected, 0.3))
+    assert (x == 0).any()
+
+
 def test_gradient_is_the_mask_times_the_scale():
     torch.manual_seed(2)
     x = torch.randn(8, 149, 64, requires_grad=True)

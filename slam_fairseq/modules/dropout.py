@@ -44,27 +44,29 @@ def _keep_draws(numel: int, device: torch.device) -> torch.Tensor:
     return words.view(torch.int16)[:numel]
 
 
-def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+def cpu_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
     """Zero each element of ``x`` with probability :func:`rounded_drop_probability` (p), scale the
     others by its complement's inverse. Differentiable in ``x``; any shape and floating dtype.
 
     Args:
         x: (...) input.
         p: drop probability, 0 < p < 1.
+        inplace: multiply ``x`` itself (as ``F.dropout(..., inplace=True)``).
     Returns:
-        (...) like ``x``.
+        (...) like ``x`` (``x`` itself when ``inplace``).
     """
     dropped_levels = round(p * _LEVELS)
     if dropped_levels <= 0:
         return x
     if dropped_levels >= _LEVELS:
-        return x * 0.0
+        return x.mul_(0.0) if inplace else x * 0.0
     # The comparison runs on the int16 values converted to float32 (exact), which is cheaper than
     # comparing int16 and converting the resulting bool.
     noise_dtype = x.dtype if x.dtype == torch.float64 else torch.float32
     noise = _keep_draws(x.numel(), x.device).to(noise_dtype).view(x.shape)
     noise.ge_(dropped_levels - _LEVELS // 2).mul_(_LEVELS / (_LEVELS - dropped_levels))
-    return x * noise.to(x.dtype)
+    noise = noise.to(x.dtype)
+    return x.mul_(noise) if inplace else x * noise
 
 
 class Dropout(nn.Dropout):
@@ -72,11 +74,11 @@ class Dropout(nn.Dropout):
 
     Args:
         p: drop probability (0.1 by default, as ``nn.Dropout``).
-        inplace: as ``nn.Dropout``; the CPU path always returns a new tensor.
+        inplace: as ``nn.Dropout``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu"
                 or _is_compiling()):
             return F.dropout(x, self.p, self.training, self.inplace)
-        return cpu_dropout(x, self.p)
+        return cpu_dropout(x, self.p, self.inplace)
