@@ -96,3 +96,12 @@ def test_quantizer_benchmark_ends_with_a_finite_ratio(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"ratio ours/stock: {ratio:.2f}" and 0 < ratio < float("inf")
     assert [line.split(":")[0].strip() for line in lines[1:3]] == ["ours", "stock"]
+
+
+def test_codebook_perplexity_counts_the_codes_in_use():
+    from slam_fairseq.modules.codebook_usage import codebook_perplexity
+
+    uniform = torch.full((2, 8), 1 / 8)
+    one_code = torch.zeros(2, 8).index_fill_(1, torch.tensor([3]), 1.0)
+    torch.testing.assert_close(codebook_perplexity(uniform), torch.tensor(16.0))
+    torch.testing.assert_close(codebook_perplexity(one_code), torch.tensor(2.0))

@@ -15,10 +15,7 @@ import torch
 import torch.nn.functional as F
 from fairseq.modules import GumbelVectorQuantizer
 
-
-def _perplexity(usage: torch.Tensor) -> torch.Tensor:
-    """Sum over groups of exp(entropy) of (G, V) code frequencies."""
-    return torch.exp(-torch.sum(usage * torch.log(usage + 1e-7), dim=-1)).sum()
+from slam_fairseq.modules.codebook_usage import codebook_perplexity
 
 
 class GumbelQuantizer(GumbelVectorQuantizer):
@@ -42,9 +39,9 @@ class GumbelQuantizer(GumbelVectorQuantizer):
         with torch.no_grad():
             hard = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
             hard = hard.view(batch_size * length, self.groups, -1)
-            result["code_perplexity"] = _perplexity(hard.float().mean(dim=0))
+            result["code_perplexity"] = codebook_perplexity(hard.float().mean(dim=0))
         soft_usage = torch.softmax(logits.view(batch_size * length, self.groups, -1).float(), dim=-1).mean(dim=0)
-        result["prob_perplexity"] = _perplexity(soft_usage)
+        result["prob_perplexity"] = codebook_perplexity(soft_usage)
         if self.training:
             choice = F.gumbel_softmax(logits.float(), tau=self.curr_temp, hard=self.hard).type_as(logits)
         else:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slam_fairseq.modules.codebook_usage import codebook_perplexity
+
 
 class RandomProjectionQuantizer(nn.Module):
     """
@@ -55,7 +57,7 @@ class RandomProjectionQuantizer(nn.Module):
         codes = similarity.argmax(dim=-1)  # nearest codevector on the unit sphere
         codevectors = torch.stack([self.vars[group][codes[group]] for group in range(self.groups)], dim=1)
         counts = F.one_hot(codes, self.codebook_size).float().mean(dim=1)  # (G, C) code use
-        perplexity = torch.exp(-(counts * torch.log(counts + 1e-7)).sum(dim=-1)).sum()
+        perplexity = codebook_perplexity(counts)
         return {
             "x": codevectors.reshape(batch_size, length, -1).to(x.dtype),
             "targets": codes.t().reshape(batch_size, length, self.groups),
