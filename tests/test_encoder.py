@@ -12,6 +12,7 @@ from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.models.slam import SlamConfig, slam_base, slam_paper, slam_tiny
 from slam_fairseq.modules.conformer import ConformerLayer
 from slam_fairseq.modules.conformer import ConformerStack, MaskedGroupNorm
+from slam_fairseq.modules.masked_group_norm import masked_group_norm
 from slam_fairseq.modules.subsampling import Conv2dSubsampling, subsampled_lengths
 
 PAD = 1
@@ -105,6 +106,47 @@ def test_masked_group_norm_ignores_padding_and_matches_group_norm_without_it():
     garbage = x.clone()
     garbage[:, :, 20:] = 1e4
     assert torch.allclose(norm(garbage, padding)[:, :, :20], nn.GroupNorm.forward(norm, x[:, :, :20]), atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_masked_group_norm_gradients_pass_gradcheck(groups):
+    """The written-out backward against finite differences (float64), for x, weight and bias,
+    with rows of different padding (one with a single real step)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    padding[2, 1:] = True
+    assert torch.autograd.gradcheck(lambda *inputs: masked_group_norm(inputs[0], padding, groups, *inputs[1:]),
+                                    (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda x: masked_group_norm(x, padding, groups), (x,))
+
+
+def test_masked_group_norm_matches_the_formula_of_its_real_frames_and_keeps_the_dtype():
+    """Against the statistics written out over each row's real steps, in float32 and in bfloat16
+    (output and input gradient keep bfloat16; the statistics stay float32)."""
+    torch.manual_seed(0)
+    norm = MaskedGroupNorm(2, 6)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 6, 9)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 5:] = True
+    expected = torch.empty_like(x)
+    for row, real in enumerate((9, 5)):
+        groups = x[row].view(2, 3, 9)
+        mean = groups[:, :, :real].mean(dim=(1, 2), keepdim=True)
+        variance = groups[:, :, :real].var(dim=(1, 2), unbiased=False, keepdim=True)
+        expected[row] = ((groups - mean) / torch.sqrt(variance + norm.eps)).view(6, 9)
+    expected = expected * norm.weight[None, :, None] + norm.bias[None, :, None]
+    assert torch.allclose(norm(x, padding), expected, atol=1e-5)
+    low = x.bfloat16().requires_grad_()
+    output = norm(low, padding)
+    output.float().sum().backward()
+    assert output.dtype == low.grad.dtype == torch.bfloat16
+    assert torch.allclose(output.float(), expected, atol=0.05)
 
 
 def test_group_norm_in_every_convolution_module_and_no_batch_norm_anywhere():

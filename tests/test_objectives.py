@@ -60,15 +60,18 @@ def test_contrastive_loss_is_low_when_predictions_are_the_true_codevectors():
     assert matched.loss.dtype == torch.float32
 
 
-def test_contrastive_loss_equals_the_cosine_similarity_cross_entropy_and_its_gradients():
+@pytest.mark.parametrize("grid", [None, (3, 20), (5, 33)], ids=["read", "exact", "slack"])
+def test_contrastive_loss_equals_the_cosine_similarity_cross_entropy_and_its_gradients(grid):
     """The loss and its gradients against wav2vec 2.0's formula written out: F.cosine_similarity of
-    each prediction with [its positive ; the drawn distractors] / temperature, cross-entropy at 0."""
+    each prediction with [its positive ; the drawn distractors] / temperature, cross-entropy at 0;
+    with the grid's bounds read from the device, given exactly (3 rows, 20 frames in the longest),
+    or given as the looser bounds of a padded batch."""
     torch.manual_seed(0)
     utterance_index = _utterance_index([12, 9, 20])
     predictions = (3 * torch.randn(41, 16)).requires_grad_()
     codevectors = (0.5 * torch.randn(41, 16)).requires_grad_()
     output = contrastive_loss(predictions, codevectors, utterance_index, 7, 0.1,
-                              generator=torch.Generator().manual_seed(3))
+                              generator=torch.Generator().manual_seed(3), grid=grid)
     gradients = torch.autograd.grad(output.loss, (predictions, codevectors))
 
     indices, _ = sample_distractor_indices(utterance_index, 7, torch.Generator().manual_seed(3))
@@ -80,6 +83,37 @@ def test_contrastive_loss_equals_the_cosine_similarity_cross_entropy_and_its_gra
     assert output.num_correct == (logits[:, 0] > logits[:, 1:].max(dim=1).values).sum()
     for gradient, expected_gradient in zip(gradients, expected_gradients):
         assert torch.allclose(gradient, expected_gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_contrastive_loss_with_a_row_without_masked_frames_matches_the_rows_alone():
+    """Row 1 has no masked frame: rows 0 and 2 give the same loss as when they are rows 0 and 1."""
+    torch.manual_seed(0)
+    predictions, codevectors = torch.randn(15, 8), torch.randn(15, 8)
+    gapped = contrastive_loss(predictions, codevectors, torch.tensor([0] * 6 + [2] * 9), 5, 0.1,
+                              generator=torch.Generator().manual_seed(1), grid=(3, 10))
+    packed = contrastive_loss(predictions, codevectors, _utterance_index([6, 9]), 5, 0.1,
+                              generator=torch.Generator().manual_seed(1), grid=(2, 9))
+    assert torch.allclose(gapped.loss, packed.loss, rtol=1e-6) and gapped.count == packed.count == 15
+
+
+def test_contrastive_loss_saves_no_tensor_of_candidate_vectors():
+    """Backward keeps the (R, L, L) cosines and (N, Q) vectors, never the N x (1 + K) x Q candidates."""
+    torch.manual_seed(0)
+    counts, distractors, width = [40, 35, 50], 100, 32
+    total = sum(counts)
+    predictions = torch.randn(total, width, requires_grad=True)
+    saved_sizes = []
+
+    def keep_size(tensor):
+        saved_sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep_size, lambda tensor: tensor):
+        output = contrastive_loss(predictions, torch.randn(total, width), _utterance_index(counts), distractors,
+                                  0.1, code_ids=torch.randint(0, 64, (total, 1)), grid=(3, 60))
+    output.loss.backward()
+    assert max(saved_sizes) <= max(3 * 60 * 60, 3 * 60 * width, total * (1 + distractors))
+    assert predictions.grad.abs().sum() > 0
 
 
 def test_contrastive_loss_ignores_distractors_with_the_positive_code():

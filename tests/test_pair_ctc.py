@@ -37,6 +37,23 @@ def test_loss_is_ctc_per_transcript_token_and_skips_rows_too_short():
     assert result.loss.item() == pytest.approx(expected.item() / 6, rel=1e-5)
 
 
+def test_loss_and_gradient_are_the_same_for_time_first_scores_and_keep_their_layout():
+    """The head's time-first (T', B, V) scores seen as (B, T', V) give the loss and gradient of the
+    same values laid out batch-first, and the gradient comes back time-first (no reordering)."""
+    torch.manual_seed(0)
+    time_first = torch.randn(12, 3, 10, requires_grad=True)
+    batch_first = time_first.detach().transpose(0, 1).contiguous().requires_grad_()
+    lengths, targets, target_lengths = torch.tensor([12, 9, 7]), torch.tensor([4, 5, 6, 7, 7, 8, 4]), torch.tensor([4, 2, 1])
+    losses = []
+    for logits in (time_first.transpose(0, 1), batch_first):
+        loss = pair_ctc_loss(logits, lengths, targets, target_lengths).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6)
+    assert torch.allclose(time_first.grad.transpose(0, 1), batch_first.grad, atol=1e-7)
+    assert time_first.grad.is_contiguous()
+
+
 def test_speller_spells_tokens_in_characters_and_skips_specials():
     dictionary = make_dictionary()
     for word in ("\u2581the", "s", "\u2581caf\u00e9"):
@@ -69,6 +86,7 @@ def test_model_with_pair_ctc_spells_the_clean_transcript_from_the_speech_alone(u
         assert "".join(characters[i - 1] for i in output.ctc_targets.tolist()) == "".join(
             symbols[i] for i in tokens)
         assert output.ctc_logits.shape[-1] == len(characters) + 1
+    assert output.ctc_logits.transpose(0, 1).is_contiguous()  # computed time-first, as CTC reads it
 
     # the CTC pass sees no text: other transcripts (masked or clean) leave its scores unchanged
     other = dict(pair, tokens=pair["tokens"].flip(0), clean_tokens=pair["clean_tokens"].flip(0))

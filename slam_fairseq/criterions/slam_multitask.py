@@ -126,7 +126,8 @@ class SlamMultitaskCriterion(FairseqCriterion):
             speech = outputs["speech"]
             objectives["msm_contrastive"] = contrastive_loss(
                 speech.contrastive_predictions, speech.codevectors, speech.utterance_index,
-                self.cfg.num_distractors, self.cfg.contrastive_temperature, code_ids=speech.code_ids)
+                self.cfg.num_distractors, self.cfg.contrastive_temperature, code_ids=speech.code_ids,
+                grid=(speech.num_utterances, speech.padded_frames))
             diversity = codebook_diversity_loss(speech.prob_perplexity, speech.num_vars)
             one = torch.ones((), dtype=torch.long, device=diversity.device)
             objectives["diversity"] = ObjectiveOutput(diversity, one.new_zeros(()), one)

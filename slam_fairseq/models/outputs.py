@@ -25,7 +25,8 @@ class SpeechPretrainingOutput(NamedTuple):
     code_perplexity: scalar, perplexity of the hard code choices (for logging).
     num_vars: G * C. temperature: the quantizer's current Gumbel temperature.
     num_frames: real subsampled frames (a long scalar tensor: reading it would sync the device);
-    num_utterances: B.
+    num_utterances: B; padded_frames: T', the subsampled length of the batch (no row has more
+    masked frames).
     """
 
     contrastive_predictions: torch.Tensor
@@ -39,6 +40,7 @@ class SpeechPretrainingOutput(NamedTuple):
     temperature: float
     num_frames: torch.Tensor
     num_utterances: int
+    padded_frames: int
 
 
 class TextPretrainingOutput(NamedTuple):
@@ -65,7 +67,8 @@ class PairPretrainingOutput(NamedTuple):
     num_tokens, num_frames: real tokens and subsampled frames (long scalar tensors); num_pairs: B.
     ctc_logits (B, T', K), ctc_lengths (B,), ctc_targets (N,), ctc_target_lengths (B,): mSLAM's CTC
         on the unmasked speech alone against the clean transcript (``--pair-ctc``), else None; K is
-        the text vocabulary or the characters + blank (``--pair-ctc-units``).
+        the text vocabulary or the characters + blank (``--pair-ctc-units``); ``ctc_logits`` is the
+        transposed view of time-first (T', B, K) scores, the layout ``ctc_loss`` reads.
     """
 
     text_logits: torch.Tensor

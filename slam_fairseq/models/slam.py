@@ -252,7 +252,7 @@ class SlamModel(BaseFairseqModel):
             prob_perplexity=quantized["prob_perplexity"], code_perplexity=quantized["code_perplexity"],
             num_vars=self.cfg.quantizer_groups * self.cfg.quantizer_codebook_size,
             temperature=float(self.quantizer.curr_temp), num_frames=(~speech.padding_mask).sum(),
-            num_utterances=features.shape[0])
+            num_utterances=features.shape[0], padded_frames=speech.output.shape[1])
 
     def forward_text(self, batch: Dict) -> TextPretrainingOutput:
         """Span masking on a TEXT_BATCH (``tokens``, ``target``)."""
@@ -310,7 +310,10 @@ class SlamModel(BaseFairseqModel):
             targets, target_lengths = self.speller(clean_tokens)
         else:
             targets, target_lengths = transcript_targets(clean_tokens, clean_tokens.new_tensor(self.unspoken_ids))
-        return dict(ctc_logits=self.pair_ctc_head(alone.output), ctc_lengths=(~alone.padding_mask).sum(dim=1),
+        # scores computed time-first, (T', B, V), and handed on as a (B, T', V) view: ctc_loss reads
+        # them time-first, so neither log_softmax nor its backward reorders (B x T' x V) floats
+        scores = self.pair_ctc_head(alone.output.transpose(0, 1).contiguous()).transpose(0, 1)
+        return dict(ctc_logits=scores, ctc_lengths=(~alone.padding_mask).sum(dim=1),
                     ctc_targets=targets, ctc_target_lengths=target_lengths)
 
 

@@ -17,34 +17,10 @@ from torch.utils.checkpoint import checkpoint
 
 from slam_fairseq.modules.attention import RotarySelfAttention, attention_bias
 from slam_fairseq.modules.dropout import Dropout
+from slam_fairseq.modules.masked_group_norm import MaskedGroupNorm
 from slam_fairseq.modules.rotary import RotaryTables
 
 __all__ = ["ConformerLayer", "ConformerStack", "MaskedGroupNorm"]
-
-
-class MaskedGroupNorm(nn.GroupNorm):
-    """GroupNorm over (channels-in-group x real time steps); padded steps do not enter the statistics.
-
-    Statistics are computed in float32 so fp16/bf16 training stays stable.
-    """
-
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """
-        Args:
-            x: (B, C, T).
-            padding_mask: (B, T) bool, True at padding.
-        """
-        batch_size, channels, length = x.shape
-        groups = self.num_groups
-        x_float = x.float().view(batch_size, groups, channels // groups, length)
-        real = (~padding_mask).to(torch.float32).view(batch_size, 1, 1, length)
-        count = real.sum(dim=(2, 3), keepdim=True).clamp(min=1.0) * (channels // groups)
-        mean = (x_float * real).sum(dim=(2, 3), keepdim=True) / count
-        variance = (((x_float - mean) * real) ** 2).sum(dim=(2, 3), keepdim=True) / count
-        normalized = ((x_float - mean) * torch.rsqrt(variance + self.eps)).view(batch_size, channels, length)
-        if self.affine:
-            normalized = normalized * self.weight.float()[None, :, None] + self.bias.float()[None, :, None]
-        return normalized.to(x.dtype)
 
 
 class _ContiguousGradient(torch.autograd.Function):

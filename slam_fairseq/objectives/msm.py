@@ -104,13 +104,21 @@ def contrastive_loss(predictions: torch.Tensor, codevectors: torch.Tensor,
                      utterance_index: torch.Tensor, num_distractors: int = DEFAULT_NUM_DISTRACTORS,
                      temperature: float = DEFAULT_CONTRASTIVE_TEMPERATURE,
                      code_ids: Optional[torch.Tensor] = None,
-                     generator: Optional[torch.Generator] = None) -> ObjectiveOutput:
+                     generator: Optional[torch.Generator] = None,
+                     grid: Optional[Tuple[int, int]] = None) -> ObjectiveOutput:
     """wav2vec 2.0 / w2v-BERT contrastive loss over the masked frames.
 
     logits = cos(prediction, [positive ; K distractors]) / temperature, cross-entropy with the
     positive as class 0. A distractor that carries the same code as the positive (same ``code_ids``,
     or an identical codevector when ``code_ids`` is None) is excluded (wav2vec 2.0's ``neg_is_pos``);
     frames left without any distractor do not count.
+
+    The cosines come from one (R, L, L) product per batch: each utterance's masked frames, as unit
+    vectors, are laid out in a row of an (R, L, Q) grid (R rows, at most L masked frames per row),
+    every prediction meets every codevector of its row, and each frame's 1 + K logits are picked
+    from its row of that square. Gathering the candidates instead would hold N x (1 + K) x Q floats
+    and their gradient (1 GB at 10k masked frames, K = 100, Q = 256); the square holds R x L x L
+    (10 MB for 64 rows of 400 frames).
 
     Args:
         predictions: (N, C) projected speech encoder output at the masked frames.
@@ -120,18 +128,17 @@ def contrastive_loss(predictions: torch.Tensor, codevectors: torch.Tensor,
         temperature: the cosine similarity is divided by it (0.1).
         code_ids: optional (N, G) long code ids of ``codevectors``.
         generator: optional generator for the distractor draw.
+        grid: (R, L): R > every ``utterance_index``, L >= the masked frames of any one row, known
+            on the host (the batch's B and T'). Without it both are read from the device (a sync).
     Returns:
         :class:`ObjectiveOutput`: mean loss over the counted frames; correct when the positive
         scores strictly above every distractor.
     """
     predictions, codevectors = predictions.float(), codevectors.float()
     indices, valid = sample_distractor_indices(utterance_index, num_distractors, generator)
-    # unit vectors first, then one batched product: (N, 1+K, C) @ (N, C, 1) -> (N, 1+K) cosines
     unit_predictions = F.normalize(predictions, dim=-1, eps=_COSINE_EPS)
     unit_codevectors = F.normalize(codevectors, dim=-1, eps=_COSINE_EPS)
-    candidate_index = torch.cat((torch.arange(len(indices), device=indices.device).unsqueeze(1), indices), dim=1)
-    candidates = unit_codevectors[candidate_index]  # (N, 1+K, C)
-    logits = torch.bmm(candidates, unit_predictions.unsqueeze(-1)).squeeze(-1) / temperature
+    logits = _row_cosines(unit_predictions, unit_codevectors, utterance_index, indices, grid) / temperature
     if code_ids is not None:
         same_as_positive = (code_ids[indices] == code_ids.unsqueeze(1)).all(dim=-1)
     else:
@@ -146,6 +153,37 @@ def contrastive_loss(predictions: torch.Tensor, codevectors: torch.Tensor,
     loss_sum = torch.where(counted, frame_losses, frame_losses.new_zeros(())).sum()
     num_correct = ((logits[:, 0] > logits[:, 1:].max(dim=1).values) & counted).sum()
     return ObjectiveOutput(loss_sum / count.clamp(min=1), num_correct, count)
+
+
+def _row_cosines(unit_predictions: torch.Tensor, unit_codevectors: torch.Tensor,
+                 utterance_index: torch.Tensor, indices: torch.Tensor,
+                 grid: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """(N, 1 + K) dot products of each unit prediction with its positive and its K distractors.
+
+    Args:
+        unit_predictions, unit_codevectors: (N, Q) unit vectors.
+        utterance_index: (N,) sorted rows; indices: (N, K) distractors in [0, N), same row.
+        grid: (R, L) bounds (see :func:`contrastive_loss`), or None to read them.
+    Returns:
+        (N, 1 + K) float32: column 0 the positive, then the distractors in ``indices`` order.
+    """
+    total, width = unit_predictions.shape
+    if total == 0:
+        return unit_predictions.new_zeros(0, 1 + indices.shape[1])
+    start = torch.searchsorted(utterance_index, utterance_index, side="left")
+    slot = torch.arange(total, device=utterance_index.device) - start  # place within the row
+    if grid is None:
+        rows = int(utterance_index[-1]) + 1
+        length = int(slot.max()) + 1
+    else:
+        rows, length = grid
+    place = (utterance_index, slot)
+    grid_predictions = unit_predictions.new_zeros(rows, length, width).index_put(place, unit_predictions)
+    grid_codevectors = unit_codevectors.new_zeros(rows, length, width).index_put(place, unit_codevectors)
+    square = torch.bmm(grid_predictions, grid_codevectors.transpose(1, 2))  # (R, L, L)
+    own_rows = square.view(rows * length, length)[utterance_index * length + slot]  # (N, L)
+    columns = torch.cat((slot.unsqueeze(1), slot[indices]), dim=1)  # (N, 1 + K)
+    return own_rows.gather(1, columns)
 
 
 def codebook_diversity_loss(prob_perplexity: torch.Tensor, num_vars: int) -> torch.Tensor:

@@ -30,7 +30,8 @@ def pair_ctc_loss(logits: torch.Tensor, output_lengths: torch.Tensor, targets: t
                   target_lengths: torch.Tensor) -> ObjectiveOutput:
     """
     Args:
-        logits: (B, T', V) scores over the text vocabulary at every subsampled frame.
+        logits: (B, T', V) scores over the text vocabulary at every subsampled frame (fastest as
+            the transposed view of a contiguous (T', B, V) tensor).
         output_lengths: (B,) real frames.
         targets: (N,) concatenated transcripts (no blank, pad or eos); target_lengths: (B,).
     Returns:
@@ -38,9 +39,10 @@ def pair_ctc_loss(logits: torch.Tensor, output_lengths: torch.Tensor, targets: t
         too short for their transcript contribute 0 and are not counted; no accuracy
         (``num_correct`` is 0).
     """
-    log_probs = F.log_softmax(logits.float(), dim=-1)
+    # time-first, as ctc_loss reads them (no reordering when ``logits`` is a view of (T', B, V))
+    log_probs = F.log_softmax(logits.transpose(0, 1).float(), dim=-1)
     feasible = output_lengths >= target_lengths
-    loss_sum = F.ctc_loss(log_probs.transpose(0, 1), targets, output_lengths, target_lengths,
+    loss_sum = F.ctc_loss(log_probs, targets, output_lengths, target_lengths,
                           blank=CTC_BLANK, reduction="none", zero_infinity=True)
     count = (target_lengths * feasible).sum()
     loss = (loss_sum * feasible).sum() / count.clamp(min=1)
