@@ -124,6 +124,14 @@ def test_masked_group_norm_gradients_pass_gradcheck(groups):
     assert torch.autograd.gradcheck(lambda x: masked_group_norm(x, padding, groups), (x,))
 
 
+def test_masked_group_norm_refuses_a_second_derivative_instead_of_getting_it_wrong():
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    (gradient,) = torch.autograd.grad(masked_group_norm(x, torch.zeros(2, 6, dtype=torch.bool), 2).pow(2).sum(),
+                                      x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        gradient.sum().backward()
+
+
 def test_masked_group_norm_matches_the_formula_of_its_real_frames_and_keeps_the_dtype():
     """Against the statistics written out over each row's real steps, in float32 and in bfloat16
     (output and input gradient keep bfloat16; the statistics stay float32)."""

@@ -116,6 +116,29 @@ def test_contrastive_loss_saves_no_tensor_of_candidate_vectors():
     assert predictions.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("grid", [None, (2, 5)])
+def test_contrastive_loss_without_masked_frames_keeps_the_predictions_in_the_graph(grid):
+    """No masked frame: loss 0 with a zero (not a missing) gradient, as DDP expects of every
+    parameter that took part."""
+    predictions = torch.randn(0, 8, requires_grad=True)
+    output = contrastive_loss(predictions, torch.randn(0, 8), torch.zeros(0, dtype=torch.long), grid=grid)
+    output.loss.backward()
+    assert output.loss.item() == 0.0 and predictions.grad is not None and predictions.grad.shape == (0, 8)
+
+
+def test_contrastive_cosines_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    predictions, codevectors = torch.randn(30, 16), torch.randn(30, 16)
+    utterance_index = _utterance_index([14, 16])
+    plain = contrastive_loss(predictions, codevectors, utterance_index, 10,
+                             generator=torch.Generator().manual_seed(0), grid=(2, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = contrastive_loss(predictions, codevectors, utterance_index, 10,
+                                    generator=torch.Generator().manual_seed(0), grid=(2, 20))
+    assert autocast.loss.dtype == torch.float32
+    assert torch.allclose(autocast.loss, plain.loss, rtol=1e-6)
+
+
 def test_contrastive_loss_ignores_distractors_with_the_positive_code():
     """Frames sharing a code are not distractors of each other (wav2vec 2.0's neg_is_pos)."""
     codevectors = torch.eye(4)[[0, 0, 1, 1]]

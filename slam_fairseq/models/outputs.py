@@ -67,8 +67,9 @@ class PairPretrainingOutput(NamedTuple):
     num_tokens, num_frames: real tokens and subsampled frames (long scalar tensors); num_pairs: B.
     ctc_logits (B, T', K), ctc_lengths (B,), ctc_targets (N,), ctc_target_lengths (B,): mSLAM's CTC
         on the unmasked speech alone against the clean transcript (``--pair-ctc``), else None; K is
-        the text vocabulary or the characters + blank (``--pair-ctc-units``); ``ctc_logits`` is the
-        transposed view of time-first (T', B, K) scores, the layout ``ctc_loss`` reads.
+        the text vocabulary or the characters + blank (``--pair-ctc-units``); when K > D,
+        ``ctc_logits`` is the transposed view of time-first (T', B, K) scores, the layout
+        ``ctc_loss`` reads.
     """
 
     text_logits: torch.Tensor

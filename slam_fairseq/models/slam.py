@@ -310,9 +310,14 @@ class SlamModel(BaseFairseqModel):
             targets, target_lengths = self.speller(clean_tokens)
         else:
             targets, target_lengths = transcript_targets(clean_tokens, clean_tokens.new_tensor(self.unspoken_ids))
-        # scores computed time-first, (T', B, V), and handed on as a (B, T', V) view: ctc_loss reads
-        # them time-first, so neither log_softmax nor its backward reorders (B x T' x V) floats
-        scores = self.pair_ctc_head(alone.output.transpose(0, 1).contiguous()).transpose(0, 1)
+        head = self.pair_ctc_head
+        if head.out_features > head.in_features:
+            # a widening head (tokens): scores computed time-first, (T', B, V), as ctc_loss reads
+            # them, and handed on as a (B, T', V) view; reordering the (B, T', D) states is cheaper
+            # than reordering the scores and their gradient
+            scores = head(alone.output.transpose(0, 1).contiguous()).transpose(0, 1)
+        else:
+            scores = head(alone.output)
         return dict(ctc_logits=scores, ctc_lengths=(~alone.padding_mask).sum(dim=1),
                     ctc_targets=targets, ctc_target_lengths=target_lengths)
 

@@ -44,6 +44,7 @@ class _MaskedGroupNormFunction(torch.autograd.Function):
         return torch.addcmul(bias.to(affine)[None, :, None], normalized, weight.to(affine)[None, :, None]).to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         normalized, real, count, rstd, weight = ctx.saved_tensors
         batch_size, channels, length = normalized.shape

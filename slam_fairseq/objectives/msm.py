@@ -168,22 +168,23 @@ def _row_cosines(unit_predictions: torch.Tensor, unit_codevectors: torch.Tensor,
         (N, 1 + K) float32: column 0 the positive, then the distractors in ``indices`` order.
     """
     total, width = unit_predictions.shape
-    if total == 0:
-        return unit_predictions.new_zeros(0, 1 + indices.shape[1])
     start = torch.searchsorted(utterance_index, utterance_index, side="left")
     slot = torch.arange(total, device=utterance_index.device) - start  # place within the row
-    if grid is None:
-        rows = int(utterance_index[-1]) + 1
-        length = int(slot.max()) + 1
-    else:
+    if grid is not None:
         rows, length = grid
-    place = (utterance_index, slot)
-    grid_predictions = unit_predictions.new_zeros(rows, length, width).index_put(place, unit_predictions)
-    grid_codevectors = unit_codevectors.new_zeros(rows, length, width).index_put(place, unit_codevectors)
-    square = torch.bmm(grid_predictions, grid_codevectors.transpose(1, 2))  # (R, L, L)
-    own_rows = square.view(rows * length, length)[utterance_index * length + slot]  # (N, L)
-    columns = torch.cat((slot.unsqueeze(1), slot[indices]), dim=1)  # (N, 1 + K)
-    return own_rows.gather(1, columns)
+    elif total == 0:
+        rows, length = 1, 1
+    else:
+        rows, length = int(utterance_index[-1]) + 1, int(slot.max()) + 1
+    # float32 even under autocast: the cosines are divided by a temperature of 0.1 next
+    with torch.autocast(unit_predictions.device.type, enabled=False):
+        place = (utterance_index, slot)
+        grid_predictions = unit_predictions.new_zeros(rows, length, width).index_put(place, unit_predictions)
+        grid_codevectors = unit_codevectors.new_zeros(rows, length, width).index_put(place, unit_codevectors)
+        square = torch.bmm(grid_predictions, grid_codevectors.transpose(1, 2))  # (R, L, L)
+        own_rows = square.view(rows * length, length)[utterance_index * length + slot]  # (N, L)
+        columns = torch.cat((slot.unsqueeze(1), slot[indices]), dim=1)  # (N, 1 + K)
+        return own_rows.gather(1, columns)
 
 
 def codebook_diversity_loss(prob_perplexity: torch.Tensor, num_vars: int) -> torch.Tensor:
