@@ -16,7 +16,7 @@ Frames are handled as the flat list of masked frames, N in all, in the row-major
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,14 @@ def code_prediction_loss(logits: torch.Tensor, targets: torch.Tensor,
     return masked_cross_entropy(logits, targets)
 
 
+class _Distractors(NamedTuple):
+    """indices (N, K) into [0, N), valid (N, K), slot (N,): each frame's place within its row."""
+
+    indices: torch.Tensor
+    valid: torch.Tensor
+    slot: torch.Tensor
+
+
 def sample_distractor_indices(utterance_index: torch.Tensor, num_distractors: int,
                               generator: Optional[torch.Generator] = None
                               ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -79,25 +87,33 @@ def sample_distractor_indices(utterance_index: torch.Tensor, num_distractors: in
         (indices (N, K) long into [0, N), valid (N, K) bool). A frame that is the only masked frame
         of its utterance has no distractor: its row is all invalid (indices point at itself).
     """
+    indices, valid, _ = _draw_distractors(utterance_index, num_distractors, generator)
+    return indices, valid
+
+
+def _draw_distractors(utterance_index: torch.Tensor, num_distractors: int,
+                      generator: Optional[torch.Generator]) -> _Distractors:
+    """:func:`sample_distractor_indices`, also returning each frame's slot within its row."""
     if num_distractors < 1:
         raise ValueError(f"num_distractors must be >= 1, got {num_distractors}")
     device = utterance_index.device
     total = utterance_index.numel()
     if total == 0:
         empty = torch.zeros(0, num_distractors, dtype=torch.long, device=device)
-        return empty, empty.bool()
+        return _Distractors(empty, empty.bool(), empty.new_zeros(0))
     # each frame's row occupies [start, end) of the sorted index (searchsorted, unlike
     # unique_consecutive, has an output size known without reading the device)
     start = torch.searchsorted(utterance_index, utterance_index, side="left")
     count = torch.searchsorted(utterance_index, utterance_index, side="right") - start
     position = torch.arange(total, device=device)
+    slot = position - start
     others = (count - 1).clamp(min=1).unsqueeze(1)
     uniform = torch.rand(total, num_distractors, generator=generator, device=device)
     draw = torch.minimum((uniform * others).long(), others - 1)
-    draw = draw + (draw >= (position - start).unsqueeze(1)).long()  # skip the frame itself
+    draw = draw + (draw >= slot.unsqueeze(1)).long()  # skip the frame itself
     valid = (count > 1).unsqueeze(1).expand(-1, num_distractors)
     indices = torch.where(valid, start.unsqueeze(1) + draw, position.unsqueeze(1))
-    return indices, valid
+    return _Distractors(indices, valid, slot)
 
 
 def contrastive_loss(predictions: torch.Tensor, codevectors: torch.Tensor,
@@ -135,10 +151,10 @@ def contrastive_loss(predictions: torch.Tensor, codevectors: torch.Tensor,
         scores strictly above every distractor.
     """
     predictions, codevectors = predictions.float(), codevectors.float()
-    indices, valid = sample_distractor_indices(utterance_index, num_distractors, generator)
+    indices, valid, slot = _draw_distractors(utterance_index, num_distractors, generator)
     unit_predictions = F.normalize(predictions, dim=-1, eps=_COSINE_EPS)
     unit_codevectors = F.normalize(codevectors, dim=-1, eps=_COSINE_EPS)
-    logits = _row_cosines(unit_predictions, unit_codevectors, utterance_index, indices, grid) / temperature
+    logits = _row_cosines(unit_predictions, unit_codevectors, utterance_index, slot, indices, grid) / temperature
     if code_ids is not None:
         same_as_positive = (code_ids[indices] == code_ids.unsqueeze(1)).all(dim=-1)
     else:
@@ -156,20 +172,19 @@ def contrastive_loss(predictions: torch.Tensor, codevectors: torch.Tensor,
 
 
 def _row_cosines(unit_predictions: torch.Tensor, unit_codevectors: torch.Tensor,
-                 utterance_index: torch.Tensor, indices: torch.Tensor,
+                 utterance_index: torch.Tensor, slot: torch.Tensor, indices: torch.Tensor,
                  grid: Optional[Tuple[int, int]]) -> torch.Tensor:
     """(N, 1 + K) dot products of each unit prediction with its positive and its K distractors.
 
     Args:
         unit_predictions, unit_codevectors: (N, Q) unit vectors.
-        utterance_index: (N,) sorted rows; indices: (N, K) distractors in [0, N), same row.
+        utterance_index: (N,) sorted rows; slot: (N,) place of each frame within its row;
+        indices: (N, K) distractors in [0, N), same row.
         grid: (R, L) bounds (see :func:`contrastive_loss`), or None to read them.
     Returns:
         (N, 1 + K) float32: column 0 the positive, then the distractors in ``indices`` order.
     """
     total, width = unit_predictions.shape
-    start = torch.searchsorted(utterance_index, utterance_index, side="left")
-    slot = torch.arange(total, device=utterance_index.device) - start  # place within the row
     if grid is not None:
         rows, length = grid
     elif total == 0:
