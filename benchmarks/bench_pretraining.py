@@ -183,6 +183,7 @@ def make_batches(batch_speech: int, batch_text: int, batch_pair: int, frames: in
     """
     import torch
 
+    from slam_fairseq.data.pretraining.collate import nonzero_index, target_index
     from slam_fairseq.modules.subsampling import subsampled_lengths
 
     generator = torch.Generator().manual_seed(seed)
@@ -197,7 +198,7 @@ def make_batches(batch_speech: int, batch_text: int, batch_pair: int, frames: in
         sub = subsampled_lengths(feature_lengths)
         frame_mask = _span_mask(sub, int(sub.max()), mask_probability, 10, generator)
         return {"id": torch.arange(count), "features": features, "feature_lengths": feature_lengths,
-                "frame_mask": frame_mask, "nframes": int(sub.sum())}
+                "frame_mask": frame_mask, "masked_frames": nonzero_index(frame_mask), "nframes": int(sub.sum())}
 
     def text_part(count: int, longest: int, probability: float, span: int):
         token_lengths = lengths(count, longest).clamp(min=2)
@@ -209,12 +210,13 @@ def make_batches(batch_speech: int, batch_text: int, batch_pair: int, frames: in
     speech = speech_part(batch_speech, 0.065)
     _, text_tokens, text_target, text_lengths = text_part(batch_text, tokens, 0.15, 5)
     text = {"id": torch.arange(batch_text), "tokens": text_tokens, "target": text_target,
-            "ntokens": int(text_lengths.sum())}
+            "target_index": target_index(text_target, pad), "ntokens": int(text_lengths.sum())}
     pair = speech_part(batch_pair, 0.13)
     clean, pair_tokens_masked, pair_target, pair_lengths = text_part(batch_pair, pair_tokens, 0.5, 5)
     stm_text_index = torch.arange(batch_pair)
     stm_text_index[1::2] = stm_text_index[1::2].roll(1) if batch_pair > 2 else stm_text_index[1::2]
-    pair.update(tokens=pair_tokens_masked, target=pair_target, clean_tokens=clean,
+    pair.update(tokens=pair_tokens_masked, target=pair_target, target_index=target_index(pair_target, pad),
+                clean_tokens=clean,
                 stm_text_index=stm_text_index, stm_label=(stm_text_index == torch.arange(batch_pair)).long(),
                 ntokens=int(pair_lengths.sum()))
     return {"speech": speech, "text": text, "pair": pair}

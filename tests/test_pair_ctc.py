@@ -7,8 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from slam_fairseq.modules.subsampling import subsampled_lengths
-from slam_fairseq.objectives.pair_ctc import CTC_BLANK, Speller, pair_ctc_loss, transcript_targets
+from slam_fairseq.objectives.pair_ctc import CTC_BLANK, Speller, kept_first, pair_ctc_loss, transcript_targets
 from test_slam_multitask import make_criterion, make_dictionary, make_model, make_sample
+
+
+def flat(targets: torch.Tensor, lengths: torch.Tensor) -> list:
+    """Padded (B, S) targets -> each row's first ``lengths[b]`` values, concatenated."""
+    return [value for row, length in zip(targets.tolist(), lengths.tolist()) for value in row[:length]]
 
 
 def test_transcript_targets_leave_out_pad_eos_and_the_blank():
@@ -16,8 +21,31 @@ def test_transcript_targets_leave_out_pad_eos_and_the_blank():
     pad, eos, bos = dictionary.pad(), dictionary.eos(), dictionary.bos()
     tokens = torch.tensor([[5, 6, 7, eos], [8, 9, eos, pad]])
     targets, lengths = transcript_targets(tokens, torch.tensor([bos, pad, eos]))
-    assert targets.tolist() == [5, 6, 7, 8, 9]
+    assert targets.shape == tokens.shape  # padded, so that no size is read from the device
+    assert flat(targets, lengths) == [5, 6, 7, 8, 9]
     assert lengths.tolist() == [3, 2]
+
+
+def test_kept_first_keeps_order_and_matches_boolean_indexing():
+    torch.manual_seed(0)
+    values, keep = torch.randint(0, 50, (6, 17)), torch.rand(6, 17) < 0.6
+    packed, lengths = kept_first(values, keep)
+    assert lengths.tolist() == keep.sum(dim=1).tolist()
+    assert flat(packed, lengths) == values[keep].tolist()
+
+
+def test_padded_targets_give_the_loss_and_gradient_of_concatenated_ones():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 12, 10, requires_grad=True)
+    lengths, target_lengths = torch.tensor([12, 9, 7]), torch.tensor([4, 2, 1])
+    concatenated = torch.tensor([4, 5, 6, 7, 7, 8, 4])
+    padded = torch.tensor([[4, 5, 6, 7], [7, 8, 1, 1], [4, 1, 1, 1]])
+    results = []
+    for targets in (concatenated, padded):
+        loss = pair_ctc_loss(logits, lengths, targets, target_lengths).loss
+        (gradient,) = torch.autograd.grad(loss, logits)
+        results.append((loss, gradient))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_loss_is_ctc_per_transcript_token_and_skips_rows_too_short():
@@ -63,9 +91,9 @@ def test_speller_spells_tokens_in_characters_and_skips_specials():
     tokens = torch.tensor([[the, s, dictionary.eos()], [cafe, dictionary.index("<mask>"), dictionary.pad()]])
     targets, lengths = speller(tokens)
     assert lengths.tolist() == [5, 5]
-    spelled = "".join(speller.characters[i - 1] for i in targets.tolist())
+    spelled = "".join(speller.characters[i - 1] for i in flat(targets, lengths))
     assert spelled == "\u2581thes\u2581caf\u00e9"
-    assert CTC_BLANK not in targets.tolist()
+    assert CTC_BLANK not in flat(targets, lengths)
     assert speller.num_classes == len(set("\u2581thescaf\u00e9w0123456789")) + 1
 
 
@@ -78,12 +106,12 @@ def test_model_with_pair_ctc_spells_the_clean_transcript_from_the_speech_alone(u
     clean = pair["clean_tokens"]
     tokens = clean[clean.ne(make_dictionary().pad())].tolist()
     if units == "tokens":
-        assert output.ctc_targets.tolist() == tokens
+        assert flat(output.ctc_targets, output.ctc_target_lengths) == tokens
         assert output.ctc_logits.shape[-1] == len(make_dictionary())
     else:
         symbols = make_dictionary().symbols
         characters = model.speller.characters
-        assert "".join(characters[i - 1] for i in output.ctc_targets.tolist()) == "".join(
+        assert "".join(characters[i - 1] for i in flat(output.ctc_targets, output.ctc_target_lengths)) == "".join(
             symbols[i] for i in tokens)
         assert output.ctc_logits.shape[-1] == len(characters) + 1
     head = model.pair_ctc_head  # a widening head computes time-first, as CTC reads the scores

@@ -224,6 +224,16 @@ def test_batches_follow_the_contract(data_dir):
     picked = pair["target"].ne(config.dictionary.pad())
     assert torch.equal(pair["target"][picked], pair["clean_tokens"][picked])
 
+    # the host-side indices the model uses instead of nonzero() on the device
+    pad = config.dictionary.pad()
+    for batch in (speech, pair):
+        real = torch.arange(batch["frame_mask"].shape[1])[None] < subsampled_lengths(batch["feature_lengths"])[:, None]
+        assert torch.equal(batch["masked_frames"], torch.stack((batch["frame_mask"] & real).nonzero(as_tuple=True)))
+        assert batch["masked_frames"].shape[1] > 0
+    for batch in (text, pair):
+        assert torch.equal(batch["target_index"], torch.stack(batch["target"].ne(pad).nonzero(as_tuple=True)))
+        assert batch["target_index"].shape[1] > 0
+
 
 def test_utterance_normalisation_by_default_and_global_cmvn_when_configured(data_dir, tmp_path):
     import shutil

@@ -3,12 +3,14 @@
 - the attention mask (None without padding, additive float with it) gives the boolean mask's output;
 - one unmasked speech pass serves STM and pair CTC: the same outputs as three separate passes;
 - a whole ``SlamPretrainingTask.train_step`` reads the device at most ``SYNC_BOUND`` times (counted
-  at the ATen dispatcher on CPU: scalar reads, nonzero, boolean indexing, ...), and the
-  criterion's ``reduce_metrics`` reads it once;
+  at the ATen dispatcher on CPU: scalar reads, nonzero, boolean indexing, ...), twice on the paths
+  taken on accelerators (``sync_free_paths``), with the same losses and gradients; the criterion's
+  ``reduce_metrics`` reads it once;
 - ``--compile-layers`` gives the eager outputs and gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from collections import Counter
@@ -21,8 +23,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from test_slam_multitask import make_criterion, make_model, make_sample
 
+from slam_fairseq.encoders.multimodal_encoder import pack_pair
 from slam_fairseq.modules.attention import RotarySelfAttention, attention_bias
 from slam_fairseq.modules.conformer import ConformerStack
+from slam_fairseq.modules.padding import sync_free_paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_pretraining  # noqa: E402
@@ -92,6 +96,22 @@ def test_attention_bias_is_none_without_padding_and_additive_with_it():
     bias = attention_bias(padding)
     assert bias.shape == (2, 1, 1, 3) and bias.dtype == torch.float32
     assert torch.equal(bias[:, 0, 0].isinf(), padding) and (bias[~padding[:, None, None, :]] == 0).all()
+
+
+def test_on_the_accelerator_paths_the_mask_is_always_made_and_pairs_pack_to_the_padded_widths():
+    unpadded = torch.zeros(2, 5, dtype=torch.bool)
+    speech, text = torch.randn(2, 4, 3), torch.randn(2, 3, 3)
+    speech_padding = torch.tensor([[False] * 4, [False, False, True, True]])
+    text_padding = torch.tensor([[False, False, True], [False] * 3])
+    with sync_free_paths():
+        bias = attention_bias(unpadded)
+        packed, padding_mask, _, _ = pack_pair(speech, speech_padding, text, text_padding)
+    assert bias is not None and torch.equal(bias, torch.zeros(2, 1, 1, 5))
+    assert attention_bias(unpadded) is None  # the context ends: the CPU path again
+    tight, tight_mask, _, _ = pack_pair(speech, speech_padding, text, text_padding)
+    assert tight.shape[1] == 6 and packed.shape[1] == 7  # the longest row (4 + 2) against 4 + 3
+    assert torch.equal(packed[:, :6], tight) and not packed[:, 6:].any() and padding_mask[:, 6:].all()
+    assert torch.equal(padding_mask[:, :6], tight_mask)
 
 
 @pytest.mark.parametrize("lengths", [(9, 9, 9), (9, 4, 7)])
@@ -170,13 +190,18 @@ def test_the_shared_subsampling_gives_the_gradients_of_two_separate_passes():
 
 # -- host syncs -----------------------------------------------------------------------------------
 # Per update of speech + text + pairs (with pair CTC), counted on CPU:
-#   scalar reads (12): the speech length check of each subsampling pass (2: speech 1, pair 1; on
-#     CUDA an asynchronous device assert instead), whether a batch has padding, once per Conformer stack
-#     pass (8: speech 2, text 1, pair 5), the packed length of each [speech ; text] pass (2);
-#   value-dependent shapes (6): nonzero of the masked frames / tokens (4), the CTC targets' boolean
-#     index (1), ctc_loss's lengths (1).
-# The criterion reads nothing: its logged values stay tensors until reduce_metrics.
-SYNC_BOUND = 19  # 18 in the model and criterion, 1 for the non-finite-loss guard (read once per update)
+#   scalar reads (12), free on a CPU: the speech length check of each subsampling pass (2: speech 1,
+#     pair 1), whether a batch has padding, once per Conformer stack pass (8: speech 2, text 1,
+#     pair 5), the packed length of each [speech ; text] pass (2); on an accelerator
+#     (``sync_free_paths``) an asynchronous device assert, always an attention mask, and the sum of
+#     the padded widths instead;
+#   ctc_loss's lengths (1), which it copies to the host itself;
+#   the non-finite-loss guard (1, once per update).
+# The masked frames and target tokens come from the collaters (host-side indices, no nonzero) and the
+# CTC targets are padded (no boolean index). The criterion reads nothing: its logged values stay
+# tensors until reduce_metrics.
+SYNC_BOUND = 14
+SYNC_FREE_READS = {"_ctc_loss": 1, "tolist": 1}
 
 
 def _our_update(pair_ctc: bool = True):
@@ -197,7 +222,8 @@ def test_a_train_step_reads_the_device_a_bounded_number_of_times_and_logging_onc
         _, _, logging_output = update.task.train_step(sample, update.model, update.criterion, update.optimizer,
                                                       update_num=0)
     assert counter.total <= SYNC_BOUND, dict(counter.counts)
-    assert counter.counts["_local_scalar_dense"] <= 13, dict(counter.counts)  # no per-objective item()
+    assert counter.counts["_local_scalar_dense"] <= 12, dict(counter.counts)  # no per-objective item()
+    assert counter.counts["nonzero"] == 0 and counter.counts["index[bool]"] == 0, dict(counter.counts)
     assert all(torch.is_tensor(logging_output[key]) for key in ("loss", "_stm_loss_sum", "_msm_mlm_count"))
 
     from fairseq import metrics
@@ -205,6 +231,57 @@ def test_a_train_step_reads_the_device_a_bounded_number_of_times_and_logging_onc
         update.criterion.reduce_metrics([logging_output])
     assert counter.total == 1, dict(counter.counts)
     assert aggregated.get_smoothed_values()["stm_loss"] > 0
+
+
+def _without_dropout(update) -> None:
+    """Every dropout rate 0, so that two paths whose tensors differ in width draw the same noise."""
+    for module in update.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, RotarySelfAttention):
+            module.dropout = 0.0
+
+
+def test_the_accelerator_paths_read_the_device_only_for_ctc_and_the_guard_and_give_the_same_update():
+    update, sample = _our_update()
+    _without_dropout(update)
+    update(sample)
+    results = {}
+    for sync_free in (False, True):
+        torch.manual_seed(5)
+        update.optimizer.zero_grad()
+        with (sync_free_paths() if sync_free else contextlib.nullcontext()), SyncCounter() as counter:
+            loss, _, logging_output = update.task.train_step(sample, update.model, update.criterion,
+                                                             update.optimizer, update_num=0)
+        gradients = {name: p.grad.clone() for name, p in update.model.named_parameters() if p.grad is not None}
+        results[sync_free] = (dict(counter.counts), logging_output, gradients)
+    assert results[True][0] == SYNC_FREE_READS, results[True][0]
+    assert sum(results[False][0].values()) > sum(SYNC_FREE_READS.values())
+    for key in ("loss", "_msm_contrastive_loss_sum", "_msm_mlm_loss_sum", "_span_masking_loss_sum",
+                "_tlm_text_loss_sum", "_tlm_speech_loss_sum", "_stm_loss_sum", "_pair_ctc_loss_sum"):
+        assert torch.allclose(torch.as_tensor(results[True][1][key]), torch.as_tensor(results[False][1][key]),
+                              rtol=1e-5, atol=1e-6), key
+    assert results[True][2].keys() == results[False][2].keys()
+    for name, gradient in results[False][2].items():
+        assert torch.allclose(results[True][2][name], gradient, rtol=1e-4, atol=1e-6), name
+
+
+def test_a_batch_without_host_indices_gives_the_same_update_through_nonzero():
+    update, sample = _our_update()
+    bare = {name: {key: value for key, value in batch.items() if key not in ("masked_frames", "target_index")}
+            for name, batch in sample.items()}
+    assert any("masked_frames" in batch for batch in sample.values())
+    results = []
+    for batches in (sample, bare):
+        torch.manual_seed(5)
+        update.optimizer.zero_grad()
+        with SyncCounter() as counter:
+            loss, _, _ = update.task.train_step(batches, update.model, update.criterion, update.optimizer, update_num=0)
+        results.append((loss.detach(), counter.counts["nonzero"],
+                        [p.grad.clone() for p in update.model.parameters() if p.grad is not None]))
+    assert results[0][1] == 0 and results[1][1] == 4  # masked frames of speech and pair, targets of text and pair
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
 
 
 # -- torch.compile of each layer ------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from slam_fairseq.modules.conformer import ConformerStack
-from slam_fairseq.modules.padding import lengths_to_padding_mask, padding_mask_to_lengths
+from slam_fairseq.modules.padding import lengths_to_padding_mask, may_read_device_values, padding_mask_to_lengths
 
 SPEECH_MODALITY = 0
 TEXT_MODALITY = 1
@@ -43,13 +43,18 @@ def pack_pair(speech: torch.Tensor, speech_padding_mask: torch.Tensor, text: tor
     """Concatenate each row's real speech frames and real text tokens, padding only at the end.
 
     Packing (rather than [padded speech ; padded text]) keeps every row's positions independent of
-    the other rows, so a pair gives the same output alone or in a batch.
+    the other rows, so a pair gives the same output alone or in a batch. The packed width is the
+    longest row's on a CPU; on an accelerator, where reading it would be a host sync, the sum of
+    the two padded widths (a few more padded positions, the same real outputs).
     Returns (packed (B, Ts+Tt', D), padding mask, speech lengths, text lengths).
     """
     speech_lengths = padding_mask_to_lengths(speech_padding_mask)
     text_lengths = padding_mask_to_lengths(text_padding_mask)
     total_lengths = speech_lengths + text_lengths
-    packed_length = int(total_lengths.max())
+    if may_read_device_values(total_lengths.device):
+        packed_length = int(total_lengths.max())
+    else:
+        packed_length = speech.shape[1] + text.shape[1]
     speech_length = speech.shape[1]
     positions = torch.arange(packed_length, device=speech.device).unsqueeze(0)
     in_speech = positions < speech_lengths[:, None]

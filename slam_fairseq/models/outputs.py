@@ -65,7 +65,7 @@ class PairPretrainingOutput(NamedTuple):
     stm_logits (B, 2), stm_labels (B,): STM on [unmasked speech of row b ; clean text of row
         ``stm_text_index[b]``].
     num_tokens, num_frames: real tokens and subsampled frames (long scalar tensors); num_pairs: B.
-    ctc_logits (B, T', K), ctc_lengths (B,), ctc_targets (N,), ctc_target_lengths (B,): mSLAM's CTC
+    ctc_logits (B, T', K), ctc_lengths (B,), ctc_targets (B, S) padded, ctc_target_lengths (B,): mSLAM's CTC
         on the unmasked speech alone against the clean transcript (``--pair-ctc``), else None; K is
         the text vocabulary or the characters + blank (``--pair-ctc-units``); when K > D,
         ``ctc_logits`` is the transposed view of time-first (T', B, K) scores, the layout

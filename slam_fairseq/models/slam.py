@@ -8,7 +8,7 @@ through ``forward(speech=..., text=..., pair=...)`` so that a DDP wrapper sees t
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from fairseq.modules import GradMultiply
@@ -89,6 +89,16 @@ def _fit_frame_mask(frame_mask: torch.Tensor, num_subsampled: int) -> torch.Tens
                 "see docs/pretraining_batches.md)")
         return frame_mask[:, :num_subsampled]
     return frame_mask
+
+
+def _index_or_nonzero(batch: Dict, key: str, mask: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (rows, columns) of a batch's masked frames or target tokens: ``batch[key]``, (2, N) as
+    the collaters find them on the host, or else ``mask().nonzero()`` (a host sync on a GPU: the
+    size N is read from the device)."""
+    index = batch.get(key)
+    if index is None:
+        return mask().nonzero(as_tuple=True)
+    return index[0], index[1]
 
 
 PAPER_HEADS = dict(quantizer_codebook_size=1024, quantizer_groups=1, quantizer_codevector_dim=256)
@@ -241,8 +251,7 @@ class SlamModel(BaseFairseqModel):
         """MSM on a SPEECH_BATCH (``features``, ``feature_lengths``, ``frame_mask``)."""
         features, lengths, frame_mask = self._speech_inputs(batch)
         speech, joint = self.encoder.encode_speech(features, lengths, frame_mask)
-        masked = frame_mask & ~speech.padding_mask
-        utterance_index, frame_index = masked.nonzero(as_tuple=True)
+        utterance_index, frame_index = _index_or_nonzero(batch, "masked_frames", lambda: frame_mask & ~speech.padding_mask)
         predictions = self.contrastive_projection(speech.output[utterance_index, frame_index])
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
         quantized = self.quantize_masked(features, speech.subsampled, utterance_index, frame_index)
@@ -259,7 +268,7 @@ class SlamModel(BaseFairseqModel):
         tokens, target = batch["tokens"], batch["target"]
         padding_idx = self.encoder.text_encoder.padding_idx
         joint = self.encoder.encode_text(tokens)
-        row, position = target.ne(padding_idx).nonzero(as_tuple=True)
+        row, position = _index_or_nonzero(batch, "target_index", lambda: target.ne(padding_idx))
         return TextPretrainingOutput(
             text_logits=self.text_prediction_head(joint.output[row, position]),
             text_targets=target[row, position],
@@ -282,13 +291,12 @@ class SlamModel(BaseFairseqModel):
         subsampled, speech_padding_mask = speech_encoder.subsample(features, lengths)
         speech = speech_encoder.encode_subsampled(subsampled, speech_padding_mask, frame_mask)
         joint = self.encoder.encode_multimodal(speech, tokens)
-        masked = frame_mask & ~speech.padding_mask
-        utterance_index, frame_index = masked.nonzero(as_tuple=True)
+        utterance_index, frame_index = _index_or_nonzero(batch, "masked_frames", lambda: frame_mask & ~speech.padding_mask)
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
         with torch.no_grad():
             code_targets = self.quantize_masked(features, speech.subsampled, utterance_index, frame_index)["targets"]
         # the text of row b sits at packed positions speech_lengths[b] + j
-        row, position = target.ne(padding_idx).nonzero(as_tuple=True)
+        row, position = _index_or_nonzero(batch, "target_index", lambda: target.ne(padding_idx))
         text_hidden = joint.output[row, joint.speech_lengths[row] + position]
 
         unmasked = speech_encoder.encode_subsampled(subsampled, speech_padding_mask)

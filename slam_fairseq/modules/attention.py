@@ -7,22 +7,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slam_fairseq.modules.padding import may_read_device_values
 from slam_fairseq.modules.rotary import RotaryPositionalEmbedding, RotaryTables, rotate
 
 
 def attention_bias(padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
     """The ``attn_mask`` that keeps SDPA's fused kernels, made once per layer stack.
 
-    None when no position is padding (the flash kernel needs no mask at all); otherwise an additive
-    (B, 1, 1, T) float mask, 0 at real keys and -inf at padded ones. A boolean mask gives the same
-    result but rules out the flash kernel on CUDA and is slower than a float one in the other kernels.
-    Deciding between the two reads one bool from the device (one host sync per stack).
+    An additive (B, 1, 1, T) float mask, 0 at real keys and -inf at padded ones; a boolean mask
+    gives the same result but rules out the flash kernel on CUDA and is slower than a float one in
+    the other kernels. On a CPU, None when no position is padding. Deciding that on an accelerator
+    would read a bool from the device (a host sync per stack, see
+    :func:`~slam_fairseq.modules.padding.may_read_device_values`), so there the mask is always
+    made: a batch without padding then runs the memory-efficient or cuDNN kernel instead of flash,
+    and length-bucketed training batches almost always have some padding anyway.
 
     Args:
         padding_mask: (B, T) bool, True at padding; every row has at least one real position.
         dtype: the dtype of the mask (cast to the query's dtype in each layer).
     """
-    if not bool(padding_mask.any()):
+    if may_read_device_values(padding_mask.device) and not bool(padding_mask.any()):
         return None
     bias = torch.zeros(padding_mask.shape, dtype=dtype, device=padding_mask.device)
     return bias.masked_fill_(padding_mask, float("-inf"))[:, None, None, :]

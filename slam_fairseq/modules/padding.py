@@ -1,9 +1,35 @@
-"""Padding masks from lengths, made once and passed down (True marks a padded position)."""
+"""Padding masks from lengths, made once and passed down (True marks a padded position), and the
+rule for when the model may read a device value to decide a shape or a branch."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
+
+_SYNC_FREE_EVERYWHERE = False
+
+
+def may_read_device_values(device: torch.device) -> bool:
+    """Whether the model may read a value of a tensor on ``device`` to take a cheaper path.
+
+    On a CPU the value is already in host memory. On an accelerator reading it makes the host
+    wait until every queued kernel has run (a host-device sync, which empties the launch queue),
+    so there the model takes paths that need no value: an attention mask even for a batch without
+    padding, a packed width from the padded widths, an asynchronous device assert.
+    :func:`sync_free_paths` makes every device take those paths (tests run them on a CPU)."""
+    return device.type == "cpu" and not _SYNC_FREE_EVERYWHERE
+
+
+@contextlib.contextmanager
+def sync_free_paths() -> Iterator[None]:
+    """Within the block, :func:`may_read_device_values` is False on every device."""
+    global _SYNC_FREE_EVERYWHERE
+    previous, _SYNC_FREE_EVERYWHERE = _SYNC_FREE_EVERYWHERE, True
+    try:
+        yield
+    finally:
+        _SYNC_FREE_EVERYWHERE = previous
 
 
 def lengths_to_padding_mask(lengths: torch.Tensor, max_length: Optional[int] = None) -> torch.Tensor:

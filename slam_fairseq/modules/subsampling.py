@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slam_fairseq.modules.padding import may_read_device_values
+
 _KERNEL = 3
 _STRIDE = 2
 SUBSAMPLING_FACTOR = _STRIDE * _STRIDE  # frames of input per output frame
@@ -126,7 +128,7 @@ class Conv2dSubsampling(nn.Module):
         Returns:
             ((B, T', D), (B,) output lengths).
         """
-        if lengths.device.type == "cpu":
+        if may_read_device_values(lengths.device):
             if int(lengths.min()) < MIN_INPUT_FRAMES:
                 raise ValueError(f"speech input of {int(lengths.min())} frames is too short: "
                                  f"at least {MIN_INPUT_FRAMES} needed")

@@ -19,11 +19,18 @@ from slam_fairseq.objectives.masked_prediction import ObjectiveOutput
 CTC_BLANK = 0  # fairseq's <s>: never a transcript token; the same blank as slam_s2t's CTC head
 
 
+def kept_first(values: torch.Tensor, keep: torch.Tensor):
+    """(B, S) values -> ((B, S) each row's kept values first, in order, then the others; (B,) how
+    many are kept): the padded targets ``ctc_loss`` reads up to each row's length. A stable sort
+    rather than ``values[keep]``, whose size the host would have to read from the device."""
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    return values.gather(1, order), keep.sum(dim=1)
+
+
 def transcript_targets(tokens: torch.Tensor, ignore: torch.Tensor):
-    """(B, L) padded transcripts -> (flat targets, (B,) lengths), leaving out the ids in ``ignore``
-    (pad, eos, bos: not spoken)."""
-    keep = ~torch.isin(tokens, ignore)
-    return tokens[keep], keep.sum(dim=1)
+    """(B, L) padded transcripts -> ((B, L) padded targets, (B,) lengths), leaving out the ids in
+    ``ignore`` (pad, eos, bos: not spoken); past its length a row holds left-out ids."""
+    return kept_first(tokens, ~torch.isin(tokens, ignore))
 
 
 def pair_ctc_loss(logits: torch.Tensor, output_lengths: torch.Tensor, targets: torch.Tensor,
@@ -33,7 +40,8 @@ def pair_ctc_loss(logits: torch.Tensor, output_lengths: torch.Tensor, targets: t
         logits: (B, T', V) scores over the text vocabulary at every subsampled frame (fastest as
             the transposed view of a contiguous (T', B, V) tensor).
         output_lengths: (B,) real frames.
-        targets: (N,) concatenated transcripts (no blank, pad or eos); target_lengths: (B,).
+        targets: (B, S) padded transcripts (no blank, pad or eos up to each row's length; as
+            :func:`transcript_targets` makes them) or (N,) concatenated; target_lengths: (B,).
     Returns:
         :class:`ObjectiveOutput`: the summed CTC loss divided by the number of target tokens; rows
         too short for their transcript contribute 0 and are not counted; no accuracy
@@ -79,10 +87,11 @@ class Speller(torch.nn.Module):
         return len(self.characters) + 1
 
     def forward(self, tokens: torch.Tensor):
-        """(B, L) padded token ids -> (flat character targets, (B,) lengths); unspoken ids spell nothing."""
+        """(B, L) padded token ids -> ((B, L x W) padded character targets, (B,) lengths), W the
+        longest spelling; unspoken ids spell nothing."""
         spelled = self.table[tokens]  # (B, L, W)
         keep = torch.arange(spelled.shape[-1], device=tokens.device) < self.lengths[tokens].unsqueeze(-1)
-        return spelled[keep], keep.sum(dim=(1, 2))
+        return kept_first(spelled.flatten(1), keep.flatten(1))
 
 
 def _is_special(symbol: str) -> bool:

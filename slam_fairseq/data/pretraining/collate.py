@@ -7,14 +7,26 @@ import torch
 
 from slam_fairseq.modules.subsampling import subsampled_lengths
 
-__all__ = ["collate_speech", "collate_tokens"]
+__all__ = ["collate_speech", "collate_tokens", "nonzero_index", "target_index"]
+
+
+def nonzero_index(mask: torch.Tensor) -> torch.Tensor:
+    """(2, N) long: the row and column of each True of a (B, T) bool mask, in ``nonzero()`` order."""
+    return torch.stack(mask.nonzero(as_tuple=True))
+
+
+def target_index(target: torch.Tensor, pad: int) -> torch.Tensor:
+    """(2, M) long: the row and position of each target token (not ``pad``) of a (B, L) batch."""
+    return nonzero_index(target.ne(pad))
 
 
 def collate_speech(items: List[Dict[str, Any]], mask_key: str = "frame_mask") -> Dict[str, Any]:
     """Pad ``features`` (T, F) with 0 and ``mask_key`` (T',) with False.
 
-    Returns ``id`` (B,), ``features`` (B, T, F), ``feature_lengths`` (B,), ``frame_mask`` (B, T')
-    and ``nframes`` (real subsampled frames in the batch).
+    Returns ``id`` (B,), ``features`` (B, T, F), ``feature_lengths`` (B,), ``frame_mask`` (B, T'),
+    ``masked_frames`` (2, N): the row and subsampled frame of each masked frame in
+    ``frame_mask.nonzero()`` order (found here on the host, so that the model need not wait for
+    the device to learn N), and ``nframes`` (real subsampled frames in the batch).
     """
     lengths = torch.tensor([item["features"].shape[0] for item in items], dtype=torch.long)
     feature_dim = items[0]["features"].shape[1]
@@ -29,6 +41,7 @@ def collate_speech(items: List[Dict[str, Any]], mask_key: str = "frame_mask") ->
         "features": features,
         "feature_lengths": lengths,
         "frame_mask": frame_mask,
+        "masked_frames": nonzero_index(frame_mask),
         "nframes": int(subsampled.sum()),
     }
 

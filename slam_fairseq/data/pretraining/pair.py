@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from slam_fairseq.data.pretraining.collate import collate_speech, collate_tokens
+from slam_fairseq.data.pretraining.collate import collate_speech, collate_tokens, target_index
 from slam_fairseq.data.pretraining.feature_rows import SpeechFeatureReader, num_subsampled_frames
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
@@ -80,6 +80,7 @@ class PretrainingPairDataset(PretrainingModalityDataset):
         pad = self.vocabulary.pad
         batch["tokens"] = collate_tokens([item["source"] for item in samples], pad)
         batch["target"] = collate_tokens([item["target"] for item in samples], pad)
+        batch["target_index"] = target_index(batch["target"], pad)
         batch["clean_tokens"] = collate_tokens([item["clean"] for item in samples], pad)
         rng = masking_rng(self.seed, samples[0]["epoch"], len(samples), STM_NEGATIVES,
                           extra=[item["id"] for item in samples])

@@ -24,7 +24,7 @@ import torch
 
 from slam_formats.manifest import ManifestError
 from slam_formats.names import text_prefix_name
-from slam_fairseq.data.pretraining.collate import collate_tokens
+from slam_fairseq.data.pretraining.collate import collate_tokens, target_index
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
 from slam_fairseq.data.pretraining.seeding import TEXT_SPAN_MASK, masking_rng
 from slam_fairseq.data.pretraining.span_masks import SpanMaskingSettings, TextVocabulary, mask_text
@@ -146,9 +146,11 @@ class PretrainingTextDataset(PretrainingModalityDataset):
         if not samples:
             return {}
         pad = self.vocabulary.pad
+        target = collate_tokens([item["target"] for item in samples], pad)
         return {
             "id": torch.tensor([item["id"] for item in samples], dtype=torch.long),
             "tokens": collate_tokens([item["source"] for item in samples], pad),
-            "target": collate_tokens([item["target"] for item in samples], pad),
+            "target": target,
+            "target_index": target_index(target, pad),
             "ntokens": int(sum(len(item["source"]) for item in samples)),
         }
