@@ -262,6 +262,27 @@ def test_stack_returns_every_layer_when_asked():
     assert len(hiddens) == 3 and not torch.allclose(hiddens[0], hiddens[2])
 
 
+def test_stack_makes_the_per_layer_masks_once_and_gets_what_each_layer_would_make_itself():
+    """The attention mask, RoPE tables and GroupNorm frames are made once per stack; each layer
+    left to make its own gives the same output and gradients, bit for bit."""
+    torch.manual_seed(0)
+    stack = ConformerStack(3, 16, 32, 2, 3, conv_norm_groups=4).eval()
+    x = torch.randn(3, 10, 16)
+    padding = torch.arange(10)[None, :] >= torch.tensor([10, 7, 4])[:, None]
+    inputs = [x.clone().requires_grad_() for _ in range(2)]
+    together = stack(inputs[0], padding)[-1]
+    alone = inputs[1]
+    for layer in stack.layers:
+        alone = layer(alone, padding)
+    assert torch.equal(together, alone)
+    gradient = torch.randn_like(together)
+    together.backward(gradient)
+    alone.backward(gradient)
+    assert torch.equal(inputs[0].grad, inputs[1].grad)
+    frames = stack.layers[0].convolution.norm.frames(padding)
+    assert torch.equal(frames.real.flatten(1), (~padding).float()) and frames.count.flatten().tolist() == [40, 28, 16]
+
+
 def test_subsampled_features_vary_over_time_at_initialisation():
     """A from-scratch encoder must see its input: the subsampling output is normalised per frame,
     so frames differ by O(1), not by a tiny fraction of a shared bias."""

@@ -22,6 +22,7 @@ from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.encoders.speech_encoder import SpeechEncoderOutput
 from slam_fairseq.models.outputs import PairPretrainingOutput, SpeechPretrainingOutput, TextPretrainingOutput
 from slam_fairseq.modules.gumbel_quantizer import GumbelQuantizer
+from slam_fairseq.modules.padding import may_read_device_values
 from slam_fairseq.modules.random_projection_quantizer import RandomProjectionQuantizer
 from slam_fairseq.modules.subsampling import SUBSAMPLING_FACTOR, subsampled_length
 from slam_fairseq.objectives.msm import CodePredictionHead
@@ -94,10 +95,15 @@ def _fit_frame_mask(frame_mask: torch.Tensor, num_subsampled: int) -> torch.Tens
 def _index_or_nonzero(batch: Dict, key: str, mask: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The (rows, columns) of a batch's masked frames or target tokens: ``batch[key]``, (2, N) as
     the collaters find them on the host, or else ``mask().nonzero()`` (a host sync on a GPU: the
-    size N is read from the device)."""
+    size N is read from the device). On a CPU the count of ``batch[key]`` is checked against the mask."""
     index = batch.get(key)
     if index is None:
         return mask().nonzero(as_tuple=True)
+    if may_read_device_values(index.device):  # free on a CPU: catches a mask edited after collation
+        expected = int(mask().sum())
+        if index.shape[1] != expected:
+            raise ValueError(f"batch[{key!r}] lists {index.shape[1]} positions but the batch's mask has {expected}: "
+                             f"rebuild it (slam_fairseq.data.pretraining.collate) after changing the mask")
     return index[0], index[1]
 
 
@@ -127,6 +133,8 @@ class SlamModel(BaseFairseqModel):
         self.cfg = cfg
         # ids left out of the pair CTC targets: <s> (the CTC blank), <pad>, </s> of fairseq's dictionary
         self.unspoken_ids = tuple(unspoken_ids)
+        # on the model's device, so that no step copies them from the host
+        self.register_buffer("unspoken_id_tensor", torch.tensor(self.unspoken_ids, dtype=torch.long), persistent=False)
         self.encoder = encoder
         embed_dim = cfg.encoder_embed_dim
         quantizer_dim = embed_dim
@@ -317,7 +325,7 @@ class SlamModel(BaseFairseqModel):
         if self.speller is not None:
             targets, target_lengths = self.speller(clean_tokens)
         else:
-            targets, target_lengths = transcript_targets(clean_tokens, clean_tokens.new_tensor(self.unspoken_ids))
+            targets, target_lengths = transcript_targets(clean_tokens, self.unspoken_id_tensor)
         head = self.pair_ctc_head
         if head.out_features > head.in_features:
             # a widening head (tokens): scores computed time-first, (T', B, V), as ctc_loss reads

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from slam_fairseq.modules.attention import RotarySelfAttention, attention_bias
 from slam_fairseq.modules.dropout import Dropout
-from slam_fairseq.modules.masked_group_norm import MaskedGroupNorm
+from slam_fairseq.modules.masked_group_norm import GroupNormFrames, MaskedGroupNorm
 from slam_fairseq.modules.rotary import RotaryTables
 
 __all__ = ["ConformerLayer", "ConformerStack", "MaskedGroupNorm"]
@@ -74,11 +74,13 @@ class _ConvolutionModule(nn.Module):
         self.pointwise_out = nn.Linear(embed_dim, embed_dim)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D); padding_mask: (B, T). Returns (B, T, D)."""
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
+                norm_frames: Optional[GroupNormFrames] = None) -> torch.Tensor:
+        """x: (B, T, D); padding_mask: (B, T); norm_frames: the stack's ``self.norm.frames(padding_mask)``
+        (made here by default). Returns (B, T, D)."""
         hidden = F.glu(self.pointwise_in(self.layer_norm(x)), dim=-1)
         hidden = hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0).transpose(1, 2)
-        hidden = _ContiguousGradient.apply(F.silu(self.norm(self.depthwise(hidden), padding_mask)))
+        hidden = _ContiguousGradient.apply(F.silu(self.norm(self.depthwise(hidden), padding_mask, norm_frames)))
         return self.dropout(self.pointwise_out(hidden.transpose(1, 2)))
 
 
@@ -108,14 +110,17 @@ class ConformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
                 bias: Union[torch.Tensor, None, str] = "auto",
-                rotary_tables: Optional[RotaryTables] = None) -> torch.Tensor:
+                rotary_tables: Optional[RotaryTables] = None,
+                norm_frames: Optional[GroupNormFrames] = None) -> torch.Tensor:
         """x: (B, T, D); padding_mask: (B, T) bool, True at padding; bias: the stack's
         :func:`attention_bias` (made here by default); rotary_tables: the stack's RoPE tables for T
-        (made here by default). Returns (B, T, D)."""
-        x = x + 0.5 * self.ffn_first(x)
+        (made here by default); norm_frames: the stack's GroupNorm frames (made here by default).
+        Returns (B, T, D)."""
+        # x + 0.5 * f(x) as one operator (the halving is exact, so the sum rounds the same)
+        x = torch.add(x, self.ffn_first(x), alpha=0.5)
         x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask, bias, rotary_tables))
-        x = x + self.convolution(x, padding_mask)
-        x = x + 0.5 * self.ffn_second(x)
+        x = x + self.convolution(x, padding_mask, norm_frames)
+        x = torch.add(x, self.ffn_second(x), alpha=0.5)
         return self.final_norm(x)
 
 
@@ -144,15 +149,19 @@ class ConformerStack(nn.Module):
                 return_all_hiddens: bool = False) -> List[torch.Tensor]:
         """x: (B, T, D). Returns the outputs of every layer (or only the last, in a list).
 
-        The attention mask (:func:`attention_bias`) and the RoPE tables are made once for all layers."""
+        The attention mask (:func:`attention_bias`), the RoPE tables and the GroupNorm's real frames
+        are made once for all layers."""
         hiddens = []
+        if not len(self.layers):
+            return hiddens if return_all_hiddens else [x]
         bias: Optional[torch.Tensor] = attention_bias(padding_mask)
-        tables = self.layers[0].attention.rotary.tables(x.shape[1], x.device) if len(self.layers) else None
+        tables = self.layers[0].attention.rotary.tables(x.shape[1], x.device)
+        frames = self.layers[0].convolution.norm.frames(padding_mask)
         for layer in self.layers:
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, padding_mask, bias, tables, use_reentrant=False)
+                x = checkpoint(layer, x, padding_mask, bias, tables, frames, use_reentrant=False)
             else:
-                x = layer(x, padding_mask, bias, tables)
+                x = layer(x, padding_mask, bias, tables, frames)
             if return_all_hiddens:
                 hiddens.append(x)
         return hiddens if return_all_hiddens else [x]

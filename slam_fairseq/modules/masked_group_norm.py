@@ -7,12 +7,30 @@ activations are kept for it instead of every intermediate.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["MaskedGroupNorm", "masked_group_norm"]
+__all__ = ["GroupNormFrames", "MaskedGroupNorm", "group_norm_frames", "masked_group_norm"]
+
+
+class GroupNormFrames(NamedTuple):
+    """What the statistics need from the padding mask: the same for every layer of a stack.
+
+    real: (B, 1, 1, T) float32, 1 at real steps, 0 at padding.
+    count: (B, 1, 1, 1) float32, real elements per group (real steps x channels per group, at least
+        one group's worth of channels, so that an all-padded row divides by a positive count)."""
+
+    real: torch.Tensor
+    count: torch.Tensor
+
+
+def group_norm_frames(padding_mask: torch.Tensor, channels_per_group: int) -> GroupNormFrames:
+    """:class:`GroupNormFrames` of a (B, T) bool padding mask (True at padding)."""
+    batch_size, length = padding_mask.shape
+    real = (~padding_mask).to(torch.float32).view(batch_size, 1, 1, length)
+    return GroupNormFrames(real, real.sum(dim=(2, 3), keepdim=True).clamp_(min=1.0).mul_(channels_per_group))
 
 
 class _MaskedGroupNormFunction(torch.autograd.Function):
@@ -25,11 +43,10 @@ class _MaskedGroupNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, real: torch.Tensor, weight: Optional[torch.Tensor],
+    def forward(ctx, x: torch.Tensor, real: torch.Tensor, count: torch.Tensor, weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], groups: int, eps: float) -> torch.Tensor:
         batch_size, channels, length = x.shape
         x_float = x.to(torch.promote_types(x.dtype, torch.float32)).view(batch_size, groups, channels // groups, length)
-        count = real.sum(dim=(2, 3), keepdim=True).clamp_(min=1.0).mul_(channels // groups)
         mean = (x_float * real).sum(dim=(2, 3), keepdim=True).div_(count)
         centered = x_float - mean
         real_centered = centered * real
@@ -51,9 +68,9 @@ class _MaskedGroupNormFunction(torch.autograd.Function):
         grad = grad_output.to(normalized.dtype)
         grad_weight = grad_bias = grad_input = None
         if weight is not None:
-            if ctx.needs_input_grad[2]:
-                grad_weight = (grad * normalized).sum(dim=(0, 2)).to(weight.dtype)
             if ctx.needs_input_grad[3]:
+                grad_weight = (grad * normalized).sum(dim=(0, 2)).to(weight.dtype)
+            if ctx.needs_input_grad[4]:
                 grad_bias = grad.sum(dim=(0, 2)).to(weight.dtype)
             grad = grad * weight.to(grad.dtype)[None, :, None]
         if ctx.needs_input_grad[0]:
@@ -63,12 +80,12 @@ class _MaskedGroupNormFunction(torch.autograd.Function):
             grad_dot = (grad * x_hat).sum(dim=(2, 3), keepdim=True)
             correction = torch.addcmul(grad_sum, x_hat, grad_dot).mul_(real).div_(count)
             grad_input = (grad - correction).mul_(rstd).view(batch_size, channels, length).to(grad_output.dtype)
-        return grad_input, None, grad_weight, grad_bias, None, None
+        return grad_input, None, None, grad_weight, grad_bias, None, None
 
 
 def masked_group_norm(x: torch.Tensor, padding_mask: torch.Tensor, groups: int,
                       weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                      eps: float = 1e-5) -> torch.Tensor:
+                      eps: float = 1e-5, frames: Optional[GroupNormFrames] = None) -> torch.Tensor:
     """GroupNorm of (B, C, T) ``x`` over (C / groups channels x real steps), in float32 (float64
     for float64 input).
 
@@ -78,10 +95,12 @@ def masked_group_norm(x: torch.Tensor, padding_mask: torch.Tensor, groups: int,
         groups: G, dividing C.
         weight, bias: optional (C,) affine parameters (both or neither).
         eps: added to the variance.
+        frames: ``group_norm_frames(padding_mask, C // G)`` when the caller has made it (a layer
+            stack makes it once for all its layers); made here otherwise.
     """
-    batch_size, _, length = x.shape
-    real = (~padding_mask).to(torch.float32).view(batch_size, 1, 1, length)
-    return _MaskedGroupNormFunction.apply(x, real, weight, bias, groups, eps)
+    if frames is None:
+        frames = group_norm_frames(padding_mask, x.shape[1] // groups)
+    return _MaskedGroupNormFunction.apply(x, frames.real, frames.count, weight, bias, groups, eps)
 
 
 class MaskedGroupNorm(nn.GroupNorm):
@@ -90,11 +109,17 @@ class MaskedGroupNorm(nn.GroupNorm):
     Statistics are computed in float32 so fp16/bf16 training stays stable.
     """
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def frames(self, padding_mask: torch.Tensor) -> GroupNormFrames:
+        """What :meth:`forward` needs from ``padding_mask``, for norms of this size (made once per stack)."""
+        return group_norm_frames(padding_mask, self.num_channels // self.num_groups)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,  # type: ignore[override]
+                frames: Optional[GroupNormFrames] = None) -> torch.Tensor:
         """
         Args:
             x: (B, C, T).
             padding_mask: (B, T) bool, True at padding.
+            frames: :meth:`frames` of ``padding_mask`` when the caller has made it.
         """
         weight, bias = (self.weight, self.bias) if self.affine else (None, None)
-        return masked_group_norm(x, padding_mask, self.num_groups, weight, bias, self.eps)
+        return masked_group_norm(x, padding_mask, self.num_groups, weight, bias, self.eps, frames)

@@ -41,7 +41,7 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
         logits, targets = logits[mask], targets[mask]
     logits = logits.reshape(-1, logits.shape[-1]).float()
     targets = targets.reshape(-1)
-    count = torch.tensor(targets.numel(), device=logits.device)
+    count = torch.full((), targets.numel(), dtype=torch.long, device=logits.device)  # no host-to-device copy
     loss_sum = F.cross_entropy(logits, targets, reduction="sum")
     num_correct = (logits.argmax(dim=-1) == targets).sum() if targets.numel() else count.new_zeros(())
     return ObjectiveOutput(loss_sum / count.clamp(min=1), num_correct, count)

@@ -52,6 +52,6 @@ def stm_loss(logits: torch.Tensor, labels: torch.Tensor) -> ObjectiveOutput:
         labels: (B,) long, 1 for a true pair, 0 for a mismatched one.
     """
     logits = logits.float()
-    count = torch.tensor(labels.numel(), device=logits.device)
+    count = torch.full((), labels.numel(), dtype=torch.long, device=logits.device)  # no host-to-device copy
     loss = F.cross_entropy(logits, labels, reduction="sum") / count.clamp(min=1)
     return ObjectiveOutput(loss, (logits.argmax(dim=-1) == labels).sum(), count)
