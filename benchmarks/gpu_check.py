@@ -22,7 +22,10 @@ Parts, each timed and each allowed to fail on its own (the failure is recorded, 
 8. on CUDA, ``bench_pretraining.py`` again with ``--compile-layers`` (``torch.compile`` of each
    Conformer layer), in a subprocess under its own time limit;
 9. the MSM quantizer alone, ours against fairseq's ``GumbelVectorQuantizer`` at ``slam_paper``'s
-   size (``bench_quantizer.py``, bf16 autocast on CUDA): time and peak memory.
+   size (``bench_quantizer.py``, bf16 autocast on CUDA): time and peak memory;
+10. the host syncs of one update of ours with pair CTC (``host_syncs.py``): on CUDA the calls that
+   ``torch.cuda.set_sync_debug_mode("warn")`` reports, on the CPU the dispatcher count on the
+   paths an accelerator takes (``sync_free_paths``).
 
 The JSON and the markdown are rewritten after every part, so a run stopped by the time limit still
 leaves what it measured.
@@ -43,6 +46,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections import Counter
 from typing import Dict, List, Optional
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -162,6 +166,41 @@ def profile_update(preset: str, device, dtype: str, batch: int, frames: int, row
     return {"batch": batch, "frames": frames, "sorted_by": sort_by, "kernels_launched": kernels, "table": table}
 
 
+def host_syncs(preset: str, device, dtype: str, batch: int, frames: int) -> Dict[str, object]:
+    """The syncs of one ``train_step`` of ours with pair CTC, after a warm-up update: CUDA's own
+    report on a GPU, the dispatcher count on the accelerator paths elsewhere."""
+    import torch
+
+    import bench_pretraining as bench
+    from host_syncs import SyncCounter, cuda_sync_warnings
+    from slam_fairseq.modules.padding import sync_free_paths
+
+    args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames),
+                             "--pair-ctc"])
+    update = bench.build_ours(args, device)
+    sample = _batch(update, batch, frames, 128 if frames > 400 else 12, device, dtype)
+    update(sample)
+
+    def step() -> None:
+        update.optimizer.zero_grad()
+        autocast = torch.autocast(device.type, dtype=update.dtype) if update.dtype else contextlib.nullcontext()
+        with autocast:
+            update.task.train_step(sample, update.model, update.criterion, update.optimizer, update_num=0)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        messages = cuda_sync_warnings(step)
+        result = {"how": "torch.cuda.set_sync_debug_mode('warn')", "count": len(messages),
+                  "calls": dict(Counter(messages))}
+    else:
+        with sync_free_paths(), SyncCounter() as counter:
+            step()
+        result = {"how": "ATen dispatcher count on the accelerator paths (sync_free_paths)",
+                  "count": counter.total, "calls": dict(counter.counts)}
+    del update
+    return result
+
+
 def largest_batch(preset: str, device, dtype: str, checkpoint_activations: bool, start: int,
                   doublings: int, frames: int) -> Dict[str, object]:
     """Double the batch of each modality from ``start`` while a train_step fits (at most ``doublings``)."""
@@ -275,6 +314,11 @@ def _markdown(report: Dict[str, object]) -> str:
                       f"{result['kernels_launched']} device kernels launched", "", "```", result["table"].rstrip(), "```"]
         else:
             lines.append(str(result.get("error")))
+    if "host_syncs" in report:
+        result = report["host_syncs"]
+        lines += ["", "## host syncs of one update of ours (pair CTC)", ""]
+        lines.append(f"{result['count']} ({result['how']}): {result['calls']}" if "count" in result else
+                     str(result.get("error")))
     if "sdpa_kernels" in report:
         lines += ["", "## SDPA kernels our attention can use", ""]
         for case, usable in report["sdpa_kernels"].items():
@@ -351,6 +395,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     except Exception as error:
         report["sdpa_kernels"] = {"error": repr(error)[:500]}
 
+    _save(args.out_dir, report)
+    try:
+        report["host_syncs"] = host_syncs(args.preset, device, dtype, batch=2 if args.cpu_smoke else 8,
+                                          frames=150 if args.cpu_smoke else 1600)
+    except Exception as error:  # recorded, the other parts still run
+        report["host_syncs"] = {"error": repr(error)[:500]}
     _save(args.out_dir, report)
     try:
         report["profile"] = profile_update(args.preset, device, dtype, batch=2 if args.cpu_smoke else 16,

@@ -37,6 +37,9 @@ def test_gpu_check_cpu_smoke_writes_its_json_and_markdown(tmp_path):
     assert report["fully_sharded"].startswith("skipped")
     assert report["bench_compiled"]["note"].startswith("skipped on CPU"), report["bench_compiled"]
     assert "## SDPA kernels" in (tmp_path / "gpu_check.md").read_text()
+    syncs = report["host_syncs"]  # the accelerator paths, counted at the dispatcher on the CPU
+    assert syncs["calls"] == {"_ctc_loss": 1, "tolist": 1, "host_data": 1}, syncs
+    assert "## host syncs of one update" in (tmp_path / "gpu_check.md").read_text()
     quantizer = report["quantizer"]
     assert quantizer["returncode"] == 0 and quantizer["ratio"] > 0, quantizer
     assert "## the MSM quantizer" in (tmp_path / "gpu_check.md").read_text()
