@@ -69,8 +69,9 @@ class SyncCounter(TorchDispatchMode):
 
 
 def cuda_sync_warnings(step: Callable[[], None]) -> List[str]:
-    """The first line of each warning ``torch.cuda.set_sync_debug_mode("warn")`` raises during
-    ``step()``: one per synchronizing CUDA call (reads, ``nonzero``, copies from pageable memory)."""
+    """Where each warning ``torch.cuda.set_sync_debug_mode("warn")`` raises during ``step()`` comes
+    from (``file:line`` of the Python call; one per synchronizing CUDA call: reads, ``nonzero``,
+    copies from pageable memory). The message itself is the same for every sync."""
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -79,4 +80,4 @@ def cuda_sync_warnings(step: Callable[[], None]) -> List[str]:
             step()
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    return [str(warning.message).splitlines()[0] for warning in caught if "synchroniz" in str(warning.message)]
+    return [f"{warning.filename}:{warning.lineno}" for warning in caught if "synchroniz" in str(warning.message)]

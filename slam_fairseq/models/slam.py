@@ -99,8 +99,9 @@ def _index_or_nonzero(batch: Dict, key: str, mask: Callable[[], torch.Tensor]) -
     index = batch.get(key)
     if index is None:
         return mask().nonzero(as_tuple=True)
-    if may_read_device_values(index.device):  # free on a CPU: catches a mask edited after collation
-        expected = int(mask().sum())
+    mask_now = mask() if may_read_device_values(index.device) else None
+    if mask_now is not None and may_read_device_values(mask_now.device):  # free on a CPU: catches a mask edited after collation
+        expected = int(mask_now.sum())
         if index.shape[1] != expected:
             raise ValueError(f"batch[{key!r}] lists {index.shape[1]} positions but the batch's mask has {expected}: "
                              f"rebuild it (slam_fairseq.data.pretraining.collate) after changing the mask")

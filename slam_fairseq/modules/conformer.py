@@ -116,7 +116,8 @@ class ConformerLayer(nn.Module):
         :func:`attention_bias` (made here by default); rotary_tables: the stack's RoPE tables for T
         (made here by default); norm_frames: the stack's GroupNorm frames (made here by default).
         Returns (B, T, D)."""
-        # x + 0.5 * f(x) as one operator (the halving is exact, so the sum rounds the same)
+        # x + 0.5 * f(x) as one operator: the same sum in float32 and bfloat16, where the halving is
+        # exact; in float16 (--fp16) a halved value below 2**-14 no longer rounds to a subnormal first
         x = torch.add(x, self.ffn_first(x), alpha=0.5)
         x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask, bias, rotary_tables))
         x = x + self.convolution(x, padding_mask, norm_frames)
