@@ -45,9 +45,9 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections import Counter
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS.parent
@@ -128,6 +128,28 @@ def _bench_subprocess(bench_args: List[str], timeout: int) -> Dict[str, object]:
     return result
 
 
+def _recorded(part: Callable[[], object]) -> object:
+    """``part()``, or its failure recorded (the other parts still run)."""
+    try:
+        return part()
+    except Exception as error:
+        return {"error": repr(error)[:500]}
+
+
+def _warm_update(preset: str, device, dtype: str, batch: int, frames: int, warmups: int, extra: List[str] = ()):
+    """Our update for ``preset`` (``bench_pretraining``'s, with ``extra`` flags) and its sample,
+    after ``warmups`` updates."""
+    import bench_pretraining as bench
+
+    args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames),
+                             *extra])
+    update = bench.build_ours(args, device)
+    sample = _batch(update, batch, frames, 128 if frames > 400 else 12, device, dtype)
+    for _ in range(warmups):
+        update(sample)
+    return update, sample
+
+
 def _batch(update, batch: int, frames: int, tokens: int, device, dtype: str):
     """An in-memory stage-2 sample: ``batch`` rows of speech and of pairs, twice as many texts."""
     import bench_pretraining as bench
@@ -142,13 +164,7 @@ def profile_update(preset: str, device, dtype: str, batch: int, frames: int, row
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import bench_pretraining as bench
-
-    args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames)])
-    update = bench.build_ours(args, device)
-    sample = _batch(update, batch, frames, 128 if frames > 400 else 12, device, dtype)
-    for _ in range(2):
-        update(sample)
+    update, sample = _warm_update(preset, device, dtype, batch, frames, warmups=2)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -171,15 +187,10 @@ def host_syncs(preset: str, device, dtype: str, batch: int, frames: int) -> Dict
     report on a GPU, the dispatcher count on the accelerator paths elsewhere."""
     import torch
 
-    import bench_pretraining as bench
     from host_syncs import SyncCounter, cuda_sync_warnings
     from slam_fairseq.modules.padding import sync_free_paths
 
-    args = bench.parse_args(["--arch", preset, "--device", str(device), "--dtype", dtype, "--frames", str(frames),
-                             "--pair-ctc"])
-    update = bench.build_ours(args, device)
-    sample = _batch(update, batch, frames, 128 if frames > 400 else 12, device, dtype)
-    update(sample)
+    update, sample = _warm_update(preset, device, dtype, batch, frames, warmups=1, extra=["--pair-ctc"])
 
     def step() -> None:
         update.optimizer.zero_grad()
@@ -383,30 +394,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     report["largest_batch"] = {}
     for checkpointing in (False, True):
         name = "checkpoint_activations" if checkpointing else "plain"
-        try:
-            report["largest_batch"][name] = largest_batch(
-                args.preset, device, dtype, checkpointing, start=1 if args.cpu_smoke else 8,
-                doublings=1 if args.cpu_smoke else 5, frames=150 if args.cpu_smoke else 1600)
-        except Exception as error:  # recorded, the other parts still run
-            report["largest_batch"][name] = {"error": repr(error)[:500]}
+        report["largest_batch"][name] = _recorded(lambda: largest_batch(
+            args.preset, device, dtype, checkpointing, start=1 if args.cpu_smoke else 8,
+            doublings=1 if args.cpu_smoke else 5, frames=150 if args.cpu_smoke else 1600))
         _save(args.out_dir, report)
-    try:
-        report["sdpa_kernels"] = sdpa_kernels(args.preset, device, dtype)
-    except Exception as error:
-        report["sdpa_kernels"] = {"error": repr(error)[:500]}
-
+    report["sdpa_kernels"] = _recorded(lambda: sdpa_kernels(args.preset, device, dtype))
     _save(args.out_dir, report)
-    try:
-        report["host_syncs"] = host_syncs(args.preset, device, dtype, batch=2 if args.cpu_smoke else 8,
-                                          frames=150 if args.cpu_smoke else 1600)
-    except Exception as error:  # recorded, the other parts still run
-        report["host_syncs"] = {"error": repr(error)[:500]}
+    report["host_syncs"] = _recorded(lambda: host_syncs(args.preset, device, dtype, batch=2 if args.cpu_smoke else 8,
+                                                        frames=150 if args.cpu_smoke else 1600))
     _save(args.out_dir, report)
-    try:
-        report["profile"] = profile_update(args.preset, device, dtype, batch=2 if args.cpu_smoke else 16,
-                                           frames=150 if args.cpu_smoke else 1600)
-    except Exception as error:  # recorded, the other parts still run
-        report["profile"] = {"error": repr(error)[:500]}
+    report["profile"] = _recorded(lambda: profile_update(args.preset, device, dtype, batch=2 if args.cpu_smoke else 16,
+                                                         frames=150 if args.cpu_smoke else 1600))
     _save(args.out_dir, report)
     curve_args = (["--smoke", "--threads", "1", "--curves"] if args.cpu_smoke else
                   ["--arch", args.preset, "--device", "cuda", "--dtype", "bf16", "--peak-tflops", str(args.peak_tflops),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

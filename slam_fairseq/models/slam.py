@@ -99,12 +99,12 @@ def _index_or_nonzero(batch: Dict, key: str, mask: Callable[[], torch.Tensor]) -
     index = batch.get(key)
     if index is None:
         return mask().nonzero(as_tuple=True)
-    mask_now = mask() if may_read_device_values(index.device) else None
-    if mask_now is not None and may_read_device_values(mask_now.device):  # free on a CPU: catches a mask edited after collation
-        expected = int(mask_now.sum())
-        if index.shape[1] != expected:
-            raise ValueError(f"batch[{key!r}] lists {index.shape[1]} positions but the batch's mask has {expected}: "
-                             f"rebuild it (slam_fairseq.data.pretraining.collate) after changing the mask")
+    if may_read_device_values(index.device):  # free on a CPU: catches a mask edited after collation
+        current = mask()
+        if may_read_device_values(current.device) and index.shape[1] != int(current.sum()):
+            raise ValueError(f"batch[{key!r}] lists {index.shape[1]} positions but the batch's mask has "
+                             f"{int(current.sum())}: rebuild it (slam_fairseq.data.pretraining.collate) after "
+                             f"changing the mask")
     return index[0], index[1]
 
 

@@ -168,10 +168,16 @@ def modality_loss(criterion, model, name: str, batch: Dict[str, Any]) -> Tuple[t
     return loss, logging_output
 
 
-def _add_loss(total: Optional[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-    """The step's summed loss (float32, detached) after one more modality's."""
-    detached = loss.detach().float()
-    return detached if total is None else total + detached
+def _summed_loss(losses: List[torch.Tensor]) -> torch.Tensor:
+    """The step's loss: the modalities' (detached) losses in float32, added in order on their device
+    (a host zero moved there would be a host-to-device copy, which waits for the queued kernels),
+    or a host zero when the step had none."""
+    if not losses:
+        return torch.zeros(())
+    total = losses[0].float()
+    for loss in losses[1:]:
+        total = total + loss.float()
+    return total
 
 
 def _step_logging_output(outputs: List[Dict[str, Any]], sample_size: int, model, criterion) -> Dict[str, Any]:
@@ -454,9 +460,7 @@ class SlamPretrainingTask(FairseqTask):
         if not ignore_grad:  # fairseq's dummy batches repeat an earlier batch
             self._count_bad_rows(sample)
         use_amp = isinstance(optimizer, AMPOptimizer)
-        # summed on the loss's device from the first modality on: a host zero moved there would be
-        # a host-to-device copy, which waits for the queued kernels
-        total_loss, outputs = None, []
+        losses, outputs = [], []
         for position, name in enumerate(modalities):
             is_last = position == len(modalities) - 1
             sync = contextlib.nullcontext()
@@ -470,9 +474,9 @@ class SlamPretrainingTask(FairseqTask):
                     loss = loss * 0
                 with torch.autograd.profiler.record_function(f"backward-{name}"):
                     optimizer.backward(self.update_guard.loss_for_backward(name, loss))
-            total_loss = _add_loss(total_loss, loss)
+            losses.append(loss.detach())
             outputs.append(logging_output)
-        total_loss = torch.zeros(()) if total_loss is None else total_loss
+        total_loss = _summed_loss(losses)
         self.update_guard.after_backward(optimizer)  # a non-finite modality: the whole update is skipped
         self.num_updates_seen = update_num + 1
         if self.cfg.release_host_memory and total_loss.device.type == "cpu":
@@ -498,15 +502,15 @@ class SlamPretrainingTask(FairseqTask):
         model.eval()
         self._count_bad_rows(sample)
         modalities = [name for name in self.active_modalities(self.num_updates_seen) if name in sample]
-        total_loss, outputs = None, []
+        losses, outputs = [], []
         ids = [MODALITIES.index(name) for name in modalities]
         ids += [int(i) for name in modalities for i in sample[name]["id"].tolist()]
         seed = int(np.random.SeedSequence([int(self.cfg.seed), *ids]).generate_state(1)[0] >> 1)
         with torch.no_grad(), utils.set_torch_seed(seed):
             for name in modalities:
                 loss, logging_output = modality_loss(criterion, model, name, sample[name])
-                total_loss = _add_loss(total_loss, loss)
+                losses.append(loss.detach())
                 outputs.append(logging_output)
-        total_loss = torch.zeros(()) if total_loss is None else total_loss
+        total_loss = _summed_loss(losses)
         sample_size = 1 if modalities else 0
         return total_loss, sample_size, _step_logging_output(outputs, sample_size, model, criterion)
