@@ -198,7 +198,8 @@ def make_batches(batch_speech: int, batch_text: int, batch_pair: int, frames: in
         sub = subsampled_lengths(feature_lengths)
         frame_mask = _span_mask(sub, int(sub.max()), mask_probability, 10, generator)
         return {"id": torch.arange(count), "features": features, "feature_lengths": feature_lengths,
-                "frame_mask": frame_mask, "masked_frames": nonzero_index(frame_mask), "nframes": int(sub.sum())}
+                "frame_mask": frame_mask, "masked_frames": nonzero_index(frame_mask),
+                "lengths_on_host": {"speech": tuple(sub.tolist())}, "nframes": int(sub.sum())}
 
     def text_part(count: int, longest: int, probability: float, span: int):
         token_lengths = lengths(count, longest).clamp(min=2)
@@ -210,7 +211,8 @@ def make_batches(batch_speech: int, batch_text: int, batch_pair: int, frames: in
     speech = speech_part(batch_speech, 0.065)
     _, text_tokens, text_target, text_lengths = text_part(batch_text, tokens, 0.15, 5)
     text = {"id": torch.arange(batch_text), "tokens": text_tokens, "target": text_target,
-            "target_index": target_index(text_target, pad), "ntokens": int(text_lengths.sum())}
+            "target_index": target_index(text_target, pad),
+            "lengths_on_host": {"text": tuple(text_lengths.tolist())}, "ntokens": int(text_lengths.sum())}
     pair = speech_part(batch_pair, 0.13)
     clean, pair_tokens_masked, pair_target, pair_lengths = text_part(batch_pair, pair_tokens, 0.5, 5)
     stm_text_index = torch.arange(batch_pair)
@@ -219,6 +221,8 @@ def make_batches(batch_speech: int, batch_text: int, batch_pair: int, frames: in
                 clean_tokens=clean,
                 stm_text_index=stm_text_index, stm_label=(stm_text_index == torch.arange(batch_pair)).long(),
                 ntokens=int(pair_lengths.sum()))
+    pair["lengths_on_host"].update(text=tuple(pair_lengths.tolist()),
+                                   stm_text=tuple(pair_lengths[stm_text_index].tolist()))
     return {"speech": speech, "text": text, "pair": pair}
 
 

@@ -234,6 +234,19 @@ def test_batches_follow_the_contract(data_dir):
         assert torch.equal(batch["target_index"], torch.stack(batch["target"].ne(pad).nonzero(as_tuple=True)))
         assert batch["target_index"].shape[1] > 0
 
+    # each row's lengths as Python ints, equal to what the model reads from the padding masks
+    for batch in (speech, pair):
+        assert batch["lengths_on_host"]["speech"] == tuple(subsampled_lengths(batch["feature_lengths"]).tolist())
+    for batch in (text, pair):
+        assert batch["lengths_on_host"]["text"] == tuple(batch["tokens"].ne(pad).sum(1).tolist())
+    matched = pair["clean_tokens"][pair["stm_text_index"]]
+    assert pair["lengths_on_host"]["stm_text"] == tuple(matched.ne(pad).sum(1).tolist())
+    assert all(type(n) is int for batch in (speech, text, pair) for lengths in batch["lengths_on_host"].values()
+               for n in lengths)
+    from fairseq import utils
+    moved = utils.apply_to_sample(lambda tensor: tensor.to(torch.float64), pair)  # how fairseq moves a sample
+    assert moved["lengths_on_host"] == pair["lengths_on_host"]
+
 
 def test_utterance_normalisation_by_default_and_global_cmvn_when_configured(data_dir, tmp_path):
     import shutil

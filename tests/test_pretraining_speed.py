@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from test_slam_multitask import make_criterion, make_model, make_sample
 
+from slam_fairseq.data.pretraining.collate import target_index
 from slam_fairseq.encoders.multimodal_encoder import pack_pair
 from slam_fairseq.modules.attention import RotarySelfAttention, attention_bias
 from slam_fairseq.modules.conformer import ConformerStack
@@ -65,6 +66,31 @@ def test_on_the_accelerator_paths_the_mask_is_always_made_and_pairs_pack_to_the_
     assert tight.shape[1] == 6 and packed.shape[1] == 7  # the longest row (4 + 2) against 4 + 3
     assert torch.equal(packed[:, :6], tight) and not packed[:, 6:].any() and padding_mask[:, 6:].all()
     assert torch.equal(padding_mask[:, :6], tight_mask)
+
+
+def test_padding_known_on_the_host_decides_the_mask_on_every_path_and_is_checked():
+    unpadded = torch.zeros(2, 5, dtype=torch.bool)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    for paths in (contextlib.nullcontext, sync_free_paths):
+        with paths():
+            assert attention_bias(unpadded, padded=False) is None  # flash stays open on an accelerator
+            assert torch.equal(attention_bias(padding, padded=True), attention_bias(padding))
+            assert torch.equal(attention_bias(unpadded, padded=True), torch.zeros(2, 1, 1, 5))
+    with pytest.raises(ValueError, match="no padding"):
+        attention_bias(padding, padded=False)
+
+
+def test_a_packed_width_known_on_the_host_is_used_on_every_path_and_is_checked():
+    speech, text = torch.randn(2, 4, 3), torch.randn(2, 3, 3)
+    speech_padding = torch.tensor([[False] * 4, [False, False, True, True]])
+    text_padding = torch.tensor([[False, False, True], [False] * 3])
+    tight = pack_pair(speech, speech_padding, text, text_padding)  # the CPU reads the longest row: 4 + 2
+    for paths in (contextlib.nullcontext, sync_free_paths):
+        with paths():
+            given = pack_pair(speech, speech_padding, text, text_padding, width=6)
+        assert all(torch.equal(a, b) for a, b in zip(given, tight))
+    with pytest.raises(ValueError, match="packed width 5"):
+        pack_pair(speech, speech_padding, text, text_padding, width=5)
 
 
 @pytest.mark.parametrize("lengths", [(9, 9, 9), (9, 4, 7)])
@@ -131,8 +157,8 @@ def test_the_shared_subsampling_gives_the_gradients_of_two_separate_passes():
     inputs = (pair["features"].float(), pair["feature_lengths"])
     encode_subsampled = speech_encoder.encode_subsampled
     speech_encoder.encode_subsampled = (  # each pass subsamples the features again
-        lambda subsampled, padding_mask, frame_mask=None: encode_subsampled(*speech_encoder.subsample(*inputs),
-                                                                            frame_mask))
+        lambda subsampled, padding_mask, frame_mask=None, padded=None: encode_subsampled(
+            *speech_encoder.subsample(*inputs), frame_mask, padded))
     separate_loss, separate_gradients = loss_and_gradients()
     assert torch.allclose(shared_loss, separate_loss, rtol=1e-6)
     assert shared_gradients.keys() == separate_gradients.keys()
@@ -142,24 +168,25 @@ def test_the_shared_subsampling_gives_the_gradients_of_two_separate_passes():
 
 
 # -- host syncs -----------------------------------------------------------------------------------
-# Per update of speech + text + pairs (with pair CTC), counted on CPU:
-#   scalar reads (16), free on a CPU: the speech length check of each subsampling pass (2: speech 1,
-#     pair 1), whether a batch has padding, once per Conformer stack pass (8: speech 2, text 1,
-#     pair 5), the packed length of each [speech ; text] pass (2), the count of each host-side index
-#     against its mask (4: masked frames of speech and pair, targets of text and pair); on an accelerator
-#     (``sync_free_paths``) an asynchronous device assert, always an attention mask, and the sum of
-#     the padded widths instead;
+# Per update of speech + text + pairs (with pair CTC) of collated batches, counted on CPU:
+#   scalar reads (8), free on a CPU: the speech length check of each subsampling pass (2: speech 1,
+#     pair 1), the packed width of each [speech ; text] pass checked against its real rows (2), the
+#     count of each host-side index against its mask (4: masked frames of speech and pair, targets
+#     of text and pair); on an accelerator (``sync_free_paths``) asynchronous device asserts;
 #   ctc_loss's lengths (1), which it copies to the host itself;
 #   the non-finite-loss guard (1, once per update, after the last backward);
 #   tensors made from host data (``torch.tensor``, ``new_tensor``: a host-to-device copy on an
 #     accelerator, which waits for the queued kernels like a read): the logged Python numbers, in
 #     one copy after the guard's read, when nothing is queued (1).
-# The masked frames and target tokens come from the collaters (host-side indices, no nonzero), the
-# CTC targets are padded (no boolean index), counts are made on the device (``torch.full``) and the
-# step's loss is summed there. The criterion reads nothing: its logged values stay tensors until
-# reduce_metrics.
-SYNC_BOUND = 19
+# The masked frames and target tokens come from the collaters (host-side indices, no nonzero), and
+# so do each row's lengths (``lengths_on_host``: whether a stack pass has padding, how wide a pair
+# packs; without them a CPU reads both, 8 + 2 more reads, and an accelerator always makes a mask and
+# packs to the sum of the padded widths). The CTC targets are padded (no boolean index), counts are
+# made on the device (``torch.full``) and the step's loss is summed there. The criterion reads
+# nothing: its logged values stay tensors until reduce_metrics.
+SYNC_BOUND = 11
 SYNC_FREE_READS = {"_ctc_loss": 1, "tolist": 1, "host_data": 1}
+HOST_KEYS = ("masked_frames", "target_index", "lengths_on_host")
 
 
 def _our_update(pair_ctc: bool = True):
@@ -172,6 +199,10 @@ def _our_update(pair_ctc: bool = True):
     return update, sample
 
 
+def _without(sample: dict, keys) -> dict:
+    return {name: {key: value for key, value in batch.items() if key not in keys} for name, batch in sample.items()}
+
+
 def test_a_train_step_reads_the_device_a_bounded_number_of_times_and_logging_once():
     update, sample = _our_update()
     update(sample)  # warm-up: lazy initialisation does not count
@@ -180,7 +211,7 @@ def test_a_train_step_reads_the_device_a_bounded_number_of_times_and_logging_onc
         _, _, logging_output = update.task.train_step(sample, update.model, update.criterion, update.optimizer,
                                                       update_num=0)
     assert counter.total <= SYNC_BOUND, dict(counter.counts)
-    assert counter.counts["_local_scalar_dense"] <= 16, dict(counter.counts)  # no per-objective item()
+    assert counter.counts["_local_scalar_dense"] <= 8, dict(counter.counts)  # no per-objective item()
     assert counter.counts["nonzero"] == 0 and counter.counts["index[bool]"] == 0, dict(counter.counts)
     assert all(torch.is_tensor(logging_output[key]) for key in ("loss", "_stm_loss_sum", "_msm_mlm_count"))
 
@@ -200,23 +231,50 @@ def _without_dropout(update) -> None:
             module.dropout = 0.0
 
 
-def test_the_accelerator_paths_read_the_device_only_for_ctc_and_the_guard_and_give_the_same_update():
-    update, sample = _our_update()
-    _without_dropout(update)
-    update(sample)
+def _updates_on_both_paths(update, sample):
+    """(sync counts, logging output, gradients) of one train_step on the CPU paths (False) and on
+    the accelerator paths (True), from the same random state."""
     results = {}
     for sync_free in (False, True):
         torch.manual_seed(5)
         update.optimizer.zero_grad()
         with (sync_free_paths() if sync_free else contextlib.nullcontext()), SyncCounter() as counter:
-            loss, _, logging_output = update.task.train_step(sample, update.model, update.criterion,
-                                                             update.optimizer, update_num=0)
+            _, _, logging_output = update.task.train_step(sample, update.model, update.criterion,
+                                                          update.optimizer, update_num=0)
         gradients = {name: p.grad.clone() for name, p in update.model.named_parameters() if p.grad is not None}
         results[sync_free] = (dict(counter.counts), logging_output, gradients)
+    return results
+
+
+LOGGED_LOSSES = ("loss", "_msm_contrastive_loss_sum", "_msm_mlm_loss_sum", "_span_masking_loss_sum",
+                 "_tlm_text_loss_sum", "_tlm_speech_loss_sum", "_stm_loss_sum", "_pair_ctc_loss_sum")
+
+
+def test_with_lengths_on_host_the_accelerator_paths_give_the_cpu_update_bit_for_bit_with_three_reads():
+    """The collaters' lengths give every pass the width and the mask the CPU reads from the device,
+    so the same dropout noise falls on the same positions: the same update bit for bit."""
+    update, sample = _our_update()
+    update(sample)
+    results = _updates_on_both_paths(update, sample)
     assert results[True][0] == SYNC_FREE_READS, results[True][0]
     assert sum(results[False][0].values()) > sum(SYNC_FREE_READS.values())
-    for key in ("loss", "_msm_contrastive_loss_sum", "_msm_mlm_loss_sum", "_span_masking_loss_sum",
-                "_tlm_text_loss_sum", "_tlm_speech_loss_sum", "_stm_loss_sum", "_pair_ctc_loss_sum"):
+    for key in LOGGED_LOSSES:
+        assert torch.equal(torch.as_tensor(results[True][1][key]), torch.as_tensor(results[False][1][key])), key
+    assert results[True][2].keys() == results[False][2].keys()
+    assert all(torch.equal(results[True][2][name], gradient) for name, gradient in results[False][2].items())
+
+
+def test_without_lengths_on_host_the_accelerator_paths_read_as_little_and_give_the_same_update():
+    """A hand-built batch: an accelerator then makes every mask and packs pairs to the sum of the
+    padded widths (dropout off: the widths differ, so would the noise)."""
+    update, sample = _our_update()
+    sample = _without(sample, ("lengths_on_host",))
+    _without_dropout(update)
+    update(sample)
+    results = _updates_on_both_paths(update, sample)
+    assert results[True][0] == SYNC_FREE_READS, results[True][0]
+    assert results[False][0]["_local_scalar_dense"] == 16, results[False][0]  # + padding (8), packed widths (2)
+    for key in LOGGED_LOSSES:
         assert torch.allclose(torch.as_tensor(results[True][1][key]), torch.as_tensor(results[False][1][key]),
                               rtol=1e-5, atol=1e-6), key
     assert results[True][2].keys() == results[False][2].keys()
@@ -224,10 +282,60 @@ def test_the_accelerator_paths_read_the_device_only_for_ctc_and_the_guard_and_gi
         assert torch.allclose(results[True][2][name], gradient, rtol=1e-4, atol=1e-6), name
 
 
-def test_a_batch_without_host_indices_gives_the_same_update_through_nonzero():
+def test_on_the_accelerator_paths_lengths_on_host_give_tight_pair_widths_and_no_mask_without_padding():
+    """Each Conformer stack pass of a sync-free update is as wide as on the CPU paths (a pair: its
+    longest packed row, not the sum of the padded widths), and a pass over rows of equal length is
+    told it has no padding (no attention mask: flash stays open on CUDA)."""
     update, sample = _our_update()
-    bare = {name: {key: value for key, value in batch.items() if key not in ("masked_frames", "target_index")}
-            for name, batch in sample.items()}
+    pad = update.task.source_dictionary.pad()
+    sample["text"] = _equal_length_text(sample["text"], pad)
+    sample["pair"] = _longest_text_with_shortest_speech(sample["pair"], pad)
+    seen = {}
+    for sync_free in (False, True):
+        calls = []
+        hooks = [stack.register_forward_pre_hook(lambda _, args, kwargs: calls.append(
+                     (args[0].shape[1], kwargs.get("padded"))), with_kwargs=True)
+                 for stack in (update.model.encoder.speech_encoder.conformer,
+                               update.model.encoder.multimodal_encoder.conformer)]
+        with (sync_free_paths() if sync_free else contextlib.nullcontext()), torch.no_grad():
+            update.model(speech=sample["speech"], text=sample["text"], pair=sample["pair"])
+        for hook in hooks:
+            hook.remove()
+        seen[sync_free] = calls
+    assert seen[True] == seen[False]
+    assert seen[True][2] == (sample["text"]["tokens"].shape[1], False)  # speech, speech alone, then text
+    hosted = sample["pair"]["lengths_on_host"]
+    padded_sum = sample["pair"]["frame_mask"].shape[1] + sample["pair"]["clean_tokens"].shape[1]
+    for call, texts in ((seen[True][-4], hosted["text"]), (seen[True][-2], hosted["stm_text"])):  # TLM, STM
+        width = max(s + t for s, t in zip(hosted["speech"], texts))
+        assert call == (width, True) and width < padded_sum
+
+
+def _equal_length_text(batch: dict, pad: int) -> dict:
+    """The text batch cut to its shortest row (no padding left), with its host keys rebuilt."""
+    shortest = min(batch["lengths_on_host"]["text"])
+    tokens, target = batch["tokens"][:, :shortest], batch["target"][:, :shortest]
+    return dict(batch, tokens=tokens, target=target, target_index=target_index(target, pad),
+                lengths_on_host={"text": (shortest,) * tokens.shape[0]})
+
+
+def _longest_text_with_shortest_speech(batch: dict, pad: int) -> dict:
+    """The pair batch with its transcripts reordered by length, shortest first (its speech is
+    longest first), with its host keys rebuilt."""
+    order = torch.sort(batch["clean_tokens"].ne(pad).sum(1), stable=True).indices
+    tokens, target, clean = (batch[key][order] for key in ("tokens", "target", "clean_tokens"))
+    texts = tuple(int(n) for n in clean.ne(pad).sum(1))
+    assert min(texts) < max(texts) and list(batch["lengths_on_host"]["speech"]) == sorted(
+        batch["lengths_on_host"]["speech"], reverse=True)
+    hosted = dict(batch["lengths_on_host"], text=texts,
+                  stm_text=tuple(texts[int(row)] for row in batch["stm_text_index"]))
+    return dict(batch, tokens=tokens, target=target, clean_tokens=clean, target_index=target_index(target, pad),
+                lengths_on_host=hosted)
+
+
+def test_a_batch_without_host_keys_gives_the_same_update_through_nonzero():
+    update, sample = _our_update()
+    bare = _without(sample, HOST_KEYS)
     assert any("masked_frames" in batch for batch in sample.values())
     results = []
     for batches in (sample, bare):
@@ -248,6 +356,18 @@ def test_a_host_index_that_no_longer_matches_its_mask_is_refused_on_a_cpu():
     edited["target"][0, :] = update.task.source_dictionary.pad()  # row 0 loses its targets
     with pytest.raises(ValueError, match="target_index"):
         update.model(text=edited)
+
+
+# -- how padded the batches are (benchmarks/batch_padding.py) ---------------------------------------
+def test_batch_padding_counts_packed_widths_both_ways_and_unpadded_batches():
+    import numpy as np
+
+    import batch_padding
+    speech, text = np.array([10, 8, 6]), np.array([1, 3, 2])  # real: 30 positions
+    batches = [np.array([0, 1, 2])]
+    assert batch_padding.padding_share(batches, speech + text) == pytest.approx(1 - 30 / 33)  # 3 x 11
+    assert batch_padding.padding_share_of_sums(batches, speech, text) == pytest.approx(1 - 30 / 39)  # 3 x (10 + 3)
+    assert batch_padding.unpadded_batches([np.array([0]), np.array([0, 1]), np.array([1, 1])], speech) == 2
 
 
 # -- torch.compile of each layer ------------------------------------------------------------------

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from slam_fairseq.modules.conformer import ConformerStack
-from slam_fairseq.modules.padding import lengths_to_padding_mask, may_read_device_values, padding_mask_to_lengths
+from slam_fairseq.modules.padding import (lengths_to_padding_mask, may_read_device_values,
+                                          padding_mask_to_lengths, require)
 
 SPEECH_MODALITY = 0
 TEXT_MODALITY = 1
@@ -39,19 +40,25 @@ class MultimodalOutput:
 
 
 def pack_pair(speech: torch.Tensor, speech_padding_mask: torch.Tensor, text: torch.Tensor,
-              text_padding_mask: torch.Tensor):
+              text_padding_mask: torch.Tensor, width: Optional[int] = None):
     """Concatenate each row's real speech frames and real text tokens, padding only at the end.
 
     Packing (rather than [padded speech ; padded text]) keeps every row's positions independent of
-    the other rows, so a pair gives the same output alone or in a batch. The packed width is the
-    longest row's on a CPU; on an accelerator, where reading it would be a host sync, the sum of
-    the two padded widths (a few more padded positions, the same real outputs).
-    Returns (packed (B, Ts+Tt', D), padding mask, speech lengths, text lengths).
+    the other rows, so a pair gives the same output alone or in a batch. The packed width is
+    ``width`` when the caller knows the longest row on the host (checked: no row may be longer;
+    on an accelerator by an asynchronous assert); else the longest row's, read on a CPU; on an
+    accelerator, where reading it would be a host sync, the sum of the two padded widths (a few
+    more padded positions, the same real outputs).
+    Returns (packed (B, width, D), padding mask, speech lengths, text lengths).
     """
     speech_lengths = padding_mask_to_lengths(speech_padding_mask)
     text_lengths = padding_mask_to_lengths(text_padding_mask)
     total_lengths = speech_lengths + text_lengths
-    if may_read_device_values(total_lengths.device):
+    if width is not None:
+        require(total_lengths.max() <= width, f"a pair has more real positions than the packed width {width} "
+                                              "given for its batch (lengths_on_host)")
+        packed_length = width
+    elif may_read_device_values(total_lengths.device):
         packed_length = int(total_lengths.max())
     else:
         packed_length = speech.shape[1] + text.shape[1]
@@ -92,13 +99,18 @@ class MultimodalEncoder(nn.Module):
     def forward(self, speech: Optional[torch.Tensor] = None,
                 speech_padding_mask: Optional[torch.Tensor] = None,
                 text: Optional[torch.Tensor] = None,
-                text_padding_mask: Optional[torch.Tensor] = None) -> MultimodalOutput:
-        """Encode speech alone, text alone, or a pair (both given). Inputs are (B, T, D)."""
+                text_padding_mask: Optional[torch.Tensor] = None, *,
+                padded: Optional[bool] = None, packed_width: Optional[int] = None) -> MultimodalOutput:
+        """Encode speech alone, text alone, or a pair (both given). Inputs are (B, T, D).
+
+        What the host knows of the batch's lengths, when it does (else None): ``padded``, whether
+        any position of the pass (a pair: after packing) is padding, and ``packed_width``, a pair's
+        longest packed row (see :func:`pack_pair`)."""
         if speech is not None and text is not None:
             packed, padding_mask, speech_lengths, text_lengths = pack_pair(
                 self._mark(speech, SPEECH_MODALITY), speech_padding_mask,
-                self._mark(text, TEXT_MODALITY), text_padding_mask)
-            output = self.conformer(packed, padding_mask)[-1]
+                self._mark(text, TEXT_MODALITY), text_padding_mask, packed_width)
+            output = self.conformer(packed, padding_mask, padded=padded)[-1]
             return MultimodalOutput(output.masked_fill(padding_mask.unsqueeze(-1), 0.0), padding_mask,
                                     speech_lengths, text_lengths)
         if speech is not None:
@@ -107,5 +119,6 @@ class MultimodalEncoder(nn.Module):
             hidden, padding_mask = self._mark(text, TEXT_MODALITY), text_padding_mask
         else:
             raise ValueError("the multimodal encoder needs speech, text or both")
-        output = self.conformer(hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0), padding_mask)[-1]
+        hidden = hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        output = self.conformer(hidden, padding_mask, padded=padded)[-1]
         return MultimodalOutput(output.masked_fill(padding_mask.unsqueeze(-1), 0.0), padding_mask)

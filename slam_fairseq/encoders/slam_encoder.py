@@ -38,14 +38,16 @@ class SlamEncoder(nn.Module):
         self.multimodal_encoder = MultimodalEncoder(num_layers=cfg.multimodal_encoder_layers, **shared)
 
     def encode_speech(self, features: torch.Tensor, lengths: torch.Tensor,
-                      frame_mask: Optional[torch.Tensor] = None):
-        """Returns (SpeechEncoderOutput, MultimodalOutput) for speech alone."""
-        speech = self.speech_encoder(features, lengths, frame_mask)
+                      frame_mask: Optional[torch.Tensor] = None, padded: Optional[bool] = None):
+        """Returns (SpeechEncoderOutput, MultimodalOutput) for speech alone. ``padded``: whether
+        any subsampled frame is padding, when the host knows it."""
+        speech = self.speech_encoder(features, lengths, frame_mask, padded)
         return speech, self.encode_multimodal(speech)
 
-    def encode_text(self, tokens: torch.Tensor) -> MultimodalOutput:
+    def encode_text(self, tokens: torch.Tensor, padded: Optional[bool] = None) -> MultimodalOutput:
+        """``padded``: whether any position of ``tokens`` is padding, when the host knows it."""
         text, text_padding_mask = self.text_encoder(tokens)
-        return self.multimodal_encoder(text=text, text_padding_mask=text_padding_mask)
+        return self.multimodal_encoder(text=text, text_padding_mask=text_padding_mask, padded=padded)
 
     def encode_pair(self, features: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor,
                     frame_mask: Optional[torch.Tensor] = None):
@@ -53,15 +55,21 @@ class SlamEncoder(nn.Module):
         speech = self.speech_encoder(features, lengths, frame_mask)
         return speech, self.encode_multimodal(speech, tokens)
 
-    def encode_multimodal(self, speech: SpeechEncoderOutput, tokens: Optional[torch.Tensor] = None
-                          ) -> MultimodalOutput:
+    def encode_multimodal(self, speech: SpeechEncoderOutput, tokens: Optional[torch.Tensor] = None, *,
+                          packed_width: Optional[int] = None, padded: Optional[bool] = None) -> MultimodalOutput:
         """The multimodal encoder over a speech encoder output alone, or packed with ``tokens``
-        (B, L): one speech pass can serve several multimodal passes."""
+        (B, L): one speech pass can serve several multimodal passes.
+
+        For a pair, what the host knows, when it does: ``packed_width``, the longest row of
+        [speech ; text], and ``padded``, whether any row is shorter. Speech alone takes
+        ``speech.padded``."""
         if tokens is None:
-            return self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask)
+            return self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask,
+                                           padded=speech.padded)
         text, text_padding_mask = self.text_encoder(tokens)
         return self.multimodal_encoder(speech=speech.output, speech_padding_mask=speech.padding_mask,
-                                       text=text, text_padding_mask=text_padding_mask)
+                                       text=text, text_padding_mask=text_padding_mask,
+                                       padded=padded, packed_width=packed_width)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> MultimodalOutput:
         """The fine-tuning path: speech in, multimodal encoder states out."""

@@ -20,11 +20,14 @@ class SpeechEncoderOutput:
     subsampled: (B, T', D) features after subsampling, before any masking (the quantizer's input).
     output: (B, T', D) the speech encoder's projected output (the contrastive loss's input).
     padding_mask: (B, T') bool, True at padding.
+    padded: whether any position is padding, when the host knows it (None: unknown); the
+        multimodal pass over this output alone takes it too.
     """
 
     subsampled: torch.Tensor
     output: torch.Tensor
     padding_mask: torch.Tensor
+    padded: Optional[bool] = None
 
 
 class SpeechEncoder(nn.Module):
@@ -58,28 +61,31 @@ class SpeechEncoder(nn.Module):
         return subsampled, lengths_to_padding_mask(output_lengths, subsampled.shape[1])
 
     def encode_subsampled(self, subsampled: torch.Tensor, padding_mask: torch.Tensor,
-                          frame_mask: Optional[torch.Tensor] = None) -> SpeechEncoderOutput:
+                          frame_mask: Optional[torch.Tensor] = None,
+                          padded: Optional[bool] = None) -> SpeechEncoderOutput:
         """The Conformer stack and projection over :meth:`subsample`'s output.
 
         Args:
             subsampled: (B, T', D) subsampled frames; padding_mask: (B, T') bool, True at padding.
             frame_mask: optional (B, T') bool; True frames are replaced by a learned mask embedding
                 (masked speech modelling).
+            padded: whether any subsampled frame is padding, when the host knows it.
         """
         hidden = subsampled
         if frame_mask is not None:
             hidden = torch.where(frame_mask.unsqueeze(-1), self.mask_embedding.to(hidden.dtype), hidden)
-        hidden = self.conformer(self.dropout(hidden), padding_mask)[-1]
+        hidden = self.conformer(self.dropout(hidden), padding_mask, padded=padded)[-1]
         output = self.output_projection(hidden).masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        return SpeechEncoderOutput(subsampled=subsampled, output=output, padding_mask=padding_mask)
+        return SpeechEncoderOutput(subsampled=subsampled, output=output, padding_mask=padding_mask, padded=padded)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor,
-                frame_mask: Optional[torch.Tensor] = None) -> SpeechEncoderOutput:
+                frame_mask: Optional[torch.Tensor] = None, padded: Optional[bool] = None) -> SpeechEncoderOutput:
         """
         Args:
             features: (B, T, F) padded log-Mel frames.
             lengths: (B,) real frame counts.
             frame_mask: optional (B, T') bool over *subsampled* frames; True frames are replaced by
                 a learned mask embedding (masked speech modelling).
+            padded: whether any subsampled frame is padding, when the host knows it.
         """
-        return self.encode_subsampled(*self.subsample(features, lengths), frame_mask)
+        return self.encode_subsampled(*self.subsample(features, lengths), frame_mask, padded)

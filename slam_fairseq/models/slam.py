@@ -108,6 +108,28 @@ def _index_or_nonzero(batch: Dict, key: str, mask: Callable[[], torch.Tensor]) -
     return index[0], index[1]
 
 
+def _lengths_on_host(batch: Dict, key: str) -> Optional[Tuple[int, ...]]:
+    """``batch["lengths_on_host"][key]``, each row's real length as Python ints (the collaters ship
+    them; docs/pretraining_batches.md), or None for a batch without them."""
+    return batch.get("lengths_on_host", {}).get(key)
+
+
+def _padded(lengths: Optional[Sequence[int]], width: int) -> Optional[bool]:
+    """Whether a pass over rows of these real ``lengths``, padded to ``width``, has any padding
+    (None: the lengths are unknown on the host)."""
+    return None if lengths is None else min(lengths) < width
+
+
+def _packed(speech_lengths: Optional[Sequence[int]], text_lengths: Optional[Sequence[int]]
+            ) -> Tuple[Optional[int], Optional[bool]]:
+    """(the longest packed [speech ; text] row, whether any row is shorter) of a pair pass, or
+    (None, None) when the host does not know both lengths."""
+    if speech_lengths is None or text_lengths is None:
+        return None, None
+    totals = [speech + text for speech, text in zip(speech_lengths, text_lengths)]
+    return max(totals), min(totals) < max(totals)
+
+
 PAPER_HEADS = dict(quantizer_codebook_size=1024, quantizer_groups=1, quantizer_codevector_dim=256)
 
 
@@ -259,7 +281,8 @@ class SlamModel(BaseFairseqModel):
     def forward_speech(self, batch: Dict) -> SpeechPretrainingOutput:
         """MSM on a SPEECH_BATCH (``features``, ``feature_lengths``, ``frame_mask``)."""
         features, lengths, frame_mask = self._speech_inputs(batch)
-        speech, joint = self.encoder.encode_speech(features, lengths, frame_mask)
+        padded = _padded(_lengths_on_host(batch, "speech"), frame_mask.shape[1])
+        speech, joint = self.encoder.encode_speech(features, lengths, frame_mask, padded)
         utterance_index, frame_index = _index_or_nonzero(batch, "masked_frames", lambda: frame_mask & ~speech.padding_mask)
         predictions = self.contrastive_projection(speech.output[utterance_index, frame_index])
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
@@ -276,7 +299,7 @@ class SlamModel(BaseFairseqModel):
         """Span masking on a TEXT_BATCH (``tokens``, ``target``)."""
         tokens, target = batch["tokens"], batch["target"]
         padding_idx = self.encoder.text_encoder.padding_idx
-        joint = self.encoder.encode_text(tokens)
+        joint = self.encoder.encode_text(tokens, _padded(_lengths_on_host(batch, "text"), tokens.shape[1]))
         row, position = _index_or_nonzero(batch, "target_index", lambda: target.ne(padding_idx))
         return TextPretrainingOutput(
             text_logits=self.text_prediction_head(joint.output[row, position]),
@@ -291,15 +314,20 @@ class SlamModel(BaseFairseqModel):
         feeds both STM's multimodal pass on [unmasked speech of row b ;
         ``clean_tokens[stm_text_index[b]]``] and, with ``--pair-ctc``, the CTC pass on the unmasked
         speech alone. The frame mask replaces subsampled frames, so both passes share the
-        subsampling output and its backward.
+        subsampling output and its backward. With the batch's ``lengths_on_host``, each pass's
+        padding and each packed width come from the host, as wide as the longest row on every
+        device, with no host sync.
         """
         features, lengths, frame_mask = self._speech_inputs(batch)
         tokens, target = batch["tokens"], batch["target"]
         padding_idx = self.encoder.text_encoder.padding_idx
         speech_encoder = self.encoder.speech_encoder
+        speech_lengths = _lengths_on_host(batch, "speech")
+        speech_padded = _padded(speech_lengths, frame_mask.shape[1])
         subsampled, speech_padding_mask = speech_encoder.subsample(features, lengths)
-        speech = speech_encoder.encode_subsampled(subsampled, speech_padding_mask, frame_mask)
-        joint = self.encoder.encode_multimodal(speech, tokens)
+        speech = speech_encoder.encode_subsampled(subsampled, speech_padding_mask, frame_mask, speech_padded)
+        width, padded = _packed(speech_lengths, _lengths_on_host(batch, "text"))
+        joint = self.encoder.encode_multimodal(speech, tokens, packed_width=width, padded=padded)
         utterance_index, frame_index = _index_or_nonzero(batch, "masked_frames", lambda: frame_mask & ~speech.padding_mask)
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
         with torch.no_grad():
@@ -308,9 +336,10 @@ class SlamModel(BaseFairseqModel):
         row, position = _index_or_nonzero(batch, "target_index", lambda: target.ne(padding_idx))
         text_hidden = joint.output[row, joint.speech_lengths[row] + position]
 
-        unmasked = speech_encoder.encode_subsampled(subsampled, speech_padding_mask)
+        unmasked = speech_encoder.encode_subsampled(subsampled, speech_padding_mask, padded=speech_padded)
         matched_text = batch["clean_tokens"][batch["stm_text_index"]]
-        matched = self.encoder.encode_multimodal(unmasked, matched_text)
+        width, padded = _packed(speech_lengths, _lengths_on_host(batch, "stm_text"))
+        matched = self.encoder.encode_multimodal(unmasked, matched_text, packed_width=width, padded=padded)
         stm_logits = self.pair_matching_classifier(matched.output, matched.padding_mask)
         ctc = self._pair_ctc(unmasked, batch["clean_tokens"]) if self.pair_ctc_head is not None else {}
         return PairPretrainingOutput(

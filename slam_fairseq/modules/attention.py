@@ -7,26 +7,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slam_fairseq.modules.padding import may_read_device_values
+from slam_fairseq.modules.padding import may_read_device_values, require
 from slam_fairseq.modules.rotary import RotaryPositionalEmbedding, RotaryTables, rotate
 
 
-def attention_bias(padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+def attention_bias(padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   padded: Optional[bool] = None) -> Optional[torch.Tensor]:
     """The ``attn_mask`` that keeps SDPA's fused kernels, made once per layer stack.
 
     An additive (B, 1, 1, T) float mask, 0 at real keys and -inf at padded ones; a boolean mask
     gives the same result but rules out the flash kernel on CUDA and is slower than a float one in
-    the other kernels. On a CPU, None when no position is padding. Deciding that on an accelerator
-    would read a bool from the device (a host sync per stack, see
-    :func:`~slam_fairseq.modules.padding.may_read_device_values`), so there the mask is always
-    made: a batch without padding then runs the memory-efficient or cuDNN kernel instead of flash,
-    and length-bucketed training batches almost always have some padding anyway.
+    the other kernels. None when no position is padding, which leaves every kernel open, flash
+    included.
+
+    Whether a position is padding is ``padded`` when the caller knows it on the host (the
+    collaters ship each row's length as Python ints, ``lengths_on_host``); a ``False`` is checked
+    against the mask (on an accelerator by an asynchronous assert). Otherwise it is read from the
+    mask on a CPU; on an accelerator reading it would be a host sync per stack (see
+    :func:`~slam_fairseq.modules.padding.may_read_device_values`), so there the mask is made.
 
     Args:
         padding_mask: (B, T) bool, True at padding; every row has at least one real position.
         dtype: the dtype of the mask (cast to the query's dtype in each layer).
+        padded: whether any position of ``padding_mask`` is True, known on the host; None: unknown.
     """
-    if may_read_device_values(padding_mask.device) and not bool(padding_mask.any()):
+    if padded is None:
+        padded = not may_read_device_values(padding_mask.device) or bool(padding_mask.any())
+    elif not padded:
+        require(~padding_mask.any(), "a batch said to have no padding (lengths_on_host) has padded positions")
+    if not padded:
         return None
     bias = torch.zeros(padding_mask.shape, dtype=dtype, device=padding_mask.device)
     return bias.masked_fill_(padding_mask, float("-inf"))[:, None, None, :]

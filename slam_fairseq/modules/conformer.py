@@ -147,15 +147,17 @@ class ConformerStack(nn.Module):
         self.checkpoint_activations = checkpoint_activations
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
-                return_all_hiddens: bool = False) -> List[torch.Tensor]:
-        """x: (B, T, D). Returns the outputs of every layer (or only the last, in a list).
+                return_all_hiddens: bool = False, padded: Optional[bool] = None) -> List[torch.Tensor]:
+        """x: (B, T, D); padding_mask: (B, T) bool, True at padding; padded: whether any position
+        is padding, when the host knows it (see :func:`attention_bias`). Returns the outputs of
+        every layer (or only the last, in a list).
 
         The attention mask (:func:`attention_bias`), the RoPE tables and the GroupNorm's real frames
         are made once for all layers."""
         hiddens = []
         if not len(self.layers):
             return hiddens if return_all_hiddens else [x]
-        bias: Optional[torch.Tensor] = attention_bias(padding_mask)
+        bias: Optional[torch.Tensor] = attention_bias(padding_mask, padded=padded)
         tables = self.layers[0].attention.rotary.tables(x.shape[1], x.device)
         frames = self.layers[0].convolution.norm.frames(padding_mask)
         for layer in self.layers:

@@ -1,5 +1,6 @@
-"""Padding masks from lengths, made once and passed down (True marks a padded position), and the
-rule for when the model may read a device value to decide a shape or a branch."""
+"""Padding masks from lengths, made once and passed down (True marks a padded position), the rule
+for when the model may read a device value to decide a shape or a branch, and the check of what
+the host says about a batch's padding against its masks."""
 from __future__ import annotations
 
 import contextlib
@@ -30,6 +31,18 @@ def sync_free_paths() -> Iterator[None]:
         yield
     finally:
         _SYNC_FREE_EVERYWHERE = previous
+
+
+def require(condition: torch.Tensor, message: str) -> None:
+    """Fail with ``message`` unless the 0-dim bool ``condition`` holds.
+
+    Where :func:`may_read_device_values` allows it, a ValueError now; elsewhere an asynchronous
+    device assert, which stops the run when the device reaches it without making the host wait."""
+    if may_read_device_values(condition.device):
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
 
 
 def lengths_to_padding_mask(lengths: torch.Tensor, max_length: Optional[int] = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from slam_fairseq.data.pretraining.collate import collate_speech, collate_tokens, target_index
+from slam_fairseq.data.pretraining.collate import collate_speech, collate_tokens, real_token_counts, target_index
 from slam_fairseq.data.pretraining.feature_rows import SpeechFeatureReader, num_subsampled_frames
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
@@ -88,5 +88,8 @@ class PretrainingPairDataset(PretrainingModalityDataset):
                                                self.stm_negative_prob)
         batch["stm_text_index"] = torch.from_numpy(text_index)
         batch["stm_label"] = torch.from_numpy(label)
+        clean_lengths = real_token_counts([item["clean"] for item in samples], pad)
+        batch["lengths_on_host"].update(text=real_token_counts([item["source"] for item in samples], pad),
+                                        stm_text=tuple(clean_lengths[row] for row in text_index))
         batch["ntokens"] = int(sum(len(item["clean"]) for item in samples))
         return batch

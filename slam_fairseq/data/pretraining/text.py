@@ -24,7 +24,7 @@ import torch
 
 from slam_formats.manifest import ManifestError
 from slam_formats.names import text_prefix_name
-from slam_fairseq.data.pretraining.collate import collate_tokens, target_index
+from slam_fairseq.data.pretraining.collate import collate_tokens, real_token_counts, target_index
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
 from slam_fairseq.data.pretraining.seeding import TEXT_SPAN_MASK, masking_rng
 from slam_fairseq.data.pretraining.span_masks import SpanMaskingSettings, TextVocabulary, mask_text
@@ -152,5 +152,6 @@ class PretrainingTextDataset(PretrainingModalityDataset):
             "tokens": collate_tokens([item["source"] for item in samples], pad),
             "target": target,
             "target_index": target_index(target, pad),
+            "lengths_on_host": {"text": real_token_counts([item["source"] for item in samples], pad)},
             "ntokens": int(sum(len(item["source"]) for item in samples)),
         }
