@@ -19,8 +19,8 @@ import pretraining_fixtures as fixtures  # noqa: E402
 from manifests.core import stored_zip_entries  # noqa: E402
 
 from slam_fairseq.data.pretraining.round_robin import RoundRobinBatchDataset  # noqa: E402
-from slam_fairseq.data.pretraining.row_checks import (BAD_ROWS_KEY, BadRowLimits, RowCheckReport,  # noqa: E402
-                                                      TooManyBadRowsError, drop_bad_feature_rows,
+from slam_fairseq.data.pretraining.row_checks import (BAD_ROWS_KEY, BadRowError, BadRowLimits,  # noqa: E402
+                                                      RowCheckReport, TooManyBadRowsError, drop_bad_feature_rows,
                                                       feature_row_problem)
 from slam_fairseq.data.pretraining.feature_rows import (SpeechFeatureReader, SpeechRows,  # noqa: E402
                                                         read_speech_rows)
@@ -158,6 +158,20 @@ def test_a_row_failing_mid_run_is_left_out_of_its_batch_and_reported(feature_dir
     assert "row 'r1'" in message and "feats.zip" in message and "unreadable audio" in message
     only_bad = round_robin.collater([round_robin[(1, 1)]])
     assert "speech" not in only_bad and len(only_bad[BAD_ROWS_KEY]) == 1
+
+
+def test_features_with_non_finite_values_are_a_bad_row_naming_the_file(tmp_path):
+    """A NaN would make every update holding the row non-finite (and skipped), without a name."""
+    features = np.random.default_rng(0).normal(size=(40, 80)).astype(np.float32)
+    features[12:15, 3] = np.nan
+    features[20, 0] = np.inf
+    np.save(tmp_path / "nan.npy", features)
+    np.save(tmp_path / "fine.npy", np.nan_to_num(features, nan=0.0, posinf=0.0))
+    reader = SpeechFeatureReader(_rows(tmp_path, ["nan.npy", "fine.npy"]), str(tmp_path), lambda x: x)
+    with pytest.raises(BadRowError, match=r"speech_train\.tsv: row 'r0': nan\.npy holds 4 non-finite values "
+                                          r"\(NaN or inf; first in frame 12\)"):
+        reader.read(0)
+    assert np.isfinite(reader.read(1)).all()
 
 
 # -- real fairseq-train runs ------------------------------------------------------------------------------

@@ -256,6 +256,40 @@ def test_joint_search_reads_the_audio_skips_the_language_tag_and_ends():
     assert float(joint["positional_scores"][1]) == pytest.approx(0.5 * float(decoder_log_probs[b]), abs=1e-3)
 
 
+def test_joint_search_scores_a_forced_prefix_token_that_the_decoder_ranks_low():
+    """--prefix-size forces the reference's first token. Here the decoder ranks it below the tokens
+    CTC scores; unscored it would get -inf and no hypothesis could end (fairseq then fails at
+    max_len). With the prefix steps fully scored, the search continues with what CTC hears."""
+    from fairseq.data import Dictionary
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from slam_fairseq.decoding.joint_ctc_generator import add_ctc_prefix_scores
+
+    dictionary = Dictionary()
+    a, b, c = (dictionary.add_symbol(symbol) for symbol in "abc")
+    others = [dictionary.add_symbol(symbol) for symbol in "def"]
+    eos = dictionary.eos()
+    decoder_logits = torch.zeros(len(dictionary))
+    decoder_logits[a], decoder_logits[b], decoder_logits[c], decoder_logits[eos] = 6.0, 3.0, -5.0, 1.0
+    decoder_logits[others] = 2.0
+    frames = [c, c, CTC_BLANK_INDEX, a, CTC_BLANK_INDEX, CTC_BLANK_INDEX]
+    posteriors = torch.full((1, len(frames), len(dictionary)), -10.0)
+    for t, label in enumerate(frames):
+        posteriors[0, t, label] = 10.0
+    sample = {"net_input": {"src_tokens": posteriors.log_softmax(-1), "src_lengths": torch.tensor([len(frames)])}}
+
+    def search(prefix_size: int):
+        generator = SequenceGenerator([_HandMadeModel(decoder_logits)], dictionary, beam_size=2, max_len_b=20)
+        generator = add_ctc_prefix_scores(generator, weight=0.5, candidates=3, blank=CTC_BLANK_INDEX,
+                                          prefix_size=prefix_size)
+        assert c not in decoder_logits.topk(generator.model.candidates + 1).indices.tolist()
+        return generator.generate(None, sample, prefix_tokens=torch.tensor([[c]]))[0][0]
+
+    with pytest.raises(AssertionError):  # the forced token unscored: nothing can end before max_len
+        search(prefix_size=0)
+    assert search(prefix_size=1)["tokens"].tolist() == [c, a, eos]
+
+
 # ---------------------------------------------------------------------------------------------
 # A trained model
 
@@ -469,6 +503,26 @@ def test_ctc_decoding_needs_a_ctc_head(trained):
         with pytest.raises(ValueError, match=f"--ctc-decoding {mode} needs a model with a CTC head.*"
                                              f"{re.escape(str(trained.checkpoint))}"):
             task.build_generator(models, generation_cfg)
+
+
+def test_flags_a_decoding_mode_cannot_honour_are_refused(trained, tmp_path):
+    task, models, generation_cfg, _ = load_for_generation(trained)
+    text = tmp_path / "lexicon.txt"
+    text.write_text("a b\n", encoding="utf-8")
+    task.args.lexicon_text = str(text)
+    for mode in ("greedy", "lexicon"):
+        task.args.ctc_decoding = mode
+        generation_cfg.nbest = 3
+        with pytest.raises(ValueError, match=f"--ctc-decoding {mode} gives one hypothesis per utterance, not --nbest 3"):
+            task.build_generator(models, generation_cfg)
+        generation_cfg.nbest, generation_cfg.print_alignment = 1, "hard"
+        with pytest.raises(ValueError, match=f"--ctc-decoding {mode} has no attention alignment"):
+            task.build_generator(models, generation_cfg)
+        generation_cfg.print_alignment = None
+    task.args.ctc_decoding = "joint"
+    generation_cfg.match_source_len = True
+    with pytest.raises(ValueError, match="does not combine with --match-source-len"):
+        task.build_generator(models, generation_cfg)
 
 
 def test_lexicon_decoding_needs_a_lexicon_text(trained, tmp_path):

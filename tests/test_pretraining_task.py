@@ -218,6 +218,29 @@ def test_cli_stage_switch_checkpoint_and_resume_match_an_uninterrupted_run(data_
     assert whole_valid[-1]["valid_loss"] == split_valid[-1]["valid_loss"]  # end of training
 
 
+def test_a_stage1_validation_without_examples_is_no_score_for_best_checkpoint_or_patience(tmp_path):
+    """Validation data with pairs only (the demo's layout): stage 1 validates nothing. Its loss is
+    None, not 0, so checkpoint_best and --patience take only the stage-2 validations."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(fixtures.build_data_dir(tmp_path / "built", real_speech=False), data)
+    (data / "speech_valid.tsv").unlink()
+    (data / "text_valid.txt").unlink()
+    criterion, stand_in = _criterion()
+    args = _train_args(data, tmp_path / "ck", criterion, 8) + [
+        "--validate-interval-updates", "2", "--save-interval-updates", "2", "--patience", "2"]
+    output = _check(fixtures.run_fairseq(args, stand_in))
+    valid = {int(r["valid_num_updates"]): r for r in fixtures.json_log_records(output, "valid")}
+    assert valid[2]["valid_loss"] is None and "held no example of the active modalities" in output
+    assert "leaves out the pair batches" in output
+    stage2 = [float(r["valid_loss"]) for update, r in valid.items() if update > 3]
+    assert stage2 and min(stage2) > 0
+    assert "early stop" not in output.split('"num_updates": "6"')[0]  # a 0 from stage 1 stopped it at 6
+    state = torch.load(tmp_path / "ck" / "checkpoint_best.pt", map_location="cpu", weights_only=False)
+    assert state["extra_state"]["best"] == pytest.approx(min(stage2), abs=1e-3)
+
+
 def test_hydra_tiny_demo_config_starts(data_dir, tmp_path):
     criterion, stand_in = _criterion()
     args = ["--config-dir", str(REPO_ROOT / "examples" / "pretraining" / "config"),
@@ -235,3 +258,25 @@ def test_hydra_tiny_demo_config_starts(data_dir, tmp_path):
     assert (tmp_path / "checkpoints" / "checkpoint_last.pt").is_file()
     params = int(output.split("num. shared model params: ")[1].split(" ")[0].replace(",", ""))
     assert params < 2_000_000, "the tiny demo must build a tiny model"
+
+
+def test_hydra_paper_config_takes_size_overrides_and_paths_relative_to_where_it_starts(data_dir, tmp_path):
+    """slam_paper.yaml spells its sizes out (so model.* overrides work) and runs in the directory
+    it is started from (hydra.run.dir: .), where relative task.data and checkpoint.save_dir point."""
+    criterion, stand_in = _criterion()
+    (tmp_path / "data").symlink_to(data_dir)
+    sizes = dict(encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=2, speech_encoder_layers=1,
+                 multimodal_encoder_layers=1, subsampling_conv_channels=8, quantizer_codebook_size=16,
+                 quantizer_codevector_dim=8)
+    args = ["--config-dir", str(REPO_ROOT / "examples" / "pretraining" / "config"), "--config-name", "slam_paper",
+            "task.data=data", f"common.user_dir={USER_DIR}", "common.fp16=false", "common.cpu=true",
+            "optimization.max_update=2", "task.stage2_start_update=1", "dataset.num_workers=0",
+            "dataset.required_batch_size_multiple=1", "checkpoint.save_dir=ck"]
+    args += [f"model.{key}={value}" for key, value in sizes.items()]
+    if stand_in:
+        args.append(f"criterion._name={criterion}")
+    output = _check(fixtures.run_fairseq(args, stand_in, module="hydra_train", cwd=tmp_path))
+    assert (tmp_path / "ck" / "checkpoint_last.pt").is_file() and not (tmp_path / "outputs").exists()
+    params = int(output.split("num. shared model params: ")[1].split(" ")[0].replace(",", ""))
+    assert params < 100_000, "the size overrides must reach the model"
+

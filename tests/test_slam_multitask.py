@@ -309,3 +309,13 @@ def test_frame_mask_wider_than_the_subsampled_features_is_trimmed_when_padding_o
 def test_an_empty_sample_is_refused():
     with pytest.raises(ValueError, match="at least one"):
         make_criterion()(make_model(), {"speech": None})
+
+
+def test_the_pretraining_model_under_a_task_without_a_text_dictionary_says_what_to_do():
+    """fairseq-generate --task slam_speech_to_text --path PRETRAINING_CHECKPOINT builds ``slam``
+    under a task without a source dictionary."""
+    from types import SimpleNamespace
+
+    from slam_fairseq.models.slam import SlamConfig, SlamModel
+    with pytest.raises(ValueError, match="slam_s2t_.*--load-pretrained-slam-from"):
+        SlamModel.build_model(SlamConfig(), SimpleNamespace(source_dictionary=None))

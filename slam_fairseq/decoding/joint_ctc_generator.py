@@ -15,7 +15,10 @@ the audio. Everything else (length limits, ``--lenpen``, ``--prefix-size``, batc
 sentences leaving the batch) is fairseq's own code.
 
 The first ``skip_tokens`` output tokens are not CTC labels (``slam_s2t``'s
-``ctc_target_prefix_size``: a language tag); they take the decoder's score alone.
+``ctc_target_prefix_size``: a language tag); they take the decoder's score alone. With
+``--prefix-size P`` fairseq forces the reference's first P tokens whatever their score, so at the
+first P steps every token is CTC-scored: a forced token outside the decoder's best would otherwise
+get ``-inf``, leaving no hypothesis that can end.
 """
 from __future__ import annotations
 
@@ -41,10 +44,12 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         candidates: tokens per hypothesis scored by CTC each step (the decoder's best, plus eos).
         blank: the CTC blank's index; eos: end-of-sentence; pad: never a candidate.
         skip_tokens: leading output tokens that are not CTC labels.
+        forced_steps: leading steps whose token fairseq may force (``--prefix-size``): every token
+            is CTC-scored there.
     """
 
     def __init__(self, models: List, weight: float, candidates: int, blank: int, eos: int, pad: int,
-                 skip_tokens: int = 0) -> None:
+                 skip_tokens: int = 0, forced_steps: int = 0) -> None:
         if len(models) != 1:
             raise ValueError(f"joint CTC/attention decoding takes one model, got an ensemble of {len(models)}")
         if not 0.0 <= weight <= 1.0:
@@ -56,6 +61,7 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         self.candidates = candidates
         self.pad = pad
         self.skip_tokens = skip_tokens
+        self.forced_steps = forced_steps
         self.scorer = CTCPrefixScorer(blank=blank, eos=eos)
         self._state: Optional[CTCPrefixState] = None
         self._scored: Optional[CTCCandidateStates] = None
@@ -82,7 +88,7 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         self._advance(step, tokens, encoder_outs[0])
         if step < self.skip_tokens:
             return attention_log_probs, attention
-        return self._fuse(attention_log_probs), attention
+        return self._fuse(attention_log_probs, every_token=step < self.forced_steps), attention
 
     def _advance(self, step: int, tokens: Tensor, encoder_out: Dict[str, List[Tensor]]) -> None:
         """Brings the CTC state to each row's current prefix."""
@@ -102,13 +108,14 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
             assert self._scored is not None
             self._state = self.scorer.select(self._scored, self._order, tokens[:, -1])
 
-    def _fuse(self, attention_log_probs: Tensor) -> Tensor:
-        """(N, V) decoder log-probs -> (N, V) fused scores (``-inf`` outside the candidates)."""
+    def _fuse(self, attention_log_probs: Tensor, every_token: bool = False) -> Tensor:
+        """(N, V) decoder log-probs -> (N, V) fused scores (``-inf`` outside the candidates; with
+        ``every_token``, every token but pad is a candidate)."""
         state = self._state
         ranked = attention_log_probs.float().clone()
         ranked[:, self.pad] = -math.inf
         ranked[:, self.scorer.eos] = math.inf  # always scored: ending must stay possible
-        width = min(self.candidates + 1, ranked.size(1))
+        width = ranked.size(1) - 1 if every_token else min(self.candidates + 1, ranked.size(1))
         candidates = ranked.topk(width, dim=1).indices
         self._scored = self.scorer.score_candidates(state, candidates)
         increments = self._scored.prefix_scores - state.prefix_score.unsqueeze(1)
@@ -125,7 +132,7 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
 
 
 def add_ctc_prefix_scores(generator: SequenceGenerator, weight: float, candidates: int, blank: int,
-                          skip_tokens: int = 0) -> SequenceGenerator:
+                          skip_tokens: int = 0, prefix_size: int = 0) -> SequenceGenerator:
     """Turns a plain fairseq ``SequenceGenerator`` into joint CTC/attention beam search.
 
     Its ensemble is replaced by a :class:`CTCPrefixFusedEnsemble` over the same model. At least
@@ -137,15 +144,20 @@ def add_ctc_prefix_scores(generator: SequenceGenerator, weight: float, candidate
         generator: built by fairseq's ``build_generator`` (beam search or sampling).
         weight: the CTC weight lambda; candidates: the decoder's top tokens scored by CTC.
         blank: the CTC blank; skip_tokens: leading output tokens that are not CTC labels.
+        prefix_size: ``--prefix-size``, the leading tokens fairseq forces from the reference.
     """
     if type(generator) is not SequenceGenerator:
         raise ValueError(f"joint CTC/attention decoding extends fairseq's SequenceGenerator, not "
                          f"{type(generator).__name__} (leave out --print-alignment / --score-reference)")
     if generator.lm_model is not None:
         raise ValueError("joint CTC/attention decoding does not combine with --lm-path")
+    if generator.match_source_len:
+        raise ValueError("joint CTC/attention decoding does not combine with --match-source-len: it asks for one "
+                         "output token per input frame, which CTC (at most one label per subsampled frame) "
+                         "cannot give")
     generator.model = CTCPrefixFusedEnsemble(
         list(generator.model.models), weight=weight,
         candidates=min(max(candidates, 2 * generator.beam_size), generator.vocab_size),
-        blank=blank, eos=generator.eos, pad=generator.pad, skip_tokens=skip_tokens)
+        blank=blank, eos=generator.eos, pad=generator.pad, skip_tokens=skip_tokens, forced_steps=prefix_size)
     generator.model.eval()
     return generator

@@ -192,6 +192,12 @@ class SlamModel(BaseFairseqModel):
     def build_model(cls, cfg, task) -> "SlamModel":
         cfg = config_from(cfg, SlamConfig)
         dictionary = task.source_dictionary
+        if dictionary is None:
+            raise ValueError(
+                f"the slam model is SLAM's pre-training model, built by --task slam_pretraining; the "
+                f"{type(task).__name__} task has no text dictionary for it. To decode or fine-tune a "
+                "pre-trained encoder, train a slam_s2t_* model with --load-pretrained-slam-from CHECKPOINT "
+                "(examples/librispeech, examples/covost2) and decode that")
         if cfg.pair_ctc and dictionary.bos() != CTC_BLANK:
             raise ValueError(f"--pair-ctc uses <s> as the CTC blank at index {CTC_BLANK}, but this dictionary "
                              f"has <s> at {dictionary.bos()}")

@@ -223,6 +223,7 @@ class SlamPretrainingTask(FairseqTask):
         self.bad_row_limits = BadRowLimits(cfg.max_bad_rows, cfg.max_bad_row_fraction)
         self.update_guard = NonFiniteUpdateGuard()
         self._announced_stage: Optional[int] = None
+        self._skipped_validation_modalities: set = set()
 
     # -- setup ------------------------------------------------------------------------------------
     @classmethod
@@ -501,7 +502,9 @@ class SlamPretrainingTask(FairseqTask):
 
         model.eval()
         self._count_bad_rows(sample)
-        modalities = [name for name in self.active_modalities(self.num_updates_seen) if name in sample]
+        active = self.active_modalities(self.num_updates_seen)
+        modalities = [name for name in active if name in sample]
+        self._note_skipped_validation(sample, active)
         losses, outputs = [], []
         ids = [MODALITIES.index(name) for name in modalities]
         ids += [int(i) for name in modalities for i in sample[name]["id"].tolist()]
@@ -514,3 +517,32 @@ class SlamPretrainingTask(FairseqTask):
         total_loss = _summed_loss(losses)
         sample_size = 1 if modalities else 0
         return total_loss, sample_size, _step_logging_output(outputs, sample_size, model, criterion)
+
+    def _note_skipped_validation(self, sample, active: Tuple[str, ...]) -> None:
+        """Say once per modality that its validation batches are left out at this stage."""
+        skipped = [name for name in MODALITIES if name in sample and name not in active
+                   and name not in self._skipped_validation_modalities]
+        if skipped:
+            self._skipped_validation_modalities.update(skipped)
+            logger.warning(f"validation at stage {self.stage_at(self.num_updates_seen)} leaves out the "
+                           f"{' and '.join(skipped)} batches (active: {_objectives(active)}); stage 2 is "
+                           f"validated from --stage2-start-update {self.cfg.stage2_start_update} on "
+                           "(fairseq-validate: pass --stage2-start-update 0)")
+
+    def post_validate(self, model, stats: Dict[str, Any], agg) -> None:
+        """fairseq-train's hook between a validation and its use: a validation that held no example
+        of an active modality (stage 1 when only pairs have validation data) reports its losses
+        as None, not 0, so that it neither becomes ``checkpoint_best`` nor counts for
+        ``--patience`` (fairseq skips a None); a ``best_*`` value keeps the previous best."""
+        if any(float(stats.get(f"nsentences_{name}") or 0) > 0 for name in MODALITIES):
+            return
+        from fairseq import checkpoint_utils
+
+        logger.warning(f"validation at update {self.num_updates_seen} held no example of the active "
+                       f"modalities ({_objectives(self.active_modalities(self.num_updates_seen))}): "
+                       "its loss is reported as None (not a score for checkpoint_best or --patience)")
+        for key in [key for key in stats if not key.startswith("best_")
+                    and (key == "loss" or key.endswith(("_loss", "_accuracy")))]:
+            stats[key] = None
+        for key in [key for key in stats if key.startswith("best_") and stats.get(key[len("best_"):], 0) is None]:
+            stats[key] = getattr(checkpoint_utils.save_checkpoint, "best", None)

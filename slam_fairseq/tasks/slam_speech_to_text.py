@@ -88,6 +88,8 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         if mode not in CTC_DECODING_MODES:
             raise ValueError(f"--ctc-decoding must be one of {', '.join(CTC_DECODING_MODES)}, got {mode!r}")
         model = self._single_ctc_model(models, mode)
+        if mode in ("greedy", "lexicon"):
+            _refuse_what_one_ctc_path_cannot_give(mode, args)
         if mode == "greedy":
             if not isinstance(generator, SequenceGenerator):
                 raise ValueError("--ctc-decoding greedy cannot be combined with --score-reference")
@@ -99,7 +101,8 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         weight = float(self.args.ctc_decoding_weight)
         candidates = int(self.args.ctc_decoding_candidates)
         generator = add_ctc_prefix_scores(generator, weight=weight, candidates=candidates, blank=CTC_BLANK_INDEX,
-                                          skip_tokens=int(getattr(model, "ctc_target_prefix_size", 0)))
+                                          skip_tokens=int(getattr(model, "ctc_target_prefix_size", 0)),
+                                          prefix_size=int(safe_getattr(args, "prefix_size", 0) or 0))
         logger.info(f"decoding: joint CTC/attention beam search, CTC weight {weight}, "
                     f"{generator.model.candidates} CTC candidates per hypothesis")
         return generator
@@ -141,3 +144,15 @@ class SlamSpeechToTextTask(SpeechToTextTask):
                 f"({type(model).__name__}) has none: train slam_s2t with --ctc-head, or with --criterion "
                 f"label_smoothed_cross_entropy_with_ctc --ctc-weight W (W > 0); or decode with --ctc-decoding none")
         return model
+
+
+def _refuse_what_one_ctc_path_cannot_give(mode: str, args) -> None:
+    """Greedy and lexicon CTC decoding give one hypothesis per utterance, without an attention
+    alignment: refuse the flags that ask for more instead of ignoring them."""
+    nbest = int(safe_getattr(args, "nbest", 1) or 1)
+    if nbest > 1:
+        raise ValueError(f"--ctc-decoding {mode} gives one hypothesis per utterance, not --nbest {nbest}: "
+                         "use --ctc-decoding joint or none for n-best lists")
+    if safe_getattr(args, "print_alignment", None):
+        raise ValueError(f"--ctc-decoding {mode} has no attention alignment to print: leave out --print-alignment")
+

@@ -106,12 +106,28 @@ class SpeechFeatureReader:
         self.data_dir = str(data_dir)
         self.transform = transform
         self.feature_dim = int(feature_dim)
-        self.read(0)  # fail at load, not mid-run, on a wrong feature dimension
+        self._read_checked(0)  # fail at load, not mid-run, on a wrong feature dimension
 
     def read(self, index: int) -> np.ndarray:
-        """(T, F) float32 normalised features of row ``index``."""
+        """(T, F) float32 normalised features of row ``index``; a row holding NaN or inf is a bad
+        row (left out and counted), which would otherwise make every update holding it
+        non-finite."""
+        features = self._read_checked(index)
+        finite = np.isfinite(features)
+        if not finite.all():
+            raise SpeechDataError(f"{self._where(index)}: {self.rows.audio[index]} holds "
+                                  f"{int(finite.size - finite.sum())} non-finite values (NaN or inf; first in "
+                                  f"frame {int(np.argmin(finite.all(axis=1)))})",
+                                  source=str(self.rows.manifest), row=self.rows.ids[index])
+        return self.transform(features)
+
+    def _where(self, index: int) -> str:
+        return f"{self.rows.manifest}: row {self.rows.ids[index]!r}"
+
+    def _read_checked(self, index: int) -> np.ndarray:
+        """(T, F) raw features of row ``index``, checked for readability, dimension and length."""
         audio = self.rows.audio[index]
-        where = f"{self.rows.manifest}: row {self.rows.ids[index]!r}"
+        where = self._where(index)
         try:
             features = read_features(audio, self.data_dir, num_mel_bins=self.feature_dim)
         except (AudioError, ValueError, OSError, EOFError) as error:  # unreadable, wrong dimension, missing
@@ -121,4 +137,4 @@ class SpeechFeatureReader:
             raise SpeechDataError(f"{where}: {audio} has {len(features)} frames, fewer than "
                                   f"{MIN_INPUT_FRAMES} (n_frames in the manifest says {self.rows.n_frames[index]})",
                                   source=str(self.rows.manifest), row=self.rows.ids[index])
-        return self.transform(features)
+        return features
