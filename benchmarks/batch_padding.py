@@ -4,7 +4,8 @@ Builds the task's datasets and the batches ``get_batch_iterator`` would make (pe
 ``--max-tokens``; fairseq's ``batch_by_size`` over indices sorted by length) and prints, per
 modality, the share of padded positions: feature frames for speech and pairs (what the Conv2d
 subsampling and the speech layers see, after 4x subsampling the same share), tokens for text, and
-for pairs the packed [subsampled speech ; text] sequence of TLM and STM, packed to its longest row
+for pairs the packed [subsampled speech ; text] sequence of TLM (STM's, which pairs a row's
+speech with another row's transcript for about half the rows, is close to it), packed to its longest row
 (what every device packs to with the collaters' ``lengths_on_host``) and to the sum of the padded
 speech and text widths (what an accelerator packs to without them, not to read the longest row
 from the device); and how many batches have no padding at all (they run attention without a mask).
@@ -59,6 +60,7 @@ def report(data: str, max_tokens: int, max_tokens_text: Optional[int], split: st
         shares[f"{name}_unpadded"] = unpadded_batches(batches, stack_sizes)
         if name == "pair":
             shares["pair_packed"] = padding_share(batches, stack_sizes + dataset.text_sizes)
+            shares["pair_packed_unpadded"] = unpadded_batches(batches, stack_sizes + dataset.text_sizes)
             shares["pair_packed_sum"] = padding_share_of_sums(batches, stack_sizes, dataset.text_sizes)
     return shares
 
@@ -74,8 +76,10 @@ def main() -> None:
     for name in ("speech", "text", "pair", "pair_packed", "pair_packed_sum"):
         if name in shares:
             base = name.split("_")[0]
+            unpadded = shares.get(f"{name}_unpadded")
             print(f"{name:15s} padding {100 * shares[name]:5.1f}%  ({shares[f'{base}_batches']} batches, "
-                  f"{shares[f'{base}_rows_per_batch']:.1f} rows each, {shares[f'{base}_unpadded']} without padding)")
+                  f"{shares[f'{base}_rows_per_batch']:.1f} rows each"
+                  + (f", {unpadded} without padding)" if unpadded is not None else ")"))
 
 
 if __name__ == "__main__":

@@ -245,8 +245,8 @@ def largest_batch(preset: str, device, dtype: str, checkpoint_activations: bool,
 
 
 def sdpa_kernels(preset: str, device, dtype: str) -> Dict[str, object]:
-    """Which SDPA backends run our attention call, with no padding (mask None) and with padding
-    (additive float mask)."""
+    """Which SDPA backends run our attention call, with no padding (known on the host, as the
+    collaters' ``lengths_on_host`` tell it: mask None) and with padding (additive float mask)."""
     import argparse as _argparse
 
     import torch
@@ -270,7 +270,7 @@ def sdpa_kernels(preset: str, device, dtype: str) -> Dict[str, object]:
                         SDPBackend.MATH):
             try:
                 with sdpa_kernel([backend]), torch.no_grad():
-                    attention(x, padding, attention_bias(padding))
+                    attention(x, padding, attention_bias(padding, padded=min(lengths) < 256))
                 usable.append(backend.name.lower())
             except RuntimeError:
                 pass

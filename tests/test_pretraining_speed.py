@@ -78,6 +78,8 @@ def test_padding_known_on_the_host_decides_the_mask_on_every_path_and_is_checked
             assert torch.equal(attention_bias(unpadded, padded=True), torch.zeros(2, 1, 1, 5))
     with pytest.raises(ValueError, match="no padding"):
         attention_bias(padding, padded=False)
+    with sync_free_paths(), pytest.raises(RuntimeError, match="no padding"):  # the device assert
+        attention_bias(padding, padded=False)
 
 
 def test_a_packed_width_known_on_the_host_is_used_on_every_path_and_is_checked():
@@ -90,6 +92,8 @@ def test_a_packed_width_known_on_the_host_is_used_on_every_path_and_is_checked()
             given = pack_pair(speech, speech_padding, text, text_padding, width=6)
         assert all(torch.equal(a, b) for a, b in zip(given, tight))
     with pytest.raises(ValueError, match="packed width 5"):
+        pack_pair(speech, speech_padding, text, text_padding, width=5)
+    with sync_free_paths(), pytest.raises(RuntimeError, match="packed width 5"):  # the device assert
         pack_pair(speech, speech_padding, text, text_padding, width=5)
 
 
@@ -158,7 +162,7 @@ def test_the_shared_subsampling_gives_the_gradients_of_two_separate_passes():
     encode_subsampled = speech_encoder.encode_subsampled
     speech_encoder.encode_subsampled = (  # each pass subsamples the features again
         lambda subsampled, padding_mask, frame_mask=None, padded=None: encode_subsampled(
-            *speech_encoder.subsample(*inputs), frame_mask, padded))
+            *speech_encoder.subsample(*inputs), frame_mask, padded=padded))
     separate_loss, separate_gradients = loss_and_gradients()
     assert torch.allclose(shared_loss, separate_loss, rtol=1e-6)
     assert shared_gradients.keys() == separate_gradients.keys()
@@ -168,8 +172,9 @@ def test_the_shared_subsampling_gives_the_gradients_of_two_separate_passes():
 
 
 # -- host syncs -----------------------------------------------------------------------------------
-# Per update of speech + text + pairs (with pair CTC) of collated batches, counted on CPU:
-#   scalar reads (8), free on a CPU: the speech length check of each subsampling pass (2: speech 1,
+# Per update of speech + text + pairs (with pair CTC) of collated batches, each pass with some
+# padding, counted on CPU:
+#   scalar reads (8; one more per pass the host says has no padding, its check), free on a CPU: the speech length check of each subsampling pass (2: speech 1,
 #     pair 1), the packed width of each [speech ; text] pass checked against its real rows (2), the
 #     count of each host-side index against its mask (4: masked frames of speech and pair, targets
 #     of text and pair); on an accelerator (``sync_free_paths``) asynchronous device asserts;
@@ -282,33 +287,48 @@ def test_without_lengths_on_host_the_accelerator_paths_read_as_little_and_give_t
         assert torch.allclose(results[True][2][name], gradient, rtol=1e-4, atol=1e-6), name
 
 
+def _stack_calls(update, sample, sync_free: bool):
+    """(width, padded) of every Conformer stack pass of one forward, in call order."""
+    calls = []
+    hooks = [stack.register_forward_pre_hook(lambda _, args, kwargs: calls.append(
+                 (args[0].shape[1], kwargs.get("padded"))), with_kwargs=True)
+             for stack in (update.model.encoder.speech_encoder.conformer,
+                           update.model.encoder.multimodal_encoder.conformer)]
+    try:
+        with (sync_free_paths() if sync_free else contextlib.nullcontext()), torch.no_grad():
+            update.model(**sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
 def test_on_the_accelerator_paths_lengths_on_host_give_tight_pair_widths_and_no_mask_without_padding():
     """Each Conformer stack pass of a sync-free update is as wide as on the CPU paths (a pair: its
     longest packed row, not the sum of the padded widths), and a pass over rows of equal length is
-    told it has no padding (no attention mask: flash stays open on CUDA)."""
+    told it has no padding (no attention mask: flash stays open on CUDA). STM packs each row's
+    speech with the transcript it is matched with, here another row's, so its width differs."""
     update, sample = _our_update()
     pad = update.task.source_dictionary.pad()
     sample["text"] = _equal_length_text(sample["text"], pad)
     sample["pair"] = _longest_text_with_shortest_speech(sample["pair"], pad)
-    seen = {}
-    for sync_free in (False, True):
-        calls = []
-        hooks = [stack.register_forward_pre_hook(lambda _, args, kwargs: calls.append(
-                     (args[0].shape[1], kwargs.get("padded"))), with_kwargs=True)
-                 for stack in (update.model.encoder.speech_encoder.conformer,
-                               update.model.encoder.multimodal_encoder.conformer)]
-        with (sync_free_paths() if sync_free else contextlib.nullcontext()), torch.no_grad():
-            update.model(speech=sample["speech"], text=sample["text"], pair=sample["pair"])
-        for hook in hooks:
-            hook.remove()
-        seen[sync_free] = calls
+    seen = {sync_free: _stack_calls(update, sample, sync_free) for sync_free in (False, True)}
     assert seen[True] == seen[False]
     assert seen[True][2] == (sample["text"]["tokens"].shape[1], False)  # speech, speech alone, then text
     hosted = sample["pair"]["lengths_on_host"]
     padded_sum = sample["pair"]["frame_mask"].shape[1] + sample["pair"]["clean_tokens"].shape[1]
-    for call, texts in ((seen[True][-4], hosted["text"]), (seen[True][-2], hosted["stm_text"])):  # TLM, STM
-        width = max(s + t for s, t in zip(hosted["speech"], texts))
-        assert call == (width, True) and width < padded_sum
+    tlm, stm = seen[True][-4], seen[True][-2]  # masked speech, TLM, unmasked speech, STM, CTC
+    assert tlm == (max(s + t for s, t in zip(hosted["speech"], hosted["text"])), True) and tlm[0] < padded_sum
+    assert stm == (max(s + t for s, t in zip(hosted["speech"], hosted["stm_text"])), True) and stm[0] != tlm[0]
+
+
+def test_a_pair_batch_without_padding_runs_every_pass_without_a_mask():
+    update, _ = _our_update()
+    dictionary = update.task.source_dictionary
+    sample = bench_pretraining.make_batches(1, 1, 1, 150, 10, 6, 0.3, len(dictionary) - 1, dictionary.nspecial,
+                                            dictionary.pad(), dictionary.index("<mask>"))
+    calls = _stack_calls(update, {"pair": sample["pair"]}, sync_free=True)
+    assert len(calls) == 5 and all(padded is False for _, padded in calls), calls
 
 
 def _equal_length_text(batch: dict, pad: int) -> dict:
@@ -321,15 +341,16 @@ def _equal_length_text(batch: dict, pad: int) -> dict:
 
 def _longest_text_with_shortest_speech(batch: dict, pad: int) -> dict:
     """The pair batch with its transcripts reordered by length, shortest first (its speech is
-    longest first), with its host keys rebuilt."""
+    longest first), STM matching them in reverse, and its host keys rebuilt."""
     order = torch.sort(batch["clean_tokens"].ne(pad).sum(1), stable=True).indices
     tokens, target, clean = (batch[key][order] for key in ("tokens", "target", "clean_tokens"))
     texts = tuple(int(n) for n in clean.ne(pad).sum(1))
     assert min(texts) < max(texts) and list(batch["lengths_on_host"]["speech"]) == sorted(
         batch["lengths_on_host"]["speech"], reverse=True)
-    hosted = dict(batch["lengths_on_host"], text=texts,
-                  stm_text=tuple(texts[int(row)] for row in batch["stm_text_index"]))
+    stm_text_index = torch.arange(len(texts)).flip(0)  # the longest speech with the longest text
+    hosted = dict(batch["lengths_on_host"], text=texts, stm_text=tuple(texts[int(row)] for row in stm_text_index))
     return dict(batch, tokens=tokens, target=target, clean_tokens=clean, target_index=target_index(target, pad),
+                stm_text_index=stm_text_index, stm_label=(stm_text_index == torch.arange(len(texts))).long(),
                 lengths_on_host=hosted)
 
 
@@ -348,6 +369,14 @@ def test_a_batch_without_host_keys_gives_the_same_update_through_nonzero():
     assert results[0][1] == 0 and results[1][1] == 4  # masked frames of speech and pair, targets of text and pair
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
+
+
+def test_host_lengths_for_another_number_of_rows_are_refused_on_every_device():
+    update, sample = _our_update()
+    edited = dict(sample["text"], lengths_on_host={"text": sample["text"]["lengths_on_host"]["text"][:-1]})
+    for paths in (contextlib.nullcontext, sync_free_paths):
+        with paths(), pytest.raises(ValueError, match=r"\['text'\] holds 2 lengths for a batch of 3 rows"):
+            update.model(text=edited)
 
 
 def test_a_host_index_that_no_longer_matches_its_mask_is_refused_on_a_cpu():

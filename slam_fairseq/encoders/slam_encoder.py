@@ -38,13 +38,13 @@ class SlamEncoder(nn.Module):
         self.multimodal_encoder = MultimodalEncoder(num_layers=cfg.multimodal_encoder_layers, **shared)
 
     def encode_speech(self, features: torch.Tensor, lengths: torch.Tensor,
-                      frame_mask: Optional[torch.Tensor] = None, padded: Optional[bool] = None):
+                      frame_mask: Optional[torch.Tensor] = None, *, padded: Optional[bool] = None):
         """Returns (SpeechEncoderOutput, MultimodalOutput) for speech alone. ``padded``: whether
         any subsampled frame is padding, when the host knows it."""
-        speech = self.speech_encoder(features, lengths, frame_mask, padded)
+        speech = self.speech_encoder(features, lengths, frame_mask, padded=padded)
         return speech, self.encode_multimodal(speech)
 
-    def encode_text(self, tokens: torch.Tensor, padded: Optional[bool] = None) -> MultimodalOutput:
+    def encode_text(self, tokens: torch.Tensor, *, padded: Optional[bool] = None) -> MultimodalOutput:
         """``padded``: whether any position of ``tokens`` is padding, when the host knows it."""
         text, text_padding_mask = self.text_encoder(tokens)
         return self.multimodal_encoder(text=text, text_padding_mask=text_padding_mask, padded=padded)

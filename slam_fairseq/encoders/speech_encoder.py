@@ -61,7 +61,7 @@ class SpeechEncoder(nn.Module):
         return subsampled, lengths_to_padding_mask(output_lengths, subsampled.shape[1])
 
     def encode_subsampled(self, subsampled: torch.Tensor, padding_mask: torch.Tensor,
-                          frame_mask: Optional[torch.Tensor] = None,
+                          frame_mask: Optional[torch.Tensor] = None, *,
                           padded: Optional[bool] = None) -> SpeechEncoderOutput:
         """The Conformer stack and projection over :meth:`subsample`'s output.
 
@@ -79,7 +79,7 @@ class SpeechEncoder(nn.Module):
         return SpeechEncoderOutput(subsampled=subsampled, output=output, padding_mask=padding_mask, padded=padded)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor,
-                frame_mask: Optional[torch.Tensor] = None, padded: Optional[bool] = None) -> SpeechEncoderOutput:
+                frame_mask: Optional[torch.Tensor] = None, *, padded: Optional[bool] = None) -> SpeechEncoderOutput:
         """
         Args:
             features: (B, T, F) padded log-Mel frames.
@@ -88,4 +88,4 @@ class SpeechEncoder(nn.Module):
                 a learned mask embedding (masked speech modelling).
             padded: whether any subsampled frame is padding, when the host knows it.
         """
-        return self.encode_subsampled(*self.subsample(features, lengths), frame_mask, padded)
+        return self.encode_subsampled(*self.subsample(features, lengths), frame_mask, padded=padded)

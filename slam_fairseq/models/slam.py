@@ -108,10 +108,14 @@ def _index_or_nonzero(batch: Dict, key: str, mask: Callable[[], torch.Tensor]) -
     return index[0], index[1]
 
 
-def _lengths_on_host(batch: Dict, key: str) -> Optional[Tuple[int, ...]]:
-    """``batch["lengths_on_host"][key]``, each row's real length as Python ints (the collaters ship
-    them; docs/pretraining_batches.md), or None for a batch without them."""
-    return batch.get("lengths_on_host", {}).get(key)
+def _lengths_on_host(batch: Dict, key: str, rows: int) -> Optional[Tuple[int, ...]]:
+    """``batch["lengths_on_host"][key]``, each of the batch's ``rows`` real lengths as Python ints
+    (the collaters ship them; docs/pretraining_batches.md), or None for a batch without them."""
+    lengths = batch.get("lengths_on_host", {}).get(key)
+    if lengths is not None and len(lengths) != rows:
+        raise ValueError(f"batch['lengths_on_host'][{key!r}] holds {len(lengths)} lengths for a batch of {rows} "
+                         "rows: rebuild it (slam_fairseq.data.pretraining.collate) after changing the batch")
+    return lengths
 
 
 def _padded(lengths: Optional[Sequence[int]], width: int) -> Optional[bool]:
@@ -287,8 +291,8 @@ class SlamModel(BaseFairseqModel):
     def forward_speech(self, batch: Dict) -> SpeechPretrainingOutput:
         """MSM on a SPEECH_BATCH (``features``, ``feature_lengths``, ``frame_mask``)."""
         features, lengths, frame_mask = self._speech_inputs(batch)
-        padded = _padded(_lengths_on_host(batch, "speech"), frame_mask.shape[1])
-        speech, joint = self.encoder.encode_speech(features, lengths, frame_mask, padded)
+        padded = _padded(_lengths_on_host(batch, "speech", len(features)), subsampled_length(features.shape[1]))
+        speech, joint = self.encoder.encode_speech(features, lengths, frame_mask, padded=padded)
         utterance_index, frame_index = _index_or_nonzero(batch, "masked_frames", lambda: frame_mask & ~speech.padding_mask)
         predictions = self.contrastive_projection(speech.output[utterance_index, frame_index])
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
@@ -305,7 +309,8 @@ class SlamModel(BaseFairseqModel):
         """Span masking on a TEXT_BATCH (``tokens``, ``target``)."""
         tokens, target = batch["tokens"], batch["target"]
         padding_idx = self.encoder.text_encoder.padding_idx
-        joint = self.encoder.encode_text(tokens, _padded(_lengths_on_host(batch, "text"), tokens.shape[1]))
+        joint = self.encoder.encode_text(
+            tokens, padded=_padded(_lengths_on_host(batch, "text", len(tokens)), tokens.shape[1]))
         row, position = _index_or_nonzero(batch, "target_index", lambda: target.ne(padding_idx))
         return TextPretrainingOutput(
             text_logits=self.text_prediction_head(joint.output[row, position]),
@@ -328,12 +333,13 @@ class SlamModel(BaseFairseqModel):
         tokens, target = batch["tokens"], batch["target"]
         padding_idx = self.encoder.text_encoder.padding_idx
         speech_encoder = self.encoder.speech_encoder
-        speech_lengths = _lengths_on_host(batch, "speech")
-        speech_padded = _padded(speech_lengths, frame_mask.shape[1])
+        rows = len(features)
+        speech_lengths = _lengths_on_host(batch, "speech", rows)
+        speech_padded = _padded(speech_lengths, subsampled_length(features.shape[1]))
         subsampled, speech_padding_mask = speech_encoder.subsample(features, lengths)
-        speech = speech_encoder.encode_subsampled(subsampled, speech_padding_mask, frame_mask, speech_padded)
-        width, padded = _packed(speech_lengths, _lengths_on_host(batch, "text"))
-        joint = self.encoder.encode_multimodal(speech, tokens, packed_width=width, padded=padded)
+        speech = speech_encoder.encode_subsampled(subsampled, speech_padding_mask, frame_mask, padded=speech_padded)
+        tlm_width, tlm_padded = _packed(speech_lengths, _lengths_on_host(batch, "text", rows))
+        joint = self.encoder.encode_multimodal(speech, tokens, packed_width=tlm_width, padded=tlm_padded)
         utterance_index, frame_index = _index_or_nonzero(batch, "masked_frames", lambda: frame_mask & ~speech.padding_mask)
         code_logits = self.code_prediction_head(joint.output[utterance_index, frame_index])
         with torch.no_grad():
@@ -344,8 +350,8 @@ class SlamModel(BaseFairseqModel):
 
         unmasked = speech_encoder.encode_subsampled(subsampled, speech_padding_mask, padded=speech_padded)
         matched_text = batch["clean_tokens"][batch["stm_text_index"]]
-        width, padded = _packed(speech_lengths, _lengths_on_host(batch, "stm_text"))
-        matched = self.encoder.encode_multimodal(unmasked, matched_text, packed_width=width, padded=padded)
+        stm_width, stm_padded = _packed(speech_lengths, _lengths_on_host(batch, "stm_text", rows))
+        matched = self.encoder.encode_multimodal(unmasked, matched_text, packed_width=stm_width, padded=stm_padded)
         stm_logits = self.pair_matching_classifier(matched.output, matched.padding_mask)
         ctc = self._pair_ctc(unmasked, batch["clean_tokens"]) if self.pair_ctc_head is not None else {}
         return PairPretrainingOutput(

@@ -147,7 +147,7 @@ class ConformerStack(nn.Module):
         self.checkpoint_activations = checkpoint_activations
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
-                return_all_hiddens: bool = False, padded: Optional[bool] = None) -> List[torch.Tensor]:
+                return_all_hiddens: bool = False, *, padded: Optional[bool] = None) -> List[torch.Tensor]:
         """x: (B, T, D); padding_mask: (B, T) bool, True at padding; padded: whether any position
         is padding, when the host knows it (see :func:`attention_bias`). Returns the outputs of
         every layer (or only the last, in a list).
