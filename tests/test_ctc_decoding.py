@@ -259,7 +259,8 @@ def test_joint_search_reads_the_audio_skips_the_language_tag_and_ends():
 def test_joint_search_scores_a_forced_prefix_token_that_the_decoder_ranks_low():
     """--prefix-size forces the reference's first token. Here the decoder ranks it below the tokens
     CTC scores; unscored it would get -inf and no hypothesis could end (fairseq then fails at
-    max_len). With the prefix steps fully scored, the search continues with what CTC hears."""
+    max_len). Made a candidate, it gets its fused score and the search continues with what CTC
+    hears; rows of a batch whose prefix is shorter (pad) are not forced."""
     from fairseq.data import Dictionary
     from fairseq.sequence_generator import SequenceGenerator
 
@@ -268,26 +269,30 @@ def test_joint_search_scores_a_forced_prefix_token_that_the_decoder_ranks_low():
     dictionary = Dictionary()
     a, b, c = (dictionary.add_symbol(symbol) for symbol in "abc")
     others = [dictionary.add_symbol(symbol) for symbol in "def"]
-    eos = dictionary.eos()
+    eos, pad = dictionary.eos(), dictionary.pad()
     decoder_logits = torch.zeros(len(dictionary))
     decoder_logits[a], decoder_logits[b], decoder_logits[c], decoder_logits[eos] = 6.0, 3.0, -5.0, 1.0
     decoder_logits[others] = 2.0
     frames = [c, c, CTC_BLANK_INDEX, a, CTC_BLANK_INDEX, CTC_BLANK_INDEX]
-    posteriors = torch.full((1, len(frames), len(dictionary)), -10.0)
+    posteriors = torch.full((2, len(frames), len(dictionary)), -10.0)
     for t, label in enumerate(frames):
-        posteriors[0, t, label] = 10.0
-    sample = {"net_input": {"src_tokens": posteriors.log_softmax(-1), "src_lengths": torch.tensor([len(frames)])}}
+        posteriors[:, t, label] = 10.0
+    sample = {"net_input": {"src_tokens": posteriors.log_softmax(-1), "src_lengths": torch.tensor([len(frames)] * 2)}}
 
-    def search(prefix_size: int):
+    def joint_generator():
         generator = SequenceGenerator([_HandMadeModel(decoder_logits)], dictionary, beam_size=2, max_len_b=20)
-        generator = add_ctc_prefix_scores(generator, weight=0.5, candidates=3, blank=CTC_BLANK_INDEX,
-                                          prefix_size=prefix_size)
+        generator = add_ctc_prefix_scores(generator, weight=0.5, candidates=3, blank=CTC_BLANK_INDEX)
         assert c not in decoder_logits.topk(generator.model.candidates + 1).indices.tolist()
-        return generator.generate(None, sample, prefix_tokens=torch.tensor([[c]]))[0][0]
+        return generator
 
-    with pytest.raises(AssertionError):  # the forced token unscored: nothing can end before max_len
-        search(prefix_size=0)
-    assert search(prefix_size=1)["tokens"].tolist() == [c, a, eos]
+    prefix = torch.tensor([[c], [pad]])  # sentence 0 forced to start with c, sentence 1 free
+    with pytest.raises(AssertionError):  # the forced token left unscored: nothing can end before max_len
+        SequenceGenerator.generate(joint_generator(), None, sample, prefix_tokens=prefix)
+    forced, free = (hypos[0] for hypos in joint_generator().generate(None, sample, prefix_tokens=prefix))
+    assert forced["tokens"].tolist() == [c, a, eos]
+    assert free["tokens"][0] != c and free["tokens"][-1] == eos  # c, ranked low, is no candidate there
+    decoder_log_probs = decoder_logits.log_softmax(-1)
+    assert float(forced["positional_scores"][0]) > 0.5 * float(decoder_log_probs[c]) - 1.0  # fused, finite
 
 
 # ---------------------------------------------------------------------------------------------

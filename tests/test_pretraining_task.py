@@ -83,6 +83,27 @@ def test_stage_is_a_function_of_the_update_number(data_dir):
     assert custom.active_modalities(1) == ("text",) and custom.active_modalities(2) == ("text", "pair")
 
 
+def test_post_validate_nulls_only_an_empty_validation_and_keeps_the_previous_best(data_dir, monkeypatch):
+    from fairseq import checkpoint_utils
+
+    task = make_task(data_dir, stage2_start_update=3, best_checkpoint_metric="loss")
+    counts = {f"nsentences_{name}": 0.0 for name in ("speech", "text", "pair")}
+    monkeypatch.setattr(checkpoint_utils.save_checkpoint, "best", 2.5, raising=False)
+    empty = dict(counts, loss=0.0, best_loss=0.0, num_updates=2)  # fairseq's best_loss: min(2.5, 0)
+    task.post_validate(None, empty, None)
+    assert empty["loss"] is None and empty["best_loss"] == 2.5
+    seen = dict(counts, nsentences_speech=4.0, loss=3.0, best_loss=2.5)
+    task.post_validate(None, seen, None)
+    assert seen["loss"] == 3.0 and seen["best_loss"] == 2.5
+    other_criterion = {"loss": 3.2, "speech_loss": 1.0}  # no per-modality counts: nothing to judge by
+    task.post_validate(None, other_criterion, None)
+    assert other_criterion == {"loss": 3.2, "speech_loss": 1.0}
+    stage2_metric = make_task(data_dir, stage2_start_update=3, best_checkpoint_metric="tlm_text_accuracy")
+    stage1 = dict(seen)
+    stage2_metric.post_validate(None, stage1, None)
+    assert stage1["tlm_text_accuracy"] is None and stage1["loss"] == 3.0  # not logged in stage 1: no KeyError
+
+
 # -- batching ----------------------------------------------------------------------------------------
 def test_batch_iterator_uses_per_modality_limits_and_fairseq_fallbacks(data_dir):
     task = make_task(data_dir, stage2_start_update=0, max_sentences_speech=2, max_sentences_pair=4)
@@ -227,10 +248,9 @@ def test_a_stage1_validation_without_examples_is_no_score_for_best_checkpoint_or
     shutil.copytree(fixtures.build_data_dir(tmp_path / "built", real_speech=False), data)
     (data / "speech_valid.tsv").unlink()
     (data / "text_valid.txt").unlink()
-    criterion, stand_in = _criterion()
-    args = _train_args(data, tmp_path / "ck", criterion, 8) + [
+    args = _train_args(data, tmp_path / "ck", "slam_multitask", 8) + [
         "--validate-interval-updates", "2", "--save-interval-updates", "2", "--patience", "2"]
-    output = _check(fixtures.run_fairseq(args, stand_in))
+    output = _check(fixtures.run_fairseq(args, stand_in=False))  # its per-modality counts tell an empty validation
     valid = {int(r["valid_num_updates"]): r for r in fixtures.json_log_records(output, "valid")}
     assert valid[2]["valid_loss"] is None and "held no example of the active modalities" in output
     assert "leaves out the pair batches" in output

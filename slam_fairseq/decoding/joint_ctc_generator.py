@@ -16,9 +16,9 @@ sentences leaving the batch) is fairseq's own code.
 
 The first ``skip_tokens`` output tokens are not CTC labels (``slam_s2t``'s
 ``ctc_target_prefix_size``: a language tag); they take the decoder's score alone. With
-``--prefix-size P`` fairseq forces the reference's first P tokens whatever their score, so at the
-first P steps every token is CTC-scored: a forced token outside the decoder's best would otherwise
-get ``-inf``, leaving no hypothesis that can end.
+``--prefix-size P`` fairseq forces the reference's first P tokens whatever their score; the forced
+token of each row is always among the CTC-scored candidates (unscored it would get ``-inf``, and
+no hypothesis could end).
 """
 from __future__ import annotations
 
@@ -44,12 +44,10 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         candidates: tokens per hypothesis scored by CTC each step (the decoder's best, plus eos).
         blank: the CTC blank's index; eos: end-of-sentence; pad: never a candidate.
         skip_tokens: leading output tokens that are not CTC labels.
-        forced_steps: leading steps whose token fairseq may force (``--prefix-size``): every token
-            is CTC-scored there.
     """
 
     def __init__(self, models: List, weight: float, candidates: int, blank: int, eos: int, pad: int,
-                 skip_tokens: int = 0, forced_steps: int = 0) -> None:
+                 skip_tokens: int = 0) -> None:
         if len(models) != 1:
             raise ValueError(f"joint CTC/attention decoding takes one model, got an ensemble of {len(models)}")
         if not 0.0 <= weight <= 1.0:
@@ -61,16 +59,23 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         self.candidates = candidates
         self.pad = pad
         self.skip_tokens = skip_tokens
-        self.forced_steps = forced_steps
         self.scorer = CTCPrefixScorer(blank=blank, eos=eos)
         self._state: Optional[CTCPrefixState] = None
         self._scored: Optional[CTCCandidateStates] = None
         self._order: Optional[Tensor] = None
+        self._forced: Optional[Tensor] = None
+
+    def force_prefix(self, prefix_tokens: Optional[Tensor]) -> None:
+        """(B, P) tokens fairseq will force at the first P steps of the next search (pad: none)."""
+        self._forced = prefix_tokens
 
     def reorder_encoder_out(self, encoder_outs, new_order):
         """fairseq's reordering; also remembers ``new_order`` (rows of the previous step that the
-        current rows continue) for the CTC states."""
+        current rows continue) for the CTC states, and reorders the forced tokens the same way
+        (the first call spreads each sentence over its beam)."""
         self._order = new_order
+        if self._forced is not None:
+            self._forced = self._forced.index_select(0, new_order)
         return super().reorder_encoder_out(encoder_outs, new_order)
 
     @torch.no_grad()
@@ -88,7 +93,10 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         self._advance(step, tokens, encoder_outs[0])
         if step < self.skip_tokens:
             return attention_log_probs, attention
-        return self._fuse(attention_log_probs, every_token=step < self.forced_steps), attention
+        forced = None
+        if self._forced is not None and step < self._forced.size(1):
+            forced = self._forced[:, step]
+        return self._fuse(attention_log_probs, forced), attention
 
     def _advance(self, step: int, tokens: Tensor, encoder_out: Dict[str, List[Tensor]]) -> None:
         """Brings the CTC state to each row's current prefix."""
@@ -108,14 +116,18 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
             assert self._scored is not None
             self._state = self.scorer.select(self._scored, self._order, tokens[:, -1])
 
-    def _fuse(self, attention_log_probs: Tensor, every_token: bool = False) -> Tensor:
-        """(N, V) decoder log-probs -> (N, V) fused scores (``-inf`` outside the candidates; with
-        ``every_token``, every token but pad is a candidate)."""
+    def _fuse(self, attention_log_probs: Tensor, forced: Optional[Tensor] = None) -> Tensor:
+        """(N, V) decoder log-probs -> (N, V) fused scores (``-inf`` outside the candidates).
+
+        ``forced``: (N,) the token fairseq forces on each row at this step (pad: none), made a
+        candidate whatever the decoder thinks of it."""
         state = self._state
         ranked = attention_log_probs.float().clone()
         ranked[:, self.pad] = -math.inf
+        if forced is not None:
+            ranked.scatter_(1, forced.unsqueeze(1), torch.where(forced.eq(self.pad), -math.inf, 1e30).unsqueeze(1))
         ranked[:, self.scorer.eos] = math.inf  # always scored: ending must stay possible
-        width = ranked.size(1) - 1 if every_token else min(self.candidates + 1, ranked.size(1))
+        width = min(self.candidates + (1 if forced is None else 2), ranked.size(1))
         candidates = ranked.topk(width, dim=1).indices
         self._scored = self.scorer.score_candidates(state, candidates)
         increments = self._scored.prefix_scores - state.prefix_score.unsqueeze(1)
@@ -131,8 +143,17 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         return scores.scatter_(1, candidates, fused)
 
 
+class _JointCTCSequenceGenerator(SequenceGenerator):
+    """fairseq's ``SequenceGenerator`` that tells its :class:`CTCPrefixFusedEnsemble` which
+    prefix tokens the search will force."""
+
+    def generate(self, models, sample, **kwargs):
+        self.model.force_prefix(kwargs.get("prefix_tokens"))
+        return super().generate(models, sample, **kwargs)
+
+
 def add_ctc_prefix_scores(generator: SequenceGenerator, weight: float, candidates: int, blank: int,
-                          skip_tokens: int = 0, prefix_size: int = 0) -> SequenceGenerator:
+                          skip_tokens: int = 0) -> SequenceGenerator:
     """Turns a plain fairseq ``SequenceGenerator`` into joint CTC/attention beam search.
 
     Its ensemble is replaced by a :class:`CTCPrefixFusedEnsemble` over the same model. At least
@@ -144,7 +165,6 @@ def add_ctc_prefix_scores(generator: SequenceGenerator, weight: float, candidate
         generator: built by fairseq's ``build_generator`` (beam search or sampling).
         weight: the CTC weight lambda; candidates: the decoder's top tokens scored by CTC.
         blank: the CTC blank; skip_tokens: leading output tokens that are not CTC labels.
-        prefix_size: ``--prefix-size``, the leading tokens fairseq forces from the reference.
     """
     if type(generator) is not SequenceGenerator:
         raise ValueError(f"joint CTC/attention decoding extends fairseq's SequenceGenerator, not "
@@ -158,6 +178,7 @@ def add_ctc_prefix_scores(generator: SequenceGenerator, weight: float, candidate
     generator.model = CTCPrefixFusedEnsemble(
         list(generator.model.models), weight=weight,
         candidates=min(max(candidates, 2 * generator.beam_size), generator.vocab_size),
-        blank=blank, eos=generator.eos, pad=generator.pad, skip_tokens=skip_tokens, forced_steps=prefix_size)
+        blank=blank, eos=generator.eos, pad=generator.pad, skip_tokens=skip_tokens)
     generator.model.eval()
+    generator.__class__ = _JointCTCSequenceGenerator  # the same object, which now passes on prefix tokens
     return generator

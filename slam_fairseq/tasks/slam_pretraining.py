@@ -128,6 +128,7 @@ class SlamPretrainingConfig(FairseqDataclass):
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
     checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
+    best_checkpoint_metric: str = II("checkpoint.best_checkpoint_metric")
 
 
 def parse_modalities(value: str, option: str) -> Tuple[str, ...]:
@@ -530,19 +531,26 @@ class SlamPretrainingTask(FairseqTask):
                            "(fairseq-validate: pass --stage2-start-update 0)")
 
     def post_validate(self, model, stats: Dict[str, Any], agg) -> None:
-        """fairseq-train's hook between a validation and its use: a validation that held no example
-        of an active modality (stage 1 when only pairs have validation data) reports its losses
-        as None, not 0, so that it neither becomes ``checkpoint_best`` nor counts for
-        ``--patience`` (fairseq skips a None); a ``best_*`` value keeps the previous best."""
-        if any(float(stats.get(f"nsentences_{name}") or 0) > 0 for name in MODALITIES):
-            return
-        from fairseq import checkpoint_utils
+        """fairseq-train's hook between a validation and its use.
 
-        logger.warning(f"validation at update {self.num_updates_seen} held no example of the active "
-                       f"modalities ({_objectives(self.active_modalities(self.num_updates_seen))}): "
-                       "its loss is reported as None (not a score for checkpoint_best or --patience)")
-        for key in [key for key in stats if not key.startswith("best_")
-                    and (key == "loss" or key.endswith(("_loss", "_accuracy")))]:
-            stats[key] = None
-        for key in [key for key in stats if key.startswith("best_") and stats.get(key[len("best_"):], 0) is None]:
-            stats[key] = getattr(checkpoint_utils.save_checkpoint, "best", None)
+        A validation that held no example of an active modality (stage 1 when only pairs have
+        validation data; told by ``slam_multitask``'s per-modality counts) reports its losses as
+        None, not 0, so that it neither becomes ``checkpoint_best`` nor counts for ``--patience``
+        (fairseq skips a None); a ``best_*`` value keeps the previous best. A
+        ``--best-checkpoint-metric`` that this validation did not log (an objective of stage 2
+        during stage 1) is None too, instead of fairseq's KeyError."""
+        counts = [stats[key] for key in (f"nsentences_{name}" for name in MODALITIES) if key in stats]
+        if counts and not any(float(count or 0) > 0 for count in counts):
+            from fairseq import checkpoint_utils
+
+            logger.warning(f"validation at update {self.num_updates_seen} held no example of the active "
+                           f"modalities ({_objectives(self.active_modalities(self.num_updates_seen))}): "
+                           "its loss is reported as None (not a score for checkpoint_best or --patience)")
+            for key in [key for key in stats if not key.startswith("best_")
+                        and (key == "loss" or key.endswith(("_loss", "_accuracy")))]:
+                stats[key] = None
+            for key in [key for key in stats if key.startswith("best_") and stats.get(key[len("best_"):], 0) is None]:
+                stats[key] = getattr(checkpoint_utils.save_checkpoint, "best", None)
+        metric = self.cfg.best_checkpoint_metric
+        if isinstance(metric, str) and metric and not metric.startswith("${"):  # set when fairseq-train builds it
+            stats.setdefault(metric, None)

@@ -101,8 +101,7 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         weight = float(self.args.ctc_decoding_weight)
         candidates = int(self.args.ctc_decoding_candidates)
         generator = add_ctc_prefix_scores(generator, weight=weight, candidates=candidates, blank=CTC_BLANK_INDEX,
-                                          skip_tokens=int(getattr(model, "ctc_target_prefix_size", 0)),
-                                          prefix_size=int(safe_getattr(args, "prefix_size", 0) or 0))
+                                          skip_tokens=int(getattr(model, "ctc_target_prefix_size", 0)))
         logger.info(f"decoding: joint CTC/attention beam search, CTC weight {weight}, "
                     f"{generator.model.candidates} CTC candidates per hypothesis")
         return generator
