@@ -523,7 +523,10 @@ def test_flags_a_decoding_mode_cannot_honour_are_refused(trained, tmp_path):
         generation_cfg.nbest, generation_cfg.print_alignment = 1, "hard"
         with pytest.raises(ValueError, match=f"--ctc-decoding {mode} has no attention alignment"):
             task.build_generator(models, generation_cfg)
-        generation_cfg.print_alignment = None
+        generation_cfg.print_alignment, generation_cfg.score_reference = None, True
+        with pytest.raises(ValueError, match=f"--ctc-decoding {mode} cannot be combined with --score-reference"):
+            task.build_generator(models, generation_cfg)
+        generation_cfg.score_reference = False
     task.args.ctc_decoding = "joint"
     generation_cfg.match_source_len = True
     with pytest.raises(ValueError, match="does not combine with --match-source-len"):

@@ -89,10 +89,8 @@ class SlamSpeechToTextTask(SpeechToTextTask):
             raise ValueError(f"--ctc-decoding must be one of {', '.join(CTC_DECODING_MODES)}, got {mode!r}")
         model = self._single_ctc_model(models, mode)
         if mode in ("greedy", "lexicon"):
-            _refuse_what_one_ctc_path_cannot_give(mode, args)
+            _refuse_what_one_ctc_path_cannot_give(mode, generator, args)
         if mode == "greedy":
-            if not isinstance(generator, SequenceGenerator):
-                raise ValueError("--ctc-decoding greedy cannot be combined with --score-reference")
             logger.info("decoding: best-path CTC (the decoder is not run)")
             return CTCGreedyGenerator(model, eos=generator.eos, blank=CTC_BLANK_INDEX,
                                       symbols_to_strip_from_output=generator.symbols_to_strip_from_output)
@@ -107,8 +105,6 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         return generator
 
     def _lexicon_generator(self, model, generator, args) -> CTCLexiconGenerator:
-        if not isinstance(generator, SequenceGenerator):
-            raise ValueError("--ctc-decoding lexicon cannot be combined with --score-reference")
         text = safe_getattr(self.args, "lexicon_text", None)
         if not text:
             raise ValueError("--ctc-decoding lexicon needs --lexicon-text FILE (one sentence per line: the lexicon "
@@ -145,9 +141,12 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         return model
 
 
-def _refuse_what_one_ctc_path_cannot_give(mode: str, args) -> None:
-    """Greedy and lexicon CTC decoding give one hypothesis per utterance, without an attention
-    alignment: refuse the flags that ask for more instead of ignoring them."""
+def _refuse_what_one_ctc_path_cannot_give(mode: str, generator, args) -> None:
+    """Greedy and lexicon CTC decoding search for one hypothesis per utterance, without an
+    attention alignment: refuse the flags that ask for something else (fairseq's generator for
+    them is then not a plain search) instead of ignoring them."""
+    if not isinstance(generator, SequenceGenerator):
+        raise ValueError(f"--ctc-decoding {mode} cannot be combined with --score-reference")
     nbest = int(safe_getattr(args, "nbest", 1) or 1)
     if nbest > 1:
         raise ValueError(f"--ctc-decoding {mode} gives one hypothesis per utterance, not --nbest {nbest}: "

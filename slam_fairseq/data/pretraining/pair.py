@@ -78,18 +78,19 @@ class PretrainingPairDataset(PretrainingModalityDataset):
             return {}
         batch = collate_speech(samples)
         pad = self.vocabulary.pad
-        batch["tokens"] = collate_tokens([item["source"] for item in samples], pad)
+        sources, cleans = [item["source"] for item in samples], [item["clean"] for item in samples]
+        batch["tokens"] = collate_tokens(sources, pad)
         batch["target"] = collate_tokens([item["target"] for item in samples], pad)
         batch["target_index"] = target_index(batch["target"], pad)
-        batch["clean_tokens"] = collate_tokens([item["clean"] for item in samples], pad)
+        batch["clean_tokens"] = collate_tokens(cleans, pad)
         rng = masking_rng(self.seed, samples[0]["epoch"], len(samples), STM_NEGATIVES,
                           extra=[item["id"] for item in samples])
-        text_index, label = draw_stm_negatives([item["clean"].tolist() for item in samples], rng,
+        text_index, label = draw_stm_negatives([clean.tolist() for clean in cleans], rng,
                                                self.stm_negative_prob)
         batch["stm_text_index"] = torch.from_numpy(text_index)
         batch["stm_label"] = torch.from_numpy(label)
-        clean_lengths = real_token_counts([item["clean"] for item in samples], pad)
-        batch["lengths_on_host"].update(text=real_token_counts([item["source"] for item in samples], pad),
+        clean_lengths = real_token_counts(cleans, pad)
+        batch["lengths_on_host"].update(text=real_token_counts(sources, pad),
                                         stm_text=tuple(clean_lengths[row] for row in text_index))
-        batch["ntokens"] = int(sum(len(item["clean"]) for item in samples))
+        batch["ntokens"] = int(sum(len(clean) for clean in cleans))
         return batch

@@ -146,12 +146,13 @@ class PretrainingTextDataset(PretrainingModalityDataset):
         if not samples:
             return {}
         pad = self.vocabulary.pad
+        sources = [item["source"] for item in samples]
         target = collate_tokens([item["target"] for item in samples], pad)
         return {
             "id": torch.tensor([item["id"] for item in samples], dtype=torch.long),
-            "tokens": collate_tokens([item["source"] for item in samples], pad),
+            "tokens": collate_tokens(sources, pad),
             "target": target,
             "target_index": target_index(target, pad),
-            "lengths_on_host": {"text": real_token_counts([item["source"] for item in samples], pad)},
-            "ntokens": int(sum(len(item["source"]) for item in samples)),
+            "lengths_on_host": {"text": real_token_counts(sources, pad)},
+            "ntokens": int(sum(len(source) for source in sources)),
         }
