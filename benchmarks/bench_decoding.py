@@ -124,7 +124,7 @@ def parameter_count(checkpoint: Path) -> int:
         state = torch.load(handle, map_location="cpu")
     return sum(value.numel() for key, value in state["model"].items()
                if key != "encoder.speech_encoder.mask_embedding" and value.is_floating_point()
-               and not key.endswith("_float_tensor"))
+               and not key.endswith(("_float_tensor", "dictionary_fingerprint")))
 
 
 def match_conformer_channels(data: Path, work: Path, target: int) -> List[str]:

@@ -54,6 +54,7 @@ def average_checkpoints(inputs: Sequence[str]) -> Dict:
 
     Raises:
         KeyError: the checkpoints hold different parameter names.
+        ValueError: they were trained with different dictionaries (``*dictionary_fingerprint``).
     """
     summed: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
     first_state = None
@@ -71,6 +72,10 @@ def average_checkpoints(inputs: Sequence[str]) -> Dict:
         for key in keys:
             value = model[key]
             value = value.float() if value.dtype == torch.float16 else value
+            if key.endswith("dictionary_fingerprint") and key in summed and not torch.equal(
+                    value, first_state["model"][key]):
+                raise ValueError(f"{path} was trained with another dictionary than {inputs[0]} ({key} "
+                                 f"differs): their average would mean nothing")
             if key in summed:
                 summed[key] += value
             else:

@@ -31,7 +31,8 @@ are the ``SKIP_*`` constants below. Policies (also in every script's ``--help``)
   skipped (``low_sample_rate``), since upsampled narrow-band audio would not match the features
   of the rest; lower ``--min-sample-rate`` (e.g. 8000) to upsample those instead;
 - shorter than ``--min-seconds`` (0.1 s): ``too_short``; peak below ``--silence-threshold``:
-  ``silent``; 0 bytes: ``empty_file``; no samples: ``zero_length``; unreadable: ``unreadable_audio``.
+  ``silent``; 0 bytes: ``empty_file``; no samples: ``zero_length``; unreadable: ``unreadable_audio``;
+  a WAV holding fewer samples than its header declares (cut short in a copy): ``truncated_audio``.
 
 Test hook: the environment variable ``SLAM_MANIFESTS_CRASH_AFTER_SHARDS=N`` makes the main process
 raise after N shards finished in this run (a crash that leaves finished shards behind).
@@ -72,6 +73,7 @@ FAIRSEQ_READABLE_AUDIO = (".flac", ".wav", ".ogg")  # fairseq's SF_AUDIO_FILE_EX
 
 SKIP_EMPTY_FILE = "empty_file"
 SKIP_UNREADABLE = "unreadable_audio"
+SKIP_TRUNCATED = "truncated_audio"
 SKIP_ZERO_LENGTH = "zero_length"
 SKIP_TOO_SHORT = "too_short"
 SKIP_SILENT = "silent"
@@ -216,6 +218,8 @@ def load_checked_audio(path: str, options: AudioOptions) -> Tuple[np.ndarray, Li
         raise SkipItem(SKIP_EMPTY_FILE, "0 bytes")
     try:
         channels, sample_rate = audio_features.read_audio(str(path))
+    except audio_features.TruncatedAudioError as error:
+        raise SkipItem(SKIP_TRUNCATED, str(error).replace(str(path) + ": ", "")) from None
     except audio_features.AudioError as error:
         raise SkipItem(SKIP_UNREADABLE, str(error).replace(str(path) + ": ", "")) from None
     if channels.shape[1] == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -24,6 +25,10 @@ AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3", ".opus")
 
 class AudioError(ValueError):
     """An audio file that cannot be turned into features; the message names the file."""
+
+
+class TruncatedAudioError(AudioError):
+    """A WAV file holding fewer samples than its header declares (see :func:`wav_truncation`)."""
 
 
 def num_fbank_frames(num_samples: int) -> int:
@@ -184,15 +189,71 @@ def resample(waveform: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) -
     return resample_poly(waveform, to_rate // divisor, from_rate // divisor).astype(np.float32)
 
 
+_WAV_UNKNOWN_LENGTHS = (0, 0xFFFFFFFF)  # what streaming writers put in the header before (or instead of) the size
+_WAV_UNKNOWN_LENGTH_FLOOR = 0x7FFF0000  # sox and others write about 2**31 when the output cannot be seeked
+
+
+def wav_truncation(source) -> Optional[str]:
+    """Why a RIFF/WAVE file is cut short, or None (not a WAV, no length in its header, or whole).
+
+    libsndfile reads a WAV whose ``data`` chunk declares more bytes than the file holds without an
+    error: it returns the samples that are there. That is how a copy or download cut short looks
+    (the header, written first, is intact), and its features would silently be those of part of
+    the utterance. Headers that state no length (0, 0xFFFFFFFF, or about 2**31 as written by
+    programs streaming to a pipe) are not judged, and a shortfall of up to 10 ms of audio or 1 %
+    of the declared size (a writer's rounding, a header written before a last effect) is accepted.
+
+    Args:
+        source: a path, or the file's bytes.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        handle = io.BytesIO(source)
+    else:
+        handle = open(source, "rb")
+    with handle:
+        total = len(source) if isinstance(source, (bytes, bytearray)) else os.fstat(handle.fileno()).st_size
+        riff = handle.read(12)
+        if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+            return None
+        offset, bytes_per_second = 12, 0
+        while offset + 8 <= total:
+            handle.seek(offset)
+            chunk_id, size = riff_chunk_header(handle.read(8))
+            if chunk_id == b"fmt " and size >= 12:
+                bytes_per_second = int.from_bytes(handle.read(12)[8:12], "little")
+            if chunk_id == b"data":
+                available = total - (offset + 8)
+                if size in _WAV_UNKNOWN_LENGTHS or size >= _WAV_UNKNOWN_LENGTH_FLOOR:
+                    return None
+                if size - available <= max(bytes_per_second // 100, size // 100):
+                    return None
+                return (f"truncated: its header declares {size:,} bytes of samples, the file holds "
+                        f"{available:,} (cut short in a copy or download?)")
+            offset += 8 + size + (size & 1)
+    return None
+
+
+def riff_chunk_header(header: bytes) -> Tuple[bytes, int]:
+    """(chunk id, chunk size) of an 8-byte little-endian RIFF chunk header."""
+    return header[:4], int.from_bytes(header[4:8], "little")
+
+
 def read_audio(path_or_bytes, name: Optional[str] = None) -> Tuple[np.ndarray, int]:
     """Read audio with soundfile; returns (channels-first float32 array (C, N), sample rate).
 
-    Raises :class:`AudioError` naming the file for unreadable input.
+    Raises :class:`AudioError` naming the file for unreadable input, and for a WAV cut short
+    (:func:`wav_truncation`), which soundfile would read without a word.
     """
     import soundfile as sf
 
     name = name or str(path_or_bytes)
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
+    try:
+        truncation = wav_truncation(path_or_bytes)
+    except OSError as error:
+        raise AudioError(f"{name}: unreadable audio ({error})") from error
+    if truncation is not None:
+        raise TruncatedAudioError(f"{name}: {truncation}")
     try:
         data, sample_rate = sf.read(source, dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises several types; all mean "unreadable"

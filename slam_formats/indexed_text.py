@@ -11,8 +11,10 @@ Layout (fairseq's ``MMapIndexedDataset``, version 1):
 """
 from __future__ import annotations
 
+import os
 import struct
-from typing import BinaryIO, List, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -71,3 +73,74 @@ class MMapTokenWriter:
     def close(self) -> None:
         if not self._data.closed:
             self._data.close()
+
+
+# every dtype code fairseq's ``indexed_dataset._code_to_dtype`` gives an integer type
+_INDEX_INT_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16,
+                     9: np.uint32, 10: np.uint64}
+SCAN_WINDOW_TOKENS = 1 << 24  # ids compared per step: 32 MiB of uint16
+
+
+@dataclass
+class TokenIdScan:
+    """What :func:`scan_token_ids` found.
+
+    first_outside: (sequence index, id) of the first id outside ``[0, vocab_size)``, or None.
+    tokens_checked: ids compared (all of them unless the file was larger than ``max_bytes``).
+    tokens_total: ids in the file.
+    """
+
+    first_outside: Optional[Tuple[int, int]]
+    tokens_checked: int
+    tokens_total: int
+
+
+def read_index(idx_path: str) -> Tuple[np.dtype, np.ndarray, np.ndarray]:
+    """(dtype, (N,) int32 sizes, (N,) int64 byte offsets) of a fairseq mmap ``.idx``, memory-mapped;
+    ValueError naming the file when it is not one."""
+    header_size = len(INDEX_MAGIC) + 8 + 1 + 8
+    with open(idx_path, "rb") as handle:
+        header = handle.read(header_size)
+    if len(header) < header_size or header[: len(INDEX_MAGIC)] != INDEX_MAGIC:
+        raise ValueError(f"{idx_path}: not a fairseq mmap index (no MMIDIDX header)")
+    version, code, count = struct.unpack("<QBQ", header[len(INDEX_MAGIC):])
+    if version != INDEX_VERSION or code not in _INDEX_INT_DTYPES:
+        raise ValueError(f"{idx_path}: index version {version}, dtype code {code}: not token ids")
+    if os.path.getsize(idx_path) < header_size + 12 * count:
+        raise ValueError(f"{idx_path}: cut short ({count:,} sequences declared)")
+    if count == 0:
+        return np.dtype(_INDEX_INT_DTYPES[code]), np.zeros(0, np.int32), np.zeros(0, np.int64)
+    sizes = np.memmap(idx_path, dtype=np.int32, mode="r", offset=header_size, shape=(count,))
+    pointers = np.memmap(idx_path, dtype=np.int64, mode="r", offset=header_size + 4 * count, shape=(count,))
+    return np.dtype(_INDEX_INT_DTYPES[code]), sizes, pointers
+
+
+def scan_token_ids(prefix: str, vocab_size: int, max_bytes: int = 1 << 31) -> TokenIdScan:
+    """Look for ids outside ``[0, vocab_size)`` in ``<prefix>.bin`` (data binarized with another,
+    larger dictionary), in windows of :data:`SCAN_WINDOW_TOKENS`.
+
+    A file up to ``max_bytes`` is read whole (about a second for 2 GiB from the page cache);
+    a larger one in evenly spaced windows adding up to ``max_bytes``, so that loading a corpus of
+    hundreds of GB stays quick (its other ids are still checked as they are read).
+    """
+    dtype, sizes, pointers = read_index(f"{prefix}.idx")
+    total = int(sizes.sum(dtype=np.int64))
+    if os.path.getsize(f"{prefix}.bin") < total * dtype.itemsize:
+        raise ValueError(f"{prefix}.bin: cut short ({os.path.getsize(f'{prefix}.bin'):,} bytes; its index "
+                         f"lists {total:,} ids of {dtype.itemsize} bytes)")
+    data = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r", shape=(total,)) if total else np.zeros(0, dtype)
+    window = SCAN_WINDOW_TOKENS
+    num_windows = -(-total // window)
+    budget = max(1, int(max_bytes) // (window * dtype.itemsize))
+    starts = (np.arange(num_windows) if num_windows <= budget
+              else np.linspace(0, num_windows - 1, budget).astype(np.int64)) * window
+    signed = np.issubdtype(dtype, np.signedinteger)
+    checked = 0
+    for start in starts.tolist():
+        chunk = data[start:start + window]
+        checked += len(chunk)
+        if len(chunk) and (int(chunk.max()) >= vocab_size or (signed and int(chunk.min()) < 0)):
+            position = start + int(np.flatnonzero((chunk >= vocab_size) | (chunk < 0))[0])
+            line = int(np.searchsorted(pointers, position * dtype.itemsize, side="right")) - 1
+            return TokenIdScan((line, int(data[position])), checked, total)
+    return TokenIdScan(None, checked, total)

@@ -61,7 +61,7 @@ def write_samples(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
 
 
 def write_bad_audio(directory: Path, name: str, kind: str, suffix: str = ".flac") -> Path:
-    """A bad audio file: corrupt, empty, silent, short, stereo, 8k."""
+    """A bad audio file: corrupt, empty, silent, short, stereo, 8k, truncated (give a ``.wav`` suffix)."""
     path = directory / f"{name}{suffix}"
     if kind == "corrupt":
         directory.mkdir(parents=True, exist_ok=True)
@@ -82,6 +82,9 @@ def write_bad_audio(directory: Path, name: str, kind: str, suffix: str = ".flac"
         synthesize("two channels of speech", path, channels=2)
     elif kind == "8k":
         synthesize("telephone speech at eight kilohertz", path, rate=8000)
+    elif kind == "truncated":  # a WAV cut short after its header was written: the header claims more
+        synthesize("a copy that stopped half way", path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         raise ValueError(kind)
     return path
@@ -113,12 +116,13 @@ def build_librispeech(root: Path) -> Dict:
     (directory / "19-198.trans.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     directory, lines = chapter("train-clean-100", "26", "495", 3)
     # bad files, each with a transcript line so only the audio is at fault
-    for index, kind in enumerate(("corrupt", "empty", "silent", "short", "stereo", "8k"), start=10):
+    for index, kind in enumerate(("corrupt", "empty", "silent", "short", "stereo", "8k", "truncated"), start=10):
         utterance = f"26-495-{index:04d}"
-        path = write_bad_audio(directory, utterance, kind)
+        path = write_bad_audio(directory, utterance, kind, suffix=".wav" if kind == "truncated" else ".flac")
         lines.append(f"{utterance} SOME WORDS")
         bad[path.name] = {"corrupt": "unreadable_audio", "empty": "empty_file", "silent": "silent",
-                          "short": "too_short", "stereo": "multi_channel", "8k": "low_sample_rate"}[kind]
+                          "short": "too_short", "stereo": "multi_channel", "8k": "low_sample_rate",
+                          "truncated": "truncated_audio"}[kind]
     # audio without a transcript line
     synthesize("nobody wrote this down", directory / "26-495-0020.flac")
     bad["26-495-0020.flac"] = "missing_transcript"

@@ -97,9 +97,9 @@ def test_each_problem_is_found_without_reading_the_features(feature_dir):
     assert feature_row_problem(refs["garbage"], root, 80) is None, "no .npy header: read as audio, at read time"
 
 
-def _rows(feature_dir: Path, audio):
+def _rows(feature_dir: Path, audio, n_frames=50):
     ids = [f"r{i}" for i in range(len(audio))]
-    return SpeechRows(feature_dir / "speech_train.tsv", ids, list(audio), np.full(len(audio), 50),
+    return SpeechRows(feature_dir / "speech_train.tsv", ids, list(audio), np.broadcast_to(n_frames, len(audio)),
                       [f"text {i}" for i in range(len(audio))])
 
 
@@ -167,11 +167,42 @@ def test_features_with_non_finite_values_are_a_bad_row_naming_the_file(tmp_path)
     features[20, 0] = np.inf
     np.save(tmp_path / "nan.npy", features)
     np.save(tmp_path / "fine.npy", np.nan_to_num(features, nan=0.0, posinf=0.0))
-    reader = SpeechFeatureReader(_rows(tmp_path, ["nan.npy", "fine.npy"]), str(tmp_path), lambda x: x)
+    reader = SpeechFeatureReader(_rows(tmp_path, ["nan.npy", "fine.npy"], 40), str(tmp_path), lambda x: x)
     with pytest.raises(BadRowError, match=r"speech_train\.tsv: row 'r0': nan\.npy holds 4 non-finite values "
                                           r"\(NaN or inf; first in frame 12\)"):
         reader.read(0)
     assert np.isfinite(reader.read(1)).all()
+
+
+def test_audio_cut_short_or_frames_far_from_n_frames_are_a_bad_row_naming_the_file(tmp_path):
+    """Batches are sized by n_frames: a file that gives far fewer or more frames (audio cut short
+    or replaced, a manifest counting samples) is left out; other frame conventions are not."""
+    import soundfile as sf
+    from slam_formats.features import num_fbank_frames
+
+    samples = (np.sin(np.arange(16000) * 0.05) * 0.3).astype(np.float32)
+    sf.write(str(tmp_path / "whole.wav"), samples, 16000, subtype="PCM_16")
+    whole = (tmp_path / "whole.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 2])  # the header still declares 1 s
+    sf.write(str(tmp_path / "shorter.flac"), samples[:8000], 16000)  # replaced by a shorter file
+    frames = num_fbank_frames(16000)
+    audio = ["whole.wav", "cut.wav", "shorter.flac", "whole.wav", "whole.wav"]
+    rows = _rows(tmp_path, audio, np.array([frames, frames, frames, frames + 2, 16000]))
+    reader = SpeechFeatureReader(rows, str(tmp_path), lambda x: x)
+    assert reader.read(0).shape == (frames, 80)
+    with pytest.raises(BadRowError, match=r"row 'r1': .*cut\.wav: truncated: its header declares 32,000 bytes"):
+        reader.read(1)
+    with pytest.raises(BadRowError, match=rf"row 'r2': shorter\.flac gives 48 frames where n_frames in the "
+                                          rf"manifest says {frames} \(the audio was cut short or replaced"):
+        reader.read(2)
+    assert reader.read(3).shape == (frames, 80), "2 frames off: another frame convention, accepted"
+    with pytest.raises(BadRowError, match=rf"row 'r4': whole\.wav gives {frames} frames where n_frames .* says "
+                                          r"16000 .*does not count 10 ms frames"):
+        reader.read(4)
+    # a manifest whose n_frames counts samples is refused at load, from its first row
+    with pytest.raises(BadRowError, match=rf"row 'r0': n_frames says 16000, but whole\.wav gives {frames} frames: "
+                                          r"n_frames seems to count audio samples"):
+        SpeechFeatureReader(_rows(tmp_path, ["whole.wav"], 16000), str(tmp_path), lambda x: x)
 
 
 # -- real fairseq-train runs ------------------------------------------------------------------------------

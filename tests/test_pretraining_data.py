@@ -423,3 +423,49 @@ def test_empty_text_and_foreign_ids_are_errors_naming_the_file(data_dir, tmp_pat
     fixtures.write_indexed_text(tmp_path / "text_valid", [np.array([5, 6, 5000, 2])], vocab_size=6000)
     with pytest.raises(ManifestError, match=r"text_valid\.bin: line 0 holds token id 5000 outside the dictionary"):
         load_text_tokens(str(tmp_path), "valid", config.dictionary, config.encode_lines)
+    # the whole file is scanned at load, not only its first line
+    lines = [np.array([5, 6, 7, 2])] * 40 + [np.array([8, len(config.dictionary), 2])] + [np.array([9, 2])] * 5
+    fixtures.write_indexed_text(tmp_path / "text_test", lines, vocab_size=6000)
+    with pytest.raises(ManifestError, match=rf"text_test\.bin: line 40 holds token id {len(config.dictionary)} "
+                                            rf"outside the dictionary of {len(config.dictionary)} symbols"):
+        load_text_tokens(str(tmp_path), "test", config.dictionary, config.encode_lines)
+    data = (tmp_path / "text_test.bin").read_bytes()
+    (tmp_path / "text_test.bin").write_bytes(data[:-5])  # an odd number of bytes short of its index
+    with pytest.raises(ManifestError, match=r"text_test\.bin: cannot be scanned .* cut short"):
+        load_text_tokens(str(tmp_path), "test", config.dictionary, config.encode_lines)
+    (tmp_path / "text_test.bin").write_bytes(data)
+    index = (tmp_path / "text_test.idx").read_bytes()
+    (tmp_path / "text_test.idx").write_bytes(index[:-7])
+    with pytest.raises(ManifestError, match=r"text_test\.bin: cannot be scanned .*text_test\.idx: cut short"):
+        load_text_tokens(str(tmp_path), "test", config.dictionary, config.encode_lines)
+    fixtures.write_indexed_text(tmp_path / "text_test", [], vocab_size=6000)
+    with pytest.raises(ManifestError, match=r"text_test\.bin: empty text"):
+        load_text_tokens(str(tmp_path), "test", config.dictionary, config.encode_lines)
+
+
+def test_a_corpus_larger_than_the_load_scan_is_sampled_and_its_other_lines_are_bad_rows(
+        data_dir, tmp_path, monkeypatch, caplog):
+    """Past SCAN_BYTES_AT_LOAD the load checks evenly spaced windows (first and last among them);
+    a line it did not reach is left out when read, as a bad row naming the file and line."""
+    import slam_formats.indexed_text as indexed_text
+    from slam_fairseq.data.pretraining import text as text_module
+    from slam_fairseq.data.pretraining.row_checks import BadRowError
+
+    config = PretrainingDataConfig(str(data_dir))
+    vocab = len(config.dictionary)
+    lines = [np.array([5, 6, 7, 2])] * 100  # 400 ids
+    lines[30] = np.array([5, vocab + 3, 7, 2])  # ids 120..123; windows start at 0, 96, 192, 288, 384
+    fixtures.write_indexed_text(tmp_path / "text_train", lines, vocab_size=6000)
+    monkeypatch.setattr(indexed_text, "SCAN_WINDOW_TOKENS", 16)
+    monkeypatch.setattr(text_module, "SCAN_BYTES_AT_LOAD", 5 * 16 * 2)  # 5 windows of 16 uint16 ids
+    scan = indexed_text.scan_token_ids(str(tmp_path / "text_train"), vocab, max_bytes=5 * 16 * 2)
+    assert scan.first_outside is None and (scan.tokens_checked, scan.tokens_total) == (80, 400)
+    assert indexed_text.scan_token_ids(str(tmp_path / "text_train"), vocab).first_outside == (30, vocab + 3)
+    with caplog.at_level(logging.INFO):
+        tokens = load_text_tokens(str(tmp_path), "train", config.dictionary, None)
+    assert "checked 80 of 400 token ids against the dictionary at load" in caplog.text
+    text = PretrainingTextDataset(tokens, TextVocabulary.from_dictionary(config.dictionary),
+                                  SpanMaskingSettings(), seed=1)
+    with pytest.raises(BadRowError, match=rf"text_train\.bin: line 30 holds token id {vocab + 3} outside"):
+        text.get_item(30, 1)
+    assert len(text.get_item(49, 1)["source"]) == 4, "the lines around it are read"

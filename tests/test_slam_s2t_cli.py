@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,19 @@ def test_finetune_frozen_ctc_specaugment_average_and_generate(data, tmp_path):
     results = hypotheses(bleu_log)
     assert len(results) == len(data["features"])
     assert parse_bleu(bleu_log) == pytest.approx(recomputed_bleu(results), abs=0.01)
+
+    # the target dictionary travels with the weights: one of the same size with two symbols
+    # swapped (a SentencePiece model made again) is refused instead of decoding into other pieces
+    assert torch.equal(average_state["target_dictionary_fingerprint"], last["model"]["target_dictionary_fingerprint"])
+    swapped = tmp_path / "swapped"
+    shutil.copytree(data["asr"], swapped)
+    dictionary = swapped / "spm_unigram120_asr.txt"
+    lines = dictionary.read_text(encoding="utf-8").splitlines()
+    lines[20], lines[21] = lines[21], lines[20]
+    dictionary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    refused = run_fairseq(*generate_command(swapped, data["asr_task"], averaged, "--max-len-b", "30"), check=False)
+    assert refused.returncode != 0 and "DictionaryMismatchError" in refused.stdout
+    assert "another target dictionary" in refused.stdout
 
 
 def _language_of(words):

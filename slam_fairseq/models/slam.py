@@ -20,6 +20,7 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 from slam_fairseq.encoders.config import BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, config_from, set_defaults
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.encoders.speech_encoder import SpeechEncoderOutput
+from slam_fairseq.models.dictionary_fingerprint import register_fingerprint, set_fingerprint
 from slam_fairseq.models.outputs import PairPretrainingOutput, SpeechPretrainingOutput, TextPretrainingOutput
 from slam_fairseq.modules.gumbel_quantizer import GumbelQuantizer
 from slam_fairseq.modules.padding import may_read_device_values
@@ -29,6 +30,9 @@ from slam_fairseq.objectives.msm import CodePredictionHead
 from slam_fairseq.objectives.pair_ctc import CTC_BLANK, Speller, transcript_targets
 from slam_fairseq.objectives.span_masking import TextPredictionHead
 from slam_fairseq.objectives.stm import PairMatchingClassifier
+
+DICTIONARY_FINGERPRINT = "dictionary_fingerprint"  # the text dictionary's, a buffer saved with the weights
+
 
 @dataclass
 class SlamConfig(SlamEncoderConfig):
@@ -162,6 +166,8 @@ class SlamModel(BaseFairseqModel):
         self.unspoken_ids = tuple(unspoken_ids)
         # on the model's device, so that no step copies them from the host
         self.register_buffer("unspoken_id_tensor", torch.tensor(self.unspoken_ids, dtype=torch.long), persistent=False)
+        # the text dictionary's fingerprint, saved with the weights and checked on every load
+        register_fingerprint(self, DICTIONARY_FINGERPRINT, "text dictionary")
         self.encoder = encoder
         embed_dim = cfg.encoder_embed_dim
         quantizer_dim = embed_dim
@@ -205,9 +211,11 @@ class SlamModel(BaseFairseqModel):
         if cfg.pair_ctc and dictionary.bos() != CTC_BLANK:
             raise ValueError(f"--pair-ctc uses <s> as the CTC blank at index {CTC_BLANK}, but this dictionary "
                              f"has <s> at {dictionary.bos()}")
-        return cls(cfg, build_slam_encoder(cfg, len(dictionary), dictionary.pad()),
-                   unspoken_ids=(dictionary.bos(), dictionary.pad(), dictionary.eos()),
-                   symbols=dictionary.symbols)
+        model = cls(cfg, build_slam_encoder(cfg, len(dictionary), dictionary.pad()),
+                    unspoken_ids=(dictionary.bos(), dictionary.pad(), dictionary.eos()),
+                    symbols=dictionary.symbols)
+        set_fingerprint(model, DICTIONARY_FINGERPRINT, dictionary.symbols)
+        return model
 
     def max_positions(self):
         return (self.cfg.max_source_positions, self.cfg.max_text_positions)

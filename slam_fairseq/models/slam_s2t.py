@@ -53,12 +53,15 @@ from slam_fairseq.compat.fairseq_internals import (drop_config_fields, record_in
 from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, config_from,
                                           set_defaults)
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
+from slam_fairseq.models.dictionary_fingerprint import register_fingerprint, set_fingerprint
 from slam_fairseq.models.pretrained_loading import load_pretrained_slam_encoder
 from slam_fairseq.modules.short_inputs import extend_short_inputs
 from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES
 from slam_fairseq.objectives.pair_ctc import CTC_BLANK
 
 logger = logging.getLogger(__name__)
+
+TARGET_DICTIONARY_FINGERPRINT = "target_dictionary_fingerprint"  # a buffer saved with the weights
 
 __all__ = ["SlamS2TConfig", "SlamSpeechEncoder", "SlamS2TModel"]
 
@@ -263,6 +266,8 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         self.cfg = cfg
         self.ctc_projection = ctc_projection
         self.ctc_target_prefix_size = ctc_target_prefix_size
+        # the target dictionary's fingerprint, saved with the weights and checked on every load
+        register_fingerprint(self, TARGET_DICTIONARY_FINGERPRINT, "target dictionary")
 
     @classmethod
     def build_model(cls, cfg, task) -> "SlamS2TModel":
@@ -288,7 +293,9 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
                 record_in_saved_config(given_cfg, "ctc_head", True)
         data_cfg = getattr(task, "data_cfg", None)
         prefix_size = 1 if data_cfg is not None and getattr(data_cfg, "prepend_tgt_lang_tag", False) else 0
-        return cls(cfg, encoder, decoder, ctc_projection, prefix_size)
+        model = cls(cfg, encoder, decoder, ctc_projection, prefix_size)
+        set_fingerprint(model, TARGET_DICTIONARY_FINGERPRINT, dictionary.symbols)
+        return model
 
     @staticmethod
     def _load_pretrained(cfg: SlamS2TConfig, given_cfg, task, encoder: SlamSpeechEncoder) -> None:

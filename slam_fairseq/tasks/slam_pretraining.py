@@ -42,7 +42,8 @@ from slam_fairseq.data.pretraining.pair import PretrainingPairDataset
 from slam_fairseq.data.pretraining.round_robin import (MODALITIES, RoundRobinBatchDataset,
                                                        RoundRobinEpochBatchIterator,
                                                        make_modality_batches)
-from slam_fairseq.data.pretraining.row_checks import BAD_ROWS_KEY, BadRowLimits, drop_bad_feature_rows
+from slam_fairseq.data.pretraining.row_checks import (BAD_ROWS_KEY, BadRowLimits, RowCheckReport,
+                                                      drop_bad_feature_rows)
 from slam_fairseq.data.pretraining.span_masks import (SPAN_DISTRIBUTIONS, SpanMaskingSettings,
                                                         TextVocabulary)
 from slam_fairseq.data.pretraining.speech import PretrainingSpeechDataset
@@ -330,6 +331,7 @@ class SlamPretrainingTask(FairseqTask):
                                             self.speech_masking, seed)
         if name == "text":
             tokens = load_text_tokens(data_dir, split, self.dictionary, self.data_config.encode_lines)
+            self.bad_row_limits.register(RowCheckReport(tokens.name, len(tokens)))
             return PretrainingTextDataset(tokens, self.vocabulary, self.text_masking, seed)
         rows = read_speech_rows(self.data_config.data_dir / pair_manifest_name(split), need_transcript=True)
         rows = self._checked_rows(rows)

@@ -5,9 +5,15 @@ Checks, each naming the manifest (and the row or feature file):
 - an empty manifest is an error;
 - utterances shorter than ``MIN_INPUT_FRAMES`` (7) feature frames by ``n_frames`` are skipped and
   counted in a logged warning (the 4x subsampling has no output frame for them);
-- the first row's features are read at load: a wrong feature dimension is an error before training;
+- the first row's features are read at load: a wrong feature dimension, or an ``n_frames`` that
+  counts audio samples (about 160 per frame), is an error before training;
 - every read checks the dimension (``read_features``) and the length again (a file shorter than 7
-  frames, whatever ``n_frames`` says, is an error).
+  frames, whatever ``n_frames`` says, is an error);
+- every read compares the frames it got with ``n_frames``: a row more than
+  :func:`frame_count_tolerance` away (audio cut short or replaced since the manifest was written,
+  a manifest counting samples instead of frames) is a bad row, left out and counted, since
+  batches were sized and bucketed by ``n_frames``. Small differences (other frame conventions,
+  e.g. centred frames) are accepted.
 """
 from __future__ import annotations
 
@@ -19,18 +25,25 @@ from typing import Callable, List
 import numpy as np
 import torch
 
-from slam_formats.features import AudioError, read_features
+from slam_formats.features import FRAME_SHIFT_SAMPLES, AudioError, read_features
 from slam_formats.manifest import ManifestError, read_s2t_manifest
 from slam_fairseq.data.pretraining.row_checks import BadRowError
 from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES, subsampled_lengths
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpeechDataError", "SpeechRows", "read_speech_rows", "SpeechFeatureReader", "num_subsampled_frames"]
+__all__ = ["SpeechDataError", "SpeechRows", "read_speech_rows", "SpeechFeatureReader", "num_subsampled_frames",
+           "frame_count_tolerance"]
 
 
 class SpeechDataError(BadRowError):
     """Unusable speech input; the message names the manifest and the row or feature file."""
+
+
+def frame_count_tolerance(n_frames: int) -> int:
+    """How far the frames read may be from a manifest's ``n_frames``: 3 frames or 1 %, the larger
+    (frame conventions differ by 1-3 frames; a cut-short or replaced file by far more)."""
+    return max(3, int(n_frames) // 100)
 
 
 def num_subsampled_frames(num_frames: int) -> int:
@@ -106,13 +119,24 @@ class SpeechFeatureReader:
         self.data_dir = str(data_dir)
         self.transform = transform
         self.feature_dim = int(feature_dim)
-        self._read_checked(0)  # fail at load, not mid-run, on a wrong feature dimension
+        first = self._read_checked(0)  # fail at load, not mid-run, on a wrong feature dimension
+        if rows.n_frames[0] >= len(first) * FRAME_SHIFT_SAMPLES // 2:  # about one count per sample
+            raise SpeechDataError(f"{self._where(0)}: n_frames says {rows.n_frames[0]}, but {rows.audio[0]} gives "
+                                  f"{len(first)} frames: n_frames seems to count audio samples; this task "
+                                  f"needs the number of 10 ms feature frames (the manifest scripts in "
+                                  f"manifests/ write it)", source=str(rows.manifest), row=rows.ids[0])
 
     def read(self, index: int) -> np.ndarray:
         """(T, F) float32 normalised features of row ``index``; a row holding NaN or inf is a bad
         row (left out and counted), which would otherwise make every update holding it
         non-finite."""
         features = self._read_checked(index)
+        expected = int(self.rows.n_frames[index])
+        if abs(len(features) - expected) > frame_count_tolerance(expected):
+            raise SpeechDataError(f"{self._where(index)}: {self.rows.audio[index]} gives {len(features)} frames "
+                                  f"where n_frames in the manifest says {expected} (the audio was cut short or "
+                                  f"replaced since the manifest was written, or n_frames does not count "
+                                  f"10 ms frames)", source=str(self.rows.manifest), row=self.rows.ids[index])
         finite = np.isfinite(features)
         if not finite.all():
             raise SpeechDataError(f"{self._where(index)}: {self.rows.audio[index]} holds "

@@ -9,9 +9,12 @@ Sources, in this order of preference:
   model, eos appended (for small corpora; everything is held in memory).
 
 Checks: a source without a single line is an error; empty lines (nothing but eos) are skipped and
-counted in a logged warning; an id outside the dictionary is an error naming the file (the data
-was binarized with another dictionary). Texts longer than ``--max-text-positions`` are skipped
-(and counted) when batches are made, by the task.
+counted in a logged warning; an id outside the dictionary (the data was binarized with another,
+larger dictionary) is an error at load naming the file and the line: ``.bin`` files are scanned
+whole up to :data:`SCAN_BYTES_AT_LOAD` and in evenly spaced windows beyond it. A line read later
+holding such an id (in the part of a larger file the load did not scan) is a bad row: left out,
+counted against ``--max-bad-rows``. Texts longer than ``--max-text-positions`` are skipped (and
+counted) when batches are made, by the task.
 """
 from __future__ import annotations
 
@@ -22,14 +25,18 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from slam_formats.indexed_text import scan_token_ids
 from slam_formats.manifest import ManifestError
 from slam_formats.names import text_prefix_name
 from slam_fairseq.data.pretraining.collate import collate_tokens, real_token_counts, target_index
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
+from slam_fairseq.data.pretraining.row_checks import BadRowError
 from slam_fairseq.data.pretraining.seeding import TEXT_SPAN_MASK, masking_rng
 from slam_fairseq.data.pretraining.span_masks import SpanMaskingSettings, TextVocabulary, mask_text
 
 logger = logging.getLogger(__name__)
+
+SCAN_BYTES_AT_LOAD = 1 << 31  # a .bin up to 2 GiB (about 1e9 ids) is checked whole at load
 
 __all__ = ["TokenSequences", "text_source_paths", "load_text_tokens", "PretrainingTextDataset",
            "collate_tokens", "check_token_ids"]
@@ -88,12 +95,11 @@ def load_text_tokens(data_dir: str, split: str, dictionary, encode_lines) -> Opt
     paths = text_source_paths(data_dir, split)
     if paths["bin"].is_file() and paths["idx"].is_file():
         name = str(paths["bin"])
+        _scan_at_load(str(paths["prefix"]), name, len(dictionary))
         source = data_utils.load_indexed_dataset(str(paths["prefix"]), dictionary, dataset_impl="mmap")
         if source is None:
             raise ManifestError(f"{name}: cannot be read as fairseq's mmap indexed dataset")
-        tokens = TokenSequences(name, source, _non_empty(name, np.asarray(source.sizes)))
-        check_token_ids(tokens[0], len(dictionary), name, 0)
-        return tokens
+        return TokenSequences(name, source, _non_empty(name, np.asarray(source.sizes)))
     if paths["txt"].is_file():
         name = str(paths["txt"])
         with open(paths["txt"], encoding="utf-8") as handle:
@@ -104,11 +110,31 @@ def load_text_tokens(data_dir: str, split: str, dictionary, encode_lines) -> Opt
     return None
 
 
+def _outside_message(name: str, line: int, token_id: int, vocab_size: int) -> str:
+    return (f"{name}: line {line} holds token id {token_id} outside the dictionary of {vocab_size} symbols: "
+            f"was it binarized with another dictionary?")
+
+
+def _scan_at_load(prefix: str, name: str, vocab_size: int) -> None:
+    try:
+        scan = scan_token_ids(prefix, vocab_size, max_bytes=SCAN_BYTES_AT_LOAD)
+    except (ValueError, OSError) as error:
+        raise ManifestError(f"{name}: cannot be scanned as fairseq's mmap indexed dataset ({error})") from error
+    if scan.tokens_total == 0:
+        raise ManifestError(f"{name}: empty text (no tokens)")
+    if scan.first_outside is not None:
+        raise ManifestError(_outside_message(name, *scan.first_outside, vocab_size))
+    if scan.tokens_checked < scan.tokens_total:
+        logger.info(f"{name}: checked {scan.tokens_checked:,} of {scan.tokens_total:,} token ids against the "
+                    f"dictionary at load (evenly spaced windows); the others are checked as they are read")
+
+
 def check_token_ids(tokens: np.ndarray, vocab_size: int, name: str, index: int) -> None:
-    """Raise when an id is outside the dictionary (the file was made with another dictionary)."""
+    """Raise :class:`BadRowError` when an id is outside the dictionary (a line the load-time scan
+    did not reach, of a file binarized with another dictionary)."""
     if len(tokens) and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
-        raise ManifestError(f"{name}: line {index} holds token id {int(tokens.max())} outside the dictionary "
-                            f"of {vocab_size} symbols: was it binarized with another dictionary?")
+        outside = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+        raise BadRowError(_outside_message(name, index, outside, vocab_size), source=name, row=f"line {index}")
 
 
 class PretrainingTextDataset(PretrainingModalityDataset):
