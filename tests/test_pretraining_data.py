@@ -358,6 +358,46 @@ def test_round_robin_resumes_mid_epoch_with_the_same_batches(data_dir):
         assert all(torch.equal(a, b) for a, b in zip(masks(got), masks(want)))
 
 
+def test_resuming_under_another_epoch_layout_warns_and_past_its_end_starts_the_next_epoch(data_dir, caplog):
+    """fairseq resumes an epoch at a position in its batch list; the state records the layout it
+    was saved under, so another layout (other batch limits here) is named instead of silently
+    skipping and repeating batches, and a position past the new epoch's end moves on."""
+    _, datasets = _datasets(data_dir)
+    interrupted = _iterator(_round_robin(datasets))  # speech: 4 batches of 3 -> 4 steps an epoch
+    iterator = interrupted.next_epoch_itr()
+    for _ in range(3):
+        next(iterator)
+    state = interrupted.state_dict()
+    assert state[RoundRobinEpochBatchIterator.LAYOUT_KEY] == {"steps_per_epoch": 4, "epoch_modality": "speech",
+                                                              "num_shards": 1}
+
+    with caplog.at_level(logging.WARNING):
+        same = _iterator(_round_robin(datasets))
+        same.load_state_dict(state)
+    assert "laid out differently" not in caplog.text and same.iterations_in_epoch == 3
+
+    def rebatched(speech_per_batch: int):
+        zipped = RoundRobinBatchDataset(datasets, seed=1, cycle=True, epoch_modality="speech")
+        limits = {"speech": speech_per_batch, "text": 6, "pair": 3}
+        zipped.set_batches({name: make_modality_batches(dataset, None, limits[name], NO_LIMITS, seed=1)
+                            for name, dataset in datasets.items()})
+        return _iterator(zipped)
+
+    finer = rebatched(2)  # 6 steps an epoch: step 3 exists, but holds other examples
+    with caplog.at_level(logging.WARNING):
+        finer.load_state_dict(state)
+    assert "resuming epoch 1 at step 3 of a batch list laid out differently (steps_per_epoch 4 -> 6" in caplog.text
+    assert finer.epoch == 1 and finer.iterations_in_epoch == 3 and len(list(finer.next_epoch_itr())) == 3
+
+    caplog.clear()
+    coarser = rebatched(6)  # 2 steps an epoch: step 3 is past its end
+    with caplog.at_level(logging.WARNING):
+        coarser.load_state_dict(state)
+    assert "its epoch has only 2 steps per shard (steps_per_epoch 4 -> 2): starting epoch 2" in caplog.text
+    assert coarser.next_epoch_idx == 2
+    assert len(list(coarser.next_epoch_itr())) == 2 and coarser.epoch == 2
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 def test_empty_manifest_is_an_error_naming_the_file(data_dir, tmp_path):
     manifest = tmp_path / "speech_train.tsv"

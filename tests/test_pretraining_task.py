@@ -239,6 +239,22 @@ def test_cli_stage_switch_checkpoint_and_resume_match_an_uninterrupted_run(data_
     assert whole_valid[-1]["valid_loss"] == split_valid[-1]["valid_loss"]  # end of training
 
 
+def test_cli_resume_under_other_batch_limits_names_the_change_and_goes_on(data_dir, tmp_path):
+    """A mid-epoch checkpoint resumed with another --max-sentences-speech: fairseq would resume at a
+    position of another batch list (or fail past its end); the run says so and moves on."""
+    criterion, stand_in = _criterion()
+    _check(fixtures.run_fairseq(_train_args(data_dir, tmp_path / "ck", criterion, 6), stand_in))  # epoch 2, step 2
+    finer = _train_args(data_dir, tmp_path / "ck", criterion, 7) + ["--max-sentences-speech", "1"]
+    output = _check(fixtures.run_fairseq(finer, stand_in))
+    assert ("resuming epoch 2 at step 2 of a batch list laid out differently (steps_per_epoch 4 -> 8: "
+            in output), output[-3000:]
+    coarser = _train_args(data_dir, tmp_path / "ck", criterion, 9) + ["--max-sentences-speech", "8"]
+    output = _check(fixtures.run_fairseq(coarser, stand_in))
+    assert ("resuming epoch 2 at step 3, but under the options of this run its epoch has only 3 steps per shard "
+            "(steps_per_epoch 8 -> 3, epoch_modality speech -> text): starting epoch 3") in output, output[-3000:]
+    assert [int(r["num_updates"]) for r in fixtures.json_log_records(output)] == [8, 9]
+
+
 def test_a_stage1_validation_without_examples_is_no_score_for_best_checkpoint_or_patience(tmp_path):
     """Validation data with pairs only (the demo's layout): stage 1 validates nothing. Its loss is
     None, not 0, so checkpoint_best and --patience take only the stage-2 validations."""

@@ -208,11 +208,49 @@ class RoundRobinBatchDataset(FairseqDataset):
 class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
     """fairseq's ``EpochBatchIterator`` over a :class:`RoundRobinBatchDataset`.
 
-    The only change: loading a state of another epoch drops the cached batch list, so the keys
-    carry the restored epoch (fairseq refreshes it on ``next_epoch_itr`` only).
+    Two changes:
+
+    - loading a state of another epoch drops the cached batch list, so the keys carry the
+      restored epoch (fairseq refreshes it on ``next_epoch_itr`` only);
+    - the state also records the epoch's layout (:data:`LAYOUT_KEY`: steps per epoch, the epoch
+      modality, the number of shards), which the options decide (``--max-tokens-*``,
+      ``--max-sentences-*``, ``--epoch-modality``, ``--stage2-start-update``, the data, the number
+      of GPUs). fairseq resumes an epoch at its saved position in the batch list; under another
+      layout that position points elsewhere, so some batches of the epoch would be skipped and
+      others seen twice. A resumed position under another layout is a WARNING naming what
+      changed; a position past the end of the new epoch starts the next epoch (fairseq would
+      raise "Cannot resume training due to dataloader mismatch"). ``--reset-dataloader``
+      starts the epoch over instead.
     """
 
+    LAYOUT_KEY = "slam_epoch_layout"
+
+    def layout(self) -> Dict[str, Any]:
+        return {"steps_per_epoch": int(self.dataset.num_steps), "epoch_modality": str(self.dataset.epoch_modality),
+                "num_shards": int(self.num_shards)}
+
+    def state_dict(self):
+        state = super().state_dict()
+        state[self.LAYOUT_KEY] = self.layout()
+        return state
+
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        saved, position = state_dict.pop(self.LAYOUT_KEY, None), int(state_dict.get("iterations_in_epoch", 0))
+        if saved is not None and position > 0 and saved != self.layout():
+            changed = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in self.layout().items()
+                                if saved.get(key) != value)
+            if position >= len(self):
+                logger.warning(f"resuming epoch {state_dict['epoch']} at step {position}, but under the options of "
+                               f"this run its epoch has only {len(self)} steps per shard ({changed}): starting "
+                               f"epoch {state_dict['epoch'] + 1}")
+                state_dict.update(epoch=int(state_dict["epoch"]) + 1, iterations_in_epoch=0)
+            else:
+                logger.warning(f"resuming epoch {state_dict['epoch']} at step {position} of a batch list laid out "
+                               f"differently ({changed}: --max-tokens-*/--max-sentences-*, --epoch-modality, "
+                               f"--stage2-start-update, the data or the number of GPUs changed): the rest of this "
+                               f"epoch skips some batches and repeats others; --reset-dataloader starts the "
+                               f"epoch over instead")
         if state_dict.get("epoch", self.epoch) != self.epoch:
             reset_cached_batches(self)
         return super().load_state_dict(state_dict)
