@@ -20,6 +20,12 @@ A script lists its corpus as :class:`AudioItem` s grouped by output split and ha
   interrupted run (Ctrl-C, crash, ``--max-shards``) loses at most the shards in flight. Final
   files (TSV, YAML, vocabularies) are written only after all shards are finished, each atomically.
 
+Text files (transcripts, TSVs) may start with a UTF-8 byte-order mark; it is dropped. Two warnings
+close the summary (and are kept in ``summary_<tag>.json``): utterance ids that land in more than one
+output split, and manifests of an earlier run, left in the output directory, that reference a
+feature file this run rewrote (two selections of a corpus mapped to the same split name share its
+``fbank/<prefix>_<split>_*.zip``; the older manifest then points at other features).
+
 Bad audio is skipped, never fatal: each skip is counted by reason and named (file path) in the end
 summary, in ``skipped_<tag>.tsv`` and ``summary_<tag>.json`` in the output directory. The reasons
 are the ``SKIP_*`` constants below. Policies (also in every script's ``--help``):
@@ -154,11 +160,12 @@ def open_text_binary(path) -> io.BufferedIOBase:
 
 def read_text_lines(path) -> Iterator[Tuple[int, Optional[str]]]:
     """``(line_number, text)`` for each line of a (possibly gzipped) file; ``text`` is None where
-    the line is not valid UTF-8 (the caller skips and counts it). Line endings are stripped."""
+    the line is not valid UTF-8 (the caller skips and counts it). Line endings are stripped, and a
+    byte-order mark at the start of the file (Windows editors write one) is dropped."""
     with open_text_binary(path) as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
-                yield line_number, raw.decode("utf-8").rstrip("\r\n")
+                yield line_number, raw.decode("utf-8-sig" if line_number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
                 yield line_number, None
 
@@ -492,6 +499,8 @@ class RunSummary:
         self.workers = 1
         self.shards_computed = 0
         self.shards_reused = 0
+        self.rewritten_features: set = set()  # feature files (``fbank/x.zip``) this run replaced or removed
+        self.warnings: List[str] = []  # printed last and kept in summary_<tag>.json
 
     def skip(self, reason: str, item: str, detail: str = "", split: str = "") -> None:
         self.skipped.append({"split": split, "reason": reason, "item": str(item), "detail": detail})
@@ -510,8 +519,28 @@ class RunSummary:
             counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
         return dict(sorted(counts.items()))
 
+    def stale_manifests(self) -> Dict[str, List[str]]:
+        """Manifests in the output directory that this run did not write but that reference a
+        feature file it replaced or removed -> those files. Their byte offsets now point at other
+        utterances' features (or past the end of a file)."""
+        stale: Dict[str, List[str]] = {}
+        if not self.rewritten_features:
+            return stale
+        for manifest in sorted(self.out_dir.glob("*.tsv")):
+            if manifest.name in self.written or manifest.name.startswith("skipped_"):
+                continue
+            try:
+                text = manifest.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            named = sorted(name for name in self.rewritten_features if f"{name}:" in text)
+            if named:
+                stale[manifest.name] = named
+        return stale
+
     def finish(self, status: str = "complete", listed: int = 20) -> dict:
         seconds_taken = time.time() - self.started
+        stale = self.stale_manifests()
         note_counts: Dict[str, int] = {}
         for entry in self.notes:
             note_counts[entry["kind"]] = note_counts.get(entry["kind"], 0) + entry.get("count", 1)
@@ -521,7 +550,8 @@ class RunSummary:
             "skipped": len(self.skipped), "skipped_by_reason": self.skip_counts(),
             "notes_by_kind": dict(sorted(note_counts.items())), "notes": self.notes,
             "shards_computed": self.shards_computed, "shards_reused": self.shards_reused,
-            "workers": self.workers, "seconds_taken": round(seconds_taken, 2),
+            "workers": self.workers, "seconds_taken": round(seconds_taken, 2), "stale_manifests": stale,
+            "warnings": self.warnings,
         }
         skipped_name = f"skipped_{self.tag}.tsv"
         lines = ["split\treason\titem\tdetail"] + [
@@ -552,6 +582,12 @@ class RunSummary:
             out.append(f"    {entry['reason']}  {entry['item']}  ({entry['detail']})")
         if len(self.skipped) > listed:
             out.append(f"    ... {len(self.skipped) - listed} more in {skipped_name}")
+        out.extend(f"  WARNING: {warning}" for warning in self.warnings)
+        for manifest, names in stale.items():
+            out.append(f"  WARNING: {manifest}, written by an earlier run, references {', '.join(names)}, which "
+                       f"this run rewrote from other audio: its rows now point at other features. Run the "
+                       f"command that wrote it again, or delete it (use another --out for a different "
+                       f"selection of the same corpus)")
         print("\n".join(out), flush=True)
         return report
 
@@ -607,6 +643,15 @@ def extract_features(context: RunContext, options: AudioOptions, groups: Dict[st
             ShardTask(str(context.out_dir), f"{_group_stem(shard_prefix, group)}_{index:05d}",
                       chunk, options, shard_fingerprint(chunk, options))
             for index, chunk in enumerate(_chunks(items, context.shard_size))]
+    splits_of: Dict[str, List[str]] = {}
+    for group, items in groups.items():
+        for item in items:
+            splits_of.setdefault(item.id, []).append(group)
+    shared = {item_id: names for item_id, names in splits_of.items() if len(names) > 1}
+    if shared:
+        examples = ", ".join(f"{item_id} ({' and '.join(names)})" for item_id, names in list(shared.items())[:5])
+        summary.warnings.append(f"{len(shared)} utterance id(s) are in more than one output split, e.g. {examples}: "
+                                f"the same utterances would be trained on and evaluated on (check --splits)")
     records: Dict[str, dict] = {}
     todo: List[ShardTask] = []
     for tasks in tasks_by_group.values():
@@ -618,6 +663,9 @@ def extract_features(context: RunContext, options: AudioOptions, groups: Dict[st
                 todo.append(task)
     summary.shards_reused += len(records)
     summary.workers = context.workers
+    feature_dir = Path(context.out_dir) / FEATURE_DIR_NAME
+    summary.rewritten_features.update(f"{FEATURE_DIR_NAME}/{task.name}.zip" for task in todo
+                                      if (feature_dir / f"{task.name}.zip").exists())
     limit = len(todo) if context.max_shards is None else max(0, context.max_shards - summary.shards_computed)
     _run_shards(context, todo[:limit], records)
     if limit < len(todo):
@@ -626,7 +674,8 @@ def extract_features(context: RunContext, options: AudioOptions, groups: Dict[st
     results = {}
     for group, tasks in tasks_by_group.items():
         results[group] = _collect_group(group, [records[task.name] for task in tasks], options, summary)
-        _remove_stale_shards(context.out_dir, _group_stem(shard_prefix, group), len(tasks))
+        summary.rewritten_features.update(
+            _remove_stale_shards(context.out_dir, _group_stem(shard_prefix, group), len(tasks)))
     return results
 
 
@@ -714,13 +763,18 @@ def _remove_temporaries(out_dir, tasks: List[ShardTask]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _remove_stale_shards(out_dir, group_stem: str, num_shards: int) -> None:
-    """Delete shard files of this group beyond the current shard count (left by a larger input)."""
+def _remove_stale_shards(out_dir, group_stem: str, num_shards: int) -> List[str]:
+    """Delete shard files of this group beyond the current shard count (left by a larger input);
+    returns the removed zips as ``fbank/<name>.zip``."""
     pattern = re.compile(re.escape(group_stem) + r"_(\d{5})\.(zip|json)$")
+    removed = []
     for path in (Path(out_dir) / FEATURE_DIR_NAME).glob(f"{group_stem}_*"):
         match = pattern.match(path.name)
         if match and int(match.group(1)) >= num_shards:
             path.unlink(missing_ok=True)
+            if path.suffix == ".zip":
+                removed.append(f"{FEATURE_DIR_NAME}/{path.name}")
+    return removed
 
 
 def _collect_group(group: str, records: List[dict], options: AudioOptions, summary: RunSummary) -> GroupFeatures:

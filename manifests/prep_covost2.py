@@ -229,7 +229,12 @@ def main(argv=None) -> core.RunSummary:
                 core.write_manifest(summary, args.out / fine_tuning_manifest_name(split, task), manifest,
                                     MANIFEST_COLUMNS)
             if "pair" in args.outputs and tgt == target_languages[0]:  # one pair file per source
-                transcripts = [{**row, "tgt_text": row["src_text"]} for row in manifest]
+                transcripts = [{**row, "tgt_text": row["src_text"]} for row in manifest if row["src_text"]]
+                for row in manifest:
+                    if not row["src_text"]:
+                        summary.skip(core.SKIP_MISSING_TRANSCRIPT, row["id"],
+                                     "no source sentence for pair_*.tsv (neither a sentence column in the "
+                                     "CoVoST TSV nor Common Voice's validated.tsv beside it names one)", split)
                 core.write_manifest(summary, args.out / f"pair_{split}_{src}.tsv", transcripts, MANIFEST_COLUMNS)
     config = {**data_config.speech_config(args.out, args.cmvn, gcmvn_name, specaugment_policy="lb"),
               **data_config.vocabulary_config(spm_name, spm_name.replace(".model", ".txt"),

@@ -127,8 +127,14 @@ def main(argv=None) -> core.RunSummary:
     task = ASR_TASK_NAME
     spm_name = spm_prefix_name(args.vocab_size, task) + ".model"
     if "asr" in args.outputs:  # first: the step a too small corpus can refuse
-        train_text = (row["tgt_text"].lower()
-                      for row in features[args.train_split].manifest_rows(groups[args.train_split]))
+        train_rows = features[args.train_split].manifest_rows(groups[args.train_split])
+        if not train_rows:
+            counts = ", ".join(f"{reason} {count}" for reason, count in summary.skip_counts().items())
+            raise core.UsageError(
+                f"--train-split {args.train_split}: no utterance with both audio and a transcript under "
+                f"{args.root} ({counts or 'no audio files found'}); LibriSpeech's layout is "
+                f"<split>/<speaker>/<chapter>/<speaker>-<chapter>-<n>.flac beside <speaker>-<chapter>.trans.txt")
+        train_text = (row["tgt_text"].lower() for row in train_rows)
         vocabulary.train_sentencepiece(train_text, args.out / spm_name, args.vocab_size,
                                        allow_smaller_vocab=args.allow_smaller_vocab)
         summary.wrote(spm_name)

@@ -6,7 +6,10 @@ Inputs (``--inputs PATH[:SPLIT] ...``, split ``train`` when not given; several p
   - JSON lines with a ``"text"`` field (mC4: ``c4-en.*.json.gz``); a document's text is split at
     its newlines, each non-empty line one utterance.
 Either may be gzipped (``*.gz``). The format follows the name (``.json``/``.jsonl`` = JSON lines);
-``--format`` overrides it.
+``--format`` overrides it. A PATH holding ``*``, ``?`` or ``[`` that names no file is a glob
+pattern, expanded here: ``--inputs '/corpora/c4-en.*.json.gz'`` works quoted or not.
+``--lowercase`` lower-cases the text and trains a SentencePiece model that case-folds whatever it
+encodes, so the upper-case transcripts of LibriSpeech's ``pair_*.tsv`` meet the same pieces.
 
 Writes into ``--out``:
   spm_unigram<N>.{model,txt}   SentencePiece (``--vocab-size``, default 32000) trained on the
@@ -20,13 +23,16 @@ Writes into ``--out``:
 Skipped and counted (named by file:line): non-UTF-8 lines (non_utf8_text), lines that are not
 JSON objects (malformed_line), JSON lines without a "text" string (empty_text). Empty lines are
 ignored. A vocabulary too large for the text is refused with the largest possible size named
-(``--allow-smaller-vocab`` accepts fewer pieces instead). Resume: a re-run with the same inputs
+(``--allow-smaller-vocab`` accepts fewer pieces instead), one too small with the smallest; a
+``--pair-manifests`` file that is missing or not a manifest with ``tgt_text`` is refused before
+SentencePiece trains. Resume: a re-run with the same inputs
 and options reuses the SentencePiece model and the finished ``text_<split>`` files
 (``.prep_text_state.json``).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import sys
@@ -37,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from manifests import core, data_config, vocabulary  # noqa: E402
 from slam_formats.atomic import atomic_write_text
-from slam_formats.manifest import read_s2t_manifest
+from slam_formats.manifest import ManifestError, read_s2t_manifest
 from slam_formats.names import DATA_CONFIG_NAME, spm_prefix_name, text_prefix_name
 
 STATE_NAME = ".prep_text_state.json"
@@ -83,17 +89,40 @@ def iter_text(path: Path, fmt: str, summary: core.RunSummary, split: str, lowerc
 
 
 def parse_inputs(specs: List[str]) -> List[Tuple[Path, str]]:
+    """``PATH[:SPLIT]`` specs -> (file, split) pairs. A PATH with ``*``, ``?`` or ``[`` that names no
+    file is a glob pattern, expanded here (sorted), so that a quoted pattern works like the shell's."""
     inputs = []
     for spec in specs:
         path, split = Path(spec), "train"
         if not path.exists() and ":" in spec:
             path_text, _, split = spec.rpartition(":")
             path = Path(path_text)
+        core.parse_split_map([f"x:{split}"], "--inputs")  # validates the split name
+        if not path.exists() and glob.has_magic(str(path)):
+            matches = sorted(Path(match) for match in glob.glob(str(path)) if Path(match).is_file())
+            if not matches:
+                raise core.UsageError(f"--inputs {spec}: the pattern matches no file")
+            inputs.extend((match, split) for match in matches)
+            continue
         if not path.is_file():
             raise core.UsageError(f"--inputs {spec}: no such file")
-        core.parse_split_map([f"x:{split}"], "--inputs")  # validates the split name
         inputs.append((path, split))
     return inputs
+
+
+def check_pair_manifests(manifests: List[Path]) -> None:
+    """Each ``--pair-manifests`` file must be a readable manifest with a ``tgt_text`` column: checked
+    before SentencePiece trains, so that a wrong path is a usage error, not a traceback from
+    inside SentencePiece's sentence iterator."""
+    for manifest in manifests:
+        if not manifest.is_file():
+            raise core.UsageError(f"--pair-manifests {manifest}: no such file")
+        try:
+            rows = read_s2t_manifest(str(manifest))
+        except (ManifestError, UnicodeDecodeError, OSError) as error:
+            raise core.UsageError(f"--pair-manifests {manifest}: not a readable manifest ({error})") from None
+        if rows and "tgt_text" not in rows[0]:
+            raise core.UsageError(f"--pair-manifests {manifest}: no tgt_text column (columns: {sorted(rows[0])})")
 
 
 def fingerprint(*parts) -> str:
@@ -121,7 +150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="SentencePiece samples at most this many sentences (0: all; default 10M)")
     parser.add_argument("--pair-manifests", nargs="*", default=[], type=Path,
                         help="pair_<split>.tsv files whose tgt_text also trains SentencePiece")
-    parser.add_argument("--lowercase", action="store_true", help="lower-case all text")
+    parser.add_argument("--lowercase", action="store_true",
+                        help="lower-case all text: the SentencePiece model case-folds whatever it encodes, so "
+                             "pair transcripts kept in upper case (LibriSpeech) meet the same pieces")
     parser.add_argument("--workers", type=int, default=core.default_workers(), help="encoding processes")
     return parser.parse_args(argv)
 
@@ -137,6 +168,7 @@ def main(argv=None) -> core.RunSummary:
         splits.setdefault(split, []).append(path)
     if args.vocab_split not in splits:
         raise core.UsageError(f"--vocab-split {args.vocab_split}: no input has that split ({sorted(splits)})")
+    check_pair_manifests(args.pair_manifests)
     state_path = args.out / STATE_NAME
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
 
@@ -163,7 +195,8 @@ def main(argv=None) -> core.RunSummary:
         vocabulary.train_sentencepiece(training_text(), spm_path, args.vocab_size, model_type=args.model_type,
                                        character_coverage=args.character_coverage,
                                        input_sentence_size=args.spm_max_sentences,
-                                       allow_smaller_vocab=args.allow_smaller_vocab, num_threads=args.workers)
+                                       allow_smaller_vocab=args.allow_smaller_vocab, num_threads=args.workers,
+                                       case_fold=args.lowercase)
         state[spm_name] = spm_key
         atomic_write_text(str(state_path), json.dumps(state, indent=1))
     summary.wrote(spm_name)

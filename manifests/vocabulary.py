@@ -27,6 +27,7 @@ from slam_formats.names import (SPM_BOS_ID, SPM_EOS_ID, SPM_PAD_ID, SPM_SPECIAL_
                                 fairseq_dictionary_path)
 
 _TOO_LARGE = re.compile(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
 def write_fairseq_dictionary(spm_model_path: str, dictionary_path: Optional[str] = None) -> str:
@@ -59,7 +60,8 @@ def default_character_coverage(languages: Sequence[str]) -> float:
 def train_sentencepiece(sentences: Iterable[str], model_path, vocab_size: int, *,
                         model_type: str = "unigram", character_coverage: float = 1.0,
                         user_defined_symbols: Sequence[str] = (), input_sentence_size: int = 0,
-                        allow_smaller_vocab: bool = False, num_threads: Optional[int] = None) -> Path:
+                        allow_smaller_vocab: bool = False, num_threads: Optional[int] = None,
+                        case_fold: bool = False) -> Path:
     """Train a SentencePiece model and write it with its fairseq dictionary.
 
     Args:
@@ -68,10 +70,14 @@ def train_sentencepiece(sentences: Iterable[str], model_path, vocab_size: int, *
             atomically (a failed run leaves the old ones).
         user_defined_symbols: pieces kept whole and added to the dictionary (fairseq's ``<lang:xx>``).
         input_sentence_size: if > 0, SentencePiece samples this many sentences.
+        case_fold: the model lower-cases (case-folds) whatever it encodes, its training text
+            included (SentencePiece's ``nmt_nfkc_cf`` normalisation): text encoded later with it,
+            such as pair transcripts kept in upper case, meets the same pieces.
     Returns:
         the model path.
     Raises:
-        UsageError: no text, or ``vocab_size`` too large for the text (message names the maximum).
+        UsageError: no text, or ``vocab_size`` too large (message names the maximum) or too small
+            (names the minimum) for the text.
     """
     import sentencepiece
 
@@ -87,6 +93,8 @@ def train_sentencepiece(sentences: Iterable[str], model_path, vocab_size: int, *
     options = dict(model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
                    bos_id=0, pad_id=1, eos_id=2, unk_id=3, num_threads=num_threads or default_workers(),
                    hard_vocab_limit=not allow_smaller_vocab, minloglevel=2)
+    if case_fold:
+        options["normalization_rule_name"] = "nmt_nfkc_cf"
     if user_defined_symbols:
         options["user_defined_symbols"] = list(user_defined_symbols)
     if input_sentence_size > 0:
@@ -108,6 +116,13 @@ def train_sentencepiece(sentences: Iterable[str], model_path, vocab_size: int, *
                     f"({counter['sentences']} sentences); SentencePiece can make at most {match.group(2)} "
                     f"pieces here. Pass --vocab-size {match.group(2)} or less, or --allow-smaller-vocab "
                     f"to accept fewer pieces than asked") from None
+            match = _TOO_SMALL.search(str(error))
+            if match:
+                raise UsageError(
+                    f"{model_path.name}: a vocabulary of {match.group(1)} cannot hold the {match.group(2)} pieces "
+                    f"SentencePiece must keep for this text (every character it covers, plus <s>, <pad>, </s>, "
+                    f"<unk>). Pass --vocab-size {match.group(2)} or more, or (prep_text.py, prep_covost2.py) a lower "
+                    f"--character-coverage, e.g. 0.9995, to map rare characters to <unk>") from None
             raise
         write_fairseq_dictionary(prefix + ".model", prefix + ".txt")
         dictionary_path = model_path.with_suffix(".txt")

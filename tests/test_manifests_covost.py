@@ -109,3 +109,20 @@ def test_multilingual_on_the_fly_with_language_tags(covost_tree, tmp_path):
         item = dataset[0]
         assert task.tgt_dict[item.target[0]] == f"<lang:{language}>"
         assert item.source.shape == (int(rows[0]["n_frames"]), 80)
+
+
+def test_pairs_without_a_source_sentence_are_skipped_and_counted(covost_tree, tmp_path):
+    """No sentence column and no validated.tsv: the ST manifests are written, but no pair row with
+    an empty transcript; each is counted as missing_transcript and named."""
+    import shutil
+
+    english = tmp_path / "en"
+    shutil.copytree(covost_tree["en"], english)
+    (english / "validated.tsv").unlink()
+    out = tmp_path / "out"
+    run_script("prep_covost2.py", "--root", english, "--out", out, "--vocab-size", "50", "--pairs", "en_de",
+               "--outputs", "st", "pair", "--on-the-fly", "--workers", "1", "--no-progress")
+    summary = load_summary(out, "covost2")
+    assert "pair_train_en.tsv" in summary["not_written"] and not (out / "pair_train_en.tsv").exists()
+    assert summary["skipped_by_reason"]["missing_transcript"] == 6  # 4 train + 2 dev clips
+    assert len(read_s2t_manifest(out / "train_st_en_de.tsv")) == 4

@@ -86,11 +86,17 @@ for stage in "$@"; do
               ft scratch_bandlimited_sm_v70_8000x400 $W/data/asr scratch --max-tokens 8000 --max-update 400 --warmup-updates 40 ;;
     inits) ft stage2 $W/data/asr $PRETRAINED; ft stage1 $W/data/asr $STAGE1; ft scratch $W/data/asr scratch ;;
     jw) for weight in 0.3 0.5 0.7 0.9; do dec stage2 $W/data/asr $OUT/ckpt_stage2/checkpoint_last.pt joint $weight | tee -a $OUT/results.txt; done ;;
-    control) for seed in 1 2; do  # a finished control run is decoded again, not retrained
-               [ -f $OUT/ckpt_scratch_control_seed$seed/checkpoint_last.pt ] ||
-               train scratch_control_seed$seed $W/data/asr scratch --seed $seed --max-update $CONTROL_UPDATES \
-                 --warmup-updates $((CONTROL_UPDATES / 10)) &
-             done; wait
+    control) pids=()
+             for seed in 1 2; do  # a finished control run is decoded again, not retrained
+               if [ ! -f "$OUT/ckpt_scratch_control_seed$seed/checkpoint_last.pt" ]; then
+                 train scratch_control_seed$seed "$W/data/asr" scratch --seed $seed --max-update $CONTROL_UPDATES \
+                   --warmup-updates $((CONTROL_UPDATES / 10)) &
+                 pids+=($!)
+               fi
+             done
+             for pid in "${pids[@]}"; do  # each run's own exit status: a failed one stops here
+               wait "$pid" || { echo "a control training run failed (logs: $OUT/ft_scratch_control_seed*.log)" >&2; exit 1; }
+             done
              for seed in 1 2; do
                { echo "scratch_control_seed$seed: scratch, $CONTROL_UPDATES updates"
                  for decoder in beam greedy joint lexicon; do
