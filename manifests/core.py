@@ -520,22 +520,38 @@ class RunSummary:
         return dict(sorted(counts.items()))
 
     def stale_manifests(self) -> Dict[str, List[str]]:
-        """Manifests in the output directory that this run did not write but that reference a
-        feature file it replaced or removed -> those files. Their byte offsets now point at other
-        utterances' features (or past the end of a file)."""
+        """Manifests in the output directory that this run did not write but whose ``audio``
+        column points into a feature file it replaced or removed -> those files (as
+        ``fbank/<name>.zip``). Their byte offsets now point at other utterances' features (or past
+        the end of a file). Paths are resolved against the manifest's directory, so a manifest
+        pointing into a same-named file of another directory is not one of them."""
         stale: Dict[str, List[str]] = {}
         if not self.rewritten_features:
             return stale
+        rewritten = {str((self.out_dir / name).resolve()): name for name in self.rewritten_features}
         for manifest in sorted(self.out_dir.glob("*.tsv")):
             if manifest.name in self.written or manifest.name.startswith("skipped_"):
                 continue
+            named = set()
             try:
-                text = manifest.read_text(encoding="utf-8", errors="replace")
+                with open(manifest, encoding="utf-8", errors="replace") as handle:
+                    header = handle.readline().rstrip("\r\n").split("\t")
+                    if "audio" not in header:
+                        continue
+                    column = header.index("audio")
+                    for line in handle:
+                        fields = line.rstrip("\r\n").split("\t")
+                        if len(fields) <= column:
+                            continue
+                        path = fields[column].rsplit(":", 2)[0]
+                        if path.endswith(".zip"):
+                            resolved = str((manifest.parent / path).resolve())
+                            if resolved in rewritten:
+                                named.add(rewritten[resolved])
             except OSError:
                 continue
-            named = sorted(name for name in self.rewritten_features if f"{name}:" in text)
             if named:
-                stale[manifest.name] = named
+                stale[manifest.name] = sorted(named)
         return stale
 
     def finish(self, status: str = "complete", listed: int = 20) -> dict:

@@ -177,10 +177,13 @@ def main(argv=None) -> core.RunSummary:
 
     spm_name = spm_prefix_name(args.vocab_size, model_type=args.model_type) + ".model"
     dictionary_name = spm_name[: -len(".model")] + ".txt"
-    spm_key = fingerprint([file_identity(path) for path in splits[args.vocab_split]],
-                          [file_identity(path) for path in args.pair_manifests], args.format, args.vocab_size,
-                          args.model_type, args.character_coverage, args.allow_smaller_vocab,
-                          args.spm_max_sentences, args.lowercase)
+    key_parts = [[file_identity(path) for path in splits[args.vocab_split]],
+                 [file_identity(path) for path in args.pair_manifests], args.format, args.vocab_size,
+                 args.model_type, args.character_coverage, args.allow_smaller_vocab, args.spm_max_sentences,
+                 args.lowercase]
+    if args.lowercase:  # models made before they case-folded are trained again, not reused
+        key_parts.append(vocabulary.CASE_FOLDING_RULE)
+    spm_key = fingerprint(*key_parts)
     spm_path = args.out / spm_name
     if state.get(spm_name) != spm_key or not spm_path.is_file() or not (args.out / dictionary_name).is_file():
         def training_text() -> Iterator[str]:

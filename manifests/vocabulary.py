@@ -27,6 +27,7 @@ from slam_formats.names import (SPM_BOS_ID, SPM_EOS_ID, SPM_PAD_ID, SPM_SPECIAL_
                                 fairseq_dictionary_path)
 
 _TOO_LARGE = re.compile(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)")
+CASE_FOLDING_RULE = "nmt_nfkc_cf"  # SentencePiece's NFKC normalisation with case folding
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
@@ -94,7 +95,7 @@ def train_sentencepiece(sentences: Iterable[str], model_path, vocab_size: int, *
                    bos_id=0, pad_id=1, eos_id=2, unk_id=3, num_threads=num_threads or default_workers(),
                    hard_vocab_limit=not allow_smaller_vocab, minloglevel=2)
     if case_fold:
-        options["normalization_rule_name"] = "nmt_nfkc_cf"
+        options["normalization_rule_name"] = CASE_FOLDING_RULE
     if user_defined_symbols:
         options["user_defined_symbols"] = list(user_defined_symbols)
     if input_sentence_size > 0:

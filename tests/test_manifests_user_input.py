@@ -94,6 +94,8 @@ def test_a_run_rewriting_feature_files_names_the_older_manifests_that_point_into
     common = ("--out", out, "--outputs", "pair", "--workers", "1", "--no-progress")
     run_script("prep_librispeech.py", "--root", root, "--splits", "train-clean-100:train", *common)
     shutil.copy(out / "pair_train.tsv", out / "pair_train_clean.tsv")  # kept aside by the user
+    elsewhere = (out / "pair_train.tsv").read_text(encoding="utf-8").replace("\tfbank/", "\t../other/fbank/")
+    (out / "pair_merged.tsv").write_text(elsewhere, encoding="utf-8")  # another directory's same-named shard
     again = run_script("prep_librispeech.py", "--root", root, "--splits", "dev-clean:train", *common)
     assert ("WARNING: pair_train_clean.tsv, written by an earlier run, references "
             "fbank/librispeech_train_00000.zip, which this run rewrote") in again.stdout

@@ -368,8 +368,10 @@ def test_resuming_under_another_epoch_layout_warns_and_past_its_end_starts_the_n
     for _ in range(3):
         next(iterator)
     state = interrupted.state_dict()
-    assert state[RoundRobinEpochBatchIterator.LAYOUT_KEY] == {"steps_per_epoch": 4, "epoch_modality": "speech",
-                                                              "num_shards": 1}
+    layout = state[RoundRobinEpochBatchIterator.LAYOUT_KEY]
+    assert {key: layout[key] for key in ("steps_per_epoch", "epoch_modality", "num_shards", "batches")} == {
+        "steps_per_epoch": 4, "epoch_modality": "speech", "num_shards": 1,
+        "batches": {"speech": 4, "text": 2, "pair": 3}}
 
     with caplog.at_level(logging.WARNING):
         same = _iterator(_round_robin(datasets))
@@ -393,9 +395,20 @@ def test_resuming_under_another_epoch_layout_warns_and_past_its_end_starts_the_n
     coarser = rebatched(6)  # 2 steps an epoch: step 3 is past its end
     with caplog.at_level(logging.WARNING):
         coarser.load_state_dict(state)
-    assert "its epoch has only 2 steps per shard (steps_per_epoch 4 -> 2): starting epoch 2" in caplog.text
+    assert "its epoch has only 2 steps per shard (steps_per_epoch 4 -> 2, batches" in caplog.text
+    assert "): starting epoch 2" in caplog.text
     assert coarser.next_epoch_idx == 2
     assert len(list(coarser.next_epoch_itr())) == 2 and coarser.epoch == 2
+
+    caplog.clear()  # the same number of batches, but two examples traded between them (other data)
+    swapped = _round_robin(datasets)
+    speech = [batch.copy() for batch in swapped.batches["speech"]]
+    speech[0][0], speech[1][0] = speech[1][0], speech[0][0]
+    swapped.set_batches({**swapped.batches, "speech": speech})
+    traded = _iterator(swapped)
+    with caplog.at_level(logging.WARNING):
+        traded.load_state_dict(state)
+    assert "resuming epoch 1 at step 3 of a batch list laid out differently (batch_digest " in caplog.text
 
 
 # -- bad input -----------------------------------------------------------------------------------------

@@ -94,9 +94,9 @@ for stage in "$@"; do
                  pids+=($!)
                fi
              done
-             for pid in "${pids[@]}"; do  # each run's own exit status: a failed one stops here
-               wait "$pid" || { echo "a control training run failed (logs: $OUT/ft_scratch_control_seed*.log)" >&2; exit 1; }
-             done
+             failed=0
+             for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || failed=1; done  # every run's own status
+             [ $failed = 0 ] || { echo "a control training run failed (logs: $OUT/ft_scratch_control_seed*.log)" >&2; exit 1; }
              for seed in 1 2; do
                { echo "scratch_control_seed$seed: scratch, $CONTROL_UPDATES updates"
                  for decoder in beam greedy joint lexicon; do

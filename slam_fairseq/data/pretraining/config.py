@@ -91,7 +91,8 @@ class PretrainingDataConfig:
     def vocab_path(self) -> Path:
         name = self.raw.get("vocab_filename")
         if not name:
-            raise DataConfigError(f"{self.path}: no vocab_filename (the fairseq dictionary)")
+            raise DataConfigError(f"{self.path}: no vocab_filename (the fairseq dictionary); "
+                                  f"manifests/prep_text.py --out {self.data_dir} writes it with the vocabulary")
         return self.resolve(name)
 
     @property
@@ -100,7 +101,8 @@ class PretrainingDataConfig:
         name = tokenizer.get("sentencepiece_model") if isinstance(tokenizer, dict) else None
         if not name or tokenizer.get("bpe", "sentencepiece") != "sentencepiece":
             raise DataConfigError(f"{self.path}: no bpe_tokenizer {{bpe: sentencepiece, sentencepiece_model: ...}}, "
-                                  "needed to encode raw text (text_<split>.txt, pair transcripts)")
+                                  f"needed to encode raw text (text_<split>.txt, pair transcripts); "
+                                  f"manifests/prep_text.py --out {self.data_dir} writes it with the vocabulary")
         return self.resolve(name)
 
     @property

@@ -23,6 +23,7 @@ workers (which fairseq keeps alive across epochs).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -106,6 +107,8 @@ class RoundRobinBatchDataset(FairseqDataset):
         self.batches: Dict[str, List[np.ndarray]] = {}
         self.epoch_modality = ""
         self.num_steps = 0
+        self.batch_counts: Dict[str, int] = {}
+        self.batch_digest = ""  # of every modality's batches: which examples, in which batch
         self._cycle_orders: Dict[Tuple[str, int], np.ndarray] = {}
 
     # -- planning ------------------------------------------------------------------------------
@@ -120,6 +123,14 @@ class RoundRobinBatchDataset(FairseqDataset):
             self.epoch_modality = self.epoch_modality_choice
         counts = {name: len(self.batches[name]) for name in self.datasets}
         self.num_steps = max(counts.values()) if not self.cycle else counts[self.epoch_modality]
+        self.batch_counts = counts
+        digest = hashlib.sha1()
+        for name in self.datasets:
+            digest.update(name.encode())
+            for batch in self.batches[name]:
+                digest.update(len(batch).to_bytes(8, "little"))
+                digest.update(batch.tobytes())
+        self.batch_digest = digest.hexdigest()[:12]
         self._cycle_orders = {}
         logger.info(f"round robin over {counts} batches: {self.num_steps} steps per epoch"
                     + (f" (one pass over {self.epoch_modality}, the others cycled)" if self.cycle else ""))
@@ -213,7 +224,8 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
     - loading a state of another epoch drops the cached batch list, so the keys carry the
       restored epoch (fairseq refreshes it on ``next_epoch_itr`` only);
     - the state also records the epoch's layout (:data:`LAYOUT_KEY`: steps per epoch, the epoch
-      modality, the number of shards), which the options decide (``--max-tokens-*``,
+      modality, the number of shards, each modality's batch count and a digest of which examples
+      each batch holds), which the options decide (``--max-tokens-*``,
       ``--max-sentences-*``, ``--epoch-modality``, ``--stage2-start-update``, the data, the number
       of GPUs). fairseq resumes an epoch at its saved position in the batch list; under another
       layout that position points elsewhere, so some batches of the epoch would be skipped and
@@ -227,7 +239,8 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
 
     def layout(self) -> Dict[str, Any]:
         return {"steps_per_epoch": int(self.dataset.num_steps), "epoch_modality": str(self.dataset.epoch_modality),
-                "num_shards": int(self.num_shards)}
+                "num_shards": int(self.num_shards), "batches": dict(self.dataset.batch_counts),
+                "batch_digest": str(self.dataset.batch_digest)}
 
     def state_dict(self):
         state = super().state_dict()
