@@ -14,6 +14,8 @@ Writes into ``--out`` (fairseq's recipe names):
   spm_unigram<N>_st.{model,txt}  several pairs: one shared vocabulary (all train translations)
   config_st_<src>_<tgt>.yaml    per pair (+ config_st.yaml for several pairs): LB SpecAugment, CMVN
   gcmvn_st*.npz                 with --cmvn global (train features of all source languages)
+  pair_<split>_<src>.tsv        with --outputs pair: one per source language, its clips with their
+                                source sentences as transcripts (SLAM's speech-text pairs)
   fbank/covost_<src>_<split>_<k>.{zip,json}, skipped_covost2.tsv, summary_covost2.json
 With ``--multilingual`` or more than one target language, ``<lang:xx>`` target tags are added to
 the vocabulary (kept whole by SentencePiece, present in the dictionary) and the configs say
@@ -213,6 +215,9 @@ def main(argv=None) -> core.RunSummary:
                                                        if args.train_split in by_split])
         summary.wrote(gcmvn_name)
 
+    # one pair file per source language, from the first of its own target languages (the clips and
+    # source sentences are the same for each of them)
+    pair_target = {src: min(tgt for other, tgt in rows_by_pair if other == src) for src, _ in rows_by_pair}
     for (src, tgt), rows in rows_by_pair.items():
         task = st_task_name(src, tgt)
         for split in args.splits:
@@ -228,7 +233,7 @@ def main(argv=None) -> core.RunSummary:
             if "st" in args.outputs:
                 core.write_manifest(summary, args.out / fine_tuning_manifest_name(split, task), manifest,
                                     MANIFEST_COLUMNS)
-            if "pair" in args.outputs and tgt == target_languages[0]:  # one pair file per source
+            if "pair" in args.outputs and tgt == pair_target[src]:
                 transcripts = [{**row, "tgt_text": row["src_text"]} for row in manifest if row["src_text"]]
                 for row in manifest:
                     if not row["src_text"]:

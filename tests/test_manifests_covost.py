@@ -126,3 +126,17 @@ def test_pairs_without_a_source_sentence_are_skipped_and_counted(covost_tree, tm
     assert "pair_train_en.tsv" in summary["not_written"] and not (out / "pair_train_en.tsv").exists()
     assert summary["skipped_by_reason"]["missing_transcript"] == 6  # 4 train + 2 dev clips
     assert len(read_s2t_manifest(out / "train_st_en_de.tsv")) == 4
+
+
+def test_every_source_language_gets_its_pair_file_whatever_its_targets(covost_tree, tmp_path):
+    """X->En beside En->X: Spanish has only English as a target, English only German and Catalan;
+    each source language writes one pair file (from the first of its own targets)."""
+    out = tmp_path / "out"
+    run_script("prep_covost2.py", "--root", covost_tree["es"], covost_tree["en"], "--out", out,
+               "--vocab-size", "60", "--allow-smaller-vocab", "--pairs", "es_en", "en_de", "en_ca",
+               "--outputs", "st", "pair", "--on-the-fly", "--workers", "1", "--no-progress")
+    spanish = read_s2t_manifest(out / "pair_train_es.tsv")
+    english = read_s2t_manifest(out / "pair_train_en.tsv")
+    assert spanish and english
+    assert all(row["src_lang"] == "es" and row["tgt_text"] == row["src_text"] for row in spanish)
+    assert all(row["src_lang"] == "en" and row["tgt_lang"] == "ca" for row in english)
