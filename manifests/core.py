@@ -528,28 +528,22 @@ class RunSummary:
         stale: Dict[str, List[str]] = {}
         if not self.rewritten_features:
             return stale
+        from slam_formats.manifest import ManifestError, read_s2t_manifest
+
         rewritten = {str((self.out_dir / name).resolve()): name for name in self.rewritten_features}
         for manifest in sorted(self.out_dir.glob("*.tsv")):
             if manifest.name in self.written or manifest.name.startswith("skipped_"):
                 continue
-            named = set()
             try:
-                with open(manifest, encoding="utf-8", errors="replace") as handle:
-                    header = handle.readline().rstrip("\r\n").split("\t")
-                    if "audio" not in header:
-                        continue
-                    column = header.index("audio")
-                    for line in handle:
-                        fields = line.rstrip("\r\n").split("\t")
-                        if len(fields) <= column:
-                            continue
-                        path = fields[column].rsplit(":", 2)[0]
-                        if path.endswith(".zip"):
-                            resolved = str((manifest.parent / path).resolve())
-                            if resolved in rewritten:
-                                named.add(rewritten[resolved])
-            except OSError:
-                continue
+                rows = read_s2t_manifest(str(manifest))
+            except (ManifestError, UnicodeDecodeError, OSError):
+                continue  # not a manifest
+            named = set()
+            for row in rows:
+                path, byte_range = audio_features.parse_stored_zip_path(row["audio"])
+                if byte_range is not None:
+                    named.add(rewritten.get(str((manifest.parent / path).resolve())))
+            named.discard(None)
             if named:
                 stale[manifest.name] = sorted(named)
         return stale

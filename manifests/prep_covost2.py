@@ -234,9 +234,11 @@ def main(argv=None) -> core.RunSummary:
                 core.write_manifest(summary, args.out / fine_tuning_manifest_name(split, task), manifest,
                                     MANIFEST_COLUMNS)
             if "pair" in args.outputs and tgt == pair_target[src]:
-                transcripts = [{**row, "tgt_text": row["src_text"]} for row in manifest if row["src_text"]]
+                transcripts = []
                 for row in manifest:
-                    if not row["src_text"]:
+                    if row["src_text"]:
+                        transcripts.append({**row, "tgt_text": row["src_text"]})
+                    else:
                         summary.skip(core.SKIP_MISSING_TRANSCRIPT, row["id"],
                                      "no source sentence for pair_*.tsv (neither a sentence column in the "
                                      "CoVoST TSV nor Common Voice's validated.tsv beside it names one)", split)

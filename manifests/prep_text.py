@@ -110,10 +110,11 @@ def parse_inputs(specs: List[str]) -> List[Tuple[Path, str]]:
     return inputs
 
 
-def check_pair_manifests(manifests: List[Path]) -> None:
-    """Each ``--pair-manifests`` file must be a readable manifest with a ``tgt_text`` column: checked
-    before SentencePiece trains, so that a wrong path is a usage error, not a traceback from
-    inside SentencePiece's sentence iterator."""
+def read_pair_transcripts(manifests: List[Path]) -> List[str]:
+    """The non-empty ``tgt_text`` of every ``--pair-manifests`` file, whitespace normalised. Read
+    before SentencePiece trains, so that a missing file or one that is not a manifest with
+    ``tgt_text`` is a usage error, not a traceback from inside SentencePiece's sentence iterator."""
+    transcripts = []
     for manifest in manifests:
         if not manifest.is_file():
             raise core.UsageError(f"--pair-manifests {manifest}: no such file")
@@ -123,6 +124,8 @@ def check_pair_manifests(manifests: List[Path]) -> None:
             raise core.UsageError(f"--pair-manifests {manifest}: not a readable manifest ({error})") from None
         if rows and "tgt_text" not in rows[0]:
             raise core.UsageError(f"--pair-manifests {manifest}: no tgt_text column (columns: {sorted(rows[0])})")
+        transcripts.extend(text for text in (core.normalize_space(row["tgt_text"]) for row in rows) if text)
+    return transcripts
 
 
 def fingerprint(*parts) -> str:
@@ -168,7 +171,7 @@ def main(argv=None) -> core.RunSummary:
         splits.setdefault(split, []).append(path)
     if args.vocab_split not in splits:
         raise core.UsageError(f"--vocab-split {args.vocab_split}: no input has that split ({sorted(splits)})")
-    check_pair_manifests(args.pair_manifests)
+    pair_transcripts = read_pair_transcripts(args.pair_manifests)
     state_path = args.out / STATE_NAME
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {}
 
@@ -189,11 +192,8 @@ def main(argv=None) -> core.RunSummary:
         def training_text() -> Iterator[str]:
             for path, fmt in formats(args.vocab_split):
                 yield from iter_text(path, fmt, summary, args.vocab_split, args.lowercase, report=False)
-            for manifest in args.pair_manifests:
-                for row in read_s2t_manifest(str(manifest)):
-                    text = core.normalize_space(row.get("tgt_text", ""))
-                    if text:
-                        yield text.lower() if args.lowercase else text
+            for text in pair_transcripts:
+                yield text.lower() if args.lowercase else text
 
         vocabulary.train_sentencepiece(training_text(), spm_path, args.vocab_size, model_type=args.model_type,
                                        character_coverage=args.character_coverage,

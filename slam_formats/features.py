@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -206,12 +205,9 @@ def wav_truncation(source) -> Optional[str]:
     Args:
         source: a path, or the file's bytes.
     """
-    if isinstance(source, (bytes, bytearray)):
-        handle = io.BytesIO(source)
-    else:
-        handle = open(source, "rb")
-    with handle:
-        total = len(source) if isinstance(source, (bytes, bytearray)) else os.fstat(handle.fileno()).st_size
+    with io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb") as handle:
+        total = handle.seek(0, io.SEEK_END)
+        handle.seek(0)
         riff = handle.read(12)
         if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
             return None
@@ -274,7 +270,9 @@ def load_mono_16k(path: str, resample_to_16k: bool = True) -> np.ndarray:
     return waveform
 
 
-def _parse_stored_zip_path(audio_field: str) -> Tuple[str, Optional[Tuple[int, int]]]:
+def parse_stored_zip_path(audio_field: str) -> Tuple[str, Optional[Tuple[int, int]]]:
+    """(path, (byte offset, byte length)) of a manifest ``audio`` field ``path:offset:length`` (an
+    entry stored in a zip), or (the field, None) for a plain file."""
     parts = audio_field.rsplit(":", 2)
     if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
         return parts[0], (int(parts[1]), int(parts[2]))
@@ -289,7 +287,7 @@ def read_features(audio_field: str, root: Optional[str] = None,
     torchaudio). Relative paths are resolved against ``root``.
     Returns (num_frames, num_mel_bins) float32.
     """
-    path, byte_range = _parse_stored_zip_path(audio_field)
+    path, byte_range = parse_stored_zip_path(audio_field)
     if root is not None and not Path(path).is_absolute():
         path = str(Path(root) / path)
     if byte_range is not None:

@@ -20,8 +20,10 @@ import numpy as np
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
-# fairseq's dtype codes (indexed_dataset._code_to_dtype) for the dtypes token ids are stored in
-DTYPE_CODES = {np.uint16: 8, np.uint32: 9, np.int64: 5}
+# fairseq's integer dtype codes (indexed_dataset._code_to_dtype), both ways
+INDEX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16, 9: np.uint32,
+                10: np.uint64}
+DTYPE_CODES = {dtype: code for code, dtype in INDEX_DTYPES.items()}
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -75,9 +77,6 @@ class MMapTokenWriter:
             self._data.close()
 
 
-# every dtype code fairseq's ``indexed_dataset._code_to_dtype`` gives an integer type
-_INDEX_INT_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16,
-                     9: np.uint32, 10: np.uint64}
 SCAN_WINDOW_TOKENS = 1 << 24  # ids compared per step: 32 MiB of uint16
 
 
@@ -104,15 +103,15 @@ def read_index(idx_path: str) -> Tuple[np.dtype, np.ndarray, np.ndarray]:
     if len(header) < header_size or header[: len(INDEX_MAGIC)] != INDEX_MAGIC:
         raise ValueError(f"{idx_path}: not a fairseq mmap index (no MMIDIDX header)")
     version, code, count = struct.unpack("<QBQ", header[len(INDEX_MAGIC):])
-    if version != INDEX_VERSION or code not in _INDEX_INT_DTYPES:
+    if version != INDEX_VERSION or code not in INDEX_DTYPES:
         raise ValueError(f"{idx_path}: index version {version}, dtype code {code}: not token ids")
     if os.path.getsize(idx_path) < header_size + 12 * count:
         raise ValueError(f"{idx_path}: cut short ({count:,} sequences declared)")
     if count == 0:
-        return np.dtype(_INDEX_INT_DTYPES[code]), np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return np.dtype(INDEX_DTYPES[code]), np.zeros(0, np.int32), np.zeros(0, np.int64)
     sizes = np.memmap(idx_path, dtype=np.int32, mode="r", offset=header_size, shape=(count,))
     pointers = np.memmap(idx_path, dtype=np.int64, mode="r", offset=header_size + 4 * count, shape=(count,))
-    return np.dtype(_INDEX_INT_DTYPES[code]), sizes, pointers
+    return np.dtype(INDEX_DTYPES[code]), sizes, pointers
 
 
 def scan_token_ids(prefix: str, vocab_size: int, max_bytes: int = 1 << 31) -> TokenIdScan:

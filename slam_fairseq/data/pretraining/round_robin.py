@@ -250,12 +250,14 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         saved, position = state_dict.pop(self.LAYOUT_KEY, None), int(state_dict.get("iterations_in_epoch", 0))
-        if saved is not None and position > 0 and saved != self.layout():
-            changed = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in self.layout().items()
+        current = self.layout()
+        if saved is not None and position > 0 and saved != current:
+            changed = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in current.items()
                                 if saved.get(key) != value)
-            if position >= len(self):
+            steps = len(self)
+            if position >= steps:
                 logger.warning(f"resuming epoch {state_dict['epoch']} at step {position}, but under the options of "
-                               f"this run its epoch has only {len(self)} steps per shard ({changed}): starting "
+                               f"this run its epoch has only {steps} steps per shard ({changed}): starting "
                                f"epoch {state_dict['epoch'] + 1}")
                 state_dict.update(epoch=int(state_dict["epoch"]) + 1, iterations_in_epoch=0)
             else:

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from slam_formats.features import parse_stored_zip_path
 from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES
 
 logger = logging.getLogger(__name__)
@@ -56,13 +57,6 @@ class BadRowError(ValueError):
 
 class TooManyBadRowsError(RuntimeError):
     """More bad rows than the limit; the message names the manifest and the first bad rows."""
-
-
-def _split_audio_field(audio_field: str) -> Tuple[str, Optional[Tuple[int, int]]]:
-    parts = audio_field.rsplit(":", 2)
-    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-        return parts[0], (int(parts[1]), int(parts[2]))
-    return audio_field, None
 
 
 _DESCR = re.compile(r"'descr':\s*'([^']*)'")
@@ -158,7 +152,7 @@ def feature_row_problem(audio_field: str, data_dir: str, feature_dim: int,
     own_cache = cache is None
     cache = cache or _FileCache()
     try:
-        path, byte_range = _split_audio_field(audio_field)
+        path, byte_range = parse_stored_zip_path(audio_field)
         if data_dir is not None and not os.path.isabs(path):
             path = os.path.join(data_dir, path)
         size = cache.size(path)

@@ -132,8 +132,11 @@ def _scan_at_load(prefix: str, name: str, vocab_size: int) -> None:
 def check_token_ids(tokens: np.ndarray, vocab_size: int, name: str, index: int) -> None:
     """Raise :class:`BadRowError` when an id is outside the dictionary (a line the load-time scan
     did not reach, of a file binarized with another dictionary)."""
-    if len(tokens) and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
-        outside = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+    if not len(tokens):
+        return
+    largest, smallest = int(tokens.max()), int(tokens.min())
+    if largest >= vocab_size or smallest < 0:
+        outside = largest if largest >= vocab_size else smallest
         raise BadRowError(_outside_message(name, index, outside, vocab_size), source=name, row=f"line {index}")
 
 
