@@ -7,7 +7,12 @@ and exit codes, not about what the model learns.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +24,11 @@ from s2t_fixtures import (SENTENCES, USER_DIR, build_asr, build_slam_model, hypo
                           save_slam_checkpoint)
 from slam_fairseq.models.pretrained_loading import PretrainedSlamError
 from slam_fairseq.models.slam_s2t import PRETRAINED_PARTS, SlamSpeechEncoder
-from slam_fairseq.modules.short_inputs import extend_short_inputs
+from slam_fairseq.modules.padding import sync_free_paths
+from slam_fairseq.modules.short_inputs import ShortInputCounter, extend_short_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from host_syncs import SyncCounter  # noqa: E402
 
 ENCODER_PREFIXES = tuple(f"encoder.{part}." for part in PRETRAINED_PARTS)
 SHORT_ID, SHORT_FRAMES = "s2_4", 4
@@ -39,23 +48,55 @@ def asr(tmp_path_factory):
 
 
 # -- short utterances ---------------------------------------------------------------------------------
-def test_extend_short_inputs_appends_zero_frames_up_to_seven_and_leaves_the_rest():
+@pytest.mark.parametrize("paths", [contextlib.nullcontext, sync_free_paths], ids=["cpu", "accelerator"])
+def test_extend_short_inputs_appends_zero_frames_up_to_seven_and_leaves_the_rest(paths):
     features = torch.randn(3, 10, 4)
+    features[0, 3:] = 5.0  # padding that is not zero: the extended frames are zeros all the same
     lengths = torch.tensor([3, 10, 0])
-    extended, new_lengths, count = extend_short_inputs(features, lengths)
-    assert count == 2 and new_lengths.tolist() == [7, 10, 7]
+    tiny, same = torch.randn(2, 4, 4), torch.randn(2, 9, 4)
+    tiny_lengths, same_lengths = torch.tensor([4, 2]), torch.tensor([9, 7])
+    with paths(), SyncCounter() as counter:
+        extended, new_lengths, short = extend_short_inputs(features, lengths)
+        padded, tiny_lengths, tiny_short = extend_short_inputs(tiny, tiny_lengths)
+        unchanged, unchanged_lengths, none_short = extend_short_inputs(same, same_lengths)
+    assert short.tolist() == [True, False, True] and new_lengths.tolist() == [7, 10, 7]
     assert torch.equal(extended[0, :3], features[0, :3]) and torch.equal(extended[0, 3:7], torch.zeros(4, 4))
     assert torch.equal(extended[0, 7:], features[0, 7:]), "beyond 7 frames the padding is untouched"
     assert torch.equal(extended[1], features[1]) and torch.equal(extended[2, :7], torch.zeros(7, 4))
 
-    tiny = torch.randn(2, 4, 4)
-    padded, tiny_lengths, count = extend_short_inputs(tiny, torch.tensor([4, 2]))
-    assert padded.shape == (2, 7, 4) and tiny_lengths.tolist() == [7, 7] and count == 2
+    assert padded.shape == (2, 7, 4) and tiny_lengths.tolist() == [7, 7] and tiny_short.all()
     assert torch.equal(padded[0, :4], tiny[0]) and torch.equal(padded[1, 2:], torch.zeros(5, 4))
 
-    same = torch.randn(2, 9, 4)
-    unchanged, unchanged_lengths, count = extend_short_inputs(same, torch.tensor([9, 7]))
-    assert count == 0 and unchanged is same and unchanged_lengths.tolist() == [9, 7]
+    assert not none_short.any() and torch.equal(unchanged, same) and unchanged_lengths.tolist() == [9, 7]
+    if paths is contextlib.nullcontext:
+        assert unchanged is same, "on a CPU a batch without short utterances is not copied"
+    else:
+        assert counter.total == 0, dict(counter.counts)  # nothing read from the device
+
+
+@pytest.mark.parametrize("paths", [contextlib.nullcontext, sync_free_paths], ids=["cpu", "accelerator"])
+def test_short_input_counter_warns_at_powers_of_two_and_training_on_an_accelerator_reads_rarely(paths):
+    warnings = []
+    counter = ShortInputCounter(warnings.append)
+    one_short = torch.tensor([True, False])
+    with paths(), SyncCounter() as syncs:
+        for _ in range(5):
+            counter.add(one_short, training=True)
+    on_accelerator = paths is sync_free_paths
+    assert syncs.counts["_local_scalar_dense"] == (0 if on_accelerator else 5), dict(syncs.counts)
+    assert (counter.total, warnings) == ((0, []) if on_accelerator else (5, [1, 2, 4]))
+    with paths():
+        counter.flush(3)  # not a power of two: nothing read
+        assert counter.total == (0 if on_accelerator else 5)
+        counter.flush(4)
+        assert counter.total == 5 and warnings == ([5] if on_accelerator else [1, 2, 4])
+        counter.add(torch.tensor([True, True, True]), training=False)  # validation / generation: read at once
+        assert counter.total == 8 and warnings[-1] == 8
+        for _ in range(3):
+            counter.add(one_short, training=True)
+        counter.flush(ShortInputCounter.FLUSH_EVERY + 1)
+        counter.flush(3 * ShortInputCounter.FLUSH_EVERY)
+    assert counter.total == 11
 
 
 def test_encoder_gives_a_short_utterance_one_frame_and_leaves_the_others_alone(caplog):
@@ -74,6 +115,59 @@ def test_encoder_gives_a_short_utterance_one_frame_and_leaves_the_others_alone(c
     torch.testing.assert_close(both["encoder_out"][0][:, 0], alone["encoder_out"][0][:, 0])
     assert "1 utterance(s) shorter than 7 feature frames so far were extended" in caplog.text
     assert encoder.num_short_inputs == 1
+
+
+def test_a_fine_tuning_step_on_the_accelerator_paths_is_the_cpu_step_and_reads_nothing_itself(asr, tmp_path):
+    """A batch with a 4-frame utterance, the CTC criterion: the same loss and gradients on both
+    paths, and on the accelerator paths no device read is made by this package's code (those left
+    are fairseq's own: its decoder's positions, its criterion's CTC and logging)."""
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--criterion", "label_smoothed_cross_entropy_with_ctc",
+                       "--ctc-weight", "0.5", "--label-smoothing", "0.1", "--dropout", "0.0")
+    split = f"train_{asr['task']}"
+    task.load_dataset(split)
+    dataset = task.dataset(split)
+    batch = dataset.collater([dataset[index] for index in range(len(dataset))])
+    assert int(batch["net_input"]["src_lengths"].min()) == SHORT_FRAMES
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    results = []
+    for paths in (contextlib.nullcontext, sync_free_paths):
+        model.zero_grad()
+        with paths(), _SyncSites() as sites:
+            loss, _, _ = criterion(model, batch)
+            loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                        if p.grad is not None}, sites.ours))
+    (cpu_loss, cpu_grads, _), (loss, grads, ours) = results
+    assert ours == [], ours
+    torch.testing.assert_close(loss, cpu_loss)
+    assert cpu_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, cpu_grads[name], msg=name)
+
+    widened = dict(batch, target=torch.nn.functional.pad(batch["target"], (0, 2), value=task.target_dictionary.pad()))
+    assert torch.equal(model.get_ctc_target(widened)[0], model.get_ctc_target(batch)[0])  # the width read
+    with sync_free_paths(), pytest.raises(RuntimeError, match="wider than its longest"):  # the device assert
+        model.get_ctc_target(widened)
+
+
+class _SyncSites(SyncCounter):
+    """:class:`SyncCounter` that also keeps where each device read made by this package is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ours: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.total
+        result = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.total > before:
+            caller = next(frame for frame in reversed(traceback.extract_stack()[:-1])
+                          if "/torch/" not in frame.filename and frame.filename != __file__)
+            if f"{os.sep}slam_fairseq{os.sep}" in caller.filename:
+                self.ours.append(f"{caller.filename}:{caller.lineno} {func}")
+        return result
 
 
 def test_fine_tuning_replaces_an_unreadable_checkpoint_last_before_fairseq_loads_it(asr, tmp_path, caplog):

@@ -55,7 +55,8 @@ from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCO
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.models.dictionary_fingerprint import register_fingerprint, set_fingerprint
 from slam_fairseq.models.pretrained_loading import load_pretrained_slam_encoder
-from slam_fairseq.modules.short_inputs import extend_short_inputs
+from slam_fairseq.modules.padding import may_read_device_values, require
+from slam_fairseq.modules.short_inputs import ShortInputCounter, extend_short_inputs
 from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES
 from slam_fairseq.objectives.pair_ctc import CTC_BLANK
 
@@ -148,7 +149,7 @@ class SlamSpeechEncoder(FairseqEncoder):
         self.freeze_updates = freeze_updates
         self.num_updates = 0
         self.max_source_positions = max_source_positions
-        self.num_short_inputs = 0
+        self.short_inputs = ShortInputCounter(_warn_short_inputs)
         # set by SlamS2TModel.set_beam_size: the decoder's cross-attention caches what it reads
         self.beamable_decoder = False
 
@@ -180,16 +181,16 @@ class SlamSpeechEncoder(FairseqEncoder):
             "slam_encoder_out": [states],
         }
 
+    @property
+    def num_short_inputs(self) -> int:
+        """Utterances extended so far that the host has counted (:class:`ShortInputCounter`)."""
+        return self.short_inputs.total
+
     def _extend_short_inputs(self, features: Tensor, lengths: Tensor):
         """Utterances under 7 frames get zero frames up to 7 (``short_inputs``); counted in a
         warning at the 1st, 2nd, 4th, 8th, ... such utterance."""
-        features, lengths, num_short = extend_short_inputs(features, lengths)
-        if num_short:
-            before, self.num_short_inputs = self.num_short_inputs, self.num_short_inputs + num_short
-            if self.num_short_inputs.bit_length() > before.bit_length():  # crossed a power of two
-                logger.warning(f"{self.num_short_inputs} utterance(s) shorter than {MIN_INPUT_FRAMES} feature "
-                               f"frames so far were extended with zero frames to {MIN_INPUT_FRAMES} (one encoder "
-                               "frame each)")
+        features, lengths, short = extend_short_inputs(features, lengths)
+        self.short_inputs.add(short, training=self.training)
         return features, lengths
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order: Tensor):
@@ -217,6 +218,12 @@ class SlamSpeechEncoder(FairseqEncoder):
     def set_num_updates(self, num_updates: int) -> None:
         super().set_num_updates(num_updates)
         self.num_updates = num_updates
+        self.short_inputs.flush(num_updates)
+
+
+def _warn_short_inputs(total: int) -> None:
+    logger.warning(f"{total} utterance(s) shorter than {MIN_INPUT_FRAMES} feature frames so far were extended "
+                   f"with zero frames to {MIN_INPUT_FRAMES} (one encoder frame each)")
 
 
 def _task_max_positions(task):
@@ -361,8 +368,14 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         ``</s>`` (the dataset's targets end with ``</s>``)."""
         prefix = self.ctc_target_prefix_size
         lengths = sample["target_lengths"] - 1 - prefix
-        targets = sample["target"][:, prefix: prefix + int(lengths.max())]
-        return targets, lengths
+        target = sample["target"]
+        if may_read_device_values(lengths.device):
+            width = int(lengths.max())
+        else:  # fairseq's collater pads the targets to the longest: no value needs to be read
+            width = target.shape[1] - 1 - prefix
+            require(lengths.max() == width, "CTC targets: the target batch is wider than its longest "
+                    "target_lengths + 1 (the criterion masks them to the longest length)")
+        return target[:, prefix: prefix + width], lengths
 
 
 PAPER_DECODER = dict(decoder_embed_dim=384, decoder_ffn_embed_dim=1536, decoder_layers=4,
