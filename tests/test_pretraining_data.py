@@ -385,16 +385,27 @@ def test_resuming_under_another_epoch_layout_warns_and_past_its_end_starts_the_n
                             for name, dataset in datasets.items()})
         return _iterator(zipped)
 
+    from fairseq.logging import metrics
+
+    def restored_epoch_meters():  # what fairseq's trainer restores from the checkpoint before the iterator
+        metrics.reset_meters("train")
+        with metrics.aggregate("train"):
+            metrics.log_scalar("loss", 7.0)
+
     finer = rebatched(2)  # 6 steps an epoch: step 3 exists, but holds other examples
+    restored_epoch_meters()
     with caplog.at_level(logging.WARNING):
         finer.load_state_dict(state)
+    assert metrics.get_smoothed_values("train")["loss"] == 7.0, "the same epoch goes on: its meters too"
     assert "resuming epoch 1 at step 3 of a batch list laid out differently (steps_per_epoch 4 -> 6" in caplog.text
     assert finer.epoch == 1 and finer.iterations_in_epoch == 3 and len(list(finer.next_epoch_itr())) == 3
 
     caplog.clear()
     coarser = rebatched(6)  # 2 steps an epoch: step 3 is past its end
+    restored_epoch_meters()
     with caplog.at_level(logging.WARNING):
         coarser.load_state_dict(state)
+    assert metrics.get_smoothed_values("train")["loss"] is None, "the next epoch's meters start empty"
     assert "its epoch has only 2 steps per shard (steps_per_epoch 4 -> 2, batches" in caplog.text
     assert "): starting epoch 2" in caplog.text
     assert coarser.next_epoch_idx == 2

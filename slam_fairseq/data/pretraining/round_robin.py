@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fairseq.data import FairseqDataset, data_utils, iterators
+from fairseq.logging import metrics
 
 from slam_fairseq.compat.fairseq_internals import reset_cached_batches
 from slam_fairseq.data.pretraining.modality import MODALITIES, PretrainingModalityDataset
@@ -231,7 +232,8 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
       layout that position points elsewhere, so some batches of the epoch would be skipped and
       others seen twice. A resumed position under another layout is a WARNING naming what
       changed; a position past the end of the new epoch starts the next epoch (fairseq would
-      raise "Cannot resume training due to dataloader mismatch"). ``--reset-dataloader``
+      raise "Cannot resume training due to dataloader mismatch") with fresh epoch meters (the
+      restored ones hold the old epoch's updates). ``--reset-dataloader``
       starts the epoch over instead.
     """
 
@@ -260,6 +262,7 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
                                f"this run its epoch has only {steps} steps per shard ({changed}): starting "
                                f"epoch {state_dict['epoch'] + 1}")
                 state_dict.update(epoch=int(state_dict["epoch"]) + 1, iterations_in_epoch=0)
+                metrics.reset_meters("train")  # restored with the checkpoint: they hold the old epoch's part
             else:
                 logger.warning(f"resuming epoch {state_dict['epoch']} at step {position} of a batch list laid out "
                                f"differently ({changed}: --max-tokens-*/--max-sentences-*, --epoch-modality, "
