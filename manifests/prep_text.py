@@ -90,7 +90,8 @@ def iter_text(path: Path, fmt: str, summary: core.RunSummary, split: str, lowerc
 
 def parse_inputs(specs: List[str]) -> List[Tuple[Path, str]]:
     """``PATH[:SPLIT]`` specs -> (file, split) pairs. A PATH with ``*``, ``?`` or ``[`` that names no
-    file is a glob pattern, expanded here (sorted), so that a quoted pattern works like the shell's."""
+    file is a glob pattern, expanded here (sorted), so that a quoted pattern works like the shell's;
+    what it matched is printed (a mistyped name such as ``a[1].txt`` may match ``a1.txt``)."""
     inputs = []
     for spec in specs:
         path, split = Path(spec), "train"
@@ -102,6 +103,9 @@ def parse_inputs(specs: List[str]) -> List[Tuple[Path, str]]:
             matches = sorted(Path(match) for match in glob.glob(str(path)) if Path(match).is_file())
             if not matches:
                 raise core.UsageError(f"--inputs {spec}: the pattern matches no file")
+            shown = ", ".join(str(match) for match in matches[:3]) + (", ..." if len(matches) > 3 else "")
+            print(f"--inputs {spec}: no such file, read as a pattern: {len(matches)} file(s) for split "
+                  f"{split}: {shown}", file=sys.stderr)
             inputs.extend((match, split) for match in matches)
             continue
         if not path.is_file():

@@ -45,6 +45,8 @@ def test_a_quoted_glob_pattern_is_expanded_and_one_matching_nothing_is_named(tmp
     result = run_script("prep_text.py", "--inputs", f"{tmp_path}/part*.txt", "--out", tmp_path / "out",
                         "--vocab-size", "40", "--allow-smaller-vocab", "--workers", "1")
     assert "text_train: " in result.stderr
+    assert f"part*.txt: no such file, read as a pattern: 2 file(s) for split train: {tmp_path}/part0.txt, " \
+           f"{tmp_path}/part1.txt" in result.stderr
     assert load_summary(tmp_path / "out", "text")["text_lines"] == 3 * len(ENGLISH)
     missing = run_script("prep_text.py", "--inputs", f"{tmp_path}/none*.txt", "--out", tmp_path / "out2",
                          check=False)
