@@ -37,7 +37,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -93,8 +93,12 @@ def read_common_voice_metadata(root: Path) -> Dict[str, Tuple[str, str]]:
     return metadata
 
 
-def read_covost_rows(tsv: Path, clips: Path, splits: List[str], summary: core.RunSummary) -> List[Dict[str, str]]:
+def read_covost_rows(tsv: Path, clips: Path, splits: List[str], summary: core.RunSummary,
+                     missing_clips: Optional[Set[Path]] = None) -> List[Dict[str, str]]:
     """The usable rows of one CoVoST TSV for the wanted splits; bad rows skipped into the summary.
+
+    A missing clip is skipped once however many TSVs name it (the pairs of one source language
+    share their clips): ``missing_clips`` holds those already reported, across calls.
 
     ``sentence`` and ``client_id`` come from the CoVoST TSV, or else from Common Voice's
     ``validated.tsv`` beside it (fairseq's recipe merges the two)."""
@@ -129,7 +133,10 @@ def read_covost_rows(tsv: Path, clips: Path, splits: List[str], summary: core.Ru
             continue
         clip = clips / row["path"]
         if not row["path"] or not clip.is_file():
-            summary.skip(core.SKIP_MISSING_CLIP, clip, f"named by {where}", split)
+            if missing_clips is None or not row["path"] or clip not in missing_clips:
+                summary.skip(core.SKIP_MISSING_CLIP, clip, f"named by {where}", split)
+                if missing_clips is not None and row["path"]:
+                    missing_clips.add(clip)
             continue
         translation = core.normalize_space(row["translation"])
         if not translation:
@@ -171,7 +178,9 @@ def main(argv=None) -> core.RunSummary:
     if args.train_split not in args.splits:
         raise core.UsageError(f"--train-split {args.train_split} is not in --splits {args.splits}")
     pairs = find_pairs(args.root, args.pairs)
-    rows_by_pair = {(src, tgt): read_covost_rows(tsv, clips, args.splits, summary) for src, tgt, tsv, clips in pairs}
+    missing_clips: Set[Path] = set()
+    rows_by_pair = {(src, tgt): read_covost_rows(tsv, clips, args.splits, summary, missing_clips)
+                    for src, tgt, tsv, clips in pairs}
 
     # one item per clip and (source language, split), however many pairs use it
     items_by_source: Dict[str, Dict[str, Dict[str, core.AudioItem]]] = {}

@@ -140,3 +140,22 @@ def test_every_source_language_gets_its_pair_file_whatever_its_targets(covost_tr
     assert spanish and english
     assert all(row["src_lang"] == "es" and row["tgt_text"] == row["src_text"] for row in spanish)
     assert all(row["src_lang"] == "en" and row["tgt_lang"] == "ca" for row in english)
+
+
+def test_a_clip_missing_from_every_pair_of_its_language_is_skipped_once(covost_tree, tmp_path):
+    """The En->De and En->Ca TSVs both name a clip that is not there: one missing_clip, not one per pair."""
+    import shutil
+
+    english = tmp_path / "en"
+    shutil.copytree(covost_tree["en"], english)
+    for language in ("de", "ca"):
+        tsv = english / f"covost_v2.en_{language}.tsv"
+        tsv.write_text(tsv.read_text(encoding="utf-8") + f"common_voice_en_gone.mp3\t{language} gone\ttrain\n",
+                       encoding="utf-8")
+    out = tmp_path / "out"
+    run_script("prep_covost2.py", "--root", english, "--out", out, "--vocab-size", "50", "--pairs", "en_de",
+               "en_ca", "--outputs", "st", "--on-the-fly", "--workers", "1", "--no-progress")
+    entries = [entry for entry in skipped_entries(out, "covost2") if entry["reason"] == "missing_clip"]
+    assert len(entries) == 1 and entries[0]["item"].endswith("common_voice_en_gone.mp3"), entries
+    assert "covost_v2.en_" in entries[0]["detail"]  # the first TSV that named it
+    assert load_summary(out, "covost2")["skipped_by_reason"]["missing_clip"] == 1
