@@ -96,6 +96,7 @@ SKIP_MISSING_CLIP = "missing_clip"
 SKIP_EMPTY_TRANSLATION = "empty_translation"
 NOTE_RESAMPLED = "resampled"
 NOTE_DOWNMIXED = "downmixed"
+NOTE_BEYOND_FULL_SCALE = "beyond_full_scale"
 
 
 class UsageError(ValueError):
@@ -213,8 +214,11 @@ def load_checked_audio(path: str, options: AudioOptions) -> Tuple[np.ndarray, Li
     """Read one file as 16 kHz mono, or raise :class:`SkipItem` saying why it cannot be used.
 
     Returns:
-        waveform: (num_samples,) float32 in [-1, 1] at 16 kHz.
-        notes: ``(NOTE_RESAMPLED | NOTE_DOWNMIXED, detail)`` for what was changed.
+        waveform: (num_samples,) float32 at 16 kHz, in [-1, 1] unless noted.
+        notes: ``(NOTE_RESAMPLED | NOTE_DOWNMIXED, detail)`` for what was changed, and
+            ``(NOTE_BEYOND_FULL_SCALE, detail)`` for float samples outside [-1, 1], used as they are
+            (clipped in the source, or stored at an integer scale: with global CMVN such a file's
+            features are far from the others').
         as_is: True when fairseq can read the file itself with the same result (16 kHz mono
             flac/wav/ogg, unchanged).
     """
@@ -234,6 +238,7 @@ def load_checked_audio(path: str, options: AudioOptions) -> Tuple[np.ndarray, Li
     if not np.isfinite(channels).all():
         raise SkipItem(SKIP_UNREADABLE, "samples that are not finite numbers")
     notes = []
+    peak = float(np.abs(channels).max())
     if channels.shape[0] > 1:
         if not options.downmix:
             raise SkipItem(SKIP_MULTI_CHANNEL, f"{channels.shape[0]} channels (--downmix averages them)")
@@ -249,6 +254,9 @@ def load_checked_audio(path: str, options: AudioOptions) -> Tuple[np.ndarray, Li
         notes.append((NOTE_RESAMPLED, f"{sample_rate} Hz -> {audio_features.SAMPLE_RATE} Hz"))
     _check_waveform(waveform, options)
     as_is = not notes and str(path).endswith(FAIRSEQ_READABLE_AUDIO)
+    if peak > 1.0:  # integer formats decode to [-1, 1]; only float samples can be beyond
+        notes.append((NOTE_BEYOND_FULL_SCALE, f"float samples up to {peak:.4g} in magnitude, beyond full scale "
+                                              "[-1, 1]: used as they are"))
     return np.ascontiguousarray(waveform, dtype=np.float32), notes, as_is
 
 

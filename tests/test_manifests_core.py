@@ -58,6 +58,20 @@ def test_audio_policies(tmp_path):
     assert skip.value.reason == core.SKIP_MISSING_AUDIO
 
 
+def test_float_samples_beyond_full_scale_are_used_and_noted(tmp_path):
+    import soundfile
+
+    loud = tmp_path / "loud.wav"
+    soundfile.write(loud, _tone() * 3000.0, 16000, subtype="FLOAT")  # int16 scale stored as float
+    waveform, notes, as_is = core.load_checked_audio(str(loud), core.AudioOptions())
+    assert [kind for kind, _ in notes] == [core.NOTE_BEYOND_FULL_SCALE] and "beyond full scale" in notes[0][1]
+    assert as_is, "fairseq reads the same samples: the file may still be used as it is"
+    np.testing.assert_allclose(waveform, _tone() * 3000.0, rtol=1e-6)
+    full = tmp_path / "full.wav"
+    soundfile.write(full, np.clip(_tone() * 2, -1.0, 1.0), 16000, subtype="FLOAT")  # clipped at 1.0 exactly
+    assert core.load_checked_audio(str(full), core.AudioOptions())[1] == []
+
+
 def test_sentencepiece_helpers(tmp_path):
     import sentencepiece
     from fairseq.data import Dictionary
