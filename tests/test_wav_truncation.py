@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from slam_formats.features import AudioError, TruncatedAudioError, read_audio, wav_truncation
+from slam_formats.features import AudioError, TruncatedAudioError, compute_fbank, read_audio, wav_truncation
 
 
 def _write_wav(path: Path, seconds: float = 0.5, extra_chunk: bytes = b"") -> bytes:
@@ -74,3 +74,25 @@ def test_other_formats_are_left_to_the_decoder(tmp_path):
     sf.write(str(tmp_path / "a.flac"), np.zeros(1600, dtype=np.float32) + 0.1, 16000)
     assert wav_truncation(tmp_path / "a.flac") is None
     assert wav_truncation(b"RIFF") is None and wav_truncation(b"") is None
+
+
+def test_fairseq_reading_a_cut_wav_of_a_manifest_names_it_once_and_reads_what_it_holds(tmp_path, caplog):
+    """A fine-tuning manifest naming WAV files: fairseq's speech_to_text reads them through
+    ``audio_utils``; with the plugin imported, a cut one is named once, and read as fairseq reads it."""
+    import logging
+
+    import slam_fairseq  # noqa: F401  (installs the warning)
+    from fairseq.data.audio.audio_utils import get_features_or_waveform
+
+    whole = _write_wav(tmp_path / "whole.wav")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole[: len(whole) - 6000])
+    with caplog.at_level(logging.WARNING):
+        waveform = get_features_or_waveform(str(cut), need_waveform=True)
+        features = get_features_or_waveform(str(cut))  # filterbanks: a second read of the same file
+        get_features_or_waveform(str(tmp_path / "whole.wav"))
+    assert np.array_equal(waveform, sf.read(str(cut), dtype="float32")[0]), "the samples fairseq reads"
+    np.testing.assert_allclose(features, compute_fbank(waveform), rtol=1e-5, atol=1e-5)  # of those samples
+    named = [record.getMessage() for record in caplog.records if str(cut) in record.getMessage()]
+    assert len(named) == 1 and "16,000 bytes" in named[0] and "read as it is" in named[0], named
+    assert "whole.wav" not in caplog.text

@@ -8,6 +8,8 @@ message, rather than somewhere in the middle of a run. What it holds:
   weights-only loader (applied on import);
 - :mod:`~slam_fairseq.compat.fbank`: on-the-fly filterbanks where fairseq has no backend
   (applied on import; stock fairseq paths with a working backend are unchanged);
+- :mod:`~slam_fairseq.compat.cut_audio`: a WARNING naming a WAV cut short that fairseq reads
+  (applied on import; fairseq reads it as before);
 - :mod:`~slam_fairseq.compat.fairseq_internals`: the few private attributes of fairseq's config
   nodes, dataclasses, iterators and checkpoint rules that the plugin relies on.
 """
@@ -39,7 +41,9 @@ def _installed_fairseq_version() -> str:
 check_fairseq_version(_installed_fairseq_version())
 
 from slam_fairseq.compat.checkpoints import allow_fairseq_checkpoint_types  # noqa: E402
+from slam_fairseq.compat.cut_audio import install_cut_audio_warning  # noqa: E402
 from slam_fairseq.compat.fbank import install_fbank_backend  # noqa: E402
 
 allow_fairseq_checkpoint_types()
 install_fbank_backend()
+install_cut_audio_warning()
