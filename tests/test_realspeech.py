@@ -152,3 +152,11 @@ def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
     assert "CTC lexicon beam search" in lexicon_log and "beam 64" in lexicon_log
     markdown = (work / "report.md").read_text()
     assert "| pretrained | joint |" in markdown and "log_mel_stack4" in markdown
+    # the pre-trained init against each other init, per decoder, from the same generate outputs
+    for other in ("stage1", "scratch"):
+        assert f"## pretrained against {other}: paired bootstrap over the {len(test_rows)} utterances" in markdown
+        for decoder in ("beam", "joint", "greedy", "lexicon"):
+            compared = report["significance"][other][decoder]
+            assert compared["wer_a"] == pytest.approx(report["asr"]["pretrained"]["1"][decoder]["wer"], abs=0.01)
+            assert compared["wer_b"] == pytest.approx(report["asr"][other]["1"][decoder]["wer"], abs=0.01)
+            assert compared["utterances"] == len(test_rows) and 0.0 <= compared["p_not_better"] <= 1.0

@@ -3,7 +3,8 @@ prepare it with ``manifests/`` (Mel filters over the 8 kHz audio's real band), p
 (stage 1, then stage 2), fine-tune ASR with a CTC head from the end of stage 2, from the end of
 stage 1 and from scratch (same budget, two seeds, two runs at a time), decode the test split (or,
 with ``--split dev``, the dev split) four ways (beam search, joint CTC/attention, greedy CTC, CTC
-beam search over the train transcripts' lexicon with their word bigrams), run
+beam search over the train transcripts' lexicon with their word bigrams), compare the pre-trained
+init with the others by a paired bootstrap over the utterances (``significance.py``), run
 the frozen-encoder linear CTC probe, and write ``report.md`` / ``report.json`` into ``--work``.
 
 The stage machinery (logs, ``.done`` markers, resuming, fine-tuning commands, score parsing) is
@@ -33,6 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from report import distinct_hypotheses, first_and_last, read_train_log  # noqa: E402
 from run_demo import USER_DIR, Budget, Demo, parse_score  # noqa: E402
+from significance import PairedBootstrap, compare_generate_dir, markdown_table  # noqa: E402
 
 DEFAULT_BUILDER = REPO.parent / "shared" / "realspeech" / "build_dev_corpus.sh"
 # the four decoders of the report: fairseq's beam search (with --no-repeat-ngram-size, which
@@ -291,8 +293,10 @@ def count_train_prompts(generate_output: str, train_transcripts: Set[str]) -> in
 
 
 def write_markdown(path: Path, command: str, results: Dict, probe: Dict, pretraining: Dict,
-                   timings: Dict[str, float], split: str = "test") -> str:
-    """``report.md``: the ``split``'s WER (distinct hypotheses) per init, seed and decoder; the probe;
+                   timings: Dict[str, float], split: str = "test",
+                   significance: Optional[Dict[str, Dict[str, PairedBootstrap]]] = None) -> str:
+    """``report.md``: the ``split``'s WER (distinct hypotheses) per init, seed and decoder; the
+    pre-trained init against each other init (paired bootstrap, ``significance.py``); the probe;
     the pre-training objectives' first and last logged values; timings."""
     seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
     lines = ["# SLAM real-speech report", "", f"Command: `{command}`", "",
@@ -309,6 +313,12 @@ def write_markdown(path: Path, command: str, results: Dict, probe: Dict, pretrai
                              f"{cell['wer']:.2f} ({cell['distinct']}/{cell['utterances']}; "
                              f"{cell['train_prompts']})")
             lines.append(f"| {init} | {decoder} | " + " | ".join(cells) + " |")
+    for other, by_decoder in (significance or {}).items():
+        if by_decoder:
+            first = next(iter(by_decoder.values()))
+            lines += ["", f"## pretrained against {other}: paired bootstrap over the {first.utterances} "
+                      f"utterances ({first.resamples} resamples; seeds pooled)", ""]
+            lines += markdown_table(by_decoder, "pretrained", other)
     lines += ["", "## Frozen-feature linear CTC probe (characters; greedy CER / WER)", "",
               "| features | dev CER | dev WER | test CER | test WER |", "| --- | --- | --- | --- | --- |"]
     for name, by_split in probe.items():
@@ -379,6 +389,10 @@ def main() -> None:
         results.setdefault(init, {}).setdefault(seed, {})[decoder] = scored
         track.say(f"asr {init} seed {seed} {decoder}: WER {scored['wer']:.2f} "
                   f"({scored['distinct']}/{scored['utterances']} distinct)")
+    suffix = "" if args.split == "test" else f"_{subset}"
+    significance = {other: compare_generate_dir(work / "generate", "pretrained", other, decoders=list(DECODERS),
+                                                suffix=suffix)
+                    for other in args.inits if other != "pretrained" and "pretrained" in args.inits}
     extractors = {"slam_pretrained": f"slam:{pretrained}", "log_mel_stack4": "logmel",
                   "random_encoder": f"random:{pretrained}"}
     if "stage1" in args.inits:
@@ -394,9 +408,11 @@ def main() -> None:
     command = "python examples/realspeech/run_realspeech.py " + " ".join(sys.argv[1:])
     report_name = "report" if args.split == "test" else f"report_{args.split}"
     report = write_markdown(work / f"{report_name}.md", command, results, probe, pretraining, track.timings,
-                            args.split)
+                            args.split, significance)
     (work / f"{report_name}.json").write_text(json.dumps(
-        {"asr": results, "probe": probe, "pretraining": pretraining, "timings": track.timings,
+        {"asr": results, "significance": {other: {decoder: asdict(result) for decoder, result in by_decoder.items()}
+                                          for other, by_decoder in significance.items()},
+         "probe": probe, "pretraining": pretraining, "timings": track.timings,
          "budget": asdict(budget)}, indent=2), encoding="utf-8")
     print(report)
 
