@@ -216,9 +216,10 @@ def load_checked_audio(path: str, options: AudioOptions) -> Tuple[np.ndarray, Li
     Returns:
         waveform: (num_samples,) float32 at 16 kHz, in [-1, 1] unless noted.
         notes: ``(NOTE_RESAMPLED | NOTE_DOWNMIXED, detail)`` for what was changed, and
-            ``(NOTE_BEYOND_FULL_SCALE, detail)`` for float samples outside [-1, 1], used as they are
+            ``(NOTE_BEYOND_FULL_SCALE, detail)`` for a float file with samples outside [-1, 1]
             (clipped in the source, or stored at an integer scale: with global CMVN such a file's
-            features are far from the others').
+            features are far from the others'): stored features and a file fairseq reads as it is
+            use them as they are; a 16-bit copy (:func:`stores_pcm16_copy`) is clipped.
         as_is: True when fairseq can read the file itself with the same result (16 kHz mono
             flac/wav/ogg, unchanged).
     """
@@ -254,10 +255,20 @@ def load_checked_audio(path: str, options: AudioOptions) -> Tuple[np.ndarray, Li
         notes.append((NOTE_RESAMPLED, f"{sample_rate} Hz -> {audio_features.SAMPLE_RATE} Hz"))
     _check_waveform(waveform, options)
     as_is = not notes and str(path).endswith(FAIRSEQ_READABLE_AUDIO)
-    if peak > 1.0:  # integer formats decode to [-1, 1]; only float samples can be beyond
+    # integer samples decode to [-1, 1]; lossy decoders overshoot it a little by design
+    if peak > 1.0 and audio_features.is_float_pcm(path):
+        use = ("clipped to [-1, 1] in the stored 16-bit copy" if stores_pcm16_copy(options, as_is)
+               else "used as they are")
         notes.append((NOTE_BEYOND_FULL_SCALE, f"float samples up to {peak:.4g} in magnitude, beyond full scale "
-                                              "[-1, 1]: used as they are"))
+                                              f"[-1, 1]: {use}"))
     return np.ascontiguousarray(waveform, dtype=np.float32), notes, as_is
+
+
+def stores_pcm16_copy(options: AudioOptions, as_is: bool) -> bool:
+    """Whether the manifest's ``audio`` will be a 16-bit FLAC copy in the shard zip (on the fly,
+    for audio fairseq cannot read as it is, or cut into segments) rather than stored features or
+    the file itself."""
+    return options.on_the_fly and not (as_is and options.segment_seconds <= 0)
 
 
 def _check_waveform(waveform: np.ndarray, options: AudioOptions) -> None:
@@ -440,6 +451,9 @@ def _process_item(item: AudioItem, options: AudioOptions, shard_zip: _ShardZip, 
                   skipped: list, notes: list, cmvn: Optional[_CmvnSums]) -> None:
     waveform, item_notes, as_is = load_checked_audio(item.path, options)
     notes.extend({"kind": kind, "item": str(item.path), "detail": detail} for kind, detail in item_notes)
+    pcm16_copy = stores_pcm16_copy(options, as_is)
+    if pcm16_copy:  # global CMVN statistics from the samples that the copy keeps
+        waveform = audio_features.clip_to_pcm16_range(waveform)
     for segment_id, segment in _segments(item.id, waveform, options):
         if options.segment_seconds > 0:
             try:
@@ -462,7 +476,7 @@ def _process_item(item: AudioItem, options: AudioOptions, shard_zip: _ShardZip, 
         if not options.on_the_fly:
             row["entry"] = f"{segment_id}.npy"
             shard_zip.add(row["entry"], npy_bytes(features))
-        elif as_is and options.segment_seconds <= 0:
+        elif not pcm16_copy:
             row["audio"] = os.path.abspath(item.path)
         else:
             row["entry"] = f"{segment_id}.flac"

@@ -325,6 +325,22 @@ def encode_flac(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     import soundfile as sf
 
     buffer = io.BytesIO()
-    samples = np.clip(np.asarray(waveform, dtype=np.float32).reshape(-1), -1.0, 32767.0 / 32768.0)
-    sf.write(buffer, samples, sample_rate, format="FLAC", subtype="PCM_16")
+    sf.write(buffer, clip_to_pcm16_range(waveform), sample_rate, format="FLAC", subtype="PCM_16")
     return buffer.getvalue()
+
+
+def clip_to_pcm16_range(waveform: np.ndarray) -> np.ndarray:
+    """(N,) float32 clipped to what a 16-bit sample can hold, [-1, 32767 / 32768]: the samples an
+    :func:`encode_flac` copy keeps. Audio read from 16-bit files is already in that range."""
+    return np.clip(np.asarray(waveform, dtype=np.float32).reshape(-1), -1.0, 32767.0 / 32768.0)
+
+
+def is_float_pcm(path: str) -> bool:
+    """Whether an audio file stores float samples (WAV/AIFF/... ``FLOAT`` or ``DOUBLE``), which,
+    unlike integer samples, can hold values beyond full scale [-1, 1]."""
+    import soundfile as sf
+
+    try:
+        return sf.info(str(path)).subtype in ("FLOAT", "DOUBLE")
+    except Exception:  # soundfile raises several types; an unreadable file was refused before
+        return False

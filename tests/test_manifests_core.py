@@ -1,4 +1,5 @@
 """manifests/core.py, manifests/vocabulary.py and the fairseq audio shim, in-process."""
+import io
 import os
 import sys
 import zipfile
@@ -58,18 +59,35 @@ def test_audio_policies(tmp_path):
     assert skip.value.reason == core.SKIP_MISSING_AUDIO
 
 
-def test_float_samples_beyond_full_scale_are_used_and_noted(tmp_path):
+def test_float_samples_beyond_full_scale_are_noted_with_what_the_manifest_keeps_of_them(tmp_path):
     import soundfile
 
     loud = tmp_path / "loud.wav"
     soundfile.write(loud, _tone() * 3000.0, 16000, subtype="FLOAT")  # int16 scale stored as float
     waveform, notes, as_is = core.load_checked_audio(str(loud), core.AudioOptions())
-    assert [kind for kind, _ in notes] == [core.NOTE_BEYOND_FULL_SCALE] and "beyond full scale" in notes[0][1]
+    assert [kind for kind, _ in notes] == [core.NOTE_BEYOND_FULL_SCALE] and notes[0][1].endswith("used as they are")
     assert as_is, "fairseq reads the same samples: the file may still be used as it is"
     np.testing.assert_allclose(waveform, _tone() * 3000.0, rtol=1e-6)
     full = tmp_path / "full.wav"
     soundfile.write(full, np.clip(_tone() * 2, -1.0, 1.0), 16000, subtype="FLOAT")  # clipped at 1.0 exactly
     assert core.load_checked_audio(str(full), core.AudioOptions())[1] == []
+
+    # on the fly, a file fairseq cannot read as it is becomes a 16-bit copy: clipped, and said so
+    loud_22k = tmp_path / "loud_22k.wav"
+    soundfile.write(loud_22k, _tone(rate=22050) * 10.0, 22050, subtype="FLOAT")  # peak 3
+    options = core.AudioOptions(on_the_fly=True)
+    _, notes, as_is = core.load_checked_audio(str(loud_22k), options)
+    assert [kind for kind, _ in notes] == [core.NOTE_RESAMPLED, core.NOTE_BEYOND_FULL_SCALE] and not as_is
+    assert notes[1][1].endswith("clipped to [-1, 1] in the stored 16-bit copy")
+    assert core.stores_pcm16_copy(options, as_is) and not core.stores_pcm16_copy(core.AudioOptions(), as_is)
+    assert core.stores_pcm16_copy(core.AudioOptions(on_the_fly=True, segment_seconds=1.0), True)
+
+    # a lossy decoder overshoots full scale a little by design: not a float file, no note
+    overshoot = tmp_path / "near_full.ogg"
+    soundfile.write(overshoot, np.clip(_tone() * 4, -0.999, 0.999), 16000, format="OGG", subtype="VORBIS")
+    assert float(np.abs(soundfile.read(overshoot)[0]).max()) > 1.0
+    assert core.NOTE_BEYOND_FULL_SCALE not in [kind for kind, _ in core.load_checked_audio(str(overshoot),
+                                                                                           core.AudioOptions())[1]]
 
 
 def test_sentencepiece_helpers(tmp_path):
@@ -93,3 +111,28 @@ def test_split_maps():
         ("train-clean-100", "train"), ("dev-clean", "dev-clean")]
     with pytest.raises(core.UsageError):
         core.parse_split_map(["train-clean-100:bad/name"], "--splits")
+
+
+def test_global_cmvn_on_the_fly_is_computed_from_the_samples_the_16_bit_copy_keeps(tmp_path):
+    """A loud float file resampled on the fly: the FLAC copy is clipped, so the CMVN sums come from
+    the clipped samples (as fairseq will read them), not from the float source."""
+    import soundfile
+
+    from slam_formats import features as audio_features
+
+    loud = tmp_path / "loud_22k.wav"
+    source = (np.random.default_rng(0).normal(size=22050) * 1.5).astype(np.float32)  # a third beyond 1
+    soundfile.write(loud, source, 22050, subtype="FLOAT")
+    options = core.AudioOptions(on_the_fly=True, accumulate_cmvn=True)
+    shard = core._ShardZip(tmp_path / "shard.zip")
+    rows, skipped, notes, cmvn = [], [], [], core._CmvnSums(80)
+    core._process_item(core.AudioItem("u", str(loud), loud.stat().st_size), options, shard, rows, skipped, notes,
+                       cmvn)
+    shard.finish()
+    assert rows[0]["entry"] == "u.flac"
+    with zipfile.ZipFile(tmp_path / "shard.zip") as archive:
+        stored, _ = soundfile.read(io.BytesIO(archive.read("u.flac")), dtype="float32")
+    read_back = audio_features.compute_fbank(stored).mean(axis=0)
+    np.testing.assert_allclose(cmvn.sum / cmvn.count, read_back, atol=1e-3)  # 16-bit rounding only
+    unclipped = audio_features.compute_fbank(audio_features.resample(source, 22050, 16000)).mean(axis=0)
+    assert np.abs(unclipped - read_back).max() > 0.1, "the clipping shows in the features"

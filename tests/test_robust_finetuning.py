@@ -94,9 +94,18 @@ def test_short_input_counter_warns_at_powers_of_two_and_training_on_an_accelerat
         assert counter.total == 8 and warnings[-1] == 8
         for _ in range(3):
             counter.add(one_short, training=True)
-        counter.flush(ShortInputCounter.FLUSH_EVERY + 1)
+        counter.flush(ShortInputCounter.FLUSH_EVERY + 1)  # past 1024, only every 1024th update reads
+        assert counter.total == (8 if on_accelerator else 11)
         counter.flush(3 * ShortInputCounter.FLUSH_EVERY)
-    assert counter.total == 11
+        assert counter.total == 11
+        counter.add(one_short, training=True)  # --update-freq 2: two micro-batches of one update
+        counter.flush(4 * ShortInputCounter.FLUSH_EVERY)
+        counter.add(one_short, training=True)
+        with SyncCounter() as syncs:
+            counter.flush(4 * ShortInputCounter.FLUSH_EVERY)
+        assert counter.total == (12 if on_accelerator else 13) and syncs.total == 0, "one read per update"
+        counter.add(torch.tensor([False]), training=False)  # the end of a run: validation reads what is left
+        assert counter.total == 13
 
 
 def test_encoder_gives_a_short_utterance_one_frame_and_leaves_the_others_alone(caplog):
@@ -117,7 +126,7 @@ def test_encoder_gives_a_short_utterance_one_frame_and_leaves_the_others_alone(c
     assert encoder.num_short_inputs == 1
 
 
-def test_a_fine_tuning_step_on_the_accelerator_paths_is_the_cpu_step_and_reads_nothing_itself(asr, tmp_path):
+def test_a_fine_tuning_step_on_the_accelerator_paths_is_the_cpu_step_and_reads_nothing_itself(asr, tmp_path, caplog):
     """A batch with a 4-frame utterance, the CTC criterion: the same loss and gradients on both
     paths, and on the accelerator paths no device read is made by this package's code (those left
     are fairseq's own: its decoder's positions, its criterion's CTC and logging)."""
@@ -141,6 +150,11 @@ def test_a_fine_tuning_step_on_the_accelerator_paths_is_the_cpu_step_and_reads_n
                                         if p.grad is not None}, sites.ours))
     (cpu_loss, cpu_grads, _), (loss, grads, ours) = results
     assert ours == [], ours
+    encoder = model.encoder
+    assert encoder.num_short_inputs == 1, "the accelerator step's short utterance is still on the device"
+    with caplog.at_level(logging.WARNING):
+        model.set_num_updates(1)  # what fairseq's task.train_step calls: the encoder reads it
+    assert encoder.num_short_inputs == 2 and "2 utterance(s) shorter than 7 feature frames" in caplog.text
     torch.testing.assert_close(loss, cpu_loss)
     assert cpu_grads.keys() == grads.keys()
     for name, grad in grads.items():

@@ -6,7 +6,8 @@ declares more: a copy or download that stopped shows up as part of an utterance,
 the whole transcript, without a word. :func:`install_cut_audio_warning` wraps
 ``audio_utils.get_waveform``: before fairseq's own function reads a ``.wav`` path, the header is
 compared with the file (:func:`slam_formats.features.wav_truncation`, a few bytes read), and a cut
-file is named in a WARNING, once per file. The samples returned are fairseq's own: a run is not
+file is named in a WARNING, once per file in each process (a data-loader worker is a process of
+its own, so each worker may name it once). The samples returned are fairseq's own: a run is not
 stopped hours in for one file (the manifest scripts skip such files as ``truncated_audio``).
 """
 from __future__ import annotations

@@ -54,32 +54,37 @@ class ShortInputCounter:
     """How many utterances :func:`extend_short_inputs` has extended, with ``warn(total)`` called
     each time the total crosses a power of two (the 1st, 2nd, 4th, 8th, ... such utterance).
 
-    Where device values may be read, and outside training, each batch's count is read at once. In
-    training on an accelerator the counts add up on the device and are read by :meth:`flush` (the
-    model's ``set_num_updates``) at updates 1, 2, 4, ..., 1024 and every 1024th after: a few host
-    syncs per thousand updates instead of one per step."""
+    Where device values may be read, and outside training (validation, generation), each batch's
+    count is read at once, with whatever training left on the device. In training on an
+    accelerator the counts add up on the device and are read by :meth:`flush` (the model's
+    ``set_num_updates``, once per update however many micro-batches ``--update-freq`` gives it) at
+    updates 1, 2, 4, ..., 1024 and every 1024th after: a few host syncs per thousand updates
+    instead of one per step. Crossings between two reads make one warning, with the total."""
 
     FLUSH_EVERY = 1024
 
     def __init__(self, warn: Callable[[int], None]) -> None:
         self.total = 0
         self._pending: Optional[torch.Tensor] = None
+        self._flushed_at = -1
         self._warn = warn
 
     def add(self, short: torch.Tensor, training: bool) -> None:
         """Count the (B,) bool ``short`` of one batch."""
         count = short.sum()
+        if self._pending is not None:
+            count, self._pending = count + self._pending, None
         if not training or may_read_device_values(short.device):
             self._add(int(count))
         else:
-            self._pending = count if self._pending is None else self._pending + count
+            self._pending = count
 
     def flush(self, num_updates: int) -> None:
         """Read the counts held on the device, at the updates named in the class docstring."""
         due = num_updates & (num_updates - 1) == 0 if num_updates <= self.FLUSH_EVERY else (
             num_updates % self.FLUSH_EVERY == 0)
-        if self._pending is not None and due:
-            pending, self._pending = self._pending, None
+        if self._pending is not None and due and num_updates != self._flushed_at:
+            pending, self._pending, self._flushed_at = self._pending, None, num_updates
             self._add(int(pending))
 
     def _add(self, count: int) -> None:
