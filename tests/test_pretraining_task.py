@@ -8,6 +8,7 @@ the stand-in criterion of ``pretraining_fixtures``.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -276,6 +277,83 @@ def test_a_stage1_validation_without_examples_is_no_score_for_best_checkpoint_or
     assert "early stop" not in output.split('"num_updates": "6"')[0]  # a 0 from stage 1 stopped it at 6
     state = torch.load(tmp_path / "ck" / "checkpoint_best.pt", map_location="cpu", weights_only=False)
     assert state["extra_state"]["best"] == pytest.approx(min(stage2), abs=1e-3)
+
+
+def _weighted_objective_sum(record, prefix: str = "valid_") -> float:
+    """The weighted sum of a record's logged objectives (slam_multitask's default weights: 1, and
+    0.1 for the diversity loss, which is logged as a fraction, not in bits)."""
+    total = 0.0
+    for name in ("msm_contrastive", "msm_mlm", "span_masking", "tlm_text", "tlm_speech", "stm", "pair_ctc"):
+        total += float(record.get(f"{prefix}{name}_loss") or 0)
+    return total + 0.1 * float(record.get(f"{prefix}diversity_loss") or 0) / math.log(2)
+
+
+def test_cli_validation_scores_restart_at_the_stage_switch_and_sum_the_objectives(data_dir, tmp_path):
+    """A stage-2 validation sums more objectives than a stage-1 one: checkpoint_best.pt and
+    --patience compare stage-2 validations only, from the first one on. Each validation's loss is
+    the weighted sum of its objectives, however many steps hold each modality;
+    --batch-size-valid sets the validation batches."""
+    args = _train_args(data_dir, tmp_path / "ck", "slam_multitask", 12) + [
+        "--validate-interval-updates", "2", "--save-interval-updates", "2", "--patience", "3",
+        "--batch-size-valid", "1"]
+    output = _check(fixtures.run_fairseq(args, stand_in=False))
+    valid = {int(r["valid_num_updates"]): r for r in fixtures.json_log_records(output, "valid")}
+    assert sorted(valid) == [2, 4, 6, 8, 10, 12], "--patience 3 did not stop the run at the switch"
+    assert [valid[u]["valid_stage"] for u in sorted(valid)] == ["1", "2", "2", "2", "2", "2"]
+    stage1, stage2 = float(valid[2]["valid_loss"]), [float(valid[u]["valid_loss"]) for u in range(4, 13, 2)]
+    assert stage1 < min(stage2), "the premise: stage 1's loss sums fewer objectives"
+    assert "validation scores restart at stage 2" in output
+    assert valid[4]["valid_best_loss"] == valid[4]["valid_loss"]
+    state = torch.load(tmp_path / "ck" / "checkpoint_best.pt", map_location="cpu", weights_only=False)
+    assert state["extra_state"]["best"] == pytest.approx(min(stage2), abs=1e-3)
+    assert state["extra_state"]["train_iterator"]["slam_run_state"] == {"stage_reached": 2,
+                                                                         "validation_scores_stage": 2}
+    for record in valid.values():
+        assert float(record["valid_loss"]) == pytest.approx(_weighted_objective_sum(record), abs=0.02)
+    validation_batches = [line for line in output.splitlines() if "round robin over" in line][1]
+    assert "{'speech': 4, 'text': 6, 'pair': 3}" in validation_batches, validation_batches  # one example each
+
+    # resumed with --reset-optimizer: the update count starts over, in stage 1 again, and it is said
+    resumed = _check(fixtures.run_fairseq(_train_args(data_dir, tmp_path / "ck", "slam_multitask", 1)
+                                          + ["--reset-optimizer"], stand_in=False))
+    assert "training in stage 1 from update 0, but this run's checkpoint had reached stage 2" in resumed
+
+
+def test_cli_a_stage2_metric_resumed_into_stage1_and_a_misspelled_metric(data_dir, tmp_path):
+    """--best-checkpoint-metric stm_accuracy: resumed with a later --stage2-start-update, a stage-1
+    validation has no score (fairseq would raise KeyError). A metric no validation logs is an error
+    before training."""
+    metric = ["--validate-interval-updates", "2", "--save-interval-updates", "2",
+              "--best-checkpoint-metric", "stm_accuracy", "--maximize-best-checkpoint-metric"]
+    _check(fixtures.run_fairseq(_train_args(data_dir, tmp_path / "ck", "slam_multitask", 6) + metric, stand_in=False))
+    later = _train_args(data_dir, tmp_path / "ck", "slam_multitask", 8) + metric
+    later[later.index("--stage2-start-update") + 1] = "20"
+    output = _check(fixtures.run_fairseq(later, stand_in=False))
+    valid = fixtures.json_log_records(output, "valid")
+    assert [r["valid_num_updates"] for r in valid] == ["8"] and valid[0].get("valid_stm_accuracy") is None
+    assert "KeyError" not in output
+
+    typo = fixtures.run_fairseq(_train_args(data_dir, tmp_path / "typo", "slam_multitask", 2)
+                                + ["--best-checkpoint-metric", "stm_acc"], stand_in=False)
+    assert typo.returncode != 0
+    assert "--best-checkpoint-metric stm_acc: no slam_multitask validation logs it" in typo.stderr
+    assert "stm_accuracy" in typo.stderr and not (tmp_path / "typo" / "checkpoint_last.pt").exists()
+
+
+def test_cli_reduce_lr_on_plateau_does_not_count_the_stage_switch_as_a_plateau(data_dir, tmp_path):
+    """Validation at each epoch end (4 updates); stage 2 from update 5: the stage-2 validation at 8
+    is higher than stage 1's at 4, which fairseq's plateau scheduler (patience 0) took for a
+    plateau and halved the learning rate."""
+    args = _train_args(data_dir, tmp_path / "ck", "slam_multitask", 11)
+    args[args.index("--lr-scheduler") + 1] = "reduce_lr_on_plateau"
+    args[args.index("--stage2-start-update") + 1] = "5"
+    del args[args.index("--warmup-updates"):args.index("--warmup-updates") + 2]
+    args += ["--lr-shrink", "0.5", "--lr-patience", "0"]
+    output = _check(fixtures.run_fairseq(args, stand_in=False))
+    valid = {int(r["valid_num_updates"]): float(r["valid_loss"]) for r in fixtures.json_log_records(output, "valid")}
+    assert valid[8] > valid[4], "the premise: the stage-2 loss is higher"
+    rates = {int(r["num_updates"]): float(r["lr"]) for r in fixtures.json_log_records(output)}
+    assert rates[9] == rates[4] == 1e-3, rates
 
 
 def test_hydra_tiny_demo_config_starts(data_dir, tmp_path):

@@ -42,8 +42,10 @@ check_fairseq_version(_installed_fairseq_version())
 
 from slam_fairseq.compat.checkpoints import allow_fairseq_checkpoint_types  # noqa: E402
 from slam_fairseq.compat.cut_audio import install_cut_audio_warning  # noqa: E402
+from slam_fairseq.compat.fairseq_internals import track_plateau_schedulers  # noqa: E402
 from slam_fairseq.compat.fbank import install_fbank_backend  # noqa: E402
 
 allow_fairseq_checkpoint_types()
+track_plateau_schedulers()
 install_fbank_backend()
 install_cut_audio_warning()

@@ -8,10 +8,17 @@
   receive checkpoint weights (``fairseq.checkpoint_utils.load_checkpoint``), restated.
 - :func:`reset_cached_batches`: drops an ``EpochBatchIterator``'s cached batch list (``_frozen_batches``).
 - :func:`is_fully_sharded`: whether a model is wrapped by fairseq's FSDP wrapper.
+- :func:`forget_best_validation_scores`: clears what fairseq-train remembers of past validation
+  scores: ``checkpoint_utils.save_checkpoint.best`` (``checkpoint_best.pt``), the ``--patience``
+  count (attributes of ``fairseq_cli.train.should_stop_early``) and each ``reduce_lr_on_plateau``
+  scheduler's best (tracked from their construction by :func:`track_plateau_schedulers`, applied
+  on import).
 """
 from __future__ import annotations
 
 import os
+import sys
+import weakref
 from argparse import Namespace
 from typing import Optional
 
@@ -99,3 +106,42 @@ def is_fully_sharded(model) -> bool:
     except ImportError:  # pragma: no cover - fairseq without its distributed package
         return False
     return FullyShardedDataParallel is not None and isinstance(model, FullyShardedDataParallel)
+
+
+_PLATEAU_SCHEDULERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def track_plateau_schedulers() -> None:
+    """Keep a weak reference to every fairseq ``reduce_lr_on_plateau`` scheduler built from now on
+    (for :func:`forget_best_validation_scores`). Idempotent."""
+    from fairseq.optim.lr_scheduler import reduce_lr_on_plateau
+
+    schedule = reduce_lr_on_plateau.ReduceLROnPlateauLRSchedule
+    if getattr(schedule.__init__, "_slam_tracked", False):
+        return
+    original = schedule.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        _PLATEAU_SCHEDULERS.add(self)
+
+    tracked_init._slam_tracked = True
+    schedule.__init__ = tracked_init
+
+
+def forget_best_validation_scores() -> None:
+    """fairseq-train forgets every past validation score (see the module docstring): the next
+    validation becomes ``checkpoint_best.pt``, ``--patience`` counts from it, and a
+    ``reduce_lr_on_plateau`` scheduler waits for a plateau of the scores that follow."""
+    from fairseq import checkpoint_utils
+
+    if hasattr(checkpoint_utils.save_checkpoint, "best"):
+        del checkpoint_utils.save_checkpoint.best
+    # fairseq-train's module, whether it runs as fairseq_cli.train or as __main__
+    for module in (sys.modules.get("fairseq_cli.train"), sys.modules.get("__main__")):
+        should_stop_early = getattr(module, "should_stop_early", None)
+        if should_stop_early is not None and hasattr(should_stop_early, "best"):
+            del should_stop_early.best
+            should_stop_early.num_runs = 0
+    for scheduler in list(_PLATEAU_SCHEDULERS):
+        scheduler.lr_scheduler._reset()  # torch's ReduceLROnPlateau: best, bad epochs and cooldown

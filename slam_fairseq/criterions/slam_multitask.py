@@ -39,6 +39,11 @@ OBJECTIVE_WEIGHTS = {
     "stm": "stm_weight",
     "pair_ctc": "pair_ctc_weight",
 }
+# objective name -> the modality whose batches it is computed on
+OBJECTIVE_MODALITIES = {
+    "span_masking": "text", "msm_contrastive": "speech", "diversity": "speech", "msm_mlm": "speech",
+    "tlm_text": "pair", "tlm_speech": "pair", "stm": "pair", "pair_ctc": "pair",
+}
 # objectives whose accuracy means something (the diversity loss has none)
 _WITH_ACCURACY = ("span_masking", "msm_contrastive", "msm_mlm", "tlm_text", "tlm_speech", "stm")
 _COUNTS = ("nframes_speech", "nsentences_speech", "ntokens_text", "nsentences_text",
@@ -104,7 +109,8 @@ class SlamMultitaskCriterion(FairseqCriterion):
     always called through its ``forward`` (``model(speech=..., ...)``) so that a DDP wrapper sees
     every forward pass.
 
-    Logging (``loss`` and the cross-entropies in base 2, as fairseq does): ``<objective>_loss`` and
+    Logging (``loss`` and the cross-entropies in base 2, as fairseq does; a validation's ``loss``
+    is the weighted sum of its objectives' means, :meth:`log_validation_loss`): ``<objective>_loss`` and
     ``<objective>_accuracy`` for span_masking, msm_contrastive, msm_mlm, tlm_text, tlm_speech, stm;
     ``pair_ctc_loss`` (per transcript token, no accuracy) with ``--pair-ctc``;
     ``diversity_loss`` (as optimised: the unused fraction of the codebook, in [0, 1));
@@ -200,7 +206,8 @@ class SlamMultitaskCriterion(FairseqCriterion):
             return totals.get(key, 0)
 
         sample_size = total("sample_size")
-        metrics.log_scalar("loss", total("loss") / (sample_size or 1) / math.log(2), sample_size, round=3)
+        if "loss" in totals:  # a validation logs it from the objectives instead (log_validation_loss)
+            metrics.log_scalar("loss", total("loss") / (sample_size or 1) / math.log(2), sample_size, round=3)
         for name in OBJECTIVE_WEIGHTS:
             count = total(f"_{name}_count")
             if count <= 0:
@@ -219,6 +226,30 @@ class SlamMultitaskCriterion(FairseqCriterion):
         for key in _COUNTS:
             if any(key in log for log in logging_outputs):
                 metrics.log_scalar(key, total(key), round=1)
+
+    def log_validation_loss(self) -> None:
+        """``loss`` of a validation: the weighted sum of each objective's mean over the whole
+        validation, as the training loss of an update is the weighted sum of its objectives.
+
+        A validation's steps are not like an update's: it reads each modality's batches once, so
+        its steps hold different modalities (8 speech batches and 2 pair batches: 2 steps with
+        pairs of 8), and an average of the steps' summed losses would weigh each objective by how
+        many of the steps hold its modality. Logged as a value derived from the ``<objective>_loss``
+        meters (0 before any objective is logged); call it with the logging outputs' ``loss``
+        left out of :meth:`reduce_metrics`."""
+        weights = {name: self.weight(name) for name in OBJECTIVE_WEIGHTS}
+
+        def weighted_sum(meters) -> float:
+            total = 0.0
+            for name, weight in weights.items():
+                meter = meters.get(f"{name}_loss")
+                if meter is None or not getattr(meter, "count", 0):
+                    continue
+                # the meters hold bits, except the diversity loss (a fraction); loss is in bits
+                total += weight * (meter.avg / math.log(2) if name == "diversity" else meter.avg)
+            return safe_round(total, 3)
+
+        metrics.log_derived("loss", weighted_sum, priority=10)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -51,6 +51,7 @@ from slam_fairseq.data.pretraining.text import PretrainingTextDataset, load_text
 from slam_fairseq.host_memory import release_free_heap_memory
 from slam_fairseq.tasks.logging_schema import complete_logging_output, logging_keys_of
 from slam_fairseq.tasks.nonfinite_updates import NonFiniteUpdateGuard
+from slam_fairseq.tasks.validation_scores import ValidationScores, check_best_checkpoint_metric, metric_modality
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,13 @@ def parse_modalities(value: str, option: str) -> Tuple[str, ...]:
     return tuple(name for name in MODALITIES if name in names)
 
 
+def _capped(limit: Optional[int], cap: Optional[int]) -> Optional[int]:
+    """``limit`` lowered to ``cap`` (None: no limit, no cap)."""
+    if cap is None:
+        return limit
+    return cap if limit is None else min(limit, cap)
+
+
 def _objectives(modalities) -> str:
     return ", ".join(OBJECTIVES[name] for name in MODALITIES if name in modalities) or "nothing"
 
@@ -226,6 +234,13 @@ class SlamPretrainingTask(FairseqTask):
         self.update_guard = NonFiniteUpdateGuard()
         self._announced_stage: Optional[int] = None
         self._skipped_validation_modalities: set = set()
+        # saved and restored with the training iterator's state (RoundRobinEpochBatchIterator.run_state)
+        self.run_state: Dict[str, Any] = {}
+        self.validation_scores = ValidationScores(self.run_state)
+        self._validating = False  # the last step was a validation step (for reduce_metrics)
+        self._stashed_best: Optional[Tuple[float]] = None
+        self._train_limits: Optional[Tuple[Optional[int], Optional[int]]] = None
+        self._warned_stage_reset = False
 
     # -- setup ------------------------------------------------------------------------------------
     @classmethod
@@ -385,13 +400,18 @@ class SlamPretrainingTask(FairseqTask):
         if reuse and dataset in self.dataset_to_epoch_iter:
             return self.dataset_to_epoch_iter[dataset]
         limits = self.position_limits()
+        split = next((name for name, loaded in self.datasets.items() if loaded is dataset), None)
+        if split == self.cfg.train_subset:
+            self._train_limits = (max_tokens, max_sentences)
+        valid_caps = (None, None) if split == self.cfg.train_subset else self._validation_caps(max_tokens,
+                                                                                             max_sentences)
         batches = {}
         for name, modality_dataset in dataset.datasets.items():
             tokens = getattr(self.cfg, f"max_tokens_{name}")
             sentences = getattr(self.cfg, f"max_sentences_{name}")
             batches[name] = make_modality_batches(
-                modality_dataset, tokens if tokens is not None else max_tokens,
-                sentences if sentences is not None else max_sentences, limits, seed)
+                modality_dataset, _capped(tokens if tokens is not None else max_tokens, valid_caps[0]),
+                _capped(sentences if sentences is not None else max_sentences, valid_caps[1]), limits, seed)
         dataset.set_batches(batches)
         dataset.set_epoch(epoch)
         iterator = RoundRobinEpochBatchIterator(
@@ -399,9 +419,21 @@ class SlamPretrainingTask(FairseqTask):
             seed=seed, num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
             buffer_size=data_buffer_size, skip_remainder_batch=skip_remainder_batch,
             grouped_shuffling=grouped_shuffling, reuse_dataloader=True, persistent_workers=True)
+        iterator.run_state = self.run_state
         if reuse:
             self.dataset_to_epoch_iter[dataset] = iterator
         return iterator
+
+    def _validation_caps(self, max_tokens: Optional[int], max_sentences: Optional[int]):
+        """(tokens, sentences) that cap every modality's batches of a validation split:
+        ``--max-tokens-valid`` / ``--batch-size-valid`` where they differ from the training
+        iterator's ``--max-tokens`` / ``--batch-size`` (fairseq copies those into the valid
+        options when they are not given), else None."""
+        if self._train_limits is None:
+            return None, None
+        train_tokens, train_sentences = self._train_limits
+        return (max_tokens if max_tokens != train_tokens else None,
+                max_sentences if max_sentences != train_sentences else None)
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         model = super().build_model(cfg, from_checkpoint)
@@ -445,6 +477,20 @@ class SlamPretrainingTask(FairseqTask):
             self._announced_stage = stage
         return stage
 
+    def _note_stage_reached(self, stage: int, update_num: int) -> None:
+        """Keep the furthest stage trained (saved with the iterator); training in stage 1 after a
+        checkpoint that had reached stage 2 (``--reset-optimizer`` restarts the update count) is
+        said once."""
+        reached = int(self.run_state.get("stage_reached", 0))
+        if stage < reached and not self._warned_stage_reset:
+            self._warned_stage_reset = True
+            logger.warning(f"training in stage {stage} from update {update_num}, but this run's checkpoint had "
+                           f"reached stage {reached}: the update count started over (--reset-optimizer), so "
+                           f"stage 2 starts again at --stage2-start-update {self.cfg.stage2_start_update}; "
+                           "--stage2-start-update 0 goes on in stage 2")
+        if stage > reached:
+            self.run_state["stage_reached"] = stage
+
     # -- steps ------------------------------------------------------------------------------------
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
         """One forward + backward per active modality; returns (summed loss, 1, summed logs).
@@ -458,7 +504,9 @@ class SlamPretrainingTask(FairseqTask):
 
         model.train()
         model.set_num_updates(update_num)
+        self._validating = False
         stage = self._announce_stage(update_num)
+        self._note_stage_reached(stage, update_num)
         metrics.log_scalar("stage", stage, weight=0, priority=300, round=0)
         modalities = [name for name in self.active_modalities(update_num) if name in sample]
         if not ignore_grad:  # fairseq's dummy batches repeat an earlier batch
@@ -501,10 +549,12 @@ class SlamPretrainingTask(FairseqTask):
         Random draws of the criterion (distractors, Gumbel noise) are seeded by ``--seed`` and the
         batch's ids, so a checkpoint's validation loss does not depend on the run's history.
         """
-        from fairseq import utils
+        from fairseq import metrics, utils
 
         model.eval()
+        self._validating = True
         self._count_bad_rows(sample)
+        metrics.log_scalar("stage", self.stage_at(self.num_updates_seen), weight=0, priority=300, round=0)
         active = self.active_modalities(self.num_updates_seen)
         modalities = [name for name in active if name in sample]
         self._note_skipped_validation(sample, active)
@@ -532,6 +582,38 @@ class SlamPretrainingTask(FairseqTask):
                            f"validated from --stage2-start-update {self.cfg.stage2_start_update} on "
                            "(fairseq-validate: pass --stage2-start-update 0)")
 
+    def build_criterion(self, cfg, from_checkpoint: bool = False):
+        """fairseq's, and for ``slam_multitask`` a ``--best-checkpoint-metric`` that no validation
+        logs is an error now rather than a run without a best checkpoint."""
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        if hasattr(criterion, "log_validation_loss"):
+            check_best_checkpoint_metric(self.cfg.best_checkpoint_metric)
+        return criterion
+
+    def reduce_metrics(self, logging_outputs, criterion) -> None:
+        """fairseq's; a validation's ``loss`` is the weighted sum of the objectives' means over the
+        whole validation (``slam_multitask.log_validation_loss``), not a mean over its steps."""
+        if self._validating and hasattr(criterion, "log_validation_loss"):
+            super().reduce_metrics([{key: value for key, value in log.items() if key != "loss"}
+                                    for log in logging_outputs], criterion)
+            criterion.log_validation_loss()
+        else:
+            super().reduce_metrics(logging_outputs, criterion)
+
+    def begin_valid_epoch(self, epoch, model) -> None:
+        """Before a validation whose stage does not log ``--best-checkpoint-metric`` (an objective
+        of stage 2 during stage 1), fairseq's best is put aside until :meth:`post_validate`:
+        fairseq-train reads the metric next to its best before the task sees the values."""
+        super().begin_valid_epoch(epoch, model)
+        from fairseq import checkpoint_utils
+
+        metric = self.cfg.best_checkpoint_metric
+        modality = metric_modality(metric) if isinstance(metric, str) else None
+        if modality is not None and modality not in self.active_modalities(self.num_updates_seen) \
+                and hasattr(checkpoint_utils.save_checkpoint, "best"):
+            self._stashed_best = (checkpoint_utils.save_checkpoint.best,)
+            del checkpoint_utils.save_checkpoint.best
+
     def post_validate(self, model, stats: Dict[str, Any], agg) -> None:
         """fairseq-train's hook between a validation and its use.
 
@@ -540,7 +622,9 @@ class SlamPretrainingTask(FairseqTask):
         None, not 0, so that it neither becomes ``checkpoint_best`` nor counts for ``--patience``
         (fairseq skips a None); a ``best_*`` value keeps the previous best. A
         ``--best-checkpoint-metric`` that this validation did not log (an objective of stage 2
-        during stage 1) is None too, instead of fairseq's KeyError."""
+        during stage 1) is None too, instead of fairseq's KeyError (:meth:`begin_valid_epoch`).
+        The first validation of another stage than the scores so far restarts fairseq's best
+        (:class:`~slam_fairseq.tasks.validation_scores.ValidationScores`)."""
         counts = [stats[key] for key in (f"nsentences_{name}" for name in MODALITIES) if key in stats]
         if counts and not any(float(count or 0) > 0 for count in counts):
             from fairseq import checkpoint_utils
@@ -554,5 +638,12 @@ class SlamPretrainingTask(FairseqTask):
             for key in [key for key in stats if key.startswith("best_") and stats.get(key[len("best_"):], 0) is None]:
                 stats[key] = getattr(checkpoint_utils.save_checkpoint, "best", None)
         metric = self.cfg.best_checkpoint_metric
-        if isinstance(metric, str) and metric and not metric.startswith("${"):  # set when fairseq-train builds it
-            stats.setdefault(metric, None)
+        if not (isinstance(metric, str) and metric and not metric.startswith("${")):
+            return  # not set by fairseq-train
+        stats.setdefault(metric, None)
+        if self._stashed_best is not None:  # put aside by begin_valid_epoch: this validation has no score
+            from fairseq import checkpoint_utils
+
+            (checkpoint_utils.save_checkpoint.best,), self._stashed_best = self._stashed_best, None
+            stats[f"best_{metric}"] = checkpoint_utils.save_checkpoint.best
+        self.validation_scores.validated(self.stage_at(self.num_updates_seen), stats, metric)

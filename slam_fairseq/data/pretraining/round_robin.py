@@ -220,7 +220,7 @@ class RoundRobinBatchDataset(FairseqDataset):
 class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
     """fairseq's ``EpochBatchIterator`` over a :class:`RoundRobinBatchDataset`.
 
-    Two changes:
+    Three changes:
 
     - loading a state of another epoch drops the cached batch list, so the keys carry the
       restored epoch (fairseq refreshes it on ``next_epoch_itr`` only);
@@ -234,10 +234,17 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
       changed; a position past the end of the new epoch starts the next epoch (fairseq would
       raise "Cannot resume training due to dataloader mismatch") with fresh epoch meters (the
       restored ones hold the old epoch's updates). ``--reset-dataloader``
-      starts the epoch over instead.
+      starts the epoch over instead;
+    - the state carries :attr:`run_state` (:data:`RUN_STATE_KEY`), what the task keeps about the
+      run itself (the stage its validation scores come from, the furthest stage trained).
     """
 
     LAYOUT_KEY = "slam_epoch_layout"
+    RUN_STATE_KEY = "slam_run_state"
+
+    #: what the task keeps about the run across a resume (saved with the iterator's state, which
+    #: fairseq restores unless ``--reset-dataloader``): set by the task, shared with it
+    run_state: Optional[Dict[str, Any]] = None
 
     def layout(self) -> Dict[str, Any]:
         return {"steps_per_epoch": int(self.dataset.num_steps), "epoch_modality": str(self.dataset.epoch_modality),
@@ -247,10 +254,15 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
     def state_dict(self):
         state = super().state_dict()
         state[self.LAYOUT_KEY] = self.layout()
+        if self.run_state:
+            state[self.RUN_STATE_KEY] = dict(self.run_state)
         return state
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
+        run_state = state_dict.pop(self.RUN_STATE_KEY, None)
+        if run_state and self.run_state is not None:
+            self.run_state.update(run_state)
         saved, position = state_dict.pop(self.LAYOUT_KEY, None), int(state_dict.get("iterations_in_epoch", 0))
         current = self.layout()
         if saved is not None and position > 0 and saved != current:

@@ -1,0 +1,102 @@
+"""The validation scores fairseq-train compares across a run, kept comparable across SLAM's stages.
+
+Stage 2 adds TLM, STM (and pair CTC) to stage 1's objectives, so a stage-2 validation loss is a
+sum of more terms than a stage-1 one, and an accuracy of a stage-2 objective does not exist in
+stage 1. fairseq-train compares every validation with the best so far: ``checkpoint_best.pt``,
+``--patience`` and the ``reduce_lr_on_plateau`` scheduler would hold a stage-1 score against all
+of stage 2 (a run stopped early at the switch, a best checkpoint from stage 1, a learning rate
+halved at every validation). :class:`ValidationScores` restarts that comparison when the stage of
+the validations changes: the first validation of the new stage is the new best, and the scores
+that follow are compared with it. The stage behind the scores is kept in the training iterator's
+state (``RoundRobinEpochBatchIterator.run_state``), so a resumed run knows it.
+
+:func:`validation_metric_names` lists what a ``slam_multitask`` validation can log, so that a
+``--best-checkpoint-metric`` that no validation logs is an error before training
+(:func:`check_best_checkpoint_metric`) instead of a run with no best checkpoint and a
+``--patience`` that never fires.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, FrozenSet, Optional
+
+from slam_fairseq.compat.fairseq_internals import forget_best_validation_scores
+
+__all__ = ["ValidationScores", "validation_metric_names", "metric_modality", "check_best_checkpoint_metric",
+           "SCORES_STAGE_KEY"]
+
+logger = logging.getLogger(__name__)
+
+#: run_state key: the stage of the validations behind fairseq's best scores
+SCORES_STAGE_KEY = "validation_scores_stage"
+
+
+def validation_metric_names() -> FrozenSet[str]:
+    """Every value a ``slam_multitask`` validation can log (the objectives of both stages)."""
+    from slam_fairseq.criterions.slam_multitask import _COUNTS, _WITH_ACCURACY, OBJECTIVE_WEIGHTS
+
+    names = {"loss", "code_perplexity", "prob_perplexity", "gumbel_temperature", "stage", *_COUNTS,
+             "wpb", "wps", "bsz", "num_updates"}  # the last four: fairseq's own
+    names.update(f"{name}_loss" for name in OBJECTIVE_WEIGHTS)
+    names.update(f"{name}_accuracy" for name in _WITH_ACCURACY)
+    return frozenset(names)
+
+
+def metric_modality(metric: str) -> Optional[str]:
+    """The modality whose batches log ``metric`` ("speech", "text", "pair"), or None (``loss``,
+    fairseq's own values: every validation logs them)."""
+    from slam_fairseq.criterions.slam_multitask import OBJECTIVE_MODALITIES
+
+    for name, modality in OBJECTIVE_MODALITIES.items():
+        if metric in (f"{name}_loss", f"{name}_accuracy"):
+            return modality
+    if metric in ("code_perplexity", "prob_perplexity", "gumbel_temperature"):
+        return "speech"
+    for modality in ("speech", "text", "pair"):
+        if metric.endswith(f"_{modality}") and metric.startswith("n"):
+            return modality
+    return None
+
+
+def check_best_checkpoint_metric(metric: Optional[str]) -> None:
+    """Raise ValueError for a ``--best-checkpoint-metric`` that no ``slam_multitask`` validation logs."""
+    if not isinstance(metric, str) or not metric or metric.startswith("${"):
+        return  # not set from fairseq-train's command line (a unit test's config)
+    names = validation_metric_names()
+    if metric not in names:
+        raise ValueError(f"--best-checkpoint-metric {metric}: no slam_multitask validation logs it; it logs "
+                         f"{', '.join(sorted(name for name in names if not name.startswith(('n', '_'))))}")
+
+
+class ValidationScores:
+    """Restarts fairseq-train's comparison of validation scores when their stage changes.
+
+    Args:
+        run_state: the task's dict that the training iterator saves and restores.
+    """
+
+    def __init__(self, run_state: Dict[str, Any]) -> None:
+        self.run_state = run_state
+
+    @property
+    def stage(self) -> Optional[int]:
+        """The stage of the validations behind fairseq's best scores (None: not known)."""
+        stage = self.run_state.get(SCORES_STAGE_KEY)
+        return None if stage is None else int(stage)
+
+    def validated(self, stage: int, stats: Dict[str, Any], metric: str) -> None:
+        """Call after each validation of stage ``stage`` (in ``post_validate``): a stage other than
+        that of the scores so far restarts the comparison, and ``stats``' ``best_<metric>`` is
+        this validation's own value."""
+        previous = self.stage
+        self.run_state[SCORES_STAGE_KEY] = int(stage)
+        if previous is None or previous == stage:
+            return
+        forget_best_validation_scores()
+        best_key = f"best_{metric}"
+        if best_key in stats:
+            stats[best_key] = stats.get(metric)
+        logger.warning(f"validation scores restart at stage {stage}: stage {stage}'s validation loss sums "
+                       f"other objectives than stage {previous}'s, so checkpoint_best.pt, --patience and a "
+                       f"reduce_lr_on_plateau scheduler compare stage-{stage} validations only, from this "
+                       f"one on ({metric} {stats.get(metric)})")
