@@ -222,6 +222,20 @@ def test_cli_finetune_and_generate_over_a_manifest_with_a_short_utterance(asr, t
 
 
 # -- strict pre-trained loading -------------------------------------------------------------------------
+def test_finetune_from_model_with_a_pretraining_checkpoint_points_to_load_pretrained_slam_from(asr, tmp_path):
+    """fairseq would load the slam checkpoint as a whole slam_s2t model and fail on the decoder
+    ("Cannot load model parameters"); the build names the option that copies the encoder."""
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--finetune-from-model", str(asr["checkpoint"]))
+    with pytest.raises(PretrainedSlamError, match=f"--finetune-from-model {asr['checkpoint']} is a slam "
+                                                  r"pre-training checkpoint \(slam_tiny\).*--load-pretrained-slam-from"):
+        task.build_model(cfg.model)
+    resumed_dir = tmp_path / "resumed"  # with checkpoint_last.pt to resume, fairseq ignores the option
+    resumed_dir.mkdir()
+    (resumed_dir / "checkpoint_last.pt").write_bytes(asr["checkpoint"].read_bytes())
+    cfg, task = _setup(asr["data"], asr["task"], resumed_dir, "--finetune-from-model", str(asr["checkpoint"]))
+    assert task.build_model(cfg.model) is not None
+
+
 def test_fewer_or_more_layers_is_an_error_naming_the_file_and_the_layers(asr, tmp_path):
     deeper, _ = save_slam_checkpoint(tmp_path / "deeper.pt", speech_encoder_layers=3)
     cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(deeper))

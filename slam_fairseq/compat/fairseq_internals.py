@@ -6,6 +6,8 @@
   checkpoint, reaching the trainer's node through OmegaConf's ``_get_parent``.
 - :func:`weights_restored_by_fairseq`: fairseq's rules for when a freshly built model is about to
   receive checkpoint weights (``fairseq.checkpoint_utils.load_checkpoint``), restated.
+- :func:`finetune_from_model_path`: the ``--finetune-from-model`` checkpoint fairseq-train is about
+  to start from, by the same rules.
 - :func:`reset_cached_batches`: drops an ``EpochBatchIterator``'s cached batch list (``_frozen_batches``).
 - :func:`is_fully_sharded`: whether a model is wrapped by fairseq's FSDP wrapper.
 - :func:`forget_best_validation_scores`: clears what fairseq-train remembers of past validation
@@ -92,6 +94,15 @@ def weights_restored_by_fairseq(task) -> Optional[str]:
     if PathManager.exists(restore):
         return f"fairseq-train restores --restore-file {restore}"
     return None
+
+
+def finetune_from_model_path(task) -> Optional[str]:
+    """``--finetune-from-model``'s path when fairseq-train is about to start from it (no
+    ``checkpoint_last.pt`` to resume, no ``--continue-once``; the rule of
+    :func:`weights_restored_by_fairseq`), else None."""
+    reason = weights_restored_by_fairseq(task)
+    prefix = "fairseq-train starts from --finetune-from-model "
+    return reason[len(prefix):] if reason is not None and reason.startswith(prefix) else None
 
 
 def reset_cached_batches(iterator) -> None:

@@ -48,13 +48,14 @@ from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
 from slam_fairseq.checkpoint_recovery import recover_for_training_args
-from slam_fairseq.compat.fairseq_internals import (drop_config_fields, record_in_saved_config,
-                                                   weights_restored_by_fairseq)
+from slam_fairseq.compat.fairseq_internals import (drop_config_fields, finetune_from_model_path,
+                                                   record_in_saved_config, weights_restored_by_fairseq)
 from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, config_from,
                                           set_defaults)
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.models.dictionary_fingerprint import register_fingerprint, set_fingerprint
-from slam_fairseq.models.pretrained_loading import load_pretrained_slam_encoder
+from slam_fairseq.models.pretrained_loading import (load_pretrained_slam_encoder,
+                                                     refuse_pretraining_checkpoint_for_finetune_from)
 from slam_fairseq.modules.padding import may_read_device_values, require
 from slam_fairseq.modules.short_inputs import ShortInputCounter, extend_short_inputs
 from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES
@@ -281,6 +282,9 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         given_cfg = cfg
         # fairseq loads checkpoint_last.pt after building the model: an unreadable one is replaced first.
         recover_for_training_args(getattr(task, "args", None))
+        finetune_from = finetune_from_model_path(task)
+        if finetune_from:
+            refuse_pretraining_checkpoint_for_finetune_from(finetune_from)
         cfg = config_from(cfg, SlamS2TConfig)
         if cfg.input_channels != 1:
             raise ValueError(f"slam_s2t reads single-channel features; the data config has "
