@@ -326,18 +326,22 @@ def test_cli_a_stage2_metric_resumed_into_stage1_and_a_misspelled_metric(data_di
     metric = ["--validate-interval-updates", "2", "--save-interval-updates", "2",
               "--best-checkpoint-metric", "stm_accuracy", "--maximize-best-checkpoint-metric"]
     _check(fixtures.run_fairseq(_train_args(data_dir, tmp_path / "ck", "slam_multitask", 6) + metric, stand_in=False))
-    later = _train_args(data_dir, tmp_path / "ck", "slam_multitask", 8) + metric
-    later[later.index("--stage2-start-update") + 1] = "20"
+    later = _train_args(data_dir, tmp_path / "ck", "slam_multitask", 10) + metric
+    later[later.index("--stage2-start-update") + 1] = "9"
     output = _check(fixtures.run_fairseq(later, stand_in=False))
-    valid = fixtures.json_log_records(output, "valid")
-    assert [r["valid_num_updates"] for r in valid] == ["8"] and valid[0].get("valid_stm_accuracy") is None
-    assert "KeyError" not in output
+    valid = {r["valid_num_updates"]: r for r in fixtures.json_log_records(output, "valid")}
+    assert sorted(valid) == ["10", "8"] and valid["8"].get("valid_stm_accuracy") is None
+    assert 0.0 <= float(valid["10"]["valid_stm_accuracy"]) <= 1.0 and "KeyError" not in output
 
     typo = fixtures.run_fairseq(_train_args(data_dir, tmp_path / "typo", "slam_multitask", 2)
                                 + ["--best-checkpoint-metric", "stm_acc"], stand_in=False)
     assert typo.returncode != 0
     assert "--best-checkpoint-metric stm_acc: no slam_multitask validation logs it" in typo.stderr
     assert "stm_accuracy" in typo.stderr and not (tmp_path / "typo" / "checkpoint_last.pt").exists()
+    never = _train_args(data_dir, tmp_path / "never", "slam_multitask", 2) + metric
+    never[never.index("--stage2-start-update") + 1] = "-1"
+    never = fixtures.run_fairseq(never, stand_in=False)
+    assert never.returncode != 0 and "logged by pair batches, which no stage of this run trains" in never.stderr
 
 
 def test_cli_reduce_lr_on_plateau_does_not_count_the_stage_switch_as_a_plateau(data_dir, tmp_path):

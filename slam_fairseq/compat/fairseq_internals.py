@@ -22,7 +22,7 @@ import os
 import sys
 import weakref
 from argparse import Namespace
-from typing import Optional
+from typing import Optional, Tuple
 
 from omegaconf import OmegaConf, open_dict
 
@@ -66,6 +66,28 @@ def weights_restored_by_fairseq(task) -> Optional[str]:
     the running tool from ``task.args`` (fairseq's legacy tasks, such as ``speech_to_text``, keep
     the whole command line there).
     """
+    source = _restored_weights_source(task)
+    if source is None:
+        return None
+    option, path = source
+    return {"--path": f"the weights come from --path {path}",
+            "resume": f"fairseq-train resumes from {path}",
+            "--continue-once": f"fairseq-train continues from --continue-once {path}",
+            "--finetune-from-model": f"fairseq-train starts from --finetune-from-model {path}",
+            "--restore-file": f"fairseq-train restores --restore-file {path}"}[option]
+
+
+def finetune_from_model_path(task) -> Optional[str]:
+    """``--finetune-from-model``'s path when fairseq-train is about to start from it (no
+    ``checkpoint_last.pt`` to resume, no ``--continue-once``; the rules of
+    :func:`weights_restored_by_fairseq`), else None."""
+    source = _restored_weights_source(task)
+    return source[1] if source is not None and source[0] == "--finetune-from-model" else None
+
+
+def _restored_weights_source(task) -> Optional[Tuple[str, str]]:
+    """(option, path) of the checkpoint fairseq is about to restore (see
+    :func:`weights_restored_by_fairseq`); the option is ``resume`` for ``checkpoint_last.pt``."""
     from fairseq.file_io import PathManager
 
     args = getattr(task, "args", None)
@@ -73,7 +95,7 @@ def weights_restored_by_fairseq(task) -> Optional[str]:
         return None
     path = getattr(args, "path", None)
     if path:
-        return f"the weights come from --path {path}"
+        return "--path", path
     save_dir = getattr(args, "save_dir", None)
     restore_file = getattr(args, "restore_file", None)
     if save_dir is None or restore_file is None:
@@ -82,27 +104,18 @@ def weights_restored_by_fairseq(task) -> Optional[str]:
     if restore_file == "checkpoint_last.pt":
         last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
         if PathManager.exists(last):
-            return f"fairseq-train resumes from {last}"
+            return "resume", last
         continue_once = getattr(args, "continue_once", None)
         if continue_once:
-            return f"fairseq-train continues from --continue-once {continue_once}"
+            return "--continue-once", continue_once
         finetune_from = getattr(args, "finetune_from_model", None)
         if finetune_from:
-            return f"fairseq-train starts from --finetune-from-model {finetune_from}"
+            return "--finetune-from-model", finetune_from
         return None
     restore = restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
     if PathManager.exists(restore):
-        return f"fairseq-train restores --restore-file {restore}"
+        return "--restore-file", restore
     return None
-
-
-def finetune_from_model_path(task) -> Optional[str]:
-    """``--finetune-from-model``'s path when fairseq-train is about to start from it (no
-    ``checkpoint_last.pt`` to resume, no ``--continue-once``; the rule of
-    :func:`weights_restored_by_fairseq`), else None."""
-    reason = weights_restored_by_fairseq(task)
-    prefix = "fairseq-train starts from --finetune-from-model "
-    return reason[len(prefix):] if reason is not None and reason.startswith(prefix) else None
 
 
 def reset_cached_batches(iterator) -> None:
@@ -155,4 +168,5 @@ def forget_best_validation_scores() -> None:
             del should_stop_early.best
             should_stop_early.num_runs = 0
     for scheduler in list(_PLATEAU_SCHEDULERS):
-        scheduler.lr_scheduler._reset()  # torch's ReduceLROnPlateau: best, bad epochs and cooldown
+        plateau = scheduler.lr_scheduler  # torch's ReduceLROnPlateau
+        plateau.best, plateau.num_bad_epochs, plateau.cooldown_counter = plateau.mode_worse, 0, 0

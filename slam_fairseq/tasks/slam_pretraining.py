@@ -236,7 +236,11 @@ class SlamPretrainingTask(FairseqTask):
         self._skipped_validation_modalities: set = set()
         # saved and restored with the training iterator's state (RoundRobinEpochBatchIterator.run_state)
         self.run_state: Dict[str, Any] = {}
-        self.validation_scores = ValidationScores(self.run_state)
+        save_dir = cfg.save_dir if isinstance(cfg.save_dir, str) and not cfg.save_dir.startswith("${") else None
+        suffix = cfg.checkpoint_suffix if isinstance(cfg.checkpoint_suffix, str) and \
+            not cfg.checkpoint_suffix.startswith("${") else ""
+        self.validation_scores = ValidationScores(self.run_state, save_dir, suffix)
+        self.model_has_pair_ctc: Optional[bool] = None
         self._validating = False  # the last step was a validation step (for reduce_metrics)
         self._stashed_best: Optional[Tuple[float]] = None
         self._train_limits: Optional[Tuple[Optional[int], Optional[int]]] = None
@@ -441,6 +445,7 @@ class SlamPretrainingTask(FairseqTask):
             positions = model.max_positions()
             if isinstance(positions, (tuple, list)) and len(positions) == 2:
                 self.model_max_positions = tuple(positions)
+        self.model_has_pair_ctc = getattr(model, "pair_ctc_head", None) is not None
         return model
 
     def max_positions(self) -> Tuple[int, int]:
@@ -481,12 +486,15 @@ class SlamPretrainingTask(FairseqTask):
         """Keep the furthest stage trained (saved with the iterator); training in stage 1 after a
         checkpoint that had reached stage 2 (``--reset-optimizer`` restarts the update count) is
         said once."""
+        if self.validation_scores.start_stage is None:  # the first update of this process
+            self.validation_scores.start_stage = self.stage_at(max(update_num - 1, 0))
         reached = int(self.run_state.get("stage_reached", 0))
         if stage < reached and not self._warned_stage_reset:
             self._warned_stage_reset = True
             logger.warning(f"training in stage {stage} from update {update_num}, but this run's checkpoint had "
-                           f"reached stage {reached}: the update count started over (--reset-optimizer), so "
-                           f"stage 2 starts again at --stage2-start-update {self.cfg.stage2_start_update}; "
+                           f"reached stage {reached}: the update count is below --stage2-start-update "
+                           f"{self.cfg.stage2_start_update} (--reset-optimizer starts it over; or a later "
+                           "--stage2-start-update was given), so stage 2 starts again there; "
                            "--stage2-start-update 0 goes on in stage 2")
         if stage > reached:
             self.run_state["stage_reached"] = stage
@@ -587,7 +595,9 @@ class SlamPretrainingTask(FairseqTask):
         logs is an error now rather than a run without a best checkpoint."""
         criterion = super().build_criterion(cfg, from_checkpoint)
         if hasattr(criterion, "log_validation_loss"):
-            check_best_checkpoint_metric(self.cfg.best_checkpoint_metric)
+            trained = set(self.stage1_modalities) | (set(self.stage2_modalities) if self.stage2_reachable else set())
+            check_best_checkpoint_metric(self.cfg.best_checkpoint_metric, sorted(trained),
+                                         pair_ctc=self.model_has_pair_ctc is not False)
         return criterion
 
     def reduce_metrics(self, logging_outputs, criterion) -> None:
