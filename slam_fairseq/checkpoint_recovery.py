@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from slam_fairseq.compat.fairseq_internals import resolved_option
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointRecoveryError", "RecoveryResult", "checkpoint_problem", "intact_checkpoints",
@@ -225,7 +227,7 @@ def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAU
     """
     import torch.distributed as dist
 
-    if any(value is None or str(value).startswith("${") for value in (save_dir, restore_file)):
+    if any(resolved_option(value) is None for value in (save_dir, restore_file)):
         return None  # a task config built outside fairseq's (no checkpoint settings to follow)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     result = None

@@ -10,6 +10,8 @@
   to start from, by the same rules.
 - :func:`reset_cached_batches`: drops an ``EpochBatchIterator``'s cached batch list (``_frozen_batches``).
 - :func:`is_fully_sharded`: whether a model is wrapped by fairseq's FSDP wrapper.
+- :func:`resolved_option`: an option value that fairseq filled in, or None for an interpolation
+  (``${...}``) left unresolved in a config built outside fairseq-train.
 - :func:`forget_best_validation_scores`: clears what fairseq-train remembers of past validation
   scores: ``checkpoint_utils.save_checkpoint.best`` (``checkpoint_best.pt``), the ``--patience``
   count (attributes of ``fairseq_cli.train.should_stop_early``) and each ``reduce_lr_on_plateau``
@@ -130,6 +132,14 @@ def is_fully_sharded(model) -> bool:
     except ImportError:  # pragma: no cover - fairseq without its distributed package
         return False
     return FullyShardedDataParallel is not None and isinstance(model, FullyShardedDataParallel)
+
+
+def resolved_option(value):
+    """``value``, or None when it is None or an OmegaConf interpolation (``${checkpoint.save_dir}``)
+    that no fairseq config resolved: a task config built outside fairseq-train (a unit test)."""
+    if value is None or (isinstance(value, str) and value.startswith("${")):
+        return None
+    return value
 
 
 _PLATEAU_SCHEDULERS: "weakref.WeakSet" = weakref.WeakSet()

@@ -34,7 +34,7 @@ from omegaconf import II, MISSING
 
 from slam_formats.names import pair_manifest_name, speech_manifest_name
 from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
-from slam_fairseq.compat.fairseq_internals import is_fully_sharded
+from slam_fairseq.compat.fairseq_internals import is_fully_sharded, resolved_option
 from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
 from slam_fairseq.data.pretraining.feature_rows import SpeechFeatureReader, SpeechRows, read_speech_rows
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings, expected_masked_fraction
@@ -236,10 +236,8 @@ class SlamPretrainingTask(FairseqTask):
         self._skipped_validation_modalities: set = set()
         # saved and restored with the training iterator's state (RoundRobinEpochBatchIterator.run_state)
         self.run_state: Dict[str, Any] = {}
-        save_dir = cfg.save_dir if isinstance(cfg.save_dir, str) and not cfg.save_dir.startswith("${") else None
-        suffix = cfg.checkpoint_suffix if isinstance(cfg.checkpoint_suffix, str) and \
-            not cfg.checkpoint_suffix.startswith("${") else ""
-        self.validation_scores = ValidationScores(self.run_state, save_dir, suffix)
+        self.validation_scores = ValidationScores(self.run_state, resolved_option(cfg.save_dir),
+                                                  resolved_option(cfg.checkpoint_suffix) or "")
         self.model_has_pair_ctc: Optional[bool] = None
         self._validating = False  # the last step was a validation step (for reduce_metrics)
         self._stashed_best: Optional[Tuple[float]] = None
@@ -407,8 +405,9 @@ class SlamPretrainingTask(FairseqTask):
         split = next((name for name, loaded in self.datasets.items() if loaded is dataset), None)
         if split == self.cfg.train_subset:
             self._train_limits = (max_tokens, max_sentences)
-        valid_caps = (None, None) if split == self.cfg.train_subset else self._validation_caps(max_tokens,
-                                                                                             max_sentences)
+            valid_caps = (None, None)
+        else:
+            valid_caps = self._validation_caps(max_tokens, max_sentences)
         batches = {}
         for name, modality_dataset in dataset.datasets.items():
             tokens = getattr(self.cfg, f"max_tokens_{name}")
@@ -647,8 +646,8 @@ class SlamPretrainingTask(FairseqTask):
                 stats[key] = None
             for key in [key for key in stats if key.startswith("best_") and stats.get(key[len("best_"):], 0) is None]:
                 stats[key] = getattr(checkpoint_utils.save_checkpoint, "best", None)
-        metric = self.cfg.best_checkpoint_metric
-        if not (isinstance(metric, str) and metric and not metric.startswith("${")):
+        metric = resolved_option(self.cfg.best_checkpoint_metric)
+        if not metric:
             return  # not set by fairseq-train
         stats.setdefault(metric, None)
         if self._stashed_best is not None:  # put aside by begin_valid_epoch: this validation has no score

@@ -22,7 +22,8 @@ import os
 import re
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
-from slam_fairseq.compat.fairseq_internals import forget_best_validation_scores
+from slam_fairseq.compat.fairseq_internals import forget_best_validation_scores, resolved_option
+from slam_fairseq.data.pretraining.modality import MODALITIES
 
 __all__ = ["ValidationScores", "validation_metric_names", "metric_modality", "check_best_checkpoint_metric",
            "SCORES_STAGE_KEY"]
@@ -54,7 +55,7 @@ def metric_modality(metric: str) -> Optional[str]:
             return modality
     if metric in ("code_perplexity", "prob_perplexity", "gumbel_temperature"):
         return "speech"
-    for modality in ("speech", "text", "pair"):
+    for modality in MODALITIES:
         if metric.endswith(f"_{modality}") and metric.startswith("n"):
             return modality
     return None
@@ -65,7 +66,8 @@ def check_best_checkpoint_metric(metric: Optional[str], modalities: Optional[Seq
     """Raise ValueError for a ``--best-checkpoint-metric`` that no ``slam_multitask`` validation of
     this run logs: not a name any validation logs, of a modality that no stage of the run trains
     (``modalities``), or ``pair_ctc_loss`` for a model without ``--pair-ctc``."""
-    if not isinstance(metric, str) or not metric or metric.startswith("${"):
+    metric = resolved_option(metric)
+    if not metric:
         return  # not set from fairseq-train's command line (a unit test's config)
     names = validation_metric_names()
     if metric not in names:
