@@ -17,6 +17,7 @@ setup(
                                     "manifests", "manifests.*"]),
     entry_points={"console_scripts": [
         "slam-fairseq-train = slam_fairseq.launch:main",
+        "slam-fairseq-extract-features = slam_fairseq.feature_extraction.cli:main",
         "slam-prep-librispeech = manifests.prep_librispeech:cli",
         "slam-prep-librilight = manifests.prep_librilight:cli",
         "slam-prep-text = manifests.prep_text:cli",

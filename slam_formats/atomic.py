@@ -11,7 +11,8 @@ import tempfile
 from typing import Iterator
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -30,7 +31,7 @@ def atomic_output_path(path: str) -> Iterator[str]:
         yield temporary
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):

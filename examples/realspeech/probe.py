@@ -124,31 +124,9 @@ class SlamFeatures:
 def load_slam_encoder(checkpoint: Path, pretrained: bool = True, seed: int = 1) -> nn.Module:
     """The SLAM encoder of a ``slam`` or ``slam_s2t`` checkpoint, built with its sizes; with
     ``pretrained=False`` the same shape freshly initialised (seeded)."""
-    from fairseq import checkpoint_utils
+    from slam_fairseq.feature_extraction.checkpoint_encoder import load_checkpoint_encoder
 
-    import slam_fairseq  # noqa: F401  (registers the models and the checkpoint types)
-    from slam_fairseq.encoders.config import SlamEncoderConfig, config_from
-    from slam_fairseq.encoders.slam_encoder import SlamEncoder
-
-    if not Path(checkpoint).exists():
-        raise FileNotFoundError(f"probe: {checkpoint}: no such checkpoint")
-    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
-    model_cfg = (state.get("cfg") or {}).get("model") if state.get("cfg") is not None else state.get("args")
-    if model_cfg is None:
-        raise ValueError(f"probe: {checkpoint}: no model config in the checkpoint")
-    weights = {key[len("encoder."):]: value for key, value in state["model"].items()
-               if key.startswith(("encoder.speech_encoder.", "encoder.multimodal_encoder."))}
-    if not weights:
-        raise ValueError(f"probe: {checkpoint}: no encoder.speech_encoder.* weights (not a SLAM checkpoint)")
-    torch.manual_seed(seed)
-    encoder = SlamEncoder(config_from(model_cfg, SlamEncoderConfig), vocab_size=8, padding_idx=1)
-    if pretrained:
-        result = encoder.load_state_dict(weights, strict=False)
-        not_loaded = [key for key in result.missing_keys if not key.startswith("text_encoder.")]
-        if not_loaded or result.unexpected_keys:
-            raise ValueError(f"probe: {checkpoint}: encoder weights do not match its config "
-                             f"(missing {not_loaded[:5]}, unexpected {result.unexpected_keys[:5]})")
-    return encoder
+    return load_checkpoint_encoder(str(checkpoint), pretrained=pretrained, seed=seed).encoder
 
 
 @torch.no_grad()

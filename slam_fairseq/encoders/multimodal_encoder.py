@@ -96,6 +96,11 @@ class MultimodalEncoder(nn.Module):
     def _mark(self, x: torch.Tensor, modality: int) -> torch.Tensor:
         return x + self.modality_embedding.weight[modality].to(x.dtype)
 
+    def mark_speech(self, speech: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) speech encoder output plus the speech modality embedding: the input of the
+        layers for speech alone (before padding is zeroed)."""
+        return self._mark(speech, SPEECH_MODALITY)
+
     def forward(self, speech: Optional[torch.Tensor] = None,
                 speech_padding_mask: Optional[torch.Tensor] = None,
                 text: Optional[torch.Tensor] = None,

@@ -1,14 +1,14 @@
 """The SLAM encoder: text encoder, speech encoder and the shared multimodal encoder together."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from fairseq.distributed import fsdp_wrap
 from torch import nn
 
 from slam_fairseq.encoders.config import SlamEncoderConfig
-
+from slam_fairseq.encoders.layer_states import LayerStates, speech_layer_states
 from slam_fairseq.encoders.multimodal_encoder import MultimodalEncoder, MultimodalOutput
 from slam_fairseq.encoders.speech_encoder import SpeechEncoder, SpeechEncoderOutput
 from slam_fairseq.encoders.text_encoder import TextEncoder
@@ -74,6 +74,19 @@ class SlamEncoder(nn.Module):
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> MultimodalOutput:
         """The fine-tuning path: speech in, multimodal encoder states out."""
         return self.encode_speech(features, lengths)[1]
+
+    def layer_states(self, features: torch.Tensor, lengths: torch.Tensor,
+                     layers: Optional[Sequence[int]] = None) -> LayerStates:
+        """The states of the given layers for speech alone (numbering: :mod:`layer_states`)."""
+        return speech_layer_states(self.speech_encoder, self.multimodal_encoder, features, lengths, layers)
+
+    def extract_features(self, features: torch.Tensor, lengths: torch.Tensor,
+                         output_layer: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, F) log-Mel frames and (B,) frame counts -> ((B, T', D) states of ``output_layer``
+        (0: the subsampling's output ... N + M, the default: the encoder's output), (B, T') padding
+        mask, True at padding). Call it in eval mode for features without dropout."""
+        result = self.layer_states(features, lengths, None if output_layer is None else [output_layer])
+        return next(iter(result.states.values())), result.padding_mask
 
 
 def build_slam_encoder(cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> SlamEncoder:

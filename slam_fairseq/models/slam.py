@@ -245,6 +245,11 @@ class SlamModel(BaseFairseqModel):
             outputs["pair"] = self.forward_pair(pair)
         return outputs
 
+    def extract_features(self, features: torch.Tensor, lengths: torch.Tensor,
+                         output_layer: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's states for speech alone: see :meth:`SlamEncoder.extract_features`."""
+        return self.encoder.extract_features(features, lengths, output_layer)
+
     # -- pre-training -----------------------------------------------------------------------------
 
     def _speech_inputs(self, batch: Dict):

@@ -33,7 +33,7 @@ import contextlib
 import logging
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from fairseq import utils
@@ -52,6 +52,7 @@ from slam_fairseq.compat.fairseq_internals import (drop_config_fields, finetune_
                                                    record_in_saved_config, weights_restored_by_fairseq)
 from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, config_from,
                                           set_defaults)
+from slam_fairseq.encoders.layer_states import LayerStates, speech_layer_states
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.models.dictionary_fingerprint import register_fingerprint, set_fingerprint
 from slam_fairseq.models.pretrained_loading import (load_pretrained_slam_encoder,
@@ -181,6 +182,17 @@ class SlamSpeechEncoder(FairseqEncoder):
             "src_lengths": [],
             "slam_encoder_out": [states],
         }
+
+    def layer_states(self, features: Tensor, lengths: Tensor, layers: Optional[Sequence[int]] = None) -> LayerStates:
+        """The SLAM encoder's states of the given layers (numbering: :mod:`layer_states`; the
+        projection to the decoder's width is not a layer)."""
+        return speech_layer_states(self.speech_encoder, self.multimodal_encoder, features, lengths, layers)
+
+    def extract_features(self, features: Tensor, lengths: Tensor,
+                         output_layer: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """As :meth:`SlamEncoder.extract_features`: ((B, T', D) states, (B, T') padding mask)."""
+        result = self.layer_states(features, lengths, None if output_layer is None else [output_layer])
+        return next(iter(result.states.values())), result.padding_mask
 
     @property
     def num_short_inputs(self) -> int:

@@ -147,20 +147,23 @@ class ConformerStack(nn.Module):
         self.checkpoint_activations = checkpoint_activations
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor,
-                return_all_hiddens: bool = False, *, padded: Optional[bool] = None) -> List[torch.Tensor]:
+                return_all_hiddens: bool = False, *, padded: Optional[bool] = None,
+                num_layers: Optional[int] = None) -> List[torch.Tensor]:
         """x: (B, T, D); padding_mask: (B, T) bool, True at padding; padded: whether any position
-        is padding, when the host knows it (see :func:`attention_bias`). Returns the outputs of
-        every layer (or only the last, in a list).
+        is padding, when the host knows it (see :func:`attention_bias`); num_layers: run only the
+        first ones (feature extraction from an inner layer), all by default. Returns the outputs of
+        every layer run (or only the last, in a list).
 
         The attention mask (:func:`attention_bias`), the RoPE tables and the GroupNorm's real frames
         are made once for all layers."""
         hiddens = []
-        if not len(self.layers):
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        if not len(layers):
             return hiddens if return_all_hiddens else [x]
         bias: Optional[torch.Tensor] = attention_bias(padding_mask, padded=padded)
         tables = self.layers[0].attention.rotary.tables(x.shape[1], x.device)
         frames = self.layers[0].convolution.norm.frames(padding_mask)
-        for layer in self.layers:
+        for layer in layers:
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, padding_mask, bias, tables, frames, use_reentrant=False)
             else:

@@ -23,7 +23,8 @@ import numpy as np
 
 from slam_formats.names import DATA_CONFIG_NAME
 
-__all__ = ["PretrainingDataConfig", "DataConfigError", "MASK_SYMBOL", "FEATURE_NORMALIZATIONS"]
+__all__ = ["PretrainingDataConfig", "DataConfigError", "MASK_SYMBOL", "FEATURE_NORMALIZATIONS", "utterance_cmvn",
+           "GlobalCMVN", "no_normalization"]
 
 MASK_SYMBOL = "<mask>"
 FEATURE_NORMALIZATIONS = ("auto", "global", "utterance", "none")
@@ -33,13 +34,16 @@ class DataConfigError(ValueError):
     """A data directory or config.yaml that cannot be used; the message names the file."""
 
 
-def _utterance_cmvn(features: np.ndarray) -> np.ndarray:
+def utterance_cmvn(features: np.ndarray) -> np.ndarray:
+    """(T, F) -> (T, F): each bin to zero mean and unit variance over the utterance (fairseq's UtteranceCMVN)."""
     mean = features.mean(axis=0)
     std = np.sqrt(np.maximum((features ** 2).mean(axis=0) - mean ** 2, 1e-10))
     return ((features - mean) / std).astype(np.float32)
 
 
-class _GlobalCMVN:
+class GlobalCMVN:
+    """(T, F) -> (T, F) with the corpus mean and std of an ``.npz`` (fairseq's GlobalCMVN); checks their shapes."""
+
     def __init__(self, path: Path, dimension: int) -> None:
         try:
             stats = np.load(str(path))
@@ -159,11 +163,11 @@ class PretrainingDataConfig:
                 if self.global_cmvn_path is None:
                     raise DataConfigError(f"{self.path}: --feature-normalization global needs "
                                           "global_cmvn: {stats_npz_path: ...}")
-                self._transform = _GlobalCMVN(self.global_cmvn_path, self.input_feat_per_channel)
+                self._transform = GlobalCMVN(self.global_cmvn_path, self.input_feat_per_channel)
             elif mode == "utterance":
-                self._transform = _utterance_cmvn
+                self._transform = utterance_cmvn
             else:
-                self._transform = _identity
+                self._transform = no_normalization
             self.resolved_feature_normalization = mode
         return self._transform
 
@@ -176,5 +180,6 @@ class PretrainingDataConfig:
         return "no feature normalisation"
 
 
-def _identity(features: np.ndarray) -> np.ndarray:
+def no_normalization(features: np.ndarray) -> np.ndarray:
+    """The features as they are."""
     return features

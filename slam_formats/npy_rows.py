@@ -1,0 +1,84 @@
+"""An ``.npy`` file written a block of rows at a time, whose length is only known at the end.
+
+The header is written with room for any row count and rewritten, same size, when the file is
+closed, so that ``np.load(path, mmap_mode="r")`` reads the result as one (rows, width) array
+without a second copy of the data. The file appears under its name only when closed (atomic
+rename); a run stopped before that leaves no file that looks finished.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from slam_formats.atomic import current_umask
+
+__all__ = ["NpyRowWriter"]
+
+_MAGIC = b"\x93NUMPY\x01\x00"
+_HEADER_BYTES = 128  # magic, length and a header dict with room for a row count of 20 digits
+
+
+def _header(dtype: np.dtype, rows: int, width: int) -> bytes:
+    text = "{'descr': %r, 'fortran_order': False, 'shape': (%d, %d), }" % (np.lib.format.dtype_to_descr(dtype),
+                                                                              rows, width)
+    room = _HEADER_BYTES - len(_MAGIC) - 2 - 1  # the length field, the final newline
+    if len(text) > room:
+        raise ValueError(f"npy header of {len(text)} characters does not fit in {room}")
+    text = text.ljust(room) + "\n"
+    return _MAGIC + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+
+class NpyRowWriter:
+    """Appends (n, width) blocks to ``path``; :meth:`close` makes it a valid ``.npy`` of all rows.
+
+    Args:
+        path: the ``.npy`` to write.
+        width: columns of every row.
+        dtype: stored type (blocks are converted to it).
+    """
+
+    def __init__(self, path: str, width: int, dtype: np.dtype = np.float32) -> None:
+        self.path = str(path)
+        self.width = int(width)
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        descriptor, self._temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(self.path))
+        self._handle = os.fdopen(descriptor, "wb")
+        self._handle.write(_header(self.dtype, 0, self.width))
+
+    def append(self, block: np.ndarray) -> None:
+        """Add the rows of a (n, width) block."""
+        block = np.asarray(block)
+        if block.ndim != 2 or block.shape[1] != self.width:
+            raise ValueError(f"{self.path}: a block of shape {block.shape}, expected (rows, {self.width})")
+        self._handle.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.rows += len(block)
+
+    def close(self) -> None:
+        """Write the final header, flush to disk and put the file under its name."""
+        self._handle.seek(0)
+        self._handle.write(_header(self.dtype, self.rows, self.width))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.chmod(self._temporary, 0o666 & ~current_umask())
+        os.replace(self._temporary, self.path)
+
+    def abort(self) -> None:
+        """Drop what was written: the file never appears under its name."""
+        self._handle.close()
+        if os.path.exists(self._temporary):
+            os.unlink(self._temporary)
+
+    def __enter__(self) -> "NpyRowWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,338 @@
+"""Feature extraction: layer states (values against the encoder's own passes, padding invariance),
+the ``.npy`` row writer, and ``slam-fairseq-extract-features`` on a checkpoint written by a real
+``fairseq-train`` run (outputs against the states computed here, shards, bad rows, resumption,
+normalisation from the checkpoint's data, wav2vec lists, fine-tuned checkpoints)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pretraining_fixtures as fixtures  # noqa: E402
+from s2t_fixtures import build_slam_model, save_fairseq_checkpoint  # noqa: E402
+from test_encoder import tiny_encoder  # noqa: E402
+
+from slam_fairseq.data.pretraining.config import utterance_cmvn  # noqa: E402
+from slam_fairseq.encoders.layer_states import num_encoder_layers  # noqa: E402
+from slam_fairseq.feature_extraction.checkpoint_encoder import load_checkpoint_encoder  # noqa: E402
+from slam_formats.features import compute_fbank, read_features  # noqa: E402
+from slam_formats.manifest import read_s2t_manifest, write_s2t_manifest  # noqa: E402
+from slam_formats.npy_rows import NpyRowWriter, _header  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROGRAM = "slam-fairseq-extract-features"
+
+
+# -- layer states ---------------------------------------------------------------------------------
+def _batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([61, 40, 9])
+    return torch.randn(3, 61, 80, generator=generator), lengths
+
+
+@torch.no_grad()
+def test_layer_states_are_the_encoder_passes_layer_by_layer():
+    encoder = tiny_encoder(speech_encoder_layers=2, multimodal_encoder_layers=3)
+    features, lengths = _batch()
+    last = num_encoder_layers(encoder.speech_encoder, encoder.multimodal_encoder)
+    assert last == 5
+    result = encoder.layer_states(features, lengths, list(range(last + 1)))
+    speech, joint = encoder.encode_speech(features, lengths)
+    mask = joint.padding_mask
+    assert torch.equal(result.padding_mask, mask)
+    # the last layer is the encoder output fine-tuning reads, bit for bit; the default layer too
+    assert torch.equal(result.states[last], joint.output)
+    output, padding_mask = encoder.extract_features(features, lengths)
+    assert torch.equal(output, joint.output) and torch.equal(padding_mask, mask)
+    # layer 0 is the subsampling's output, layer N the speech stack's (its projection is the speech output)
+    subsampled, _ = encoder.speech_encoder.subsample(features, lengths)
+    assert torch.equal(result.states[0], subsampled.masked_fill(mask.unsqueeze(-1), 0.0))
+    projected = encoder.speech_encoder.output_projection(result.states[2]).masked_fill(mask.unsqueeze(-1), 0.0)
+    assert torch.allclose(projected, speech.output, atol=1e-6)
+    # inner layers: the first k layers of each stack, run by hand
+    hidden = subsampled
+    for k, layer in enumerate(encoder.speech_encoder.conformer.layers, start=1):
+        hidden = layer(hidden, mask, *_layer_inputs(encoder.speech_encoder.conformer, hidden, mask))
+        assert torch.allclose(result.states[k], hidden.masked_fill(mask.unsqueeze(-1), 0.0), atol=1e-6), k
+    hidden = encoder.multimodal_encoder.mark_speech(speech.output).masked_fill(mask.unsqueeze(-1), 0.0)
+    for k, layer in enumerate(encoder.multimodal_encoder.conformer.layers, start=3):
+        hidden = layer(hidden, mask, *_layer_inputs(encoder.multimodal_encoder.conformer, hidden, mask))
+        assert torch.allclose(result.states[k], hidden.masked_fill(mask.unsqueeze(-1), 0.0), atol=1e-6), k
+    for state in result.states.values():
+        assert not state[mask].any()  # zero at padding
+
+
+def _layer_inputs(stack, hidden, mask):
+    from slam_fairseq.modules.attention import attention_bias
+
+    return (attention_bias(mask), stack.layers[0].attention.rotary.tables(hidden.shape[1], hidden.device),
+            stack.layers[0].convolution.norm.frames(mask))
+
+
+@torch.no_grad()
+def test_layer_states_of_a_row_are_the_same_alone_and_in_a_padded_batch():
+    encoder = tiny_encoder(speech_encoder_layers=2, multimodal_encoder_layers=2)
+    features, lengths = _batch(1)
+    layers = [0, 1, 2, 3, 4]
+    batched = encoder.layer_states(features, lengths, layers)
+    for row, length in enumerate(lengths.tolist()):
+        alone = encoder.layer_states(features[row:row + 1, :length], lengths[row:row + 1], layers)
+        frames = int((~alone.padding_mask).sum())
+        for layer in layers:
+            assert torch.allclose(batched.states[layer][row, :frames], alone.states[layer][0], atol=1e-5), (row, layer)
+
+
+@torch.no_grad()
+def test_only_the_layers_up_to_the_deepest_asked_for_run_and_unknown_layers_are_refused():
+    encoder = tiny_encoder(speech_encoder_layers=2, multimodal_encoder_layers=2)
+    features, lengths = _batch()
+    calls = []
+    for layer in [*encoder.speech_encoder.conformer.layers, *encoder.multimodal_encoder.conformer.layers]:
+        layer.register_forward_hook(lambda module, inputs, output: calls.append(module))
+    encoder.layer_states(features, lengths, [1])
+    assert len(calls) == 1
+    calls.clear()
+    encoder.layer_states(features, lengths, [3, 0])
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match=r"layer\(s\) \[5, 9\] do not exist: this encoder has layers 0 .* to 4"):
+        encoder.layer_states(features, lengths, [9, 5, 2])
+
+
+@torch.no_grad()
+def test_a_fine_tuned_encoder_extracts_what_its_decoder_reads():
+    from slam_fairseq.models.slam_s2t import SlamSpeechEncoder
+
+    fine_tuned = SlamSpeechEncoder(tiny_encoder(), output_dim=16).eval()
+    features, lengths = _batch()
+    output, padding_mask = fine_tuned.extract_features(features, lengths)
+    encoder_out = fine_tuned(features, lengths)
+    assert torch.equal(padding_mask, encoder_out["encoder_padding_mask"][0])
+    assert torch.equal(output, encoder_out["slam_encoder_out"][0].transpose(0, 1).masked_fill(
+        padding_mask.unsqueeze(-1), 0.0))
+
+
+# -- the .npy writer ------------------------------------------------------------------------------
+def test_npy_rows_round_trip_and_an_aborted_file_never_appears(tmp_path):
+    blocks = [np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros((0, 3)), -np.ones((4, 3))]
+    with NpyRowWriter(str(tmp_path / "a.npy"), 3) as writer:
+        for block in blocks:
+            writer.append(block)
+    loaded = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert loaded.dtype == np.float32 and np.array_equal(loaded, np.concatenate(blocks))
+    with NpyRowWriter(str(tmp_path / "half.npy"), 2, np.float16) as writer:
+        writer.append(np.full((3, 2), 0.5))
+    assert np.load(tmp_path / "half.npy").dtype == np.float16
+    with pytest.raises(ValueError, match=r"a block of shape \(2, 4\), expected \(rows, 3\)"):
+        with NpyRowWriter(str(tmp_path / "bad.npy"), 3) as writer:
+            writer.append(np.zeros((1, 3)))
+            writer.append(np.zeros((2, 4)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "half.npy"]
+    # the header keeps its size for any count, so it can be rewritten in place
+    assert len(_header(np.dtype(np.float32), 0, 1024)) == len(_header(np.dtype(np.float16), 10 ** 15, 1024)) == 128
+
+
+# -- the command, on a checkpoint of a real fairseq-train run -------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(data dir, checkpoint) of 2 updates of slam_tiny (utterance CMVN: the config names no statistics)."""
+    root = tmp_path_factory.mktemp("extract")
+    data_dir = fixtures.build_data_dir(root / "data", real_speech=False, num_speech=8)
+    run = fixtures.run_fairseq(
+        [str(data_dir), "--user-dir", str(REPO_ROOT / "slam_fairseq"), "--task", "slam_pretraining",
+         "--arch", "slam_tiny", "--criterion", "slam_multitask", "--optimizer", "adam", "--lr", "1e-3",
+         "--batch-size", "8", "--max-sentences-speech", "2", "--max-sentences-text", "4",
+         "--max-sentences-pair", "3", "--stage2-start-update", "1", "--max-update", "2",
+         "--save-dir", str(root / "checkpoints"), "--no-epoch-checkpoints", "--cpu", "--seed", "7",
+         "--ddp-backend", "legacy_ddp"], stand_in=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return data_dir, root / "checkpoints" / "checkpoint_last.pt"
+
+
+def _extract(*args, check: bool = True) -> subprocess.CompletedProcess:
+    program = shutil.which(PROGRAM)
+    assert program, f"{PROGRAM} is not installed (pip install -e .)"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    run = subprocess.run([program, *map(str, args), "--cpu"], capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def _read_layer(directory: Path, stem: str):
+    states = np.load(directory / f"{stem}.npy", mmap_mode="r")
+    lengths = [int(line) for line in (directory / f"{stem}.len").read_text().split()]
+    ids = (directory / f"{stem}.ids").read_text().split()
+    assert sum(lengths) == len(states) and len(lengths) == len(ids)
+    return dict(zip(ids, np.split(np.asarray(states), np.cumsum(lengths)[:-1])))
+
+
+@torch.no_grad()
+def _expected(checkpoint: Path, features: np.ndarray, layers):
+    encoder = load_checkpoint_encoder(str(checkpoint)).encoder
+    result = encoder.layer_states(torch.from_numpy(features)[None], torch.tensor([len(features)]), layers)
+    return {layer: state[0].numpy() for layer, state in result.states.items()}
+
+
+def test_extracts_the_checkpoints_layers_for_every_row_in_hubert_s_layout(trained, tmp_path):
+    data_dir, checkpoint = trained
+    manifest = data_dir / "speech_train.tsv"
+    _extract(checkpoint, manifest, tmp_path / "out", "--layer", "4", "0", "2", "--max-frames", "600")
+    rows = read_s2t_manifest(str(manifest))
+    summary = json.loads((tmp_path / "out" / "speech_train_0_1.json").read_text())
+    assert summary["counts"]["extracted"] == len(rows) == 8 and summary["counts"]["skipped"] == 0
+    assert summary["settings"]["layers"] == [0, 2, 4]
+    assert "utterance-level" in summary["settings"]["normalization"]
+    for layer in (0, 2, 4):
+        by_id = _read_layer(tmp_path / "out" / f"layer{layer}", "speech_train_0_1")
+        assert list(by_id) == [row["id"] for row in rows]
+        for row in rows:
+            features = utterance_cmvn(read_features(row["audio"], str(data_dir)))
+            expected = _expected(checkpoint, features, [layer])[layer]
+            assert by_id[row["id"]].shape == expected.shape == (len(expected), 64)
+            assert np.allclose(by_id[row["id"]], expected, atol=1e-5), (layer, row["id"])
+
+
+def test_shards_cut_the_rows_in_order_and_a_done_shard_is_not_redone(trained, tmp_path):
+    data_dir, checkpoint = trained
+    manifest = data_dir / "speech_train.tsv"
+    _extract(checkpoint, manifest, tmp_path / "whole", "--layer", "3")
+    whole = _read_layer(tmp_path / "whole" / "layer3", "speech_train_0_1")
+    parts = {}
+    for shard in range(3):
+        _extract(checkpoint, manifest, tmp_path / "shards", "--layer", "3", "--shard", shard, "--num-shards", 3)
+        parts.update(_read_layer(tmp_path / "shards" / "layer3", f"speech_train_{shard}_3"))
+    assert list(parts) == list(whole)
+    assert all(np.allclose(parts[key], whole[key], atol=1e-5) for key in whole)
+    written = tmp_path / "shards" / "layer3" / "speech_train_1_3.npy"
+    before = written.stat().st_mtime_ns
+    again = _extract(checkpoint, manifest, tmp_path / "shards", "--layer", "3", "--shard", 1, "--num-shards", 3)
+    assert "already done with the same settings" in again.stdout and written.stat().st_mtime_ns == before
+    _extract(checkpoint, manifest, tmp_path / "shards", "--layer", "3", "--shard", 1, "--num-shards", 3,
+             "--dtype", "float16")
+    assert np.load(written).dtype == np.float16  # other settings: done again
+
+
+def test_unreadable_and_short_rows_are_listed_and_the_rest_is_kept(trained, tmp_path):
+    data_dir, checkpoint = trained
+    rows = read_s2t_manifest(str(data_dir / "speech_train.tsv"))[:3]
+    np.save(data_dir / "short.npy", np.random.default_rng(0).normal(size=(5, 80)).astype(np.float32))
+    rows.insert(1, dict(rows[0], id="missing", audio="fbank/nowhere.npy"))
+    rows.insert(3, dict(rows[0], id="short", audio="short.npy", n_frames="5"))
+    manifest = data_dir / "with_bad_rows.tsv"
+    write_s2t_manifest(str(manifest), rows)
+    run = _extract(checkpoint, manifest, tmp_path / "out")
+    stem = "with_bad_rows_0_1"
+    skipped = (tmp_path / "out" / f"{stem}.skipped.tsv").read_text().splitlines()
+    assert len(skipped) == 2 and skipped[1].startswith("missing\tfbank/nowhere.npy\t")
+    assert "nowhere.npy" in skipped[1] and "1 of 5 rows could not be read" in run.stdout
+    lengths = (tmp_path / "out" / "layer4" / f"{stem}.len").read_text().split()
+    ids = (tmp_path / "out" / "layer4" / f"{stem}.ids").read_text().split()
+    assert ids == [rows[0]["id"], rows[2]["id"], "short", rows[4]["id"]]
+    assert lengths[2] == "0" and all(int(n) > 0 for n in lengths[:2] + lengths[3:])
+    strict = _extract(checkpoint, manifest, tmp_path / "strict", "--strict", check=False)
+    assert strict.returncode == 1
+    assert f"{manifest}: row 'missing'" in strict.stdout and "nowhere.npy" in strict.stdout
+    assert not (tmp_path / "strict" / "layer4").exists() or not any((tmp_path / "strict" / "layer4").iterdir())
+
+
+def test_the_training_normalisation_is_read_from_the_run_s_data_or_given(trained, tmp_path):
+    data_dir, checkpoint = trained
+    # a copy of the data with global CMVN statistics, named by the checkpoint's run
+    moved = tmp_path / "data"
+    shutil.copytree(data_dir, moved)
+    mean, std = np.linspace(-1, 1, 80).astype(np.float32), np.linspace(0.5, 2, 80).astype(np.float32)
+    np.savez(moved / "cmvn.npz", mean=mean, std=std)
+    fixtures.write_config(moved, moved / "spm_unigram60.model", cmvn_stats=moved / "cmvn.npz")
+    state = torch.load(str(checkpoint), weights_only=False)
+    state["cfg"]["task"]["data"] = str(tmp_path / "gone")
+    moved_checkpoint = tmp_path / "moved.pt"
+    torch.save(state, str(moved_checkpoint))
+    manifest = moved / "speech_valid.tsv"
+    refused = _extract(moved_checkpoint, manifest, tmp_path / "out", check=False)
+    assert refused.returncode == 1
+    assert str(tmp_path / "gone") in refused.stdout and "--data DIR" in refused.stdout
+    _extract(moved_checkpoint, manifest, tmp_path / "out", "--data", moved, "--layer", "1")
+    summary = json.loads((tmp_path / "out" / "speech_valid_0_1.json").read_text())
+    assert summary["settings"]["normalization"].startswith(f"global CMVN from {moved / 'cmvn.npz'}")
+    row = read_s2t_manifest(str(manifest))[0]
+    expected = _expected(checkpoint, (read_features(row["audio"], str(moved)) - mean) / std, [1])[1]
+    by_id = _read_layer(tmp_path / "out" / "layer1", "speech_valid_0_1")
+    assert np.allclose(by_id[row["id"]], expected, atol=1e-5)
+    # named instead of read: no data directory needed
+    _extract(moved_checkpoint, manifest, tmp_path / "named", "--normalization", "global", "--global-cmvn",
+             moved / "cmvn.npz", "--layer", "1")
+    assert np.allclose(_read_layer(tmp_path / "named" / "layer1", "speech_valid_0_1")[row["id"]], expected, atol=1e-5)
+
+
+def _wavs(directory: Path, count: int = 3):
+    rng = np.random.default_rng(4)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index in range(count):
+        name = f"spk/utt{index}.wav"
+        (directory / "spk").mkdir(exist_ok=True)
+        samples = (0.1 * rng.standard_normal(16000 // 2 + 1600 * index)).astype(np.float32)
+        sf.write(str(directory / name), samples, 16000, subtype="PCM_16")
+        names.append((name, len(samples)))
+    return names
+
+
+def test_a_wav2vec_list_of_audio_files_gives_the_states_of_their_log_mel_frames(trained, tmp_path):
+    _, checkpoint = trained
+    audio = tmp_path / "audio"
+    names = _wavs(audio)
+    listing = tmp_path / "train.tsv"
+    listing.write_text(f"{audio}\n" + "".join(f"{name}\t{samples}\n" for name, samples in names))
+    _extract(checkpoint, listing, tmp_path / "out", "--normalization", "utterance", "--layer", "2")
+    by_id = _read_layer(tmp_path / "out" / "layer2", "train_0_1")
+    assert list(by_id) == [name for name, _ in names]
+    for name, _ in names:
+        samples, _ = sf.read(str(audio / name), dtype="float32")
+        expected = _expected(checkpoint, utterance_cmvn(compute_fbank(samples)), [2])[2]
+        assert np.allclose(by_id[name], expected, atol=1e-5)
+
+
+def test_a_fine_tuned_checkpoint_uses_its_speech_to_text_evaluation_transforms(tmp_path):
+    import yaml
+
+    model, cfg = build_slam_model(seed=2)
+    state = {key: value for key, value in model.state_dict().items()
+             if key.startswith(("encoder.speech_encoder.", "encoder.multimodal_encoder."))}
+    state["encoder.output_projection.weight"] = torch.zeros(16, cfg.encoder_embed_dim)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    mean, std = np.full(80, 2.0, np.float32), np.full(80, 4.0, np.float32)
+    np.savez(data_dir / "gcmvn.npz", mean=mean, std=std)
+    (data_dir / "config_asr.yaml").write_text(yaml.safe_dump({
+        "input_feat_per_channel": 80, "global_cmvn": {"stats_npz_path": str(data_dir / "gcmvn.npz")},
+        "transforms": {"_train": ["global_cmvn", "specaugment"], "*": ["global_cmvn"]},
+        "specaugment": {"freq_mask_F": 27, "freq_mask_N": 2, "time_mask_N": 2, "time_mask_T": 40,
+                        "time_mask_p": 1.0, "time_wrap_W": 0}}))
+    checkpoint = save_fairseq_checkpoint(tmp_path / "fine_tuned.pt", state,
+                                         dict(dataclasses.asdict(cfg), _name="slam_s2t_tiny"), "speech_to_text")
+    saved = torch.load(str(checkpoint), weights_only=False)
+    saved["cfg"]["task"].update(data=str(data_dir), config_yaml="config_asr.yaml")
+    torch.save(saved, str(checkpoint))
+    names = _wavs(tmp_path / "audio", count=2)
+    manifest = tmp_path / "audio" / "test.tsv"
+    write_s2t_manifest(str(manifest), [{"id": f"u{i}", "audio": name, "n_frames": samples // 160, "tgt_text": "x",
+                                        "speaker": "s"} for i, (name, samples) in enumerate(names)])
+    _extract(checkpoint, manifest, tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "test_0_1.json").read_text())
+    assert summary["settings"]["normalization"] == f"GlobalCMVN from {data_dir / 'config_asr.yaml'}"
+    by_id = _read_layer(tmp_path / "out" / "layer4", "test_0_1")
+    for index, (name, _) in enumerate(names):
+        samples, _ = sf.read(str(tmp_path / "audio" / name), dtype="float32")
+        expected = _expected(checkpoint, (compute_fbank(samples) - mean) / std, [4])[4]
+        assert np.allclose(by_id[f"u{index}"], expected, atol=1e-5)
