@@ -142,6 +142,17 @@ def test_npy_rows_round_trip_and_an_aborted_file_never_appears(tmp_path):
     assert len(_header(np.dtype(np.float32), 0, 1024)) == len(_header(np.dtype(np.float16), 10 ** 15, 1024)) == 128
 
 
+def test_rows_are_batched_longest_first_within_the_frame_budget():
+    from slam_fairseq.feature_extraction.cli import length_sorted_batches
+
+    lengths = [50, 900, 120, 880, 60, 3000, 130]
+    batches = length_sorted_batches(lengths, 2000)
+    assert batches == [[5], [1, 3], [6, 2, 4, 0]]  # a row over the budget alone; similar lengths together
+    assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+    for batch in batches[1:]:
+        assert max(lengths[i] for i in batch) * len(batch) <= 2000
+
+
 # -- the command, on a checkpoint of a real fairseq-train run -------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

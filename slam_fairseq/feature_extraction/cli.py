@@ -16,8 +16,9 @@ if some rows could not be read, ``NAME_SHARD_NUMSHARDS.skipped.tsv`` (id, audio,
 encoder's; the default is N + M, the encoder's output (:mod:`slam_fairseq.encoders.layer_states`).
 
 Frames are normalised as the checkpoint was trained (``--normalization checkpoint``, read from the
-run's data directory, or ``--data``); rows are batched in manifest order up to ``--max-frames``
-padded frames (a row gives the same states alone or in a batch, to float rounding). Files appear
+run's data directory, or ``--data``). Rows are read 8 batches' worth at a time, sorted by length
+and batched up to ``--max-frames`` padded frames (a row gives the same states alone or in a batch,
+to float rounding); the outputs keep the manifest's order. Files appear
 when the shard is done, and a shard already done with the same settings is not redone, so a list
 of shards can be re-run after a kill. A row that cannot be read is skipped and listed (``--strict``:
 an error naming it); a row under 7 frames has no encoder frame and gets a length of 0.
@@ -47,9 +48,10 @@ from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES
 
 logger = logging.getLogger("slam_fairseq.extract_features")
 
-__all__ = ["main", "extract_features", "build_parser"]
+__all__ = ["main", "extract_features", "build_parser", "length_sorted_batches"]
 
 _SECONDS_PER_FRAME = 0.01
+SORT_WINDOW_BATCHES = 8  # rows are read this many batches' worth of frames at a time and sorted by length
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,13 +162,14 @@ def extract_features(args: argparse.Namespace) -> Dict[str, object]:
     counts = {"rows": end - start, "extracted": 0, "skipped": 0, "too_short": 0, "input_frames": 0, "frames": 0}
     skipped: List[Tuple[str, str, str]] = []
     started = last_report = time.perf_counter()
-    batch: List[Tuple[str, np.ndarray]] = []
+    window: List[Tuple[str, Optional[np.ndarray]]] = []  # rows read, in manifest order; None: under 7 frames
+    window_frames = 0
 
-    def run_batch() -> None:
-        for row_id, states in _encode(encoder, batch, layers, device, args):
+    def run_window() -> None:
+        for row_id, states in _encode_window(encoder, window, layers, device, args):
             outputs.add(row_id, states)
             counts["frames"] += len(next(iter(states.values())))
-        batch.clear()
+        window.clear()
 
     try:
         for row in inputs.rows[start:end]:
@@ -181,22 +184,21 @@ def extract_features(args: argparse.Namespace) -> Dict[str, object]:
             counts["extracted"] += 1
             counts["input_frames"] += len(features)
             if len(features) < MIN_INPUT_FRAMES:
-                run_batch()  # keep the rows in order
                 counts["too_short"] += 1
-                outputs.add(row.id, {layer: np.zeros((0, encoder.embed_dim), np.float32) for layer in layers})
+                window.append((row.id, None))
                 continue
-            features = transform(features)
-            longest = max([len(features)] + [len(f) for _, f in batch])
-            if batch and longest * (len(batch) + 1) > args.max_frames:
-                run_batch()
-            batch.append((row.id, features))
+            window.append((row.id, transform(features)))
+            window_frames += len(features)
+            if window_frames >= SORT_WINDOW_BATCHES * args.max_frames:
+                run_window()
+                window_frames = 0
             now = time.perf_counter()
             if now - last_report > 60:
                 last_report = now
                 logger.info(f"{counts['extracted'] + len(skipped)} of {counts['rows']} rows, "
                             f"{counts['input_frames'] * _SECONDS_PER_FRAME / 3600:.2f} h of audio, "
                             f"{counts['input_frames'] * _SECONDS_PER_FRAME / (now - started):.0f}x real time")
-        run_batch()
+        run_window()
         outputs.close()
     except BaseException:
         outputs.abort()
@@ -222,22 +224,50 @@ def extract_features(args: argparse.Namespace) -> Dict[str, object]:
     return summary
 
 
+def length_sorted_batches(lengths: Sequence[int], max_frames: int) -> List[List[int]]:
+    """Indices of rows grouped into batches of at most ``max_frames`` padded frames (a longer row
+    alone), longest rows first, so that rows of similar length share a batch."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    batches: List[List[int]] = []
+    for index in order:
+        # sorted longest first: a batch's first row is its longest
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_frames:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def _encode_window(encoder, window: List[Tuple[str, Optional[np.ndarray]]], layers: Sequence[int],
+                   device: torch.device, args: argparse.Namespace):
+    """Yield (row id, {layer: (T', D) float32 states}) for each row of the window, in its order;
+    rows without features (under 7 frames) get (0, D) states."""
+    readable = [index for index, (_, features) in enumerate(window) if features is not None]
+    states: Dict[int, Dict[int, np.ndarray]] = {}
+    lengths = [len(window[index][1]) for index in readable]
+    for batch in length_sorted_batches(lengths, args.max_frames):
+        rows = [readable[position] for position in batch]
+        for index, row_states in zip(rows, _encode(encoder, [window[index][1] for index in rows], layers, device,
+                                                   args)):
+            states[index] = row_states
+    empty = {layer: np.zeros((0, encoder.embed_dim), np.float32) for layer in layers}
+    for index, (row_id, _) in enumerate(window):
+        yield row_id, states.pop(index, empty)
+
+
 @torch.no_grad()
-def _encode(encoder, batch: List[Tuple[str, np.ndarray]], layers: Sequence[int], device: torch.device,
-            args: argparse.Namespace):
-    """Yield (row id, {layer: (T', D) float32 states}) for each row of a batch, in order."""
-    if not batch:
-        return
-    lengths = torch.tensor([len(features) for _, features in batch])
-    padded = torch.zeros(len(batch), int(lengths.max()), batch[0][1].shape[1])
-    for row, (_, features) in enumerate(batch):
+def _encode(encoder, batch: List[np.ndarray], layers: Sequence[int], device: torch.device,
+            args: argparse.Namespace) -> List[Dict[int, np.ndarray]]:
+    """{layer: (T', D) float32 states} of each (T, F) row of a batch, in order."""
+    lengths = torch.tensor([len(features) for features in batch])
+    padded = torch.zeros(len(batch), int(lengths.max()), batch[0].shape[1])
+    for row, features in enumerate(batch):
         padded[row, :len(features)] = torch.from_numpy(features)
     with _autocast(device, args):
         result = encoder.layer_states(padded.to(device), lengths.to(device), layers)
     output_lengths = (~result.padding_mask).sum(dim=1).tolist()
     states = {layer: value.float().cpu().numpy() for layer, value in result.states.items()}
-    for row, (row_id, _) in enumerate(batch):
-        yield row_id, {layer: value[row, :output_lengths[row]] for layer, value in states.items()}
+    return [{layer: value[row, :output_lengths[row]] for layer, value in states.items()} for row in range(len(batch))]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
