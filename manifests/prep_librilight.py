@@ -81,6 +81,9 @@ def main(argv=None) -> core.RunSummary:
         groups.setdefault(split, []).extend(list_librilight_dir(args.root / directory))
     if args.valid_items > 0:
         first = split_map[0][1]
+        if args.valid_items >= len(groups[first]):
+            raise core.UsageError(f"--valid-items {args.valid_items} would move all {len(groups[first])} files of "
+                                  f"split {first!r} to valid, leaving nothing to train on; give fewer")
         groups[first], held = hold_out(groups[first], args.valid_items)
         groups.setdefault("valid", []).extend(held)
     if args.cmvn == "global" and args.train_split not in groups:

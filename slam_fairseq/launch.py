@@ -198,10 +198,13 @@ def _free_local_port() -> int:
 def _single_process_fsdp_args(argv: Sequence[str], cuda_available: bool, cuda_device_count: int) -> List[str]:
     """``--ddp-backend fully_sharded`` in one process on one GPU: fairscale's FSDP needs a process
     group, which fairseq creates only when given an init method, so the process gets a one-member
-    rendezvous on a free local port. ``[]`` for anything else: other backends, the CPU, a command
-    that sets an init method, or several GPUs without ``--distributed-world-size 1`` (fairseq then
-    spawns one process per GPU itself)."""
+    rendezvous on a free local port. ``[]`` for anything else: other backends, a command that sets
+    an init method, or several GPUs without ``--distributed-world-size 1`` (fairseq then spawns one
+    process per GPU itself). On the CPU, ``fully_sharded`` is refused (ValueError)."""
     use_cuda = _trains_on_cuda(argv, cuda_available)
+    if _value(argv, "--ddp-backend") == "fully_sharded" and not use_cuda:
+        raise ValueError(f"--ddp-backend fully_sharded cannot run on the CPU with fairseq 0.12 "
+                         f"({_CUDA_ONLY_DDP_BACKENDS['fully_sharded']}); use --ddp-backend {DEFAULT_DDP_BACKEND}")
     if _value(argv, "--ddp-backend") != "fully_sharded" or not use_cuda or _given(argv, "--distributed-init-method"):
         return []
     world_size = _value(argv, "--distributed-world-size")

@@ -117,12 +117,14 @@ def test_fully_sharded_in_one_cuda_process_gets_a_one_process_rendezvous():
                      "--device-id": "0", "--distributed-backend": "nccl"}
     single = dict(TORCHRUN, WORLD_SIZE="1", RANK="0")
     assert "--distributed-init-method" in _flags(distributed_args(single, ["--ddp-backend=fully_sharded"], True))
-    # what the command already says wins; nothing on the CPU or for other backends
+    # what the command already says wins; nothing for other backends
     given = ["--ddp-backend", "fully_sharded", "--distributed-init-method", "tcp://h:1"]
     assert distributed_args({}, given, True) == []
-    assert distributed_args({}, ["--ddp-backend", "fully_sharded", "--cpu"], True) == []
-    assert distributed_args({}, ["--ddp-backend", "fully_sharded"], False) == []
     assert distributed_args({}, ["--ddp-backend", "legacy_ddp"], True) == []
+    # on the CPU, one process too: refused with the reason, not fairscale's process-group error
+    for argv, cuda in ((["--ddp-backend", "fully_sharded", "--cpu"], True), (["--ddp-backend", "fully_sharded"], False)):
+        with pytest.raises(ValueError, match="--ddp-backend fully_sharded cannot run on the CPU.*legacy_ddp"):
+            distributed_args({}, argv, cuda)
     # several GPUs: fairseq starts one process per GPU itself, unless the command asks for one
     assert distributed_args({}, ["--ddp-backend", "fully_sharded"], True, cuda_device_count=8) == []
     one_of_eight = ["--ddp-backend", "fully_sharded", "--distributed-world-size", "1"]

@@ -41,3 +41,13 @@ def test_speech_manifests_with_segments_and_valid(librilight_tree, tmp_path):
     assert [(entry["reason"], os.path.basename(entry["item"])) for entry in entries] == [("silent", "04_silence.flac")]
     assert "04_silence.flac" in result.stdout
     assert load_summary(out, "librilight")["audio_items"] == len(train) + len(valid)
+
+
+def test_valid_items_that_would_take_every_file_is_an_error_before_any_work(librilight_tree, tmp_path):
+    out = tmp_path / "out"
+    result = run_script("prep_librilight.py", "--root", librilight_tree["root"], "--out", out,
+                        "--valid-items", "50", "--no-progress", check=False)
+    assert result.returncode != 0
+    assert "--valid-items 50 would move all" in result.stderr + result.stdout
+    assert "leaving nothing to train on" in result.stderr + result.stdout
+    assert not (out / "fbank").exists() or not any((out / "fbank").iterdir())

@@ -377,6 +377,11 @@ def test_hydra_tiny_demo_config_starts(data_dir, tmp_path):
     assert (tmp_path / "checkpoints" / "checkpoint_last.pt").is_file()
     params = int(output.split("num. shared model params: ")[1].split(" ")[0].replace(",", ""))
     assert params < 2_000_000, "the tiny demo must build a tiny model"
+    # the demo's objectives: a Gumbel quantizer on the subsampling output collapses at this size
+    saved = torch.load(str(tmp_path / "checkpoints" / "checkpoint_last.pt"), weights_only=False)["cfg"]
+    assert (saved["model"]["quantizer_type"], saved["model"]["quantizer_input"]) == ("random_projection", "features")
+    if not stand_in:
+        assert float(saved["criterion"]["pair_ctc_weight"]) == 10.0
 
 
 def test_hydra_paper_config_takes_size_overrides_and_paths_relative_to_where_it_starts(data_dir, tmp_path):
