@@ -7,7 +7,8 @@ Same keys as ``examples/speech_to_text/data_utils.gen_config_yaml`` so that fair
 ``global_cmvn: {stats_npz_path}``, ``prepend_tgt_lang_tag``. File names are written relative to the
 data directory (fairseq resolves them against the config's directory); ``audio_root`` is the data
 directory's absolute path, because fairseq resolves manifest ``audio`` paths against it (relative
-to the working directory when empty). Move a data directory: update ``audio_root``.
+to the working directory when empty). With the plugin imported a copied or moved data directory
+still reads its own files (``slam_fairseq.compat.data_config_paths``).
 """
 from __future__ import annotations
 

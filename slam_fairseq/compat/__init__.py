@@ -10,6 +10,9 @@ message, rather than somewhere in the middle of a run. What it holds:
   (applied on import; stock fairseq paths with a working backend are unchanged);
 - :mod:`~slam_fairseq.compat.cut_audio`: a WARNING naming a WAV cut short that fairseq reads
   (applied on import; fairseq reads it as before);
+- :mod:`~slam_fairseq.compat.data_config_paths`: an S2T data config's ``audio_root`` and global
+  CMVN statistics found from the config's directory, so a copied or moved data directory works
+  (applied on import);
 - :mod:`~slam_fairseq.compat.fairseq_internals`: the few private attributes of fairseq's config
   nodes, dataclasses, iterators and checkpoint rules that the plugin relies on.
 """
@@ -42,6 +45,7 @@ check_fairseq_version(_installed_fairseq_version())
 
 from slam_fairseq.compat.checkpoints import allow_fairseq_checkpoint_types  # noqa: E402
 from slam_fairseq.compat.cut_audio import install_cut_audio_warning  # noqa: E402
+from slam_fairseq.compat.data_config_paths import install_data_config_paths  # noqa: E402
 from slam_fairseq.compat.fairseq_internals import track_plateau_schedulers  # noqa: E402
 from slam_fairseq.compat.fbank import install_fbank_backend  # noqa: E402
 
@@ -49,3 +53,4 @@ allow_fairseq_checkpoint_types()
 track_plateau_schedulers()
 install_fbank_backend()
 install_cut_audio_warning()
+install_data_config_paths()
