@@ -2,13 +2,13 @@
 
 The header is written with room for any row count and rewritten, same size, when the file is
 closed, so that ``np.load(path, mmap_mode="r")`` reads the result as one (rows, width) array
-without a second copy of the data. The file appears under its name only when closed (atomic
-rename); a run stopped before that leaves no file that looks finished.
+without a second copy of the data. The rows go to ``.NAME.partial`` beside the file, renamed onto
+it when closed: a run stopped before that leaves no file that looks finished, and a later writer
+of the same file starts the partial one over instead of leaving it behind.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
@@ -44,10 +44,11 @@ class NpyRowWriter:
         self.width = int(width)
         self.dtype = np.dtype(dtype)
         self.rows = 0
-        directory = os.path.dirname(os.path.abspath(self.path))
+        directory, name = os.path.split(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        descriptor, self._temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(self.path))
-        self._handle = os.fdopen(descriptor, "wb")
+        # a fixed name: a run killed before close() leaves it, and the next writer of this file reuses it
+        self._temporary = os.path.join(directory, f".{name}.partial")
+        self._handle = open(self._temporary, "wb")
         self._handle.write(_header(self.dtype, 0, self.width))
 
     def append(self, block: np.ndarray) -> None:
@@ -55,7 +56,12 @@ class NpyRowWriter:
         block = np.asarray(block)
         if block.ndim != 2 or block.shape[1] != self.width:
             raise ValueError(f"{self.path}: a block of shape {block.shape}, expected (rows, {self.width})")
-        self._handle.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        with np.errstate(over="ignore"):
+            stored = np.ascontiguousarray(block, dtype=self.dtype)
+        if self.dtype.kind == "f" and not np.isfinite(stored).all() and np.isfinite(block).all():
+            raise ValueError(f"{self.path}: values beyond {self.dtype.name}'s range (largest magnitude "
+                             f"{float(np.abs(block).max()):.4g}); store them in a wider type")
+        self._handle.write(stored.tobytes())
         self.rows += len(block)
 
     def close(self) -> None:

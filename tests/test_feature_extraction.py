@@ -8,8 +8,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,10 @@ def test_a_fine_tuned_encoder_extracts_what_its_decoder_reads():
     assert torch.equal(padding_mask, encoder_out["encoder_padding_mask"][0])
     assert torch.equal(output, encoder_out["slam_encoder_out"][0].transpose(0, 1).masked_fill(
         padding_mask.unsqueeze(-1), 0.0))
+    # an utterance under 7 frames is extended as the decoder's input is: one state
+    short, short_lengths = features[:1, :5], torch.tensor([5])
+    output, padding_mask = fine_tuned.extract_features(short, short_lengths)
+    assert output.shape[1] == 1 and torch.equal(output[:, 0], fine_tuned(short, short_lengths)["slam_encoder_out"][0][0])
 
 
 # -- the .npy writer ------------------------------------------------------------------------------
@@ -143,7 +149,7 @@ def test_npy_rows_round_trip_and_an_aborted_file_never_appears(tmp_path):
 
 
 def test_rows_are_batched_longest_first_within_the_frame_budget():
-    from slam_fairseq.feature_extraction.cli import length_sorted_batches
+    from slam_fairseq.feature_extraction.encoding import length_sorted_batches
 
     lengths = [50, 900, 120, 880, 60, 3000, 130]
     batches = length_sorted_batches(lengths, 2000)
@@ -201,9 +207,9 @@ def test_extracts_the_checkpoints_layers_for_every_row_in_hubert_s_layout(traine
     _extract(checkpoint, manifest, tmp_path / "out", "--layer", "4", "0", "2", "--max-frames", "600")
     rows = read_s2t_manifest(str(manifest))
     summary = json.loads((tmp_path / "out" / "speech_train_0_1.json").read_text())
-    assert summary["counts"]["extracted"] == len(rows) == 8 and summary["counts"]["skipped"] == 0
-    assert summary["settings"]["layers"] == [0, 2, 4]
-    assert "utterance-level" in summary["settings"]["normalization"]
+    assert summary["counts"]["with_states"] == summary["counts"]["rows"] == len(rows) == 8
+    assert summary["layers"] == [0, 2, 4]
+    assert "utterance-level" in summary["normalization"]
     for layer in (0, 2, 4):
         by_id = _read_layer(tmp_path / "out" / f"layer{layer}", "speech_train_0_1")
         assert list(by_id) == [row["id"] for row in rows]
@@ -232,9 +238,19 @@ def test_shards_cut_the_rows_in_order_and_a_done_shard_is_not_redone(trained, tm
     _extract(checkpoint, manifest, tmp_path / "shards", "--layer", "3", "--shard", 1, "--num-shards", 3,
              "--dtype", "float16")
     assert np.load(written).dtype == np.float16  # other settings: done again
+    # the manifest written again (other rows): done again, not taken from the old files
+    copy = tmp_path / "speech_train.tsv"
+    write_s2t_manifest(str(copy), [dict(row, audio=str(data_dir / row["audio"]))
+                                   for row in read_s2t_manifest(str(manifest))])
+    _extract(checkpoint, copy, tmp_path / "moving", "--layer", "3")
+    write_s2t_manifest(str(copy), [dict(row, audio=str(data_dir / row["audio"]))
+                                   for row in read_s2t_manifest(str(manifest))[:2]])
+    redone = _extract(checkpoint, copy, tmp_path / "moving", "--layer", "3")
+    assert "already done" not in redone.stdout
+    assert len(_read_layer(tmp_path / "moving" / "layer3", "speech_train_0_1")) == 2
 
 
-def test_unreadable_and_short_rows_are_listed_and_the_rest_is_kept(trained, tmp_path):
+def test_rows_without_states_keep_their_place_with_length_zero_and_are_listed(trained, tmp_path):
     data_dir, checkpoint = trained
     rows = read_s2t_manifest(str(data_dir / "speech_train.tsv"))[:3]
     np.save(data_dir / "short.npy", np.random.default_rng(0).normal(size=(5, 80)).astype(np.float32))
@@ -245,16 +261,43 @@ def test_unreadable_and_short_rows_are_listed_and_the_rest_is_kept(trained, tmp_
     run = _extract(checkpoint, manifest, tmp_path / "out")
     stem = "with_bad_rows_0_1"
     skipped = (tmp_path / "out" / f"{stem}.skipped.tsv").read_text().splitlines()
-    assert len(skipped) == 2 and skipped[1].startswith("missing\tfbank/nowhere.npy\t")
-    assert "nowhere.npy" in skipped[1] and "1 of 5 rows could not be read" in run.stdout
+    assert [line.split("\t")[:2] for line in skipped[1:]] == [["missing", "fbank/nowhere.npy"], ["short", "short.npy"]]
+    assert "nowhere.npy" in skipped[1].split("\t")[2] and "under 7" in skipped[2].split("\t")[2]
+    assert "2 of 5 rows have no states (1 unreadable, 1 under 7 frames, 0 failed)" in run.stdout
+    # one entry per manifest row, in order, as HuBERT's label files need
     lengths = (tmp_path / "out" / "layer4" / f"{stem}.len").read_text().split()
-    ids = (tmp_path / "out" / "layer4" / f"{stem}.ids").read_text().split()
-    assert ids == [rows[0]["id"], rows[2]["id"], "short", rows[4]["id"]]
-    assert lengths[2] == "0" and all(int(n) > 0 for n in lengths[:2] + lengths[3:])
+    assert (tmp_path / "out" / "layer4" / f"{stem}.ids").read_text().split() == [row["id"] for row in rows]
+    assert [n == "0" for n in lengths] == [False, True, False, True, False]
     strict = _extract(checkpoint, manifest, tmp_path / "strict", "--strict", check=False)
     assert strict.returncode == 1
     assert f"{manifest}: row 'missing'" in strict.stdout and "nowhere.npy" in strict.stdout
-    assert not (tmp_path / "strict" / "layer4").exists() or not any((tmp_path / "strict" / "layer4").iterdir())
+    assert not [path for path in (tmp_path / "strict").rglob("*") if path.is_file()]  # no file left behind
+    too_many = _extract(checkpoint, manifest, tmp_path / "shards", "--num-shards", 6, "--shard", 5, check=False)
+    assert too_many.returncode == 1 and "5 rows cannot make 6 shards" in too_many.stdout
+
+
+def test_a_terminated_run_leaves_no_files_and_a_rerun_finishes(trained, tmp_path):
+    data_dir, checkpoint = trained
+    rows = read_s2t_manifest(str(data_dir / "speech_train.tsv"))
+    manifest = data_dir / "long.tsv"
+    write_s2t_manifest(str(manifest), [dict(row, id=f"{row['id']}-{k}") for k in range(400) for row in rows])
+    program = shutil.which(PROGRAM)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    process = subprocess.Popen([program, str(checkpoint), str(manifest), str(tmp_path / "out"), "--cpu",
+                                "--max-frames", "2000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env)
+    for line in process.stdout:  # the shard has started writing
+        if "layers [4] of rows" in line:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not list((tmp_path / "out").rglob("*.npy")) and not list((tmp_path / "out").rglob(".*.partial"))
+    assert not list((tmp_path / "out").rglob("*.json"))
+    short = data_dir / "short_list.tsv"
+    write_s2t_manifest(str(short), rows[:2])
+    _extract(checkpoint, short, tmp_path / "out")
+    assert len((tmp_path / "out" / "layer4" / "short_list_0_1.ids").read_text().split()) == 2
 
 
 def test_the_training_normalisation_is_read_from_the_run_s_data_or_given(trained, tmp_path):
@@ -275,7 +318,7 @@ def test_the_training_normalisation_is_read_from_the_run_s_data_or_given(trained
     assert str(tmp_path / "gone") in refused.stdout and "--data DIR" in refused.stdout
     _extract(moved_checkpoint, manifest, tmp_path / "out", "--data", moved, "--layer", "1")
     summary = json.loads((tmp_path / "out" / "speech_valid_0_1.json").read_text())
-    assert summary["settings"]["normalization"].startswith(f"global CMVN from {moved / 'cmvn.npz'}")
+    assert summary["normalization"].startswith(f"global CMVN from {moved / 'cmvn.npz'}")
     row = read_s2t_manifest(str(manifest))[0]
     expected = _expected(checkpoint, (read_features(row["audio"], str(moved)) - mean) / std, [1])[1]
     by_id = _read_layer(tmp_path / "out" / "layer1", "speech_valid_0_1")
@@ -327,7 +370,7 @@ def test_a_fine_tuned_checkpoint_uses_its_speech_to_text_evaluation_transforms(t
     np.savez(data_dir / "gcmvn.npz", mean=mean, std=std)
     (data_dir / "config_asr.yaml").write_text(yaml.safe_dump({
         "input_feat_per_channel": 80, "global_cmvn": {"stats_npz_path": str(data_dir / "gcmvn.npz")},
-        "transforms": {"_train": ["global_cmvn", "specaugment"], "*": ["global_cmvn"]},
+        "transforms": {"_train": ["global_cmvn", "specaugment"], "*": ["global_cmvn", "specaugment"]},
         "specaugment": {"freq_mask_F": 27, "freq_mask_N": 2, "time_mask_N": 2, "time_mask_T": 40,
                         "time_mask_p": 1.0, "time_wrap_W": 0}}))
     checkpoint = save_fairseq_checkpoint(tmp_path / "fine_tuned.pt", state,
@@ -341,9 +384,70 @@ def test_a_fine_tuned_checkpoint_uses_its_speech_to_text_evaluation_transforms(t
                                         "speaker": "s"} for i, (name, samples) in enumerate(names)])
     _extract(checkpoint, manifest, tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "test_0_1.json").read_text())
-    assert summary["settings"]["normalization"] == f"GlobalCMVN from {data_dir / 'config_asr.yaml'}"
+    # SpecAugment is random: never applied to extracted features, even where the config asks for it
+    assert summary["normalization"] == (f"GlobalCMVN from {data_dir / 'config_asr.yaml'} "
+                                        "(left out: SpecAugmentTransform)")
     by_id = _read_layer(tmp_path / "out" / "layer4", "test_0_1")
     for index, (name, _) in enumerate(names):
         samples, _ = sf.read(str(tmp_path / "audio" / name), dtype="float32")
         expected = _expected(checkpoint, (compute_fbank(samples) - mean) / std, [4])[4]
         assert np.allclose(by_id[f"u{index}"], expected, atol=1e-5)
+
+
+# -- edges: memory, precision, lists ----------------------------------------------------------------
+class _OutOfMemoryForBatches(torch.nn.Module):
+    """An encoder whose batches of more than one row run out of memory, and rows over 60 frames too."""
+
+    embed_dim = 4
+
+    def layer_states(self, features, lengths, layers):
+        from slam_fairseq.encoders.layer_states import LayerStates
+
+        if len(features) > 1 or int(lengths.max()) > 60:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        frames = int(lengths[0]) // 4
+        return LayerStates({layer: torch.full((1, frames, 4), float(int(lengths[0]))) for layer in layers},
+                           torch.zeros(1, frames, dtype=torch.bool))
+
+
+def test_a_batch_out_of_memory_runs_row_by_row_and_a_row_too_long_alone_is_reported():
+    from slam_fairseq.feature_extraction.encoding import encode_window
+
+    window = [np.zeros((40, 80), np.float32), None, np.zeros((80, 80), np.float32), np.zeros((20, 80), np.float32)]
+    results = list(encode_window(_OutOfMemoryForBatches(), window, [3], 10_000, torch.device("cpu")))
+    assert [r.problem is None for r in results] == [True, True, False, True]
+    assert results[0].states[3].shape == (10, 4) and float(results[0].states[3][0, 0]) == 40
+    assert results[1].states[3].shape == (0, 4) and results[3].states[3].shape == (5, 4)
+    assert results[2].problem == "out of memory at 80 frames (alone)"
+
+
+def test_float16_storage_refuses_values_beyond_its_range_and_a_killed_writer_leaves_nothing_behind(tmp_path):
+    with pytest.raises(ValueError, match=r"values beyond float16's range \(largest magnitude 1e\+05\)"):
+        with NpyRowWriter(str(tmp_path / "h.npy"), 2, np.float16) as writer:
+            writer.append(np.array([[1.0, 1e5]]))
+    assert not list(tmp_path.iterdir())
+    NpyRowWriter(str(tmp_path / "k.npy"), 2).append(np.ones((3, 2)))  # "killed": never closed
+    assert [p.name for p in tmp_path.iterdir()] == [".k.npy.partial"]
+    with NpyRowWriter(str(tmp_path / "k.npy"), 2) as writer:  # the next run of the same file
+        writer.append(np.zeros((1, 2)))
+    assert [p.name for p in tmp_path.iterdir()] == ["k.npy"] and np.load(tmp_path / "k.npy").shape == (1, 2)
+
+
+def test_named_global_statistics_must_fit_the_encoder_and_lists_are_checked(tmp_path):
+    from slam_fairseq.feature_extraction.checkpoint_encoder import CheckpointError, named_feature_transform
+    from slam_fairseq.feature_extraction.inputs import read_input_shard, shard_range
+    from slam_formats.manifest import ManifestError
+
+    np.savez(tmp_path / "cmvn40.npz", mean=np.zeros(40), std=np.ones(40))
+    with pytest.raises(CheckpointError, match=r"cmvn40.npz: CMVN mean/std of shapes \(40,\)/\(40,\), expected \(80,\)"):
+        named_feature_transform("global", str(tmp_path / "cmvn40.npz"), feature_dim=80)
+    listing = tmp_path / "train.tsv"
+    listing.write_text("/audio\r\n a/1.flac\t16000\r\n\r\nb/2.flac\t8000\r\n")
+    shard = read_input_shard(str(listing))
+    assert [row.id for row in shard.rows] == ["a/1.flac", "b/2.flac"] and str(shard.root) == "/audio"
+    listing.write_text("/audio\na/1.flac\t16000\nb/2.flac\t8000\na/1.flac\t16000\n")
+    with pytest.raises(ManifestError, match=r"train.tsv:4: id 'a/1.flac' again \(first on line 2\)"):
+        read_input_shard(str(listing))
+    # HuBERT's cut: shard k of K starts at round(N / K * k)
+    assert shard_range(15, 22, 10) == (round(15 / 22 * 10), round(15 / 22 * 11))
+    assert [shard_range(10, 3, k) for k in range(3)] == [(0, 3), (3, 7), (7, 10)]

@@ -29,6 +29,7 @@ from fairseq.utils import safe_getattr
 
 from slam_fairseq.compat.fairseq_internals import resolved_option
 from slam_fairseq.encoders.config import SlamEncoderConfig, config_from
+from slam_fairseq.encoders.layer_states import num_encoder_layers
 from slam_fairseq.encoders.slam_encoder import SlamEncoder
 
 __all__ = ["CheckpointEncoder", "CheckpointError", "load_checkpoint_encoder", "training_feature_transform",
@@ -58,7 +59,7 @@ class CheckpointEncoder:
     @property
     def num_layers(self) -> int:
         """N + M, the number of the encoder's last layer (its output)."""
-        return len(self.encoder.speech_encoder.conformer.layers) + len(self.encoder.multimodal_encoder.conformer.layers)
+        return num_encoder_layers(self.encoder.speech_encoder, self.encoder.multimodal_encoder)
 
 
 def _run_configs(state: dict, path: Path) -> Tuple[Any, Any]:
@@ -90,9 +91,10 @@ def load_checkpoint_encoder(path: str, pretrained: bool = True, seed: int = 1) -
                if key.startswith(_ENCODER_PREFIXES)}
     if not weights:
         raise CheckpointError(f"{path}: no encoder.speech_encoder.* weights: not a slam or slam_s2t checkpoint")
-    torch.manual_seed(seed)
     encoder_cfg = config_from(model_cfg, SlamEncoderConfig)
-    encoder = SlamEncoder(encoder_cfg, vocab_size=8, padding_idx=1)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        encoder = SlamEncoder(encoder_cfg, vocab_size=8, padding_idx=1)
     if pretrained:
         result = encoder.load_state_dict(weights, strict=False)
         missing = [key for key in result.missing_keys if not key.startswith("text_encoder.")]
@@ -103,10 +105,11 @@ def load_checkpoint_encoder(path: str, pretrained: bool = True, seed: int = 1) -
     return CheckpointEncoder(path, encoder.eval(), model_name, task_cfg, int(encoder_cfg.input_feat_per_channel))
 
 
-def named_feature_transform(name: str, global_cmvn: Optional[str] = None) -> Tuple[FeatureTransform, str]:
+def named_feature_transform(name: str, global_cmvn: Optional[str] = None,
+                            feature_dim: int = 80) -> Tuple[FeatureTransform, str]:
     """A normalisation by name: ``utterance`` (each utterance to zero mean, unit variance),
-    ``global`` (the ``mean`` and ``std`` of the ``.npz`` ``global_cmvn``) or ``none``.
-    Returns (transform, description)."""
+    ``global`` (the ``mean`` and ``std`` of the ``.npz`` ``global_cmvn``, ``feature_dim`` wide) or
+    ``none``. Returns (transform, description)."""
     from slam_fairseq.data.pretraining.config import DataConfigError, GlobalCMVN, no_normalization, utterance_cmvn
 
     if name == "utterance":
@@ -120,10 +123,9 @@ def named_feature_transform(name: str, global_cmvn: Optional[str] = None) -> Tup
         if not stats.is_file():
             raise CheckpointError(f"{stats}: no such CMVN statistics file")
         try:
-            dimension = int(np.load(str(stats))["mean"].shape[0])
-            return GlobalCMVN(stats, dimension), f"global CMVN from {stats}"
-        except (DataConfigError, KeyError, ValueError, OSError) as error:
-            raise CheckpointError(f"{stats}: cannot use as global CMVN statistics ({error})") from error
+            return GlobalCMVN(stats, feature_dim), f"global CMVN from {stats}"
+        except DataConfigError as error:
+            raise CheckpointError(f"{error} (the encoder reads {feature_dim} log-Mel bins)") from error
     raise CheckpointError(f"unknown normalisation {name!r}: one of {NORMALIZATIONS}")
 
 
@@ -141,7 +143,7 @@ def training_feature_transform(loaded: CheckpointEncoder, data: Optional[str] = 
 
         mode = str(safe_getattr(loaded.task, "feature_normalization", "auto"))
         if mode in ("utterance", "none"):
-            return named_feature_transform(mode)
+            return named_feature_transform(mode, feature_dim=loaded.feature_dim)
         if not data_dir:
             raise CheckpointError(f"{loaded.path}: the checkpoint names no data directory; {hint}")
         try:
@@ -158,22 +160,45 @@ def training_feature_transform(loaded: CheckpointEncoder, data: Optional[str] = 
     return _speech_to_text_transform(Path(data_dir) / config_yaml, split, loaded.path, hint)
 
 
-def _speech_to_text_transform(config_path: Path, split: str, checkpoint: Path, hint: str):
+class _FairseqFeatureTransforms:
+    """fairseq's composite feature transform as a picklable (T, F) -> (T, F) float32 function."""
+
+    def __init__(self, composite) -> None:
+        self.composite = composite
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(self.composite(features), dtype=np.float32)
+
+
+def _is_random(transform) -> bool:
+    """Whether a fairseq feature transform draws at random (SpecAugment, noise): never for extraction."""
+    name = type(transform).__name__
+    return "Augment" in name or "Noise" in name
+
+
+def _speech_to_text_transform(config_path: Path, split: str, checkpoint: Path,
+                              hint: str) -> Tuple[FeatureTransform, str]:
+    """The evaluation feature transforms of an S2T config for ``split`` (fairseq's choice of the
+    split's own, ``_eval`` or ``*`` entry), without random ones. Returns (transform, description)."""
     from fairseq.data.audio.data_cfg import S2TDataConfig
     from fairseq.data.audio.feature_transforms import CompositeAudioFeatureTransform
+
+    from slam_fairseq.data.pretraining.config import no_normalization
 
     if not config_path.is_file():
         raise CheckpointError(f"{checkpoint} was trained with the data config {config_path}, which is not there; "
                               f"{hint}")
-    transforms = S2TDataConfig(config_path).get_feature_transforms(split, False)
-    composite = CompositeAudioFeatureTransform.from_config_dict(transforms)
-    names = [type(transform).__name__ for transform in getattr(composite, "transforms", [])]
-    if composite is None or not names:
-        from slam_fairseq.data.pretraining.config import no_normalization
-
-        return no_normalization, f"no feature normalisation (no evaluation transforms in {config_path})"
-
-    def transform(features: np.ndarray) -> np.ndarray:
-        return np.asarray(composite(features), dtype=np.float32)
-
-    return transform, f"{' + '.join(names)} from {config_path}"
+    try:
+        composite = CompositeAudioFeatureTransform.from_config_dict(
+            S2TDataConfig(config_path).get_feature_transforms(split, False))
+    except (OSError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: cannot build its feature transforms ({error})") from error
+    transforms = list(getattr(composite, "transforms", None) or [])
+    dropped = [type(transform).__name__ for transform in transforms if _is_random(transform)]
+    kept = [transform for transform in transforms if not _is_random(transform)]
+    left_out = f" (left out: {', '.join(dropped)})" if dropped else ""
+    if not kept:
+        return no_normalization, f"no feature normalisation (no evaluation transforms in {config_path}){left_out}"
+    composite.transforms = kept
+    names = " + ".join(type(transform).__name__ for transform in kept)
+    return _FairseqFeatureTransforms(composite), f"{names} from {config_path}{left_out}"

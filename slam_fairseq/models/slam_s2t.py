@@ -185,7 +185,9 @@ class SlamSpeechEncoder(FairseqEncoder):
 
     def layer_states(self, features: Tensor, lengths: Tensor, layers: Optional[Sequence[int]] = None) -> LayerStates:
         """The SLAM encoder's states of the given layers (numbering: :mod:`layer_states`; the
-        projection to the decoder's width is not a layer)."""
+        projection to the decoder's width is not a layer). Utterances under 7 frames are extended
+        as :meth:`forward` extends them (one state each)."""
+        features, lengths, _ = extend_short_inputs(features, lengths)
         return speech_layer_states(self.speech_encoder, self.multimodal_encoder, features, lengths, layers)
 
     def extract_features(self, features: Tensor, lengths: Tensor,
