@@ -104,3 +104,22 @@ def test_features_kept_elsewhere_on_purpose_and_relative_roots(tmp_path, elsewhe
     (store / "config_asr.yaml").write_text(yaml.safe_dump(config))
     read = _read_all(store, tmp_path / "save")
     assert all(np.allclose(read[k], (v - MEAN) / STD, atol=1e-6) for k, v in features.items())
+
+
+def test_every_utterance_of_an_evaluation_split_is_batched_whatever_the_multiple(tmp_path, elsewhere, caplog):
+    """fairseq drops a last batch that is not a multiple of --required-batch-size-multiple: for
+    fairseq-generate and validation a subset would be scored (slam_fairseq.compat.evaluation_batches)."""
+    data_dir = tmp_path / "data"
+    _asr_dir(data_dir)
+    shutil.copy(data_dir / "train_asr.tsv", data_dir / "test_asr.tsv")
+    _, task = s2t_cfg_and_task(data_dir, "asr", tmp_path / "save")
+    for split in ("train_asr", "test_asr"):
+        task.load_dataset(split)
+    rows = {}
+    with caplog.at_level(logging.INFO):
+        for split in ("train_asr", "test_asr"):
+            iterator = task.get_batch_iterator(task.dataset(split), max_tokens=60, required_batch_size_multiple=2,
+                                               seed=1).next_epoch_itr(shuffle=False)
+            rows[split] = sum(len(batch["id"]) for batch in iterator)
+    assert rows == {"train_asr": 2, "test_asr": 3}  # training as fairseq batches it; evaluation whole
+    assert "test_asr: batched with a multiple of 1" in caplog.text and "leave out the last 1" in caplog.text

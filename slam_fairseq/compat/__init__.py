@@ -13,6 +13,8 @@ message, rather than somewhere in the middle of a run. What it holds:
 - :mod:`~slam_fairseq.compat.data_config_paths`: an S2T data config's ``audio_root`` and global
   CMVN statistics found from the config's directory, so a copied or moved data directory works
   (applied on import);
+- :mod:`~slam_fairseq.compat.evaluation_batches`: every utterance of an evaluation split batched
+  (fairseq drops the last batch under ``--required-batch-size-multiple``; applied on import);
 - :mod:`~slam_fairseq.compat.fairseq_internals`: the few private attributes of fairseq's config
   nodes, dataclasses, iterators and checkpoint rules that the plugin relies on.
 """
@@ -46,6 +48,7 @@ check_fairseq_version(_installed_fairseq_version())
 from slam_fairseq.compat.checkpoints import allow_fairseq_checkpoint_types  # noqa: E402
 from slam_fairseq.compat.cut_audio import install_cut_audio_warning  # noqa: E402
 from slam_fairseq.compat.data_config_paths import install_data_config_paths  # noqa: E402
+from slam_fairseq.compat.evaluation_batches import install_evaluation_batches  # noqa: E402
 from slam_fairseq.compat.fairseq_internals import track_plateau_schedulers  # noqa: E402
 from slam_fairseq.compat.fbank import install_fbank_backend  # noqa: E402
 
@@ -54,3 +57,4 @@ track_plateau_schedulers()
 install_fbank_backend()
 install_cut_audio_warning()
 install_data_config_paths()
+install_evaluation_batches()
