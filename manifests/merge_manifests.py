@@ -1,4 +1,4 @@
-"""Combine S2T manifests of several corpora into one, e.g. LibriSpeech and Common Voice pairs into
+r"""Combine S2T manifests of several corpora into one, e.g. LibriSpeech and Common Voice pairs into
 ``pair_train.tsv`` or several speech-only sets into ``speech_train.tsv``.
 
 Relative ``audio`` paths are resolved against each input's directory and rewritten relative to the

@@ -96,8 +96,16 @@ def test_metric_names_and_the_modalities_that_log_them():
     assert metric_modality("code_perplexity") == "speech" and metric_modality("nsentences_pair") == "pair"
     check_best_checkpoint_metric("stm_accuracy", ["pair", "speech", "text"])
     check_best_checkpoint_metric("${checkpoint.best_checkpoint_metric}")  # not from a command line
-    with pytest.raises(ValueError, match="stm_acc: no slam_multitask validation logs it"):
+    with pytest.raises(ValueError, match="stm_acc: no slam_multitask validation logs it") as refused:
         check_best_checkpoint_metric("stm_acc")
+    assert "stm_accuracy" in str(refused.value) and "pair_ctc_loss" in str(refused.value)
+    # the names offered are this run's scores: no pair objective without pairs, no pair CTC without
+    # its head, none of fairseq's throughput counters
+    with pytest.raises(ValueError, match="stm_acc") as refused:
+        check_best_checkpoint_metric("stm_acc", ["speech", "text"], pair_ctc=False)
+    offered = str(refused.value).split("log are ")[1].split(", ")
+    assert "loss" in offered and "msm_contrastive_loss" in offered and "span_masking_loss" in offered
+    assert not {"stm_accuracy", "pair_ctc_loss", "bsz", "wps", "stage"} & set(offered)
     with pytest.raises(ValueError, match="logged by pair batches, which no stage of this run trains"):
         check_best_checkpoint_metric("stm_accuracy", ["speech", "text"])
     with pytest.raises(ValueError, match="no pair CTC head"):

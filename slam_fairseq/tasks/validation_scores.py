@@ -61,6 +61,17 @@ def metric_modality(metric: str) -> Optional[str]:
     return None
 
 
+_NOT_SCORES = ("stage", "wpb", "wps", "bsz", "num_updates", "gumbel_temperature")  # logged, but no measure of quality
+
+
+def _scores(names, modalities: Optional[Sequence[str]], pair_ctc: bool):
+    """The logged names worth choosing the best checkpoint by, for a run training ``modalities``."""
+    return sorted(name for name in names
+                  if not name.startswith(("n", "_")) and name not in _NOT_SCORES
+                  and (modalities is None or metric_modality(name) in (None, *modalities))
+                  and (pair_ctc or name != "pair_ctc_loss"))
+
+
 def check_best_checkpoint_metric(metric: Optional[str], modalities: Optional[Sequence[str]] = None,
                                  pair_ctc: bool = True) -> None:
     """Raise ValueError for a ``--best-checkpoint-metric`` that no ``slam_multitask`` validation of
@@ -71,8 +82,8 @@ def check_best_checkpoint_metric(metric: Optional[str], modalities: Optional[Seq
         return  # not set from fairseq-train's command line (a unit test's config)
     names = validation_metric_names()
     if metric not in names:
-        raise ValueError(f"--best-checkpoint-metric {metric}: no slam_multitask validation logs it; it logs "
-                         f"{', '.join(sorted(name for name in names if not name.startswith(('n', '_'))))}")
+        raise ValueError(f"--best-checkpoint-metric {metric}: no slam_multitask validation logs it; the scores "
+                         f"this run's validations log are {', '.join(_scores(names, modalities, pair_ctc))}")
     modality = metric_modality(metric)
     if modalities is not None and modality is not None and modality not in modalities:
         raise ValueError(f"--best-checkpoint-metric {metric}: logged by {modality} batches, which no stage of this "
