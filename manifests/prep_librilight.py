@@ -79,8 +79,13 @@ def main(argv=None) -> core.RunSummary:
     split_map = core.parse_split_map(args.splits, "--splits")
     for directory, split in split_map:
         groups.setdefault(split, []).extend(list_librilight_dir(args.root / directory))
+    if args.valid_items < 0:
+        raise core.UsageError(f"--valid-items {args.valid_items}: expected a count of files, 0 or more")
     if args.valid_items > 0:
         first = split_map[0][1]
+        if not groups[first]:
+            raise core.UsageError(f"--valid-items {args.valid_items}: split {first!r} has no audio files "
+                                  f"(under {args.root}) to hold out from")
         if args.valid_items >= len(groups[first]):
             raise core.UsageError(f"--valid-items {args.valid_items} would move all {len(groups[first])} files of "
                                   f"split {first!r} to valid, leaving nothing to train on; give fewer")

@@ -83,7 +83,7 @@ def test_a_copied_data_directory_reads_the_copy_not_the_original(tmp_path, elsew
         read = _read_all(copy, tmp_path / "save")
     for key, value in features.items():
         assert np.allclose(read[key], (value - MEAN) / STD, atol=1e-6), key
-    assert "holds the manifest scripts' fbank/" in caplog.text and str(copy) in caplog.text
+    assert "both hold the manifest scripts' fbank/" in caplog.text and str(copy) in caplog.text
 
 
 def test_features_kept_elsewhere_on_purpose_and_relative_roots(tmp_path, elsewhere, caplog):
@@ -98,12 +98,40 @@ def test_features_kept_elsewhere_on_purpose_and_relative_roots(tmp_path, elsewhe
         read = _read_all(configs, tmp_path / "save")
     assert all(np.allclose(read[k], (v - MEAN) / STD, atol=1e-6) for k, v in features.items())
     assert "audio_root" not in caplog.text
-    # a relative audio_root is the config's directory, wherever the run starts
+    # a relative audio_root: from the working directory where it is there (fairseq's reading), else
+    # from the config's directory
     config = yaml.safe_load((store / "config_asr.yaml").read_text())
-    config["audio_root"] = "."
+    config["audio_root"] = "fbank/.."  # there from the config's directory only
     (store / "config_asr.yaml").write_text(yaml.safe_dump(config))
     read = _read_all(store, tmp_path / "save")
     assert all(np.allclose(read[k], (v - MEAN) / STD, atol=1e-6) for k, v in features.items())
+    config["audio_root"] = "../store"  # from the working directory (tmp_path/cwd): as fairseq reads it
+    (store / "config_asr.yaml").write_text(yaml.safe_dump(config))
+    read = _read_all(store, tmp_path / "save")
+    assert all(np.allclose(read[k], (v - MEAN) / STD, atol=1e-6) for k, v in features.items())
+
+
+def test_a_parent_directory_as_audio_root_and_statistics_in_the_working_directory(tmp_path, elsewhere, caplog):
+    """A corpus root holding several data directories is an audio_root on purpose; a statistics
+    file of the same name in the working directory is not the config's."""
+    corpus = tmp_path / "corpora"
+    data_dir = corpus / "en_de"
+    features = _asr_dir(data_dir, audio_root=str(corpus.resolve()))
+    rows = (data_dir / "train_asr.tsv").read_text().replace("fbank/", "en_de/fbank/")
+    (data_dir / "train_asr.tsv").write_text(rows)  # paths relative to the corpus root
+    np.savez(elsewhere / "gcmvn.npz", mean=np.full(80, 9.0, np.float32), std=np.ones(80, np.float32))
+    with caplog.at_level(logging.WARNING):
+        read = _read_all(data_dir, tmp_path / "save")
+    assert all(np.allclose(read[k], (v - MEAN) / STD, atol=1e-6) for k, v in features.items())
+    assert "audio_root" not in caplog.text
+
+
+def test_audio_root_is_kept_as_written_when_asked(tmp_path, elsewhere, monkeypatch):
+    _asr_dir(tmp_path / "written")
+    shutil.move(str(tmp_path / "written"), str(tmp_path / "moved"))
+    monkeypatch.setenv("SLAM_FAIRSEQ_KEEP_AUDIO_ROOT", "1")
+    with pytest.raises(FileNotFoundError, match="written/fbank/asr_00000.zip"):
+        _read_all(tmp_path / "moved", tmp_path / "save")
 
 
 def test_every_utterance_of_an_evaluation_split_is_batched_whatever_the_multiple(tmp_path, elsewhere, caplog):
@@ -123,3 +151,9 @@ def test_every_utterance_of_an_evaluation_split_is_batched_whatever_the_multiple
             rows[split] = sum(len(batch["id"]) for batch in iterator)
     assert rows == {"train_asr": 2, "test_asr": 3}  # training as fairseq batches it; evaluation whole
     assert "test_asr: batched with a multiple of 1" in caplog.text and "leave out the last 1" in caplog.text
+    # --gen-subset a,b: fairseq concatenates the splits
+    shutil.copy(data_dir / "train_asr.tsv", data_dir / "dev_asr.tsv")
+    task.load_dataset("test_asr,dev_asr")
+    iterator = task.get_batch_iterator(task.dataset("test_asr,dev_asr"), max_tokens=60, required_batch_size_multiple=4,
+                                       seed=1).next_epoch_itr(shuffle=False)
+    assert sum(len(batch["id"]) for batch in iterator) == 6

@@ -51,3 +51,6 @@ def test_valid_items_that_would_take_every_file_is_an_error_before_any_work(libr
     assert "--valid-items 50 would move all" in result.stderr + result.stdout
     assert "leaving nothing to train on" in result.stderr + result.stdout
     assert not (out / "fbank").exists() or not any((out / "fbank").iterdir())
+    negative = run_script("prep_librilight.py", "--root", librilight_tree["root"], "--out", out,
+                          "--valid-items", "-3", "--no-progress", check=False)
+    assert negative.returncode != 0 and "--valid-items -3: expected a count" in negative.stderr + negative.stdout

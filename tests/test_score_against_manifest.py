@@ -49,3 +49,40 @@ def test_output_that_does_not_decode_every_row_is_refused_unless_partial(tmp_pat
     assert refused.returncode != 0 and "2 of the 3 rows" in refused.stderr
     partial = _run(output, manifest, "--partial", "--metric", "wer")
     assert partial.returncode == 0 and "WER: 28.57 (2 errors, 7 reference words)" in partial.stdout
+
+
+def test_the_best_of_n_hypotheses_and_fairseq_s_own_wer_options(tmp_path):
+    from fairseq.scoring.wer import WerScorer, WerScorerConfig
+
+    manifest = tmp_path / "test.tsv"
+    references = ["Hello, world. It's fine!", "Good morning, Sir."]
+    manifest.write_text("id\taudio\tn_frames\ttgt_text\tspeaker\n" + "".join(
+        f"u{i}\ta.npy\t100\t{text}\ts\n" for i, text in enumerate(references)), encoding="utf-8")
+    best = ["hello world its fine", "good morning sir"]
+    output = tmp_path / "generate-test.txt"
+    output.write_text("".join(f"T-{i}\t{references[i]}\nD-{i}\t-0.1\t{best[i]}\nD-{i}\t-0.9\tworse {i}\n"
+                              for i in range(2)), encoding="utf-8")  # --nbest 2: best first
+    for options in ([], ["--wer-tokenizer", "none"], ["--wer-lowercase", "--wer-remove-punct"],
+                    ["--wer-char-level", "--wer-lowercase"]):
+        run = _run(output, manifest, "--metric", "wer", *options)
+        assert run.returncode == 0, run.stderr
+        scorer = WerScorer(WerScorerConfig(wer_tokenizer=options[1] if "--wer-tokenizer" in options else "13a",
+                                           wer_lowercase="--wer-lowercase" in options,
+                                           wer_remove_punct="--wer-remove-punct" in options,
+                                           wer_char_level="--wer-char-level" in options))
+        for reference, hypothesis in zip(references, best):
+            scorer.add_string(reference, hypothesis)
+        assert f"WER: {scorer.score():.2f} " in run.stdout, (options, run.stdout)
+
+
+def test_several_decoded_subsets_are_numbered_in_gen_subset_order(tmp_path):
+    _, first = _files(tmp_path)
+    second = tmp_path / "test_st_b.tsv"
+    second.write_text(first.read_text(encoding="utf-8"), encoding="utf-8")
+    output = tmp_path / "generate-both.txt"
+    output.write_text("".join(f"T-{i}\t{REFERENCES[i % 3]}\nD-{i}\t-0.2\t{REFERENCES[i % 3]}\n" for i in range(6)),
+                      encoding="utf-8")
+    one = _run(output, first)
+    assert one.returncode != 0 and "for --gen-subset a,b give both" in one.stderr
+    both = _run(output, first, second)
+    assert both.returncode == 0 and "6 rows of" in both.stdout and "BLEU = 100.00" in both.stdout

@@ -6,17 +6,18 @@ epoch; for ``fairseq-generate`` and validation it scores a subset without a word
 utterances in batches of at most 5 decode 10; under 8 utterances decode none, and fairseq-generate
 then fails with ZeroDivisionError).
 
-:func:`install_evaluation_batches` wraps ``SpeechToTextDataset.batch_by_size``: for a split that
-is not a training split (``is_train_split``: fairseq's ``speech_to_text`` says so of every split
-whose name does not start with ``train``) batches are made with a multiple of 1, and an INFO line
-says how many utterances that keeps which fairseq would have left out, once per split and
-process. Training splits are batched as fairseq batches them.
+:func:`install_evaluation_batches` wraps ``SpeechToTextDataset.batch_by_size`` (and fairseq's
+``ConcatDataset``'s, for ``--gen-subset a,b``): for a split that is not a training split, batches
+are made with a multiple of 1, and an INFO line says how many utterances that keeps which fairseq
+would have left out, once per dataset. A training split is what fairseq's ``speech_to_text`` calls
+one (``is_train_split``: a split whose name starts with ``train``, the same rule that decides its
+SpecAugment and shuffling); those are batched as fairseq batches them.
 """
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Set
+from typing import Callable, Optional, Set
 
 __all__ = ["install_evaluation_batches"]
 
@@ -26,15 +27,27 @@ _INSTALLED_MARK = "_slam_fairseq_evaluation_batches"
 _NAMED: Set[str] = set()
 
 
+def _evaluation_split(dataset) -> Optional[str]:
+    """The name of the S2T evaluation split(s) ``dataset`` holds (``a,b`` for a ``--gen-subset a,b``
+    concatenation), or None for anything else (a training split, other datasets)."""
+    from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset
+
+    parts = getattr(dataset, "datasets", None) if not isinstance(dataset, SpeechToTextDataset) else [dataset]
+    if not parts or not all(isinstance(part, SpeechToTextDataset) and not part.is_train_split for part in parts):
+        return None
+    return ",".join(str(part.split) for part in parts)
+
+
 def _keeping_every_evaluation_row(fairseq_batch_by_size: Callable) -> Callable:
     @functools.wraps(fairseq_batch_by_size)
     def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
-        if getattr(self, "is_train_split", True) or required_batch_size_multiple <= 1:
+        split = _evaluation_split(self) if required_batch_size_multiple > 1 else None
+        if split is None:
             return fairseq_batch_by_size(self, indices, max_tokens, max_sentences, required_batch_size_multiple)
         batches = fairseq_batch_by_size(self, indices, max_tokens, max_sentences, 1)
-        split = str(getattr(self, "split", "?"))
-        if split not in _NAMED:
-            _NAMED.add(split)
+        key = f"{id(self)}:{split}"
+        if key not in _NAMED:
+            _NAMED.add(key)
             kept = sum(len(batch) for batch in batches)
             dropped = kept - sum(len(batch) for batch in fairseq_batch_by_size(
                 self, indices, max_tokens, max_sentences, required_batch_size_multiple))
@@ -48,12 +61,15 @@ def _keeping_every_evaluation_row(fairseq_batch_by_size: Callable) -> Callable:
 
 
 def install_evaluation_batches() -> bool:
-    """Wrap ``SpeechToTextDataset.batch_by_size`` as the module docstring says. Idempotent;
-    returns True when it wrapped, False when it had been installed already."""
+    """Wrap the ``batch_by_size`` of ``SpeechToTextDataset`` and of fairseq's ``ConcatDataset``
+    (``--gen-subset a,b``) as the module docstring says. Idempotent; returns True when it wrapped,
+    False when it had been installed already."""
+    from fairseq.data import ConcatDataset
     from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset
 
     if getattr(SpeechToTextDataset, _INSTALLED_MARK, False):
         return False
-    SpeechToTextDataset.batch_by_size = _keeping_every_evaluation_row(SpeechToTextDataset.batch_by_size)
+    for dataset_class in (SpeechToTextDataset, ConcatDataset):
+        dataset_class.batch_by_size = _keeping_every_evaluation_row(dataset_class.batch_by_size)
     setattr(SpeechToTextDataset, _INSTALLED_MARK, True)
     return True
