@@ -362,6 +362,21 @@ def test_cli_reduce_lr_on_plateau_does_not_count_the_stage_switch_as_a_plateau(d
     assert rates[9] == rates[4] == 1e-3, rates
 
 
+def test_cli_a_finished_run_started_again_trains_nothing(data_dir, tmp_path):
+    """fairseq alone trains one more update and rewrites checkpoint_last.pt; a larger --max-update
+    goes on training."""
+    args = _train_args(data_dir, tmp_path / "ck", "slam_multitask", 4)
+    _check(fixtures.run_fairseq(args, stand_in=False))
+    last = tmp_path / "ck" / "checkpoint_last.pt"
+    before = (last.stat().st_mtime_ns, last.read_bytes())
+    again = _check(fixtures.run_fairseq(args, stand_in=False))
+    assert "this run is finished (4 updates, --max-update 4)" in again
+    assert not fixtures.json_log_records(again) and (last.stat().st_mtime_ns, last.read_bytes()) == before
+    longer = _train_args(data_dir, tmp_path / "ck", "slam_multitask", 5)
+    records = fixtures.json_log_records(_check(fixtures.run_fairseq(longer, stand_in=False)))
+    assert [int(r["num_updates"]) for r in records] == [5]
+
+
 def test_hydra_tiny_demo_config_starts(data_dir, tmp_path):
     criterion, stand_in = _criterion()
     args = ["--config-dir", str(REPO_ROOT / "examples" / "pretraining" / "config"),

@@ -15,6 +15,8 @@ message, rather than somewhere in the middle of a run. What it holds:
   (applied on import);
 - :mod:`~slam_fairseq.compat.evaluation_batches`: every utterance of an evaluation split batched
   (fairseq drops the last batch under ``--required-batch-size-multiple``; applied on import);
+- :mod:`~slam_fairseq.compat.finished_runs`: a finished ``fairseq-train`` command run again exits
+  before training (fairseq trains one more update and rewrites the checkpoint; applied on import);
 - :mod:`~slam_fairseq.compat.fairseq_internals`: the few private attributes of fairseq's config
   nodes, dataclasses, iterators and checkpoint rules that the plugin relies on.
 """
@@ -51,6 +53,7 @@ from slam_fairseq.compat.data_config_paths import install_data_config_paths  # n
 from slam_fairseq.compat.evaluation_batches import install_evaluation_batches  # noqa: E402
 from slam_fairseq.compat.fairseq_internals import track_plateau_schedulers  # noqa: E402
 from slam_fairseq.compat.fbank import install_fbank_backend  # noqa: E402
+from slam_fairseq.compat.finished_runs import install_finished_run_check  # noqa: E402
 
 allow_fairseq_checkpoint_types()
 track_plateau_schedulers()
@@ -58,3 +61,4 @@ install_fbank_backend()
 install_cut_audio_warning()
 install_data_config_paths()
 install_evaluation_batches()
+install_finished_run_check()
