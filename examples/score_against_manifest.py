@@ -25,10 +25,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from slam_formats.manifest import TSV_DIALECT
+
 __all__ = ["hypotheses", "dictionary_references", "manifest_references", "score", "main"]
-
-_TSV = dict(delimiter="\t", quotechar=None, doublequote=False, quoting=csv.QUOTE_NONE)
-
 
 def _lines(path: Path, prefix: str, field: int) -> Dict[int, str]:
     """Row index -> ``field`` of the first ``<prefix>-<index>`` line (with ``--nbest`` N, fairseq
@@ -60,7 +59,7 @@ def manifest_references(manifests: Sequence[Path]) -> List[str]:
     references: List[str] = []
     for manifest in manifests:
         with open(manifest, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, **_TSV)
+            reader = csv.DictReader(handle, **TSV_DIALECT)
             if "tgt_text" not in (reader.fieldnames or []):
                 raise ValueError(f"{manifest}: no tgt_text column (header {reader.fieldnames})")
             references += [row["tgt_text"] or "" for row in reader]

@@ -8,8 +8,8 @@ from slam_formats.atomic import atomic_write_text
 
 S2T_COLUMNS = ("id", "audio", "n_frames", "tgt_text", "speaker")
 OPTIONAL_COLUMNS = ("src_text", "src_lang", "tgt_lang")
-_CSV_OPTIONS = dict(delimiter="\t", quotechar=None, doublequote=False, lineterminator="\n",
-                    quoting=csv.QUOTE_NONE)
+# fairseq's TSV dialect (no quoting), for csv readers and writers
+TSV_DIALECT = dict(delimiter="\t", quotechar=None, doublequote=False, lineterminator="\n", quoting=csv.QUOTE_NONE)
 
 
 class ManifestError(ValueError):
@@ -20,7 +20,7 @@ def read_s2t_manifest(path: str) -> List[Dict[str, str]]:
     """All rows of an S2T TSV as dicts; checks the required columns and ``n_frames``."""
     path = str(path)
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, **_CSV_OPTIONS)
+        reader = csv.DictReader(handle, **TSV_DIALECT)
         missing = [c for c in ("id", "audio", "n_frames") if c not in (reader.fieldnames or [])]
         if missing:
             raise ManifestError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")

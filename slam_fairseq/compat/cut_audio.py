@@ -18,11 +18,12 @@ from typing import Callable, Set
 
 from slam_formats.features import wav_truncation
 
+from slam_fairseq.compat.wrapping import wrap_once
+
 __all__ = ["install_cut_audio_warning"]
 
 logger = logging.getLogger(__name__)
 
-_INSTALLED_MARK = "_slam_fairseq_cut_audio_warning"
 
 
 def _warning_for_cut_wavs(fairseq_get_waveform: Callable) -> Callable:
@@ -49,8 +50,4 @@ def install_cut_audio_warning() -> bool:
     returns True when it wrapped, False when it had been installed already."""
     from fairseq.data.audio import audio_utils
 
-    if getattr(audio_utils, _INSTALLED_MARK, False):
-        return False
-    audio_utils.get_waveform = _warning_for_cut_wavs(audio_utils.get_waveform)
-    setattr(audio_utils, _INSTALLED_MARK, True)
-    return True
+    return wrap_once(audio_utils, "get_waveform", _warning_for_cut_wavs)

@@ -29,13 +29,14 @@ import os
 from pathlib import Path
 from typing import Set
 
+from slam_fairseq.compat.wrapping import wrap_once
+
 __all__ = ["install_data_config_paths", "FEATURE_FOLDER", "KEEP_AUDIO_ROOT_VARIABLE"]
 
 logger = logging.getLogger(__name__)
 
 FEATURE_FOLDER = "fbank"  # what the manifest scripts write the shard zips into, beside the config
 KEEP_AUDIO_ROOT_VARIABLE = "SLAM_FAIRSEQ_KEEP_AUDIO_ROOT"
-_INSTALLED_MARK = "_slam_fairseq_data_config_paths"
 _WARNED: Set[str] = set()
 
 
@@ -82,9 +83,5 @@ def install_data_config_paths() -> bool:
     Idempotent; returns True when it patched, False when it had been installed already."""
     from fairseq.data.audio.data_cfg import S2TDataConfig
 
-    if getattr(S2TDataConfig, _INSTALLED_MARK, False):
-        return False
-    S2TDataConfig.audio_root = property(_audio_root)
-    S2TDataConfig.get_feature_transforms = _with_resolved_cmvn_stats(S2TDataConfig.get_feature_transforms)
-    setattr(S2TDataConfig, _INSTALLED_MARK, True)
-    return True
+    wrapped = wrap_once(S2TDataConfig, "audio_root", lambda fairseq_audio_root: property(_audio_root))
+    return wrap_once(S2TDataConfig, "get_feature_transforms", _with_resolved_cmvn_stats) or wrapped

@@ -19,11 +19,12 @@ import functools
 import logging
 from typing import Callable, Optional, Set
 
+from slam_fairseq.compat.wrapping import wrap_once
+
 __all__ = ["install_evaluation_batches"]
 
 logger = logging.getLogger(__name__)
 
-_INSTALLED_MARK = "_slam_fairseq_evaluation_batches"
 _NAMED: Set[str] = set()
 
 
@@ -67,9 +68,6 @@ def install_evaluation_batches() -> bool:
     from fairseq.data import ConcatDataset
     from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset
 
-    if getattr(SpeechToTextDataset, _INSTALLED_MARK, False):
-        return False
-    for dataset_class in (SpeechToTextDataset, ConcatDataset):
-        dataset_class.batch_by_size = _keeping_every_evaluation_row(dataset_class.batch_by_size)
-    setattr(SpeechToTextDataset, _INSTALLED_MARK, True)
-    return True
+    wrapped = [wrap_once(dataset_class, "batch_by_size", _keeping_every_evaluation_row)
+               for dataset_class in (SpeechToTextDataset, ConcatDataset)]
+    return any(wrapped)

@@ -29,10 +29,11 @@ import numpy as np
 
 from slam_formats.features import SAMPLE_RATE, compute_fbank, resample
 
+from slam_fairseq.compat.wrapping import wrap_once
+
 __all__ = ["install_fbank_backend", "kaldi_native_fbank_features",
            "convert_waveform_without_torchaudio"]
 
-_INSTALLED_MARK = "_slam_fairseq_backend"
 
 
 def kaldi_native_fbank_features(waveform: np.ndarray, sample_rate: int,
@@ -129,9 +130,5 @@ def install_fbank_backend() -> bool:
     """
     from fairseq.data.audio import audio_utils
 
-    if getattr(audio_utils, _INSTALLED_MARK, False):
-        return False
-    audio_utils._get_torchaudio_fbank = _with_fallback_fbank(audio_utils._get_torchaudio_fbank)
-    audio_utils.convert_waveform = _with_fallback_conversion(audio_utils.convert_waveform)
-    setattr(audio_utils, _INSTALLED_MARK, True)
-    return True
+    wrapped = wrap_once(audio_utils, "_get_torchaudio_fbank", _with_fallback_fbank)
+    return wrap_once(audio_utils, "convert_waveform", _with_fallback_conversion) or wrapped

@@ -18,11 +18,12 @@ import functools
 import logging
 from typing import Callable
 
+from slam_fairseq.compat.wrapping import wrap_once
+
 __all__ = ["install_finished_run_check"]
 
 logger = logging.getLogger(__name__)
 
-_INSTALLED_MARK = "_slam_fairseq_finished_run_check"
 
 
 def _stopping_a_finished_run(fairseq_load_checkpoint: Callable) -> Callable:
@@ -44,8 +45,4 @@ def install_finished_run_check() -> bool:
     returns True when it wrapped, False when it had been installed already."""
     from fairseq.trainer import Trainer
 
-    if getattr(Trainer, _INSTALLED_MARK, False):
-        return False
-    Trainer.load_checkpoint = _stopping_a_finished_run(Trainer.load_checkpoint)
-    setattr(Trainer, _INSTALLED_MARK, True)
-    return True
+    return wrap_once(Trainer, "load_checkpoint", _stopping_a_finished_run)

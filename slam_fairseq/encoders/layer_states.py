@@ -14,7 +14,7 @@ in; extraction puts them in eval mode (no dropout), where layer N + M equals
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,6 +31,11 @@ class LayerStates:
 
     states: Dict[int, torch.Tensor]
     padding_mask: torch.Tensor
+
+    def only_layer(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """((B, T', D) states, (B, T') padding mask) of the one layer asked for (``extract_features``)."""
+        (states,) = self.states.values()
+        return states, self.padding_mask
 
 
 def num_encoder_layers(speech_encoder: SpeechEncoder, multimodal_encoder: MultimodalEncoder) -> int:
@@ -60,7 +65,7 @@ def speech_layer_states(speech_encoder: SpeechEncoder, multimodal_encoder: Multi
         layers: layer numbers (module docstring).
     """
     num_speech_layers = len(speech_encoder.conformer.layers)
-    last = num_speech_layers + len(multimodal_encoder.conformer.layers)
+    last = num_encoder_layers(speech_encoder, multimodal_encoder)
     layers = [last] if layers is None else [int(layer) for layer in layers]
     check_layers(layers, last)
     deepest = max(layers)

@@ -85,8 +85,7 @@ class SlamEncoder(nn.Module):
         """(B, T, F) log-Mel frames and (B,) frame counts -> ((B, T', D) states of ``output_layer``
         (0: the subsampling's output ... N + M, the default: the encoder's output), (B, T') padding
         mask, True at padding). Call it in eval mode for features without dropout."""
-        result = self.layer_states(features, lengths, None if output_layer is None else [output_layer])
-        return next(iter(result.states.values())), result.padding_mask
+        return self.layer_states(features, lengths, None if output_layer is None else [output_layer]).only_layer()
 
 
 def build_slam_encoder(cfg: SlamEncoderConfig, vocab_size: int, padding_idx: int) -> SlamEncoder:

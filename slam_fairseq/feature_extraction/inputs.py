@@ -24,12 +24,9 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from slam_formats.features import AudioError, read_features
-from slam_formats.manifest import ManifestError
+from slam_formats.manifest import TSV_DIALECT, ManifestError
 
 __all__ = ["InputRow", "InputShard", "read_input_shard", "shard_range", "read_row_features", "list_name"]
-
-_TSV = dict(delimiter="\t", quotechar=None, doublequote=False, quoting=csv.QUOTE_NONE)
-
 
 @dataclass
 class InputRow:
@@ -73,7 +70,7 @@ def shard_range(num_rows: int, num_shards: int, shard: int) -> Tuple[int, int]:
 
 def _s2t_rows(path: Path) -> Iterator[Tuple[int, InputRow]]:
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, **_TSV)
+        reader = csv.DictReader(handle, **TSV_DIALECT)
         for line_number, row in enumerate(reader, start=2):
             if not row.get("id") or row.get("audio") is None:
                 raise ManifestError(f"{path}:{line_number}: a row without id or audio")

@@ -193,8 +193,7 @@ class SlamSpeechEncoder(FairseqEncoder):
     def extract_features(self, features: Tensor, lengths: Tensor,
                          output_layer: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """As :meth:`SlamEncoder.extract_features`: ((B, T', D) states, (B, T') padding mask)."""
-        result = self.layer_states(features, lengths, None if output_layer is None else [output_layer])
-        return next(iter(result.states.values())), result.padding_mask
+        return self.layer_states(features, lengths, None if output_layer is None else [output_layer]).only_layer()
 
     @property
     def num_short_inputs(self) -> int:
