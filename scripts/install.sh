@@ -9,7 +9,7 @@
 # - installs fairscale (fairseq's --ddp-backend fully_sharded) without its dependencies;
 # - installs espeak-ng and sox (speech synthesis for the demo corpus and the tests) when run as root
 #   with apt-get;
-# - installs this package in editable mode, and pytest with --tests.
+# - installs this package in editable mode, and pytest (with pytest-timeout and pytest-xdist) with --tests.
 #
 # Usage: bash scripts/install.sh [--tests]      (PYTHON=python3.11 TORCH_VERSION=2.13.0 to override)
 set -euo pipefail
@@ -75,6 +75,6 @@ fi
 # 4. This package (its requirements name neither torch nor fairseq, see setup.py).
 say "installing slam-fairseq (editable)"
 pip_install --no-build-isolation -e .
-if [ "$WITH_TESTS" = 1 ]; then pip_install pytest pytest-timeout; fi
+if [ "$WITH_TESTS" = 1 ]; then pip_install pytest pytest-timeout pytest-xdist; fi
 "$PYTHON" -c "import slam_fairseq, tensorboardX"
 say "done"

@@ -27,3 +27,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError(
             f"the tests need {', '.join(missing)}; run `bash scripts/install.sh --tests` (as root it "
             "apt-get installs espeak-ng, sox and fortunes) or install them yourself")
+
+
+# The files whose end-to-end runs take the longest (each a minute or more of fairseq processes on
+# two cores). scripts/test.sh runs the suite on two workers, one test file per worker at a time
+# (pytest-xdist's loadfile): started first, these overlap the many short files instead of leaving
+# one worker running them alone at the end.
+LONGEST_FILES = ("test_realspeech.py", "test_pretraining_task.py", "test_slam_s2t_cli.py",
+                 "test_feature_extraction.py", "test_demo_e2e.py", "test_ctc_decoding.py")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    """Moves the tests of :data:`LONGEST_FILES` to the front, in that order (a stable sort: every
+    file keeps its own order)."""
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
