@@ -236,6 +236,7 @@ class SlamPretrainingTask(FairseqTask):
         self._skipped_validation_modalities: set = set()
         # saved and restored with the training iterator's state (RoundRobinEpochBatchIterator.run_state)
         self.run_state: Dict[str, Any] = {}
+        self._evaluation_views: Dict[str, Tuple[RoundRobinBatchDataset, RoundRobinBatchDataset]] = {}
         self.validation_scores = ValidationScores(self.run_state, resolved_option(cfg.save_dir),
                                                   resolved_option(cfg.checkpoint_suffix) or "")
         self.model_has_pair_ctc: Optional[bool] = None
@@ -339,6 +340,23 @@ class SlamPretrainingTask(FairseqTask):
         self.datasets[split] = RoundRobinBatchDataset(datasets, self.cfg.seed, cycle=is_train,
                                                       epoch_modality=epoch_modality)
 
+    def evaluation_view(self, split: str) -> RoundRobinBatchDataset:
+        """The examples of ``split`` read as a validation split is read: every batch of every
+        modality once, the masks of epoch 1. A training split's view is a zip of its own over the
+        same examples, so validating on it (``--valid-subset valid,train``; see
+        :mod:`slam_fairseq.compat.training_split_validation`) sets neither the batches nor the
+        epoch of the dataset being trained on; it is made once per loaded dataset."""
+        dataset = self.datasets[split]
+        if not dataset.cycle:
+            return dataset
+        made = self._evaluation_views.get(split)
+        if made is None or made[0] is not dataset:
+            if made is not None:  # the split was loaded again (sharded data): drop the old view's iterator
+                self.dataset_to_epoch_iter.pop(made[1], None)
+            view = RoundRobinBatchDataset(dict(dataset.datasets), self.cfg.seed, cycle=False)
+            made = self._evaluation_views[split] = (dataset, view)
+        return made[1]
+
     def _build_modality(self, name: str, split: str):
         data_dir, seed = self.cfg.data, self.cfg.seed
         transform, dim = self.data_config.feature_transform, self.data_config.input_feat_per_channel
@@ -403,7 +421,7 @@ class SlamPretrainingTask(FairseqTask):
             return self.dataset_to_epoch_iter[dataset]
         limits = self.position_limits()
         split = next((name for name, loaded in self.datasets.items() if loaded is dataset), None)
-        if split == self.cfg.train_subset:
+        if split == self.cfg.train_subset and dataset.cycle:
             self._train_limits = (max_tokens, max_sentences)
             valid_caps = (None, None)
         else:

@@ -1,0 +1,120 @@
+"""Validating on the training split (``--valid-subset valid,train``) leaves training as it was.
+
+fairseq 0.12's ``Trainer.get_valid_iterator(subset)`` asks the task for a batch iterator over
+``task.dataset(subset)`` with the iterator cache on. For the training split that dataset is the
+one being trained on, and fairseq's tasks cache one ``EpochBatchIterator`` per dataset, so the
+validation gets the training iterator itself. ``next_epoch_itr`` on it then starts the training
+epoch over: the dry-run validation before the first update moves training into epoch 2, every
+later validation of ``train`` restarts the epoch's position, and the checkpoints record those
+positions, so a resumed run skips or repeats batches. The training losses differ from a run that
+validates on ``valid`` alone from the first update on.
+
+:func:`install_training_split_validation` wraps ``Trainer.get_valid_iterator``: the training split
+is validated through an *evaluation view* of it, a dataset of its own over the same examples, read
+as an evaluation split is read, so the training iterator, its batches and its random draws are left
+alone:
+
+- ``slam_pretraining`` makes its own (``SlamPretrainingTask.evaluation_view``: every batch of every
+  modality once, the masks of epoch 1, as its ``valid`` split is read);
+- for fairseq's ``speech_to_text`` it is a copy of the ``SpeechToTextDataset`` as an evaluation
+  split (:func:`speech_to_text_evaluation_view`): the ``_eval`` transforms instead of ``_train``'s
+  (no SpecAugment, which would draw from NumPy's global generator that training's SpecAugment
+  draws from), no shuffling;
+- any other task gets the training dataset with the iterator cache off (a fresh iterator for every
+  validation).
+
+Training drops examples longer than the model's positions (``ignore_invalid_inputs``); the
+validation of the training split skips them too, whatever ``--skip-invalid-size-inputs-valid-test``
+says, so that it reads what training reads.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from slam_fairseq.compat.wrapping import wrap_once
+
+__all__ = ["install_training_split_validation", "speech_to_text_evaluation_view"]
+
+_VIEW_ATTRIBUTE = "_slam_fairseq_evaluation_view"
+
+
+def speech_to_text_evaluation_view(dataset):
+    """A ``SpeechToTextDataset`` of a training split read as an evaluation split: the same rows,
+    the config's evaluation transforms, no shuffling; made once per dataset (kept on it).
+    Anything else, an evaluation split included, is returned as it is."""
+    from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset
+    from fairseq.data.audio.dataset_transforms import CompositeAudioDatasetTransform
+    from fairseq.data.audio.feature_transforms import CompositeAudioFeatureTransform
+    from fairseq.data.audio.waveform_transforms import CompositeAudioWaveformTransform
+
+    if not isinstance(dataset, SpeechToTextDataset) or not dataset.is_train_split:
+        return dataset
+    view = vars(dataset).get(_VIEW_ATTRIBUTE)
+    if view is None:
+        view = copy.copy(dataset)
+        view.is_train_split, view.shuffle = False, False
+        split, config = dataset.split, dataset.cfg
+        view.feature_transforms = CompositeAudioFeatureTransform.from_config_dict(
+            config.get_feature_transforms(split, False))
+        view.waveform_transforms = CompositeAudioWaveformTransform.from_config_dict(
+            config.get_waveform_transforms(split, False))
+        view.dataset_transforms = CompositeAudioDatasetTransform.from_config_dict(
+            config.get_dataset_transforms(split, False))
+        setattr(dataset, _VIEW_ATTRIBUTE, view)
+    return view
+
+
+@contextmanager
+def _skipping_invalid_sizes(dataset_cfg) -> Iterator[None]:
+    """``skip_invalid_size_inputs_valid_test`` set for the duration (fairseq's validation passes
+    it as ``ignore_invalid_inputs``)."""
+    from omegaconf import DictConfig, read_write
+
+    if isinstance(dataset_cfg, DictConfig):
+        with read_write(dataset_cfg):
+            before = dataset_cfg.skip_invalid_size_inputs_valid_test
+            dataset_cfg.skip_invalid_size_inputs_valid_test = True
+        try:
+            yield
+        finally:
+            with read_write(dataset_cfg):
+                dataset_cfg.skip_invalid_size_inputs_valid_test = before
+    else:
+        before = dataset_cfg.skip_invalid_size_inputs_valid_test
+        dataset_cfg.skip_invalid_size_inputs_valid_test = True
+        try:
+            yield
+        finally:
+            dataset_cfg.skip_invalid_size_inputs_valid_test = before
+
+
+def _leaving_training_alone(fairseq_get_valid_iterator: Callable) -> Callable:
+    @functools.wraps(fairseq_get_valid_iterator)
+    def get_valid_iterator(self, subset, disable_iterator_cache=False):
+        task = self.task
+        if subset != self.cfg.dataset.train_subset or subset not in getattr(task, "datasets", {}):
+            return fairseq_get_valid_iterator(self, subset, disable_iterator_cache)
+        training = task.datasets[subset]
+        view_of = getattr(task, "evaluation_view", None)
+        view = view_of(subset) if view_of is not None else speech_to_text_evaluation_view(training)
+        with _skipping_invalid_sizes(self.cfg.dataset):
+            if view is training:
+                return fairseq_get_valid_iterator(self, subset, disable_iterator_cache=True)
+            task.datasets[subset] = view
+            try:
+                return fairseq_get_valid_iterator(self, subset, disable_iterator_cache)
+            finally:
+                task.datasets[subset] = training
+
+    return get_valid_iterator
+
+
+def install_training_split_validation() -> bool:
+    """Wrap ``fairseq.trainer.Trainer.get_valid_iterator`` as the module docstring says.
+    Idempotent; returns True when it wrapped, False when it had been installed already."""
+    from fairseq.trainer import Trainer
+
+    return wrap_once(Trainer, "get_valid_iterator", _leaving_training_alone)
