@@ -19,7 +19,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pretraining_fixtures as fixtures  # noqa: E402
-from s2t_fixtures import SENTENCES, SPECAUGMENT_LB, run_fairseq, train_spm  # noqa: E402
+import slam_fairseq  # noqa: E402,F401  (installs the compat patches)
+from fairseq import options, tasks  # noqa: E402
+from fairseq.data import ConcatDataset  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+from s2t_fixtures import SENTENCES, SPECAUGMENT_LB, run_fairseq, s2t_cfg_and_task, train_spm  # noqa: E402
 from slam_formats.manifest import write_s2t_manifest  # noqa: E402
 
 USER_DIR = str(Path(__file__).resolve().parents[1] / "slam_fairseq")
@@ -121,3 +125,39 @@ def test_pretraining_validated_on_its_training_split_trains_what_it_trains_witho
     assert all(r["train_nsentences_speech"] == "2" for r in on_train)
     assert _iterator_state(tmp_path / "both" / "checkpoint_last.pt") == \
         _iterator_state(tmp_path / "alone" / "checkpoint_last.pt")
+
+
+def test_generate_and_validate_read_a_training_split_as_an_evaluation_split(tmp_path):
+    """fairseq-generate / fairseq-validate load their split with the checkpoint's task config: a
+    ``train*`` split then has the evaluation transforms (no SpecAugment), so every read of an
+    utterance gives the same features; fairseq-train's load keeps SpecAugment."""
+    data_dir = _asr_dir(tmp_path / "data")
+    (data_dir / "train_asr_copy.tsv").write_bytes((data_dir / "train_asr.tsv").read_bytes())
+    cfg, task = s2t_cfg_and_task(data_dir, "asr", tmp_path / "save", "--user-dir", USER_DIR)
+    task.load_dataset("train_asr")
+    training = task.datasets["train_asr"]
+    task.load_dataset("train_asr", task_cfg=cfg.task)
+    evaluation = task.datasets["train_asr"]
+    assert training.is_train_split and "SpecAugment" in repr(training.feature_transforms)
+    assert not evaluation.is_train_split and "SpecAugment" not in repr(evaluation.feature_transforms)
+    assert len(evaluation) == len(training) and evaluation.audio_paths == training.audio_paths
+    first, again = evaluation[3].source, evaluation[3].source
+    assert torch.equal(first, again)
+    rows = [training[3].source for _ in range(4)]
+    assert any(not torch.equal(row, first) for row in rows), "training reads are augmented"
+    # --gen-subset a,b: each part of the concatenation
+    task.load_dataset("train_asr,train_asr_copy", task_cfg=cfg.task)
+    joined = task.datasets["train_asr,train_asr_copy"]
+    assert isinstance(joined, ConcatDataset) and not any(part.is_train_split for part in joined.datasets)
+
+    pretraining_dir = fixtures.build_data_dir(tmp_path / "pretraining", real_speech=False)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(pretraining_dir), "--user-dir", USER_DIR, "--task",
+                                                "slam_pretraining", "--arch", "slam_tiny", "--criterion",
+                                                "slam_multitask"])
+    pretraining_cfg = convert_namespace_to_omegaconf(args)
+    pretraining = tasks.setup_task(pretraining_cfg.task)
+    pretraining.load_dataset("train")
+    assert pretraining.datasets["train"].cycle
+    pretraining.load_dataset("train", combine=False, epoch=1, task_cfg=pretraining_cfg.task)
+    assert not pretraining.datasets["train"].cycle

@@ -18,7 +18,8 @@ message, rather than somewhere in the middle of a run. What it holds:
 - :mod:`~slam_fairseq.compat.finished_runs`: a finished ``fairseq-train`` command run again exits
   before training (fairseq trains one more update and rewrites the checkpoint; applied on import);
 - :mod:`~slam_fairseq.compat.training_split_validation`: ``--valid-subset valid,train`` validates
-  on the training split without moving the training iterator (applied on import);
+  on the training split without moving the training iterator, and ``fairseq-generate`` /
+  ``fairseq-validate`` read a training split as an evaluation split (applied on import);
 - :mod:`~slam_fairseq.compat.fairseq_internals`: the few private attributes of fairseq's config
   nodes, dataclasses, iterators and checkpoint rules that the plugin relies on.
 """
@@ -56,7 +57,8 @@ from slam_fairseq.compat.evaluation_batches import install_evaluation_batches  #
 from slam_fairseq.compat.fairseq_internals import track_plateau_schedulers  # noqa: E402
 from slam_fairseq.compat.fbank import install_fbank_backend  # noqa: E402
 from slam_fairseq.compat.finished_runs import install_finished_run_check  # noqa: E402
-from slam_fairseq.compat.training_split_validation import install_training_split_validation  # noqa: E402
+from slam_fairseq.compat.training_split_validation import (  # noqa: E402
+    install_checkpoint_evaluation_splits, install_training_split_validation)
 
 allow_fairseq_checkpoint_types()
 track_plateau_schedulers()
@@ -66,3 +68,4 @@ install_data_config_paths()
 install_evaluation_batches()
 install_finished_run_check()
 install_training_split_validation()
+install_checkpoint_evaluation_splits()

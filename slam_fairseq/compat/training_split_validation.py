@@ -26,17 +26,28 @@ alone:
 Training drops examples longer than the model's positions (``ignore_invalid_inputs``); the
 validation of the training split skips them too, whatever ``--skip-invalid-size-inputs-valid-test``
 says, so that it reads what training reads.
+
+``fairseq-generate`` and ``fairseq-validate`` over a training split (``--gen-subset train_asr``) read
+it through the same view (:func:`install_checkpoint_evaluation_splits`): fairseq's
+``speech_to_text`` calls every split whose name starts with ``train`` a training split and applies
+its SpecAugment, so the hypotheses of a training split were decoded from masked features. Both
+tools load their split with the checkpoint's task config (``load_dataset(..., task_cfg=...)``),
+which ``fairseq-train`` never passes; that is how a load for evaluation is told apart.
 """
 from __future__ import annotations
 
 import copy
 import functools
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from slam_fairseq.compat.wrapping import wrap_once
 
-__all__ = ["install_training_split_validation", "speech_to_text_evaluation_view"]
+__all__ = ["install_training_split_validation", "install_checkpoint_evaluation_splits",
+           "speech_to_text_evaluation_view", "loaded_for_checkpoint_evaluation"]
+
+logger = logging.getLogger(__name__)
 
 _VIEW_ATTRIBUTE = "_slam_fairseq_evaluation_view"
 
@@ -110,6 +121,50 @@ def _leaving_training_alone(fairseq_get_valid_iterator: Callable) -> Callable:
                 task.datasets[subset] = training
 
     return get_valid_iterator
+
+
+def loaded_for_checkpoint_evaluation(load_dataset_kwargs: dict) -> bool:
+    """True for a ``load_dataset`` call of ``fairseq-generate`` / ``fairseq-validate`` (they pass
+    the checkpoint's ``task_cfg``; ``fairseq-train`` does not)."""
+    return load_dataset_kwargs.get("task_cfg") is not None
+
+
+def _evaluation_view_of_loaded(dataset):
+    """:func:`speech_to_text_evaluation_view` of an S2T dataset, or of each part of a ``--gen-subset
+    a,b`` concatenation; anything else as it is."""
+    from fairseq.data import ConcatDataset
+
+    if isinstance(dataset, ConcatDataset):
+        parts = [speech_to_text_evaluation_view(part) for part in dataset.datasets]
+        if all(part is original for part, original in zip(parts, dataset.datasets)):
+            return dataset
+        return ConcatDataset(parts, dataset.sample_ratios)
+    return speech_to_text_evaluation_view(dataset)
+
+
+def _evaluating_training_splits_as_evaluation_splits(fairseq_load_dataset: Callable) -> Callable:
+    @functools.wraps(fairseq_load_dataset)
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        result = fairseq_load_dataset(self, split, epoch, combine, **kwargs)
+        if loaded_for_checkpoint_evaluation(kwargs) and split in self.datasets:
+            loaded = self.datasets[split]
+            view = _evaluation_view_of_loaded(loaded)
+            if view is not loaded:
+                self.datasets[split] = view
+                logger.info(f"{split}: read as an evaluation split (the config's evaluation transforms, "
+                            "no SpecAugment, no shuffling), not as the training split its name makes it")
+        return result
+
+    return load_dataset
+
+
+def install_checkpoint_evaluation_splits() -> bool:
+    """Wrap ``SpeechToTextTask.load_dataset`` as the module docstring says (its subclasses, the
+    plugin's ``slam_speech_to_text`` included, inherit it). Idempotent; returns True when it
+    wrapped, False when it had been installed already."""
+    from fairseq.tasks.speech_to_text import SpeechToTextTask
+
+    return wrap_once(SpeechToTextTask, "load_dataset", _evaluating_training_splits_as_evaluation_splits)
 
 
 def install_training_split_validation() -> bool:

@@ -35,6 +35,7 @@ from omegaconf import II, MISSING
 from slam_formats.names import pair_manifest_name, speech_manifest_name
 from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
 from slam_fairseq.compat.fairseq_internals import is_fully_sharded, resolved_option
+from slam_fairseq.compat.training_split_validation import loaded_for_checkpoint_evaluation
 from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
 from slam_fairseq.data.pretraining.feature_rows import SpeechFeatureReader, SpeechRows, read_speech_rows
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings, expected_masked_fraction
@@ -333,7 +334,8 @@ class SlamPretrainingTask(FairseqTask):
         datasets = {name: self._build_modality(name, split) for name in modalities}
         for name, dataset in datasets.items():
             logger.info(f"{split} {name}: {len(dataset)} examples from {dataset.name}")
-        is_train = split == self.cfg.train_subset
+        # fairseq-validate reads the training split as a validation split (it passes task_cfg)
+        is_train = split == self.cfg.train_subset and not loaded_for_checkpoint_evaluation(kwargs)
         epoch_modality = str(self.cfg.epoch_modality)
         if not is_train or epoch_modality not in datasets:
             epoch_modality = "largest"
