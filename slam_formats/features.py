@@ -30,6 +30,21 @@ class TruncatedAudioError(AudioError):
     """A WAV file holding fewer samples than its header declares (see :func:`wav_truncation`)."""
 
 
+class MultiChannelAudioError(AudioError):
+    """Audio of several channels where one was expected (``downmix`` averages them instead)."""
+
+
+def mono(channels: np.ndarray, name: str, downmix: bool = False) -> np.ndarray:
+    """(N,) samples of channels-first (C, N) audio: the one channel, or with ``downmix`` the mean
+    of several (what the manifest scripts' ``--downmix`` and HuBERT's feature dumper do). Raises
+    :class:`MultiChannelAudioError` naming ``name`` for several channels without ``downmix``."""
+    if channels.shape[0] == 1:
+        return channels[0]
+    if not downmix:
+        raise MultiChannelAudioError(f"{name}: {channels.shape[0]} channels, expected mono")
+    return channels.mean(axis=0)
+
+
 def num_fbank_frames(num_samples: int) -> int:
     """Number of frames Kaldi (snip_edges=True) produces for ``num_samples`` 16 kHz samples."""
     if num_samples < FRAME_LENGTH_SAMPLES:
@@ -257,12 +272,11 @@ def read_audio(path_or_bytes, name: Optional[str] = None) -> Tuple[np.ndarray, i
     return data.T, int(sample_rate)
 
 
-def load_mono_16k(path: str, resample_to_16k: bool = True) -> np.ndarray:
-    """Read an audio file as 16 kHz mono; refuses (or resamples) other rates, refuses multi-channel."""
+def load_mono_16k(path: str, resample_to_16k: bool = True, downmix: bool = False) -> np.ndarray:
+    """Read an audio file as 16 kHz mono; refuses (or resamples) other rates, refuses several
+    channels (or with ``downmix`` averages them, :func:`mono`)."""
     channels, sample_rate = read_audio(path)
-    if channels.shape[0] != 1:
-        raise AudioError(f"{path}: {channels.shape[0]} channels, expected mono")
-    waveform = channels[0]
+    waveform = mono(channels, path, downmix)
     if sample_rate != SAMPLE_RATE:
         if not resample_to_16k:
             raise AudioError(f"{path}: sample rate {sample_rate} Hz, expected {SAMPLE_RATE} Hz")
@@ -280,11 +294,12 @@ def parse_stored_zip_path(audio_field: str) -> Tuple[str, Optional[Tuple[int, in
 
 
 def read_features(audio_field: str, root: Optional[str] = None,
-                  num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
+                  num_mel_bins: int = NUM_MEL_BINS, downmix: bool = False) -> np.ndarray:
     """Features for one manifest ``audio`` field: ``zip:offset:length`` of an .npy, an .npy, or audio.
 
     Audio files are turned into filterbanks on the fly (fairseq's own raw-audio path needs
-    torchaudio). Relative paths are resolved against ``root``.
+    torchaudio). Relative paths are resolved against ``root``. Audio of several channels is refused
+    (:class:`MultiChannelAudioError`), or averaged with ``downmix``.
     Returns (num_frames, num_mel_bins) float32.
     """
     path, byte_range = parse_stored_zip_path(audio_field)
@@ -301,11 +316,11 @@ def read_features(audio_field: str, root: Optional[str] = None,
             features = np.load(io.BytesIO(data))
         else:
             channels, rate = read_audio(data, name=audio_field)
-            features = compute_fbank(resample(channels[0], rate), num_mel_bins=num_mel_bins)
+            features = compute_fbank(resample(mono(channels, audio_field, downmix), rate), num_mel_bins=num_mel_bins)
     elif path.endswith(".npy"):
         features = np.load(path)
     elif path.lower().endswith(AUDIO_EXTENSIONS):
-        features = compute_fbank(load_mono_16k(path), num_mel_bins=num_mel_bins)
+        features = compute_fbank(load_mono_16k(path, downmix=downmix), num_mel_bins=num_mel_bins)
     else:
         raise AudioError(f"{audio_field}: not a zip entry, .npy or audio file ({AUDIO_EXTENSIONS})")
     features = np.asarray(features, dtype=np.float32)

@@ -357,6 +357,27 @@ def test_a_wav2vec_list_of_audio_files_gives_the_states_of_their_log_mel_frames(
         assert np.allclose(by_id[name], expected, atol=1e-5)
 
 
+def test_audio_of_two_channels_is_listed_unreadable_or_averaged_with_downmix(trained, tmp_path):
+    _, checkpoint = trained
+    audio = tmp_path / "audio"
+    names = _wavs(audio, count=2)
+    rng = np.random.default_rng(5)
+    stereo = (0.1 * rng.standard_normal((12000, 2))).astype(np.float32)
+    sf.write(str(audio / "spk" / "stereo.wav"), stereo, 16000, subtype="PCM_16")
+    names.append(("spk/stereo.wav", len(stereo)))
+    listing = tmp_path / "train.tsv"
+    listing.write_text(f"{audio}\n" + "".join(f"{name}\t{samples}\n" for name, samples in names))
+    refused = _extract(checkpoint, listing, tmp_path / "out", "--normalization", "utterance", "--layer", "1")
+    assert "spk/stereo.wav: 2 channels, expected mono (--downmix averages them)" in refused.stdout + refused.stderr
+    skipped = (tmp_path / "out" / "train_0_1.skipped.tsv").read_text()
+    assert "spk/stereo.wav" in skipped and "2 channels" in skipped
+    _extract(checkpoint, listing, tmp_path / "out", "--normalization", "utterance", "--layer", "1", "--downmix")
+    by_id = _read_layer(tmp_path / "out" / "layer1", "train_0_1")
+    samples, _ = sf.read(str(audio / "spk" / "stereo.wav"), dtype="float32")
+    expected = _expected(checkpoint, utterance_cmvn(compute_fbank(samples.mean(axis=1))), [1])[1]
+    assert np.allclose(by_id["spk/stereo.wav"], expected, atol=1e-5)
+
+
 def test_a_fine_tuned_checkpoint_uses_its_speech_to_text_evaluation_transforms(tmp_path):
     import yaml
 

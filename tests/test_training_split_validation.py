@@ -84,16 +84,20 @@ def test_fine_tuning_validated_on_its_training_split_trains_what_it_trains_witho
             "--max-source-positions", "100", "--log-format", "json", "--log-interval", "1").stdout
 
     alone = _records(train("alone", "--disable-validation"))
-    validated_log = train("validated", "--valid-subset", "train_asr", "--validate-interval-updates", "3",
+    (data_dir / "train_asr_copy.tsv").write_bytes((data_dir / "train_asr.tsv").read_bytes())
+    validated_log = train("validated", "--valid-subset", "train_asr,train_asr_copy", "--validate-interval-updates", "3",
                           "--validate-interval", "1000")
     validated = _records(validated_log)
     epochs = {epoch for epoch, _ in _updates(alone["train_inner"]).values()}
     assert len(epochs) == 2, "the run crosses an epoch boundary, with validations inside epochs"
     assert _updates(validated["train_inner"]) == _updates(alone["train_inner"])
     assert [r["train_asr_num_updates"] for r in validated["train_asr"]] == ["3", "6", "8"]
+    # another subset named train*: fairseq reads it as a training split (SpecAugment) as well
+    assert [r["train_asr_copy_loss"] for r in validated["train_asr_copy"]] == \
+        [r["train_asr_loss"] for r in validated["train_asr"]]
     # the utterance too long for training is skipped by the validation of the training split too
     # (fairseq would raise, --skip-invalid-size-inputs-valid-test not being given)
-    assert validated_log.count("1 samples have invalid sizes and will be skipped") == 2
+    assert validated_log.count("1 samples have invalid sizes and will be skipped") == 2 + 1
     assert "begin training epoch 1" in validated_log and "begin training epoch 2" in validated_log
     assert _iterator_state(tmp_path / "validated" / "checkpoint_last.pt") == \
         _iterator_state(tmp_path / "alone" / "checkpoint_last.pt")
@@ -140,7 +144,7 @@ def test_generate_and_validate_read_a_training_split_as_an_evaluation_split(tmp_
     evaluation = task.datasets["train_asr"]
     assert training.is_train_split and "SpecAugment" in repr(training.feature_transforms)
     assert not evaluation.is_train_split and "SpecAugment" not in repr(evaluation.feature_transforms)
-    assert len(evaluation) == len(training) and evaluation.audio_paths == training.audio_paths
+    np.random.seed(0)  # SpecAugment's masks come from NumPy's global generator
     first, again = evaluation[3].source, evaluation[3].source
     assert torch.equal(first, again)
     rows = [training[3].source for _ in range(4)]
@@ -149,6 +153,12 @@ def test_generate_and_validate_read_a_training_split_as_an_evaluation_split(tmp_
     task.load_dataset("train_asr,train_asr_copy", task_cfg=cfg.task)
     joined = task.datasets["train_asr,train_asr_copy"]
     assert isinstance(joined, ConcatDataset) and not any(part.is_train_split for part in joined.datasets)
+    # ... also where fairseq resampled the parts of a training concatenation (sampling_alpha != 1)
+    task.data_cfg.config["sampling_alpha"] = 0.5
+    task.load_dataset("train_asr,train_asr_copy", task_cfg=cfg.task)
+    resampled = task.datasets["train_asr,train_asr_copy"]
+    assert [type(part).__name__ for part in resampled.datasets] == ["SpeechToTextDataset"] * 2
+    assert not any(part.is_train_split for part in resampled.datasets) and len(resampled) == 2 * len(training)
 
     pretraining_dir = fixtures.build_data_dir(tmp_path / "pretraining", real_speech=False)
     parser = options.get_training_parser()

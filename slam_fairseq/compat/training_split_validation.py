@@ -17,15 +17,19 @@ alone:
 - ``slam_pretraining`` makes its own (``SlamPretrainingTask.evaluation_view``: every batch of every
   modality once, the masks of epoch 1, as its ``valid`` split is read);
 - for fairseq's ``speech_to_text`` it is a copy of the ``SpeechToTextDataset`` as an evaluation
-  split (:func:`speech_to_text_evaluation_view`): the ``_eval`` transforms instead of ``_train``'s
-  (no SpecAugment, which would draw from NumPy's global generator that training's SpecAugment
-  draws from), no shuffling;
-- any other task gets the training dataset with the iterator cache off (a fresh iterator for every
-  validation).
+  split (:func:`speech_to_text_evaluation_view`): the config's transforms for evaluation (``_eval``)
+  instead of ``_train``'s (whose SpecAugment draws from NumPy's global generator, which training's
+  SpecAugment draws from), no shuffling. Any other validation subset whose name makes fairseq read
+  it as a training split (``--valid-subset dev,train_small``) is read through such a view too;
+- any other task gets the training dataset with the iterator cache off: a fresh iterator for every
+  validation, which sets the training dataset's epoch to 1 (harmless for datasets that ignore
+  ``set_epoch``; ``ResamplingDataset`` or ``MaskTokensDataset`` would draw epoch 1's samples for
+  the rest of the epoch).
 
 Training drops examples longer than the model's positions (``ignore_invalid_inputs``); the
-validation of the training split skips them too, whatever ``--skip-invalid-size-inputs-valid-test``
-says, so that it reads what training reads.
+validation of the training split skips those too, whatever ``--skip-invalid-size-inputs-valid-test``
+says. (Training also drops examples longer than ``--max-tokens``; validation batches by
+``--max-tokens-valid`` and fails on a longer one, as for any validation subset.)
 
 ``fairseq-generate`` and ``fairseq-validate`` over a training split (``--gen-subset train_asr``) read
 it through the same view (:func:`install_checkpoint_evaluation_splits`): fairseq's
@@ -106,19 +110,24 @@ def _leaving_training_alone(fairseq_get_valid_iterator: Callable) -> Callable:
     @functools.wraps(fairseq_get_valid_iterator)
     def get_valid_iterator(self, subset, disable_iterator_cache=False):
         task = self.task
-        if subset != self.cfg.dataset.train_subset or subset not in getattr(task, "datasets", {}):
+        datasets = getattr(task, "datasets", {})
+        if subset not in datasets:
             return fairseq_get_valid_iterator(self, subset, disable_iterator_cache)
-        training = task.datasets[subset]
+        loaded = datasets[subset]
+        is_training_split = subset == self.cfg.dataset.train_subset
         view_of = getattr(task, "evaluation_view", None)
-        view = view_of(subset) if view_of is not None else speech_to_text_evaluation_view(training)
+        # a speech_to_text validation subset named train* is read as a training split by fairseq too
+        view = view_of(subset) if view_of is not None and is_training_split else _evaluation_view_of_loaded(loaded)
+        if view is loaded and not is_training_split:
+            return fairseq_get_valid_iterator(self, subset, disable_iterator_cache)
         with _skipping_invalid_sizes(self.cfg.dataset):
-            if view is training:
+            if view is loaded:
                 return fairseq_get_valid_iterator(self, subset, disable_iterator_cache=True)
-            task.datasets[subset] = view
+            datasets[subset] = view
             try:
                 return fairseq_get_valid_iterator(self, subset, disable_iterator_cache)
             finally:
-                task.datasets[subset] = training
+                datasets[subset] = loaded
 
     return get_valid_iterator
 
@@ -131,11 +140,14 @@ def loaded_for_checkpoint_evaluation(load_dataset_kwargs: dict) -> bool:
 
 def _evaluation_view_of_loaded(dataset):
     """:func:`speech_to_text_evaluation_view` of an S2T dataset, or of each part of a ``--gen-subset
-    a,b`` concatenation; anything else as it is."""
-    from fairseq.data import ConcatDataset
+    a,b`` concatenation (a part fairseq resampled, ``sampling_alpha`` != 1 for training splits,
+    is replaced by the view of its whole split: evaluation reads every row once); anything else
+    as it is."""
+    from fairseq.data import ConcatDataset, ResamplingDataset
 
     if isinstance(dataset, ConcatDataset):
-        parts = [speech_to_text_evaluation_view(part) for part in dataset.datasets]
+        parts = [speech_to_text_evaluation_view(part.dataset if isinstance(part, ResamplingDataset) else part)
+                 for part in dataset.datasets]
         if all(part is original for part, original in zip(parts, dataset.datasets)):
             return dataset
         return ConcatDataset(parts, dataset.sample_ratios)
@@ -151,8 +163,8 @@ def _evaluating_training_splits_as_evaluation_splits(fairseq_load_dataset: Calla
             view = _evaluation_view_of_loaded(loaded)
             if view is not loaded:
                 self.datasets[split] = view
-                logger.info(f"{split}: read as an evaluation split (the config's evaluation transforms, "
-                            "no SpecAugment, no shuffling), not as the training split its name makes it")
+                logger.info(f"{split}: read as an evaluation split (the config's transforms for evaluation, "
+                            "not _train's SpecAugment; no shuffling), not as the training split its name makes it")
         return result
 
     return load_dataset

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="the same as --device cpu")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--fp16", action="store_true", help="float16 autocast (GPU)")
+    parser.add_argument("--downmix", action="store_true",
+                        help="average the channels of audio with several (else such rows are listed as unreadable)")
     parser.add_argument("--strict", action="store_true", help="stop at the first row that cannot be read")
     parser.add_argument("--overwrite", action="store_true", help="redo a shard that is already done")
     return parser
@@ -104,7 +106,7 @@ def _settings(args: argparse.Namespace) -> Dict[str, object]:
             "normalization": args.normalization, "data": args.data and str(Path(args.data).resolve()),
             "global_cmvn": args.global_cmvn and _file_identity(args.global_cmvn),
             "audio_root": args.audio_root and str(Path(args.audio_root).resolve()), "dtype": args.dtype,
-            "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else None}
+            "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else None, "downmix": args.downmix}
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -125,11 +127,11 @@ class _RowRead:
     short: bool = False
 
 
-def _read(job: Tuple[Path, InputRow, int, FeatureTransform]) -> _RowRead:
+def _read(job: Tuple[Path, InputRow, int, FeatureTransform, bool]) -> _RowRead:
     """One row read and normalised: what a reading process returns."""
-    root, row, feature_dim, transform = job
+    root, row, feature_dim, transform, downmix = job
     try:
-        features = read_row_features(root, row, feature_dim)
+        features = read_row_features(root, row, feature_dim, downmix)
     except AudioError as error:
         return _RowRead(problem=str(error))
     if len(features) < MIN_INPUT_FRAMES:
@@ -138,9 +140,9 @@ def _read(job: Tuple[Path, InputRow, int, FeatureTransform]) -> _RowRead:
 
 
 def _read_rows(inputs: InputShard, feature_dim: int, transform: FeatureTransform,
-               workers: int) -> Iterator[Tuple[InputRow, _RowRead]]:
+               workers: int, downmix: bool = False) -> Iterator[Tuple[InputRow, _RowRead]]:
     """Each row of the shard with what reading it gave, in order (``workers`` processes, or this one)."""
-    jobs = ((inputs.root, row, feature_dim, transform) for row in inputs.rows)
+    jobs = ((inputs.root, row, feature_dim, transform, downmix) for row in inputs.rows)
     if workers <= 0:
         yield from zip(inputs.rows, map(_read, jobs))
         return
@@ -200,7 +202,7 @@ def extract_features(args: argparse.Namespace) -> Dict[str, object]:
         window.clear()
 
     try:
-        for row, read in _read_rows(inputs, loaded.feature_dim, transform, args.workers):
+        for row, read in _read_rows(inputs, loaded.feature_dim, transform, args.workers, args.downmix):
             if read.short:
                 counts["too_short"] += 1
             elif read.problem is not None:

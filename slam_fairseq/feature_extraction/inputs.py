@@ -23,7 +23,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from slam_formats.features import AudioError, read_features
+from slam_formats.features import AudioError, MultiChannelAudioError, read_features
 from slam_formats.manifest import TSV_DIALECT, ManifestError
 
 __all__ = ["InputRow", "InputShard", "read_input_shard", "shard_range", "read_row_features", "list_name"]
@@ -129,12 +129,15 @@ def read_input_shard(path: str, num_shards: int = 1, shard: int = 0,
     return InputShard(path, rows, start, end, num_rows, root, kind)
 
 
-def read_row_features(root: Path, row: InputRow, feature_dim: int) -> np.ndarray:
-    """(T, F) float32 log-Mel frames of ``row`` (relative paths from ``root``), not normalised.
-    Raises :class:`AudioError` whose message names the file and the problem (unreadable, missing,
-    wrong dimension, NaN or inf)."""
+def read_row_features(root: Path, row: InputRow, feature_dim: int, downmix: bool = False) -> np.ndarray:
+    """(T, F) float32 log-Mel frames of ``row`` (relative paths from ``root``), not normalised;
+    audio of several channels averaged with ``downmix``. Raises :class:`AudioError` whose message
+    names the file and the problem (unreadable, missing, several channels, wrong dimension, NaN or
+    inf)."""
     try:
-        features = read_features(row.audio, str(root), num_mel_bins=feature_dim)
+        features = read_features(row.audio, str(root), num_mel_bins=feature_dim, downmix=downmix)
+    except MultiChannelAudioError as error:
+        raise AudioError(f"{error} (--downmix averages them)") from error
     except (AudioError, ValueError, OSError, EOFError) as error:
         problem = str(error)
         raise AudioError(problem if row.audio in problem else f"{row.audio}: {problem}") from error
