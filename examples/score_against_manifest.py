@@ -29,6 +29,7 @@ from slam_formats.manifest import TSV_DIALECT
 
 __all__ = ["hypotheses", "dictionary_references", "manifest_references", "score", "main"]
 
+
 def _lines(path: Path, prefix: str, field: int) -> Dict[int, str]:
     """Row index -> ``field`` of the first ``<prefix>-<index>`` line (with ``--nbest`` N, fairseq
     prints the best hypothesis first)."""

@@ -25,7 +25,6 @@ __all__ = ["install_cut_audio_warning"]
 logger = logging.getLogger(__name__)
 
 
-
 def _warning_for_cut_wavs(fairseq_get_waveform: Callable) -> Callable:
     named: Set[str] = set()
 

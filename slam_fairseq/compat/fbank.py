@@ -35,7 +35,6 @@ __all__ = ["install_fbank_backend", "kaldi_native_fbank_features",
            "convert_waveform_without_torchaudio"]
 
 
-
 def kaldi_native_fbank_features(waveform: np.ndarray, sample_rate: int,
                                 n_bins: int = 80) -> Optional[np.ndarray]:
     """Filterbanks where fairseq has no backend (same arguments as ``audio_utils._get_torchaudio_fbank``).

@@ -25,7 +25,6 @@ __all__ = ["install_finished_run_check"]
 logger = logging.getLogger(__name__)
 
 
-
 def _stopping_a_finished_run(fairseq_load_checkpoint: Callable) -> Callable:
     @functools.wraps(fairseq_load_checkpoint)
     def load_checkpoint(self, filename, *args, **kwargs):

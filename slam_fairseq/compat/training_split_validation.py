@@ -40,6 +40,7 @@ which ``fairseq-train`` never passes; that is how a load for evaluation is told 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -85,24 +86,19 @@ def speech_to_text_evaluation_view(dataset):
 @contextmanager
 def _skipping_invalid_sizes(dataset_cfg) -> Iterator[None]:
     """``skip_invalid_size_inputs_valid_test`` set for the duration (fairseq's validation passes
-    it as ``ignore_invalid_inputs``)."""
+    it as ``ignore_invalid_inputs``); a read-only OmegaConf node is written through ``read_write``."""
     from omegaconf import DictConfig, read_write
 
-    if isinstance(dataset_cfg, DictConfig):
-        with read_write(dataset_cfg):
-            before = dataset_cfg.skip_invalid_size_inputs_valid_test
-            dataset_cfg.skip_invalid_size_inputs_valid_test = True
-        try:
-            yield
-        finally:
-            with read_write(dataset_cfg):
-                dataset_cfg.skip_invalid_size_inputs_valid_test = before
-    else:
+    def writable():
+        return read_write(dataset_cfg) if isinstance(dataset_cfg, DictConfig) else contextlib.nullcontext()
+
+    with writable():
         before = dataset_cfg.skip_invalid_size_inputs_valid_test
         dataset_cfg.skip_invalid_size_inputs_valid_test = True
-        try:
-            yield
-        finally:
+    try:
+        yield
+    finally:
+        with writable():
             dataset_cfg.skip_invalid_size_inputs_valid_test = before
 
 

@@ -28,6 +28,7 @@ from slam_formats.manifest import TSV_DIALECT, ManifestError
 
 __all__ = ["InputRow", "InputShard", "read_input_shard", "shard_range", "read_row_features", "list_name"]
 
+
 @dataclass
 class InputRow:
     """One utterance: its id and its ``audio`` field as written in the list."""
