@@ -3,14 +3,17 @@
 The header is written with room for any row count and rewritten, same size, when the file is
 closed, so that ``np.load(path, mmap_mode="r")`` reads the result as one (rows, width) array
 without a second copy of the data. The rows go to ``.NAME.partial`` beside the file, renamed onto
-it when closed: a run stopped before that leaves no file that looks finished, and a later writer
-of the same file starts the partial one over instead of leaving it behind.
+it when closed: a run stopped before that leaves no file that looks finished. A later writer of the
+same file starts the partial one over, or, given the row count a finished block ended at
+(``resume_rows``, from :meth:`NpyRowWriter.sync`), keeps those rows and writes on after them.
 """
 from __future__ import annotations
 
 import os
 
 import numpy as np
+
+from typing import Optional
 
 from slam_formats.atomic import current_umask
 
@@ -37,9 +40,15 @@ class NpyRowWriter:
         path: the ``.npy`` to write.
         width: columns of every row.
         dtype: stored type (blocks are converted to it).
+        resume_rows: keep the first ``resume_rows`` rows of the partial file a stopped writer of
+            ``path`` left (with the same width and type), drop anything after them, and append
+            after them; None starts a new file.
+
+    Raises ValueError naming the partial file when it cannot be resumed (missing, another width or
+    type, fewer rows than ``resume_rows``).
     """
 
-    def __init__(self, path: str, width: int, dtype: np.dtype = np.float32) -> None:
+    def __init__(self, path: str, width: int, dtype: np.dtype = np.float32, resume_rows: Optional[int] = None) -> None:
         self.path = str(path)
         self.width = int(width)
         self.dtype = np.dtype(dtype)
@@ -48,8 +57,33 @@ class NpyRowWriter:
         os.makedirs(directory, exist_ok=True)
         # a fixed name: a run killed before close() leaves it, and the next writer of this file reuses it
         self._temporary = os.path.join(directory, f".{name}.partial")
-        self._handle = open(self._temporary, "wb")
-        self._handle.write(_header(self.dtype, 0, self.width))
+        if resume_rows is None:
+            self._handle = open(self._temporary, "wb")
+            self._handle.write(_header(self.dtype, 0, self.width))
+        else:
+            self._handle = self._reopened(resume_rows)
+            self.rows = resume_rows
+
+    @property
+    def partial_path(self) -> str:
+        """Where the rows are until :meth:`close`."""
+        return self._temporary
+
+    def _reopened(self, rows: int):
+        """The partial file opened for appending after its first ``rows`` rows (cut there)."""
+        header = _header(self.dtype, 0, self.width)
+        end = len(header) + rows * self.width * self.dtype.itemsize
+        try:
+            handle = open(self._temporary, "r+b")
+        except FileNotFoundError:
+            raise ValueError(f"{self._temporary}: no partial file to resume") from None
+        if handle.read(len(header)) != header or os.fstat(handle.fileno()).st_size < end:
+            handle.close()
+            raise ValueError(f"{self._temporary}: not {rows} rows of width {self.width} in {self.dtype.name}; "
+                             "cannot resume it")
+        handle.truncate(end)
+        handle.seek(end)
+        return handle
 
     def append(self, block: np.ndarray) -> None:
         """Add the rows of a (n, width) block."""
@@ -63,6 +97,16 @@ class NpyRowWriter:
                              f"{float(np.abs(block).max()):.4g}); store them in a wider type")
         self._handle.write(stored.tobytes())
         self.rows += len(block)
+
+    def sync(self) -> int:
+        """Flush the rows written so far to disk; returns their count (what ``resume_rows`` takes)."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        return self.rows
+
+    def suspend(self) -> None:
+        """Stop writing but keep the partial file, for a later writer given ``resume_rows``."""
+        self._handle.close()
 
     def close(self) -> None:
         """Write the final header, flush to disk and put the file under its name."""

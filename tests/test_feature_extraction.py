@@ -28,6 +28,7 @@ from test_encoder import tiny_encoder  # noqa: E402
 from slam_fairseq.data.pretraining.config import utterance_cmvn  # noqa: E402
 from slam_fairseq.encoders.layer_states import num_encoder_layers  # noqa: E402
 from slam_fairseq.feature_extraction.checkpoint_encoder import load_checkpoint_encoder  # noqa: E402
+from slam_fairseq.feature_extraction.outputs import ShardOutputs  # noqa: E402
 from slam_formats.features import compute_fbank, read_features  # noqa: E402
 from slam_formats.manifest import read_s2t_manifest, write_s2t_manifest  # noqa: E402
 from slam_formats.npy_rows import NpyRowWriter, _header  # noqa: E402
@@ -271,33 +272,123 @@ def test_rows_without_states_keep_their_place_with_length_zero_and_are_listed(tr
     strict = _extract(checkpoint, manifest, tmp_path / "strict", "--strict", check=False)
     assert strict.returncode == 1
     assert f"{manifest}: row 'missing'" in strict.stdout and "nowhere.npy" in strict.stdout
-    assert not [path for path in (tmp_path / "strict").rglob("*") if path.is_file()]  # no file left behind
+    # nothing that looks like a result (only the hidden partial files a rerun resumes from)
+    assert not [path for path in (tmp_path / "strict").rglob("*") if path.is_file() and not path.name.startswith(".")]
     too_many = _extract(checkpoint, manifest, tmp_path / "shards", "--num-shards", 6, "--shard", 5, check=False)
     assert too_many.returncode == 1 and "5 rows cannot make 6 shards" in too_many.stdout
 
 
-def test_a_terminated_run_leaves_no_files_and_a_rerun_finishes(trained, tmp_path):
+def _progress_rows(out_dir: Path, stem: str) -> int:
+    try:
+        return json.loads((out_dir / f".{stem}.progress.json").read_text())["rows"]
+    except (OSError, ValueError):
+        return 0
+
+
+def _stop_when(process: subprocess.Popen, ready, sig: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the run ended before it could be stopped: make the manifest longer"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.05)
+    process.send_signal(sig)
+    process.wait(timeout=60)
+
+
+def test_a_stopped_shard_resumes_after_its_last_finished_window(trained, tmp_path):
     data_dir, checkpoint = trained
     rows = read_s2t_manifest(str(data_dir / "speech_train.tsv"))
     manifest = data_dir / "long.tsv"
-    write_s2t_manifest(str(manifest), [dict(row, id=f"{row['id']}-{k}") for k in range(400) for row in rows])
-    program = shutil.which(PROGRAM)
+    long_rows = [dict(row, id=f"{row['id']}-{k}") for k in range(150) for row in rows]
+    write_s2t_manifest(str(manifest), long_rows)
+    out, stem = tmp_path / "out", "long_0_1"
+    command = [shutil.which(PROGRAM), str(checkpoint), str(manifest), str(out), "--cpu", "--max-frames", "1000"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    process = subprocess.Popen([program, str(checkpoint), str(manifest), str(tmp_path / "out"), "--cpu",
-                                "--max-frames", "2000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env)
-    for line in process.stdout:  # the shard has started writing
-        if "layers [4] of rows" in line:
-            break
-    time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM
-    assert not list((tmp_path / "out").rglob("*.npy")) and not list((tmp_path / "out").rglob(".*.partial"))
-    assert not list((tmp_path / "out").rglob("*.json"))
-    short = data_dir / "short_list.tsv"
-    write_s2t_manifest(str(short), rows[:2])
-    _extract(checkpoint, short, tmp_path / "out")
-    assert len((tmp_path / "out" / "layer4" / "short_list_0_1.ids").read_text().split()) == 2
+    logs = [tmp_path / f"run{k}.log" for k in range(3)]
+
+    def start(log: Path) -> subprocess.Popen:
+        return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=env)
+
+    first = start(logs[0])  # killed outright once a window is recorded
+    _stop_when(first, lambda: _progress_rows(out, stem) > 0, signal.SIGKILL)
+    killed_at = _progress_rows(out, stem)
+    assert not [path for path in out.rglob("*") if path.is_file() and not path.name.startswith(".")]
+    second = start(logs[1])  # resumes, then stopped by SIGTERM further on
+    _stop_when(second, lambda: _progress_rows(out, stem) > killed_at, signal.SIGTERM)
+    assert second.returncode == 128 + signal.SIGTERM
+    assert f"resuming at row {killed_at} of {len(long_rows)}" in logs[1].read_text()
+    terminated_at = _progress_rows(out, stem)
+    assert start(logs[2]).wait(timeout=600) == 0, logs[2].read_text()[-3000:]
+    assert f"resuming at row {terminated_at} of {len(long_rows)}" in logs[2].read_text()
+    assert 0 < killed_at < terminated_at < len(long_rows)
+
+    # the same files as one uninterrupted run: every row once, in order, with its own states
+    by_id = _read_layer(out / "layer4", stem)
+    assert list(by_id) == [row["id"] for row in long_rows]
+    expected = {row["id"]: _expected(checkpoint, utterance_cmvn(read_features(row["audio"], str(data_dir))), [4])[4]
+                for row in rows}
+    for row in long_rows:
+        base = row["id"].rsplit("-", 1)[0]
+        assert by_id[row["id"]].shape == expected[base].shape
+        assert np.allclose(by_id[row["id"]], expected[base], atol=1e-5), row["id"]
+    summary = json.loads((out / f"{stem}.json").read_text())
+    frames = {row["id"]: len(read_features(row["audio"], str(data_dir))) for row in rows}
+    assert summary["counts"]["with_states"] == len(long_rows) and summary["resumed_at_row"] == terminated_at
+    assert summary["counts"]["input_frames"] == 150 * sum(frames.values())
+    assert not list(out.rglob(".*"))  # the partial files are gone
+    again = _extract(checkpoint, manifest, out, "--max-frames", "1000")
+    assert "already done with the same settings" in again.stdout
+
+
+def test_shard_outputs_resume_from_their_last_saved_progress(tmp_path):
+    settings = {"manifest": "m.tsv", "layers": [1, 3]}
+    states = [{layer: np.full((n, 2), 10 * k + layer, np.float32) for layer in (1, 3)} for k, n in enumerate([3, 0, 2, 4])]
+
+    def write(outputs, indices):
+        for k in indices:
+            if k == 1:
+                outputs.add_without_states("r1", "a1.wav", "unreadable\tfile")
+            else:
+                outputs.add(f"r{k}", states[k], f"a{k}.wav")
+
+    straight = ShardOutputs(tmp_path / "straight", "s_0_1", [3, 1], 2, "float32", settings, resume=True)
+    write(straight, range(4))
+    straight.save_progress({"rows": 4})
+    straight.close()
+    stopped = ShardOutputs(tmp_path / "out", "s_0_1", [3, 1], 2, "float32", settings, resume=True)
+    write(stopped, range(2))
+    stopped.save_progress({"rows": 4, "done": 2})
+    write(stopped, [2])  # written after the last record: dropped on resume
+    stopped.suspend()
+    assert not [path for path in (tmp_path / "out").rglob("*") if path.is_file() and not path.name.startswith(".")]
+    other = ShardOutputs(tmp_path / "out", "s_0_1", [3, 1], 2, "float32", dict(settings, manifest="n.tsv"),
+                         resume=True)
+    assert other.rows_done == 0  # other settings start over
+    other.suspend()
+    resumed = ShardOutputs(tmp_path / "out", "s_0_1", [3, 1], 2, "float32", settings, resume=True)
+    assert resumed.rows_done == 0  # the record of the stopped run went with the start-over above
+    write(resumed, range(2))
+    resumed.save_progress({"rows": 4, "done": 2})
+    resumed.suspend()
+    resumed = ShardOutputs(tmp_path / "out", "s_0_1", [3, 1], 2, "float32", settings, resume=True)
+    assert resumed.rows_done == 2 and resumed.counts == {"rows": 4, "done": 2}
+    assert ShardOutputs(tmp_path / "out2", "s_0_1", [1, 3], 2, "float32", settings, resume=True).rows_done == 0
+    write(resumed, [2, 3])
+    resumed.close()
+    for layer in (1, 3):
+        for suffix in ("npy", "len", "ids"):
+            made, expected = (root / f"layer{layer}" / f"s_0_1.{suffix}" for root in (tmp_path / "out", tmp_path / "straight"))
+            assert made.read_bytes() == expected.read_bytes(), (layer, suffix)
+    assert (tmp_path / "out" / "s_0_1.skipped.tsv").read_text() == "id\taudio\tproblem\nr1\ta1.wav\tunreadable file\n"
+    assert not [path.name for path in (tmp_path / "out").iterdir() if path.name.startswith(".")]
+    # a partial file cut shorter than its record: started over, not resumed with a hole
+    cut = ShardOutputs(tmp_path / "cut", "s_0_1", [1], 2, "float32", settings, resume=True)
+    write(cut, [0])
+    cut.save_progress({})
+    cut.suspend()
+    partial = tmp_path / "cut" / "layer1" / ".s_0_1.npy.partial"
+    os.truncate(partial, partial.stat().st_size - 4)
+    assert ShardOutputs(tmp_path / "cut", "s_0_1", [1], 2, "float32", settings, resume=True).rows_done == 0
 
 
 def test_the_training_normalisation_is_read_from_the_run_s_data_or_given(trained, tmp_path):

@@ -13,7 +13,8 @@ Frames are normalised as the checkpoint was trained (``--normalization checkpoin
 run's data directory, or ``--data``). Rows are read 8 batches' worth at a time (by ``--workers``
 processes), sorted by length and batched up to ``--max-frames`` padded frames (:mod:`encoding`).
 A shard's files appear when it is done; a shard already done with the same settings is not redone,
-so a list of shards can be re-run after a kill (or SIGTERM). A row without states (unreadable,
+so a list of shards can be re-run after a kill, and a shard stopped part way (SIGKILL included) is
+resumed after the last batch window it finished (:class:`ShardOutputs`). A row without states (unreadable,
 under 7 frames, out of memory alone, non-finite states) keeps its place with length 0 and is listed
 in ``NAME_SHARD_NUMSHARDS.skipped.tsv`` (``--strict``: an unreadable row is an error naming it).
 """
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--downmix", action="store_true",
                         help="average the channels of audio with several (else such rows are listed as unreadable)")
     parser.add_argument("--strict", action="store_true", help="stop at the first row that cannot be read")
-    parser.add_argument("--overwrite", action="store_true", help="redo a shard that is already done")
+    parser.add_argument("--overwrite", action="store_true", help="redo a shard that is already done, or that stopped part way, from its first row")
     return parser
 
 
@@ -140,14 +141,16 @@ def _read(job: Tuple[Path, InputRow, int, FeatureTransform, bool]) -> _RowRead:
 
 
 def _read_rows(inputs: InputShard, feature_dim: int, transform: FeatureTransform,
-               workers: int, downmix: bool = False) -> Iterator[Tuple[InputRow, _RowRead]]:
-    """Each row of the shard with what reading it gave, in order (``workers`` processes, or this one)."""
-    jobs = ((inputs.root, row, feature_dim, transform, downmix) for row in inputs.rows)
+               workers: int, downmix: bool = False, first: int = 0) -> Iterator[Tuple[InputRow, _RowRead]]:
+    """Each row of the shard from its ``first`` on, with what reading it gave, in order
+    (``workers`` processes, or this one)."""
+    rows = inputs.rows[first:]
+    jobs = ((inputs.root, row, feature_dim, transform, downmix) for row in rows)
     if workers <= 0:
-        yield from zip(inputs.rows, map(_read, jobs))
+        yield from zip(rows, map(_read, jobs))
         return
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from zip(inputs.rows, pool.imap(_read, jobs, chunksize=4))
+        yield from zip(rows, pool.imap(_read, jobs, chunksize=4))
 
 
 def extract_features(args: argparse.Namespace) -> Dict[str, object]:
@@ -181,7 +184,13 @@ def extract_features(args: argparse.Namespace) -> Dict[str, object]:
     counts = {"rows": len(inputs.rows), "with_states": 0, "unreadable": 0, "too_short": 0, "failed": 0,
               "input_frames": 0, "frames": 0}
     started = last_report = time.perf_counter()
-    outputs = ShardOutputs(out_dir, stem, layers, encoder.embed_dim, args.dtype)
+    outputs = ShardOutputs(out_dir, stem, layers, encoder.embed_dim, args.dtype, settings, resume=not args.overwrite)
+    first = outputs.rows_done
+    if first:
+        counts.update(outputs.counts)
+        logger.info(f"resuming at row {first} of {counts['rows']}: the rows before it are in the files of the run "
+                    f"that stopped (--overwrite starts over)")
+    frames_before = counts["input_frames"]
     window: List[Tuple[InputRow, _RowRead]] = []
     window_frames = 0
 
@@ -196,13 +205,14 @@ def extract_features(args: argparse.Namespace) -> Dict[str, object]:
                 logger.warning(f"{inputs.path}: row {row.id!r}: {result.problem}")
                 outputs.add_without_states(row.id, row.audio, result.problem)
             else:
-                outputs.add(row.id, result.states)
+                outputs.add(row.id, result.states, row.audio)
                 counts["with_states"] += 1
                 counts["frames"] += len(next(iter(result.states.values())))
         window.clear()
+        outputs.save_progress(counts)
 
     try:
-        for row, read in _read_rows(inputs, loaded.feature_dim, transform, args.workers, args.downmix):
+        for row, read in _read_rows(inputs, loaded.feature_dim, transform, args.workers, args.downmix, first):
             if read.short:
                 counts["too_short"] += 1
             elif read.problem is not None:
@@ -222,11 +232,12 @@ def extract_features(args: argparse.Namespace) -> Dict[str, object]:
                 last_report = now
                 logger.info(f"{len(outputs.ids) + len(window)} of {counts['rows']} rows, "
                             f"{counts['input_frames'] * _SECONDS_PER_FRAME / 3600:.2f} h of audio, "
-                            f"{counts['input_frames'] * _SECONDS_PER_FRAME / (now - started):.0f}x real time")
+                            f"{(counts['input_frames'] - frames_before) * _SECONDS_PER_FRAME / (now - started):.0f}x "
+                            "real time")
         run_window()
         files = outputs.close()
     except BaseException:
-        outputs.abort()
+        outputs.suspend()  # the rows up to the last window stay, for a rerun to resume from
         raise
     without = counts["rows"] - counts["with_states"]
     if without:
@@ -237,10 +248,12 @@ def extract_features(args: argparse.Namespace) -> Dict[str, object]:
         logger.warning(f"{out_dir / stem}: no row of this shard gave a state")
     elapsed = time.perf_counter() - started
     summary = {"settings": settings, "layers": layers, "normalization": normalization, "embed_dim": encoder.embed_dim,
-               "rows": [inputs.start, inputs.end], "counts": counts, "files": files, "seconds": round(elapsed, 3)}
+               "rows": [inputs.start, inputs.end], "counts": counts, "files": files, "seconds": round(elapsed, 3),
+               "resumed_at_row": first}
     path = write_summary(out_dir, stem, summary)
     logger.info(f"done: {counts['with_states']} rows, {counts['frames']} frames per layer, "
-                f"{counts['input_frames'] * _SECONDS_PER_FRAME / max(elapsed, 1e-9):.0f}x real time; {path}")
+                f"{(counts['input_frames'] - frames_before) * _SECONDS_PER_FRAME / max(elapsed, 1e-9):.0f}x real "
+                f"time; {path}")
     return summary
 
 

@@ -4,10 +4,14 @@ For each layer L, in ``OUT/layerL/``: ``STEM.npy`` (all rows' states), ``STEM.le
 row), ``STEM.ids`` (row ids); in ``OUT/``: ``STEM.json`` (settings, counts) and, when some rows
 have no states, ``STEM.skipped.tsv``. ``STEM`` is ``NAME_SHARD_NUMSHARDS``. The ``.json`` is
 written last and removed first when a shard is redone, so it only exists beside a finished set.
+Until a shard is finished its rows are in hidden partial files, with a record of how far they are
+complete (:class:`ShardOutputs`), so that a stopped shard is resumed rather than redone.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -16,7 +20,9 @@ import numpy as np
 from slam_formats.atomic import atomic_write_text
 from slam_formats.npy_rows import NpyRowWriter
 
-__all__ = ["ShardOutputs", "summary_path", "finished_summary", "write_summary"]
+__all__ = ["ShardOutputs", "summary_path", "progress_path", "finished_summary", "write_summary"]
+
+logger = logging.getLogger("slam_fairseq.extract_features")
 
 
 def summary_path(out_dir: Path, stem: str) -> Path:
@@ -42,42 +48,138 @@ def write_summary(out_dir: Path, stem: str, summary: Dict[str, object]) -> Path:
     return path
 
 
+def progress_path(out_dir: Path, stem: str) -> Path:
+    """Where an unfinished shard records how far its files are complete."""
+    return out_dir / f".{stem}.progress.json"
+
+
+def _rows_path(out_dir: Path, stem: str) -> Path:
+    return out_dir / f".{stem}.rows.partial"
+
+
 class ShardOutputs:
     """Writers of one shard's files (module docstring); rows are added in order.
+
+    While the shard runs, its rows' states go to each layer's ``.STEM.npy.partial`` and one JSON
+    line per row (id, frames, audio, problem) to ``OUT/.STEM.rows.partial``. :meth:`save_progress`
+    flushes them to disk and then records, in ``OUT/.STEM.progress.json``, the settings, the
+    counts and how many bytes of the rows file are complete. A later ``ShardOutputs`` of the same
+    stem and settings (``resume=True``) cuts the files back to that point and goes on from there:
+    a run stopped in any way (SIGKILL included) loses at most the rows since the last call.
 
     Args:
         out_dir: the output directory; stem: ``NAME_SHARD_NUMSHARDS``.
         layers: layer numbers; width: states per frame (D); dtype: stored type.
+        settings: what decides the outputs (a stopped run is only resumed with the same).
+        resume: go on from a stopped run's progress when there is one; False starts over.
     """
 
-    def __init__(self, out_dir: Path, stem: str, layers: Sequence[int], width: int, dtype: str) -> None:
+    def __init__(self, out_dir: Path, stem: str, layers: Sequence[int], width: int, dtype: str,
+                 settings: Optional[Dict[str, object]] = None, resume: bool = False) -> None:
         self.out_dir = out_dir
         self.stem = stem
         self.width = width
+        self.settings = settings
+        self.layers = sorted(layers)
         summary_path(out_dir, stem).unlink(missing_ok=True)  # redone: no summary describes a mix of files
-        self.directories = {layer: out_dir / f"layer{layer}" for layer in layers}
-        self.writers = {layer: NpyRowWriter(str(directory / f"{stem}.npy"), width, np.dtype(dtype))
-                        for layer, directory in self.directories.items()}
+        self.directories = {layer: out_dir / f"layer{layer}" for layer in self.layers}
         self.lengths: List[int] = []
         self.ids: List[str] = []
         self.skipped: List[str] = []
+        self.counts: Dict[str, int] = {}
+        progress = self._stopped_progress() if resume else None
+        if progress is not None:
+            try:
+                self._resume(progress, np.dtype(dtype))
+                return
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                logger.warning(f"{progress_path(out_dir, stem)}: cannot resume this shard ({error}); starting it over")
+                self.lengths, self.ids, self.skipped, self.counts = [], [], [], {}
+        self._discard_progress()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.writers = {layer: NpyRowWriter(str(directory / f"{stem}.npy"), width, np.dtype(dtype))
+                        for layer, directory in self.directories.items()}
+        self._rows = open(_rows_path(out_dir, stem), "wb")
 
-    def add(self, row_id: str, states: Dict[int, np.ndarray]) -> None:
-        """A row's (T', D) states for every layer (T' may be 0)."""
+    @property
+    def rows_done(self) -> int:
+        """Rows already in the files (those of a resumed run included)."""
+        return len(self.ids)
+
+    def _stopped_progress(self) -> Optional[Dict[str, object]]:
+        try:
+            progress = json.loads(progress_path(self.out_dir, self.stem).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if progress.get("settings") != self.settings or progress.get("layers") != self.layers:
+            return None
+        return progress
+
+    def _resume(self, progress: Dict[str, object], dtype: np.dtype) -> None:
+        rows_path = _rows_path(self.out_dir, self.stem)
+        complete = int(progress["rows_bytes"])
+        with open(rows_path, "r+b") as handle:  # cut back to the last complete row
+            if os.fstat(handle.fileno()).st_size < complete:
+                raise ValueError(f"{rows_path} is shorter than its recorded {complete} bytes")
+            handle.truncate(complete)
+            handle.seek(0)
+            for line in handle:
+                row_id, frames, audio, problem = json.loads(line)
+                self._remember(row_id, int(frames), audio, problem)
+        frames = sum(self.lengths)
+        writers = {}
+        try:
+            for layer, directory in self.directories.items():
+                writers[layer] = NpyRowWriter(str(directory / f"{self.stem}.npy"), self.width, dtype,
+                                              resume_rows=frames)
+        except ValueError:
+            for writer in writers.values():
+                writer.suspend()
+            raise
+        self.writers = writers
+        self._rows = open(rows_path, "ab")
+        self.counts = dict(progress["counts"])
+
+    def _discard_progress(self) -> None:
+        progress_path(self.out_dir, self.stem).unlink(missing_ok=True)
+        _rows_path(self.out_dir, self.stem).unlink(missing_ok=True)
+
+    def _remember(self, row_id: str, frames: int, audio: str, problem: Optional[str]) -> None:
+        self.lengths.append(frames)
+        self.ids.append(row_id)
+        if problem is not None:
+            self.skipped.append("\t".join(field.replace("\t", " ").replace("\n", " ")
+                                          for field in (row_id, audio, problem)))
+
+    def _add(self, row_id: str, states: Dict[int, np.ndarray], audio: str, problem: Optional[str]) -> None:
         for layer, writer in self.writers.items():
             writer.append(states[layer])
-        self.lengths.append(len(next(iter(states.values()))))
-        self.ids.append(row_id)
+        frames = len(next(iter(states.values())))
+        self._rows.write((json.dumps([row_id, frames, audio, problem], ensure_ascii=False) + "\n").encode("utf-8"))
+        self._remember(row_id, frames, audio, problem)
+
+    def add(self, row_id: str, states: Dict[int, np.ndarray], audio: str = "") -> None:
+        """A row's (T', D) states for every layer (T' may be 0)."""
+        self._add(row_id, states, audio, None)
 
     def add_without_states(self, row_id: str, audio: str, problem: str) -> None:
         """A row that has no states: length 0 (the outputs keep one entry per row), listed."""
-        self.add(row_id, {layer: np.zeros((0, self.width), np.float32) for layer in self.writers})
-        self.skipped.append("\t".join(field.replace("\t", " ").replace("\n", " ")
-                                      for field in (row_id, audio, problem)))
+        self._add(row_id, {layer: np.zeros((0, self.width), np.float32) for layer in self.writers}, audio, problem)
+
+    def save_progress(self, counts: Dict[str, int]) -> None:
+        """Flush the rows added so far to disk and record them (with ``counts``) as complete."""
+        for writer in self.writers.values():
+            writer.sync()
+        self._rows.flush()
+        os.fsync(self._rows.fileno())
+        progress = {"settings": self.settings, "layers": self.layers, "rows": self.rows_done,
+                    "rows_bytes": self._rows.tell(), "counts": counts}
+        atomic_write_text(str(progress_path(self.out_dir, self.stem)), json.dumps(progress) + "\n")
 
     def close(self) -> Dict[str, List[str]]:
         """Put every file in place; returns {layer: [its files]}."""
         files = {}
+        self._rows.close()
         for layer, writer in self.writers.items():
             writer.close()
             directory = self.directories[layer]
@@ -89,8 +191,12 @@ class ShardOutputs:
             atomic_write_text(str(skipped), "id\taudio\tproblem\n" + "".join(line + "\n" for line in self.skipped))
         else:
             skipped.unlink(missing_ok=True)
+        self._discard_progress()
         return files
 
-    def abort(self) -> None:
+    def suspend(self) -> None:
+        """Stop writing and keep the partial files: a run with the same settings resumes from the
+        last :meth:`save_progress`."""
+        self._rows.close()
         for writer in self.writers.values():
-            writer.abort()
+            writer.suspend()
