@@ -422,6 +422,41 @@ def test_resuming_under_another_epoch_layout_warns_and_past_its_end_starts_the_n
     assert "resuming epoch 1 at step 3 of a batch list laid out differently (batch_digest " in caplog.text
 
 
+def test_pairs_joining_or_leaving_a_resumed_epoch_move_no_other_modalitys_batches(data_dir, caplog):
+    """Stage 2 adds the pair batches to a stage-1 epoch (and a later --stage2-start-update takes
+    them away again): the speech and text batches of the rest of the epoch are those of a run that
+    had pairs all along, so resuming says nothing about a changed layout."""
+    _, datasets = _datasets(data_dir)
+    without_pairs = {name: dataset for name, dataset in datasets.items() if name != "pair"}
+
+    def ids(sample):
+        return {name: batch["id"].tolist() for name, batch in sample.items() if name != "pair"}
+
+    reference = [ids(sample) for sample in _iterator(_round_robin(datasets)).next_epoch_itr()]
+    saved_without_pairs = None
+    for saved_with, resumed_with in ((without_pairs, datasets), (datasets, without_pairs)):
+        interrupted = _iterator(_round_robin(saved_with))
+        iterator = interrupted.next_epoch_itr()
+        done = [ids(next(iterator)) for _ in range(2)]
+        state = interrupted.state_dict()
+        saved_without_pairs = saved_without_pairs if saved_with is datasets else state
+        caplog.clear()
+        resumed = _iterator(_round_robin(resumed_with))
+        with caplog.at_level(logging.WARNING):
+            resumed.load_state_dict(state)
+        assert "laid out differently" not in caplog.text and resumed.iterations_in_epoch == 2
+        rest = list(resumed.next_epoch_itr())
+        assert done + [ids(sample) for sample in rest] == reference
+        assert all(("pair" in sample) == ("pair" in resumed_with) for sample in rest)
+    # a layout saved without per-modality digests (an earlier release's checkpoint) is compared whole
+    layout = saved_without_pairs[RoundRobinEpochBatchIterator.LAYOUT_KEY]
+    state = dict(saved_without_pairs, **{RoundRobinEpochBatchIterator.LAYOUT_KEY: {
+        key: value for key, value in layout.items() if key != "batch_digests"}})
+    with caplog.at_level(logging.WARNING):
+        _iterator(_round_robin(datasets)).load_state_dict(state)
+    assert "laid out differently (batches {'speech': 4, 'text': 2} -> {'speech': 4, 'text': 2, 'pair': 3}" in caplog.text
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 def test_empty_manifest_is_an_error_naming_the_file(data_dir, tmp_path):
     manifest = tmp_path / "speech_train.tsv"

@@ -110,6 +110,7 @@ class RoundRobinBatchDataset(FairseqDataset):
         self.num_steps = 0
         self.batch_counts: Dict[str, int] = {}
         self.batch_digest = ""  # of every modality's batches: which examples, in which batch
+        self.batch_digests: Dict[str, str] = {}  # the same, of each modality's own
         self._cycle_orders: Dict[Tuple[str, int], np.ndarray] = {}
 
     # -- planning ------------------------------------------------------------------------------
@@ -126,11 +127,15 @@ class RoundRobinBatchDataset(FairseqDataset):
         self.num_steps = max(counts.values()) if not self.cycle else counts[self.epoch_modality]
         self.batch_counts = counts
         digest = hashlib.sha1()
+        self.batch_digests = {}
         for name in self.datasets:
             digest.update(name.encode())
+            own = hashlib.sha1()
             for batch in self.batches[name]:
-                digest.update(len(batch).to_bytes(8, "little"))
-                digest.update(batch.tobytes())
+                for stream in (digest, own):
+                    stream.update(len(batch).to_bytes(8, "little"))
+                    stream.update(batch.tobytes())
+            self.batch_digests[name] = own.hexdigest()[:12]
         self.batch_digest = digest.hexdigest()[:12]
         self._cycle_orders = {}
         logger.info(f"round robin over {counts} batches: {self.num_steps} steps per epoch"
@@ -249,7 +254,25 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
     def layout(self) -> Dict[str, Any]:
         return {"steps_per_epoch": int(self.dataset.num_steps), "epoch_modality": str(self.dataset.epoch_modality),
                 "num_shards": int(self.num_shards), "batches": dict(self.dataset.batch_counts),
-                "batch_digest": str(self.dataset.batch_digest)}
+                "batch_digest": str(self.dataset.batch_digest),
+                "batch_digests": dict(self.dataset.batch_digests)}
+
+    @staticmethod
+    def layout_changes(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+        """What differs between a saved epoch layout and this run's in a way that moves a resumed
+        position: the steps per epoch, the epoch modality, the shard count, or the batches of a
+        modality both runs have. A modality only one of them has (pairs joining at stage 2, or
+        left out) does not: each modality's batch at a step depends on its own batches and the
+        steps per epoch alone (:meth:`RoundRobinBatchDataset.step_indices`). A layout saved
+        without per-modality digests is compared whole."""
+        if "batch_digests" in saved:
+            shared = [name for name in current["batch_digests"] if name in saved["batch_digests"]]
+            saved = dict(saved, batches={name: saved["batches"].get(name) for name in shared},
+                         batch_digest={name: saved["batch_digests"][name] for name in shared})
+            current = dict(current, batches={name: current["batches"][name] for name in shared},
+                           batch_digest={name: current["batch_digests"][name] for name in shared})
+        return [f"{key} {saved.get(key)} -> {value}" for key, value in current.items()
+                if key != "batch_digests" and saved.get(key) != value]
 
     def state_dict(self):
         state = super().state_dict()
@@ -264,10 +287,9 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
         if run_state and self.run_state is not None:
             self.run_state.update(run_state)
         saved, position = state_dict.pop(self.LAYOUT_KEY, None), int(state_dict.get("iterations_in_epoch", 0))
-        current = self.layout()
-        if saved is not None and position > 0 and saved != current:
-            changed = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in current.items()
-                                if saved.get(key) != value)
+        changes = self.layout_changes(saved, self.layout()) if saved is not None else []
+        if position > 0 and changes:
+            changed = ", ".join(changes)
             steps = len(self)
             if position >= steps:
                 logger.warning(f"resuming epoch {state_dict['epoch']} at step {position}, but under the options of "
