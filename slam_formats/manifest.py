@@ -16,19 +16,37 @@ class ManifestError(ValueError):
     """A manifest that cannot be used; the message names the file and the row."""
 
 
+def not_utf8_error(path: str, error: UnicodeDecodeError) -> ManifestError:
+    """A :class:`ManifestError` naming the first line of ``path`` that is not UTF-8 and its first
+    bad byte (found by reading the file again as bytes: a decoder reading ahead in blocks does not
+    know the line)."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return ManifestError(f"{path}:{line_number}: not UTF-8 (byte 0x{raw[bad.start]:02x} at column "
+                                     f"{bad.start + 1}); convert the file to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8), "
+                                     f"or make it again with the manifest scripts, which skip such lines")
+    return ManifestError(f"{path}: not UTF-8 ({error.reason})")
+
+
 def read_s2t_manifest(path: str) -> List[Dict[str, str]]:
     """All rows of an S2T TSV as dicts; checks the required columns and ``n_frames``."""
     path = str(path)
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, **TSV_DIALECT)
-        missing = [c for c in ("id", "audio", "n_frames") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
-        rows = []
-        for line_number, row in enumerate(reader, start=2):
-            if not str(row.get("n_frames", "")).isdigit():
-                raise ManifestError(f"{path}:{line_number}: n_frames {row.get('n_frames')!r} is not a count")
-            rows.append({key: (value if value is not None else "") for key, value in row.items()})
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle, **TSV_DIALECT)
+            missing = [c for c in ("id", "audio", "n_frames") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ManifestError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
+            rows = []
+            for line_number, row in enumerate(reader, start=2):
+                if not str(row.get("n_frames", "")).isdigit():
+                    raise ManifestError(f"{path}:{line_number}: n_frames {row.get('n_frames')!r} is not a count")
+                rows.append({key: (value if value is not None else "") for key, value in row.items()})
+    except UnicodeDecodeError as error:
+        raise not_utf8_error(path, error) from None
     return rows
 
 

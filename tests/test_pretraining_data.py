@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretraining_fixtures as fixtures  # noqa: E402
 
-from slam_formats.manifest import ManifestError
+from slam_formats.manifest import ManifestError, read_s2t_manifest
 from slam_fairseq.data.pretraining.config import PretrainingDataConfig  # noqa: E402
 from slam_fairseq.data.pretraining.frame_masks import (FrameMaskingSettings,  # noqa: E402
                                                          expected_masked_fraction,
@@ -458,6 +458,24 @@ def test_pairs_joining_or_leaving_a_resumed_epoch_move_no_other_modalitys_batche
 
 
 # -- bad input -----------------------------------------------------------------------------------------
+def test_text_and_manifests_not_in_utf8_are_errors_naming_the_file_and_line(data_dir, tmp_path):
+    from slam_fairseq.decoding.word_lm import read_sentences
+    from slam_fairseq.feature_extraction.inputs import read_input_shard
+
+    config = PretrainingDataConfig(str(data_dir))
+    (tmp_path / "text_train.txt").write_bytes("first line\nsecond caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"text_train\.txt:2: not UTF-8 \(byte 0xe9 at column 11\)"):
+        load_text_tokens(str(tmp_path), "train", config.dictionary, config.encode_lines)
+    lines = (data_dir / "pair_train.tsv").read_bytes().splitlines(keepends=True)
+    manifest = tmp_path / "pair_train.tsv"
+    manifest.write_bytes(b"".join(lines[:2]) + lines[2].replace(b"\t", b"\xff\t", 1) + b"".join(lines[3:]))
+    for read in (read_s2t_manifest, read_input_shard):
+        with pytest.raises(ManifestError, match=r"pair_train\.tsv:3: not UTF-8 \(byte 0xff at column \d+\)"):
+            read(str(manifest))
+    with pytest.raises(ValueError, match=r"lexicon text .*text_train\.txt:2: not UTF-8"):
+        read_sentences(tmp_path / "text_train.txt")
+
+
 def test_empty_manifest_is_an_error_naming_the_file(data_dir, tmp_path):
     manifest = tmp_path / "speech_train.tsv"
     manifest.write_text("id\taudio\tn_frames\ttgt_text\tspeaker\n")

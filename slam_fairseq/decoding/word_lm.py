@@ -17,6 +17,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from slam_formats.manifest import not_utf8_error
+
 __all__ = ["SENTENCE_START", "SENTENCE_END", "UNKNOWN_WORD", "LexiconTrie", "WordBigramLM", "read_sentences"]
 
 SENTENCE_START = "<s>"
@@ -30,7 +32,10 @@ def read_sentences(path: Path) -> List[List[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"lexicon text {path}: no such file")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"lexicon text {not_utf8_error(str(path), error)}") from None
     if path.suffix == ".tsv" and lines and "tgt_text" in lines[0].split("\t"):
         column = lines[0].split("\t").index("tgt_text")
         rows = [line.split("\t") for line in lines[1:] if line.strip()]

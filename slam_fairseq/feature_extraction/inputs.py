@@ -24,7 +24,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from slam_formats.features import AudioError, MultiChannelAudioError, read_features
-from slam_formats.manifest import TSV_DIALECT, ManifestError
+from slam_formats.manifest import TSV_DIALECT, ManifestError, not_utf8_error
 
 __all__ = ["InputRow", "InputShard", "read_input_shard", "shard_range", "read_row_features", "list_name"]
 
@@ -101,6 +101,13 @@ def read_input_shard(path: str, num_shards: int = 1, shard: int = 0,
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest")
+    try:
+        return _read_input_shard(path, num_shards, shard, audio_root)
+    except UnicodeDecodeError as error:
+        raise not_utf8_error(str(path), error) from None
+
+
+def _read_input_shard(path: Path, num_shards: int, shard: int, audio_root: Optional[str]) -> InputShard:
     with open(path, encoding="utf-8") as handle:
         first = handle.readline().rstrip("\r\n")
     columns = first.split("\t")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from slam_formats.indexed_text import scan_token_ids
-from slam_formats.manifest import ManifestError
+from slam_formats.manifest import ManifestError, not_utf8_error
 from slam_formats.names import text_prefix_name
 from slam_fairseq.data.pretraining.collate import collate_tokens, real_token_counts, target_index
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
@@ -77,7 +77,8 @@ def _non_empty(name: str, sizes: np.ndarray) -> np.ndarray:
         raise ManifestError(f"{name}: empty text (no lines)")
     keep = np.flatnonzero(sizes > 1)
     if len(keep) < len(sizes):
-        logger.warning(f"{name}: skipped {len(sizes) - len(keep)} of {len(sizes)} empty lines")
+        empty = len(sizes) - len(keep)
+        logger.warning(f"{name}: skipped {empty} empty line{'s' if empty > 1 else ''} (of {len(sizes)} lines)")
     if len(keep) == 0:
         raise ManifestError(f"{name}: every line is empty")
     return keep
@@ -102,8 +103,11 @@ def load_text_tokens(data_dir: str, split: str, dictionary, encode_lines) -> Opt
         return TokenSequences(name, source, _non_empty(name, np.asarray(source.sizes)))
     if paths["txt"].is_file():
         name = str(paths["txt"])
-        with open(paths["txt"], encoding="utf-8") as handle:
-            lines = [line.strip() for line in handle]
+        try:
+            with open(paths["txt"], encoding="utf-8") as handle:
+                lines = [line.strip() for line in handle]
+        except UnicodeDecodeError as error:
+            raise not_utf8_error(name, error) from None
         encoded = encode_lines(lines)
         sizes = np.asarray([len(x) for x in encoded])
         return TokenSequences(name, encoded, _non_empty(name, sizes))
