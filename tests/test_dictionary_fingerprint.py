@@ -40,6 +40,7 @@ class _Model(nn.Module):
     def __init__(self, symbols=None):
         super().__init__()
         self.linear = nn.Linear(2, 2)
+        self.embed = nn.Embedding(len(symbols or SYMBOLS), 2)
         register_fingerprint(self, "dictionary_fingerprint", "text dictionary")
         if symbols is not None:
             set_fingerprint(self, "dictionary_fingerprint", symbols)
@@ -52,6 +53,11 @@ def test_loading_refuses_another_dictionary_and_accepts_older_or_unknown_fingerp
     model.load_state_dict(state)
     with pytest.raises(DictionaryMismatchError, match="trained with another text dictionary .* same number of"):
         model.load_state_dict(_Model(SWAPPED).state_dict())
+    larger = _Model(SYMBOLS + ["extra"]).state_dict()
+    with pytest.raises(DictionaryMismatchError, match=rf"text dictionary than the one this run loaded, of another size "
+                                                      rf"\(embed\.weight: \({len(SYMBOLS) + 1}, 2\) in the checkpoint, "
+                                                      rf"\({len(SYMBOLS)}, 2\) in this run's model\)"):
+        model.load_state_dict(larger)
 
     older = collections.OrderedDict((k, v) for k, v in state.items() if k != "dictionary_fingerprint")
     model.load_state_dict(older)  # strict: the model's own fingerprint stands in

@@ -39,7 +39,7 @@ UNKNOWN = 0.0
 
 
 class DictionaryMismatchError(ValueError):
-    """A checkpoint trained with another dictionary of the same size."""
+    """A checkpoint trained with another dictionary (the message says whether of the same size)."""
 
 
 def dictionary_fingerprint(symbols: Sequence[str]) -> torch.Tensor:
@@ -71,6 +71,16 @@ def _known(fingerprint: torch.Tensor) -> bool:
     return bool((fingerprint.detach().float().abs() > 0.5).all())
 
 
+def _first_resized(module: nn.Module, state_dict, prefix: str):
+    """(key, checkpoint shape, model shape) of the first tensor of ``module`` whose shape in
+    ``state_dict`` differs (a dictionary of another size shows in the embeddings), else None."""
+    for key, own in module.state_dict(prefix=prefix, keep_vars=True).items():
+        saved = state_dict.get(key)
+        if torch.is_tensor(saved) and tuple(saved.shape) != tuple(own.shape):
+            return key, tuple(saved.shape), tuple(own.shape)
+    return None
+
+
 def _check_on_load(module: nn.Module, state_dict, prefix: str, *args, name: str, what: str) -> None:
     """Load-state-dict pre-hook: keep the model's own fingerprint when the state dict has none (or
     an unknown one), take the state dict's when the model's is unknown, refuse one whose signs
@@ -87,6 +97,15 @@ def _check_on_load(module: nn.Module, state_dict, prefix: str, *args, name: str,
     if not _known(own):
         return
     if not torch.equal(saved.detach().float().sign().to(own.device), own.detach().float().sign()):
+        resized = _first_resized(module, state_dict, prefix)
+        if resized is not None:
+            key, saved_shape, own_shape = resized
+            raise DictionaryMismatchError(
+                f"the checkpoint was trained with another {what} than the one this run loaded, of another "
+                f"size ({key}: {saved_shape} in the checkpoint, {own_shape} in this run's model). Use the "
+                f"dictionary and SentencePiece model it was trained with (the files named in the config.yaml of "
+                f"its data directory); to start from its encoder with another dictionary, load it with "
+                f"--load-pretrained-slam-from instead")
         raise DictionaryMismatchError(
             f"the checkpoint was trained with another {what} than the one this run loaded: both hold the "
             f"same number of symbols, but not the same symbols in the same order (a SentencePiece model "
