@@ -222,13 +222,19 @@ def test_cli_finetune_and_generate_over_a_manifest_with_a_short_utterance(asr, t
 
 
 # -- strict pre-trained loading -------------------------------------------------------------------------
-def test_finetune_from_model_with_a_pretraining_checkpoint_points_to_load_pretrained_slam_from(asr, tmp_path):
+def test_finetune_from_model_or_restore_file_with_a_pretraining_checkpoint_points_to_load_pretrained_slam_from(
+        asr, tmp_path):
     """fairseq would load the slam checkpoint as a whole slam_s2t model and fail on the decoder
     ("Cannot load model parameters"); the build names the option that copies the encoder."""
     cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--finetune-from-model", str(asr["checkpoint"]))
     with pytest.raises(PretrainedSlamError, match=f"--finetune-from-model {asr['checkpoint']} is a slam "
                                                   r"pre-training checkpoint \(slam_tiny\).*--load-pretrained-slam-from"):
         task.build_model(cfg.model)
+    for option in ("--restore-file", "--continue-once"):  # the other options that load a whole model
+        cfg, task = _setup(asr["data"], asr["task"], tmp_path, option, str(asr["checkpoint"]))
+        with pytest.raises(PretrainedSlamError, match=f"{option} {asr['checkpoint']} is a slam pre-training "
+                                                      r"checkpoint \(slam_tiny\); " + option):
+            task.build_model(cfg.model)
     resumed_dir = tmp_path / "resumed"  # with checkpoint_last.pt to resume, fairseq ignores the option
     resumed_dir.mkdir()
     (resumed_dir / "checkpoint_last.pt").write_bytes(asr["checkpoint"].read_bytes())

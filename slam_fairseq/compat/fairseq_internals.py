@@ -6,8 +6,8 @@
   checkpoint, reaching the trainer's node through OmegaConf's ``_get_parent``.
 - :func:`weights_restored_by_fairseq`: fairseq's rules for when a freshly built model is about to
   receive checkpoint weights (``fairseq.checkpoint_utils.load_checkpoint``), restated.
-- :func:`finetune_from_model_path`: the ``--finetune-from-model`` checkpoint fairseq-train is about
-  to start from, by the same rules.
+- :func:`whole_model_restore`: the checkpoint a user named that fairseq-train is about to load as a
+  whole model (``--finetune-from-model``, ``--restore-file``, ``--continue-once``).
 - :func:`reset_cached_batches`: drops an ``EpochBatchIterator``'s cached batch list (``_frozen_batches``).
 - :func:`is_fully_sharded`: whether a model is wrapped by fairseq's FSDP wrapper.
 - :func:`resolved_option`: an option value that fairseq filled in, or None for an interpolation
@@ -79,12 +79,13 @@ def weights_restored_by_fairseq(task) -> Optional[str]:
             "--restore-file": f"fairseq-train restores --restore-file {path}"}[option]
 
 
-def finetune_from_model_path(task) -> Optional[str]:
-    """``--finetune-from-model``'s path when fairseq-train is about to start from it (no
-    ``checkpoint_last.pt`` to resume, no ``--continue-once``; the rules of
-    :func:`weights_restored_by_fairseq`), else None."""
+def whole_model_restore(task) -> Optional[Tuple[str, str]]:
+    """(option, path) when fairseq-train is about to load a whole model from a checkpoint the user
+    named (``--finetune-from-model``, ``--restore-file``, ``--continue-once``; not the run's own
+    ``checkpoint_last.pt``), else None."""
     source = _restored_weights_source(task)
-    return source[1] if source is not None and source[0] == "--finetune-from-model" else None
+    named = ("--finetune-from-model", "--restore-file", "--continue-once")
+    return source if source is not None and source[0] in named else None
 
 
 def _restored_weights_source(task) -> Optional[Tuple[str, str]]:

@@ -130,12 +130,13 @@ def _arch_of(state: Mapping) -> Optional[str]:
     return None
 
 
-def refuse_pretraining_checkpoint_for_finetune_from(path: str) -> None:
-    """Raise :class:`PretrainedSlamError` when ``path``, given to ``--finetune-from-model`` for a
-    ``slam_s2t`` model, is a ``slam`` pre-training checkpoint: fairseq would load it as a whole
-    model and fail on the missing decoder ("Cannot load model parameters"); the encoder is copied
-    with ``--load-pretrained-slam-from``. The checkpoint is mapped, not read (only its config is
-    looked at); one that cannot be opened so is left to fairseq."""
+def refuse_pretraining_checkpoint_for_finetune_from(path: str, option: str = "--finetune-from-model") -> None:
+    """Raise :class:`PretrainedSlamError` when ``path``, given to ``option`` (``--finetune-from-model``,
+    ``--restore-file``, ``--continue-once``: a whole model) for a ``slam_s2t`` model, is a ``slam``
+    pre-training checkpoint: fairseq would load it as a whole model and fail on the missing decoder
+    ("Cannot load model parameters"); the encoder is copied with ``--load-pretrained-slam-from``.
+    The checkpoint is mapped, not read (only its config is looked at); one that cannot be opened so
+    is left to fairseq."""
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
     try:
@@ -145,7 +146,7 @@ def refuse_pretraining_checkpoint_for_finetune_from(path: str) -> None:
     arch = _arch_of(state) if isinstance(state, Mapping) else None
     if arch is not None and ARCH_MODEL_NAME_REGISTRY.get(arch, arch) == "slam":
         raise PretrainedSlamError(
-            f"--finetune-from-model {path} is a slam pre-training checkpoint ({arch}); --finetune-from-model "
+            f"{option} {path} is a slam pre-training checkpoint ({arch}); {option} "
             f"loads a whole slam_s2t model (encoder and decoder). Copy its encoder with "
             f"--load-pretrained-slam-from {path} instead")
 

@@ -48,7 +48,7 @@ from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
 from slam_fairseq.checkpoint_recovery import recover_for_training_args
-from slam_fairseq.compat.fairseq_internals import (drop_config_fields, finetune_from_model_path,
+from slam_fairseq.compat.fairseq_internals import (drop_config_fields, whole_model_restore,
                                                    record_in_saved_config, weights_restored_by_fairseq)
 from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCODER, SlamEncoderConfig, config_from,
                                           set_defaults)
@@ -295,9 +295,9 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         given_cfg = cfg
         # fairseq loads checkpoint_last.pt after building the model: an unreadable one is replaced first.
         recover_for_training_args(getattr(task, "args", None))
-        finetune_from = finetune_from_model_path(task)
-        if finetune_from:
-            refuse_pretraining_checkpoint_for_finetune_from(finetune_from)
+        restored = whole_model_restore(task)
+        if restored is not None:
+            refuse_pretraining_checkpoint_for_finetune_from(restored[1], restored[0])
         cfg = config_from(cfg, SlamS2TConfig)
         if cfg.input_channels != 1:
             raise ValueError(f"slam_s2t reads single-channel features; the data config has "
