@@ -112,6 +112,32 @@ def _write_config(path: Path, spm_model: Path, dictionary: Path, specaugment: bo
     path.write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
 
 
+def random_asr_dir(data_dir: Path) -> Path:
+    """A speech_to_text data directory of 12 utterances of random frames, 30 to 107 long:
+    ``train_asr.tsv``, ``config_asr.yaml`` with SpecAugment for training splits."""
+    import yaml
+
+    from slam_formats.manifest import write_s2t_manifest
+
+    rng = np.random.default_rng(0)
+    data_dir.mkdir(parents=True)
+    features = {f"u{i}": rng.normal(size=(30 + 7 * i, 80)).astype(np.float32) for i in range(12)}
+    references = write_feature_zip(data_dir / "asr_00000.zip", features)
+    texts = [english for english, _, _ in SENTENCES]
+    write_s2t_manifest(str(data_dir / "train_asr.tsv"),
+                       [{"id": key, "audio": references[key], "n_frames": len(value),
+                         "tgt_text": texts[i % len(texts)], "speaker": "s"}
+                        for i, (key, value) in enumerate(features.items())])
+    spm_model, dictionary = train_spm(texts, data_dir / "spm_unigram120_asr")
+    config = {"input_channels": 1, "input_feat_per_channel": 80, "audio_root": str(data_dir.resolve()),
+              "vocab_filename": dictionary.name,
+              "bpe_tokenizer": {"bpe": "sentencepiece", "sentencepiece_model": str(spm_model.resolve())},
+              "specaugment": dict(SPECAUGMENT_LB),
+              "transforms": {"_train": ["utterance_cmvn", "specaugment"], "_eval": ["utterance_cmvn"]}}
+    (data_dir / "config_asr.yaml").write_text(yaml.safe_dump(config))
+    return data_dir
+
+
 def synthesize_features(out_dir: Path, speeds: Sequence[int] = (150,)) -> Dict[str, np.ndarray]:
     """Filterbanks of every English sentence at each speed, keyed ``s<sentence>_<speed>``."""
     from slam_formats.features import compute_fbank

@@ -14,7 +14,6 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -23,7 +22,7 @@ import slam_fairseq  # noqa: E402,F401  (installs the compat patches)
 from fairseq import options, tasks  # noqa: E402
 from fairseq.data import ConcatDataset  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
-from s2t_fixtures import SENTENCES, SPECAUGMENT_LB, run_fairseq, s2t_cfg_and_task, train_spm  # noqa: E402
+from s2t_fixtures import random_asr_dir, run_fairseq, s2t_cfg_and_task  # noqa: E402
 from slam_formats.manifest import write_s2t_manifest  # noqa: E402
 
 USER_DIR = str(Path(__file__).resolve().parents[1] / "slam_fairseq")
@@ -47,32 +46,10 @@ def _iterator_state(checkpoint: Path) -> dict:
     return {key: state[key] for key in ("epoch", "iterations_in_epoch")}
 
 
-def _asr_dir(data_dir: Path) -> Path:
-    """A speech_to_text data directory of 12 utterances of random frames, 30 to 107 long:
-    ``train_asr.tsv``, ``config_asr.yaml`` with SpecAugment for training splits."""
-    rng = np.random.default_rng(0)
-    data_dir.mkdir(parents=True)
-    features = {f"u{i}": rng.normal(size=(30 + 7 * i, 80)).astype(np.float32) for i in range(12)}
-    references = fixtures.write_feature_zip(data_dir / "fbank" / "asr_00000.zip", features, data_dir)
-    texts = [english for english, _, _ in SENTENCES]
-    write_s2t_manifest(str(data_dir / "train_asr.tsv"),
-                       [{"id": key, "audio": references[key], "n_frames": len(value),
-                         "tgt_text": texts[i % len(texts)], "speaker": "s"}
-                        for i, (key, value) in enumerate(features.items())])
-    spm_model, dictionary = train_spm(texts, data_dir / "spm_unigram120_asr")
-    config = {"input_channels": 1, "input_feat_per_channel": 80, "audio_root": str(data_dir.resolve()),
-              "vocab_filename": dictionary.name,
-              "bpe_tokenizer": {"bpe": "sentencepiece", "sentencepiece_model": str(spm_model.resolve())},
-              "specaugment": dict(SPECAUGMENT_LB),
-              "transforms": {"_train": ["utterance_cmvn", "specaugment"], "_eval": ["utterance_cmvn"]}}
-    (data_dir / "config_asr.yaml").write_text(yaml.safe_dump(config))
-    return data_dir
-
-
 def test_fine_tuning_validated_on_its_training_split_trains_what_it_trains_without(tmp_path):
     """With SpecAugment in training (NumPy's global generator) and one utterance too long for
     ``--max-source-positions``, which training skips."""
-    data_dir = _asr_dir(tmp_path / "data")
+    data_dir = random_asr_dir(tmp_path / "data")
 
     def train(name: str, *validation: str) -> str:
         return run_fairseq(
@@ -135,7 +112,7 @@ def test_generate_and_validate_read_a_training_split_as_an_evaluation_split(tmp_
     """fairseq-generate / fairseq-validate load their split with the checkpoint's task config: a
     ``train*`` split then has the evaluation transforms (no SpecAugment), so every read of an
     utterance gives the same features; fairseq-train's load keeps SpecAugment."""
-    data_dir = _asr_dir(tmp_path / "data")
+    data_dir = random_asr_dir(tmp_path / "data")
     (data_dir / "train_asr_copy.tsv").write_bytes((data_dir / "train_asr.tsv").read_bytes())
     cfg, task = s2t_cfg_and_task(data_dir, "asr", tmp_path / "save", "--user-dir", USER_DIR)
     task.load_dataset("train_asr")
@@ -144,10 +121,12 @@ def test_generate_and_validate_read_a_training_split_as_an_evaluation_split(tmp_
     evaluation = task.datasets["train_asr"]
     assert training.is_train_split and "SpecAugment" in repr(training.feature_transforms)
     assert not evaluation.is_train_split and "SpecAugment" not in repr(evaluation.feature_transforms)
-    np.random.seed(0)  # SpecAugment's masks come from NumPy's global generator
     first, again = evaluation[3].source, evaluation[3].source
     assert torch.equal(first, again)
-    rows = [training[3].source for _ in range(4)]
+    rows = []
+    for epoch in range(1, 5):  # masks drawn per (seed, epoch, example): compat.augmentation_seeds
+        training.set_epoch(epoch)
+        rows.append(training[3].source)
     assert any(not torch.equal(row, first) for row in rows), "training reads are augmented"
     # --gen-subset a,b: each part of the concatenation
     task.load_dataset("train_asr,train_asr_copy", task_cfg=cfg.task)

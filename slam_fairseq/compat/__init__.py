@@ -20,6 +20,9 @@ message, rather than somewhere in the middle of a run. What it holds:
 - :mod:`~slam_fairseq.compat.training_split_validation`: ``--valid-subset valid,train`` validates
   on the training split without moving the training iterator, and ``fairseq-generate`` /
   ``fairseq-validate`` read a training split as an evaluation split (applied on import);
+- :mod:`~slam_fairseq.compat.augmentation_seeds`: SpecAugment and fairseq's other training-time
+  augmentations drawn per example from (``--seed``, epoch, index), so that a resumed fine-tuning
+  run, and any ``--num-workers``, draws the masks of an uninterrupted run (applied on import);
 - :mod:`~slam_fairseq.compat.fairseq_internals`: the few private attributes of fairseq's config
   nodes, dataclasses, iterators and checkpoint rules that the plugin relies on.
 """
@@ -50,6 +53,7 @@ def _installed_fairseq_version() -> str:
 
 check_fairseq_version(_installed_fairseq_version())
 
+from slam_fairseq.compat.augmentation_seeds import install_augmentation_seeds  # noqa: E402
 from slam_fairseq.compat.checkpoints import allow_fairseq_checkpoint_types  # noqa: E402
 from slam_fairseq.compat.cut_audio import install_cut_audio_warning  # noqa: E402
 from slam_fairseq.compat.data_config_paths import install_data_config_paths  # noqa: E402
@@ -69,3 +73,4 @@ install_evaluation_batches()
 install_finished_run_check()
 install_training_split_validation()
 install_checkpoint_evaluation_splits()
+install_augmentation_seeds()
