@@ -57,6 +57,23 @@ def test_stage2_without_pairs_fails_at_setup(data_dir, tmp_path):
     assert "no stage 2" in task.describe_schedule()
 
 
+def test_the_schedule_names_only_the_objectives_the_data_can_train(data_dir, tmp_path, caplog):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    (copy / "text_train.txt").unlink()
+    with caplog.at_level(logging.WARNING):
+        task = make_task(copy, stage2_start_update=-1, epoch_modality="text")
+    assert "stage 1 has no text data" in caplog.text and "span masking is left out" in caplog.text
+    assert task.describe_schedule().startswith("stage 1: MSM; no stage 2")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        task.load_dataset("train")
+    assert ("--epoch-modality text: split 'train' has no text data in this stage (loaded: speech); an epoch is one "
+            "pass over the largest of them") in caplog.text
+
+
 def test_no_stage1_data_fails_at_setup(data_dir, tmp_path):
     import shutil
 

@@ -24,7 +24,7 @@ over ``--epoch-modality`` (default: the modality with the most batches); the oth
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -270,8 +270,8 @@ class SlamPretrainingTask(FairseqTask):
                  + f", MSM about {expected_masked_fraction(cfg.speech_mask_prob, cfg.speech_mask_length):.0%}"
                  f" of frames, TLM {cfg.tlm_text_mask_prob:.0%} of text and about "
                  f"{expected_masked_fraction(cfg.tlm_speech_mask_prob, cfg.tlm_speech_mask_length):.0%} of frames")
-        stage1 = f"stage 1: {_objectives(self.stage1_modalities)}"
-        stage2 = f"stage 2: {_objectives(self.stage2_modalities)}"
+        stage1 = f"stage 1: {_objectives(self._with_training_data(self.stage1_modalities))}"
+        stage2 = f"stage 2: {_objectives(self._with_training_data(self.stage2_modalities))}"
         if not self.stage2_reachable:
             never = "" if cfg.stage2_start_update < 0 else \
                 f" (--stage2-start-update {cfg.stage2_start_update} >= --max-update {cfg.max_update})"
@@ -279,6 +279,12 @@ class SlamPretrainingTask(FairseqTask):
         if cfg.stage2_start_update == 0:
             return f"{stage2} from the first update; {masks}"
         return f"{stage1} for updates 0 .. {cfg.stage2_start_update - 1}, then {stage2}; {masks}"
+
+    def _with_training_data(self, modalities: Sequence[str]) -> List[str]:
+        """The modalities of ``modalities`` that the training split has data for (the objectives
+        a stage trains; :meth:`check_training_data` warns about the others)."""
+        available = self.available_modalities(self.cfg.train_subset)
+        return [name for name in modalities if name in available]
 
     def modality_files(self, split: str) -> Dict[str, List[str]]:
         """The files each modality of ``split`` is read from (what must exist)."""
@@ -337,6 +343,9 @@ class SlamPretrainingTask(FairseqTask):
         # fairseq-validate reads the training split as a validation split (it passes task_cfg)
         is_train = split == self.cfg.train_subset and not loaded_for_checkpoint_evaluation(kwargs)
         epoch_modality = str(self.cfg.epoch_modality)
+        if is_train and epoch_modality != "largest" and epoch_modality not in datasets:
+            logger.warning(f"--epoch-modality {epoch_modality}: split {split!r} has no {epoch_modality} data in this "
+                           f"stage (loaded: {', '.join(datasets)}); an epoch is one pass over the largest of them")
         if not is_train or epoch_modality not in datasets:
             epoch_modality = "largest"
         self.datasets[split] = RoundRobinBatchDataset(datasets, self.cfg.seed, cycle=is_train,
@@ -492,12 +501,13 @@ class SlamPretrainingTask(FairseqTask):
         stage = self.stage_at(update_num)
         if stage != self._announced_stage:
             if stage == 2 and (self._announced_stage == 1 or update_num == self.cfg.stage2_start_update):
-                added = [name for name in self.stage2_modalities if name not in self.stage1_modalities]
+                stage2 = self._with_training_data(self.stage2_modalities)
+                added = [name for name in stage2 if name not in self.stage1_modalities]
                 logger.info(f"stage 2 starts at update {self.cfg.stage2_start_update}: adding "
-                            f"{_objectives(added)} (active: {_objectives(self.stage2_modalities)})")
+                            f"{_objectives(added)} (active: {_objectives(stage2)})")
             else:
                 logger.info(f"training in stage {stage} from update {update_num}: "
-                            f"{_objectives(self.active_modalities(update_num))}")
+                            f"{_objectives(self._with_training_data(self.active_modalities(update_num)))}")
             self._announced_stage = stage
         return stage
 
