@@ -96,7 +96,9 @@ class PretrainingDataConfig:
         name = self.raw.get("vocab_filename")
         if not name:
             raise DataConfigError(f"{self.path}: no vocab_filename (the fairseq dictionary); "
-                                  f"manifests/prep_text.py --out {self.data_dir} writes it with the vocabulary")
+                                  f"manifests/prep_text.py --out {self.data_dir} writes it with the vocabulary. "
+                                  "Speech-only pre-training needs it too: the model's text embeddings are "
+                                  "built for it, so that stage 2 and fine-tuning go on from the same checkpoint")
         return self.resolve(name)
 
     @property
