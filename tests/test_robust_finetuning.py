@@ -242,6 +242,19 @@ def test_finetune_from_model_or_restore_file_with_a_pretraining_checkpoint_point
     assert task.build_model(cfg.model) is not None
 
 
+def test_a_decoding_score_as_best_checkpoint_metric_is_refused_before_training(asr, tmp_path):
+    """fairseq's speech_to_text validation logs losses only: --best-checkpoint-metric wer ended the
+    run with KeyError: 'wer' at the first validation, before any checkpoint was saved."""
+    for metric, scorer in (("wer", "--scoring wer"), ("bleu", "--scoring sacrebleu")):
+        cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--best-checkpoint-metric", metric,
+                           "--maximize-best-checkpoint-metric")
+        with pytest.raises(ValueError, match=rf"--best-checkpoint-metric {metric}: fairseq's speech_to_text "
+                                             rf"validation logs losses .*{scorer}"):
+            task.build_model(cfg.model)
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--best-checkpoint-metric", "nll_loss")
+    assert task.build_model(cfg.model) is not None
+
+
 def test_fewer_or_more_layers_is_an_error_naming_the_file_and_the_layers(asr, tmp_path):
     deeper, _ = save_slam_checkpoint(tmp_path / "deeper.pt", speech_encoder_layers=3)
     cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(deeper))

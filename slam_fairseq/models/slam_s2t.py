@@ -118,6 +118,24 @@ class SlamS2TConfig(SlamEncoderConfig):
 drop_config_fields(SlamS2TConfig, ("max_source_positions",))
 
 
+# Scores of decoded text: fairseq 0.12's speech_to_text validation computes losses only, never these.
+DECODING_SCORES = frozenset({"wer", "cer", "uer", "bleu", "sacrebleu", "chrf", "ter"})
+
+
+def _refuse_decoding_score_as_best_metric(task) -> None:
+    """``--best-checkpoint-metric wer`` (or bleu, ...) would end fine-tuning with fairseq's
+    ``KeyError`` at the first validation, before any checkpoint is saved: say so before training."""
+    args = getattr(task, "args", None)
+    metric = safe_getattr(args, "best_checkpoint_metric", None)
+    if isinstance(metric, str) and metric.lower() in DECODING_SCORES and not safe_getattr(args, "path", None):
+        raise ValueError(
+            f"--best-checkpoint-metric {metric}: fairseq's speech_to_text validation logs losses (loss, nll_loss, "
+            f"ppl, accuracy with --report-accuracy, ctc_loss with the CTC criterion), not {metric}, and fairseq-train "
+            f"would stop at the first validation without a checkpoint. Choose the best checkpoint by loss (the "
+            f"default), or keep several (--keep-last-epochs, --keep-interval-updates) and score them with "
+            f"fairseq-generate --scoring {'wer' if metric.lower() in ('wer', 'cer', 'uer') else 'sacrebleu'}")
+
+
 def _criterion_wants_ctc(task) -> bool:
     """True when the running command trains with fairseq's CTC criterion and a CTC weight > 0."""
     args = getattr(task, "args", None)
@@ -295,6 +313,7 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         given_cfg = cfg
         # fairseq loads checkpoint_last.pt after building the model: an unreadable one is replaced first.
         recover_for_training_args(getattr(task, "args", None))
+        _refuse_decoding_score_as_best_metric(task)
         restored = whole_model_restore(task)
         if restored is not None:
             refuse_pretraining_checkpoint_for_finetune_from(restored[1], restored[0])
