@@ -16,6 +16,8 @@ search, and task ``slam_speech_to_text`` through fairseq's own command-line tool
 """
 from __future__ import annotations
 
+import logging
+
 import itertools
 import math
 import re
@@ -254,6 +256,38 @@ def test_joint_search_reads_the_audio_skips_the_language_tag_and_ends():
     decoder_log_probs = decoder_logits.log_softmax(-1)
     assert float(joint["positional_scores"][0]) == pytest.approx(float(decoder_log_probs[tag]), abs=1e-5)
     assert float(joint["positional_scores"][1]) == pytest.approx(0.5 * float(decoder_log_probs[b]), abs=1e-3)
+
+
+def test_joint_search_gives_a_hypothesis_where_ctc_can_carry_none(caplog):
+    """--min-len longer than the CTC frames can carry: every continuation scores -inf before eos is
+    allowed, and fairseq's search ran to --max-len and failed its assertion. Such hypotheses go on
+    with the decoder's scores and a large penalty: a hypothesis for the utterance, and a WARNING."""
+    from fairseq.data import Dictionary
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from slam_fairseq.decoding.joint_ctc_generator import STUCK_PENALTY, add_ctc_prefix_scores
+
+    dictionary = Dictionary()
+    a, b = dictionary.add_symbol("a"), dictionary.add_symbol("b")
+    decoder_logits = torch.zeros(len(dictionary))
+    decoder_logits[a], decoder_logits[b], decoder_logits[dictionary.eos()] = 6.0, 3.0, 1.0
+    frames = [b, CTC_BLANK_INDEX, a]  # at most 3 labels fit in 3 frames
+    posteriors = torch.full((1, len(frames), len(dictionary)), -10.0)
+    for t, label in enumerate(frames):
+        posteriors[0, t, label] = 10.0
+    sample = {"net_input": {"src_tokens": posteriors.log_softmax(-1), "src_lengths": torch.tensor([len(frames)])}}
+    generator = SequenceGenerator([_HandMadeModel(decoder_logits)], dictionary, beam_size=2, max_len_b=12, min_len=6)
+    generator = add_ctc_prefix_scores(generator, weight=0.5, candidates=2, blank=CTC_BLANK_INDEX)
+    with caplog.at_level(logging.WARNING):
+        best = generator.generate(None, sample)[0][0]
+    assert len(best["tokens"]) >= 7 and best["tokens"][-1] == dictionary.eos()
+    assert float(best["score"]) < STUCK_PENALTY / 20, "scored far below anything CTC allows"
+    assert "have no continuation the CTC frames can carry" in caplog.text
+    # --prefix-size forcing more labels than the frames carry: the forced tokens, then an end
+    generator = SequenceGenerator([_HandMadeModel(decoder_logits)], dictionary, beam_size=2, max_len_b=12)
+    generator = add_ctc_prefix_scores(generator, weight=0.5, candidates=2, blank=CTC_BLANK_INDEX)
+    forced = generator.generate(None, sample, prefix_tokens=torch.tensor([[a, b, a, b]]))[0][0]
+    assert forced["tokens"][:4].tolist() == [a, b, a, b] and forced["tokens"][-1] == dictionary.eos()
 
 
 def test_joint_search_scores_a_forced_prefix_token_that_the_decoder_ranks_low():

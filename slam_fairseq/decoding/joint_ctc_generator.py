@@ -22,6 +22,7 @@ no hypothesis could end).
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, List, Optional
 
@@ -31,7 +32,13 @@ from torch import Tensor
 
 from slam_fairseq.decoding.ctc_prefix_score import CTCCandidateStates, CTCPrefixScorer, CTCPrefixState
 
-__all__ = ["CTCPrefixFusedEnsemble", "add_ctc_prefix_scores"]
+__all__ = ["CTCPrefixFusedEnsemble", "add_ctc_prefix_scores", "STUCK_PENALTY"]
+
+logger = logging.getLogger(__name__)
+
+#: added to each decoder log-probability of a hypothesis that CTC scores ``-inf`` in every candidate
+#: (far below any score CTC allows, finite so that fairseq's search can still end it)
+STUCK_PENALTY = -1.0e4
 
 
 class CTCPrefixFusedEnsemble(EnsembleModel):
@@ -47,7 +54,7 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
     """
 
     def __init__(self, models: List, weight: float, candidates: int, blank: int, eos: int, pad: int,
-                 skip_tokens: int = 0) -> None:
+                 skip_tokens: int = 0, min_len: int = 1) -> None:
         if len(models) != 1:
             raise ValueError(f"joint CTC/attention decoding takes one model, got an ensemble of {len(models)}")
         if not 0.0 <= weight <= 1.0:
@@ -59,11 +66,13 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         self.candidates = candidates
         self.pad = pad
         self.skip_tokens = skip_tokens
+        self.min_len = min_len  # fairseq forbids eos before this step
         self.scorer = CTCPrefixScorer(blank=blank, eos=eos)
         self._state: Optional[CTCPrefixState] = None
         self._scored: Optional[CTCCandidateStates] = None
         self._order: Optional[Tensor] = None
         self._forced: Optional[Tensor] = None
+        self._warned_stuck = False
 
     def force_prefix(self, prefix_tokens: Optional[Tensor]) -> None:
         """(B, P) tokens fairseq will force at the first P steps of the next search (pad: none)."""
@@ -96,7 +105,7 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         forced = None
         if self._forced is not None and step < self._forced.size(1):
             forced = self._forced[:, step]
-        return self._fuse(attention_log_probs, forced), attention
+        return self._fuse(attention_log_probs, forced, eos_allowed=step >= self.min_len), attention
 
     def _advance(self, step: int, tokens: Tensor, encoder_out: Dict[str, List[Tensor]]) -> None:
         """Brings the CTC state to each row's current prefix."""
@@ -116,11 +125,13 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
             assert self._scored is not None
             self._state = self.scorer.select(self._scored, self._order, tokens[:, -1])
 
-    def _fuse(self, attention_log_probs: Tensor, forced: Optional[Tensor] = None) -> Tensor:
+    def _fuse(self, attention_log_probs: Tensor, forced: Optional[Tensor] = None, eos_allowed: bool = True) -> Tensor:
         """(N, V) decoder log-probs -> (N, V) fused scores (``-inf`` outside the candidates).
 
         ``forced``: (N,) the token fairseq forces on each row at this step (pad: none), made a
-        candidate whatever the decoder thinks of it."""
+        candidate whatever the decoder thinks of it. ``eos_allowed``: False before ``--min-len``.
+        A row left with no continuation fairseq may take at a finite score (CTC cannot carry any,
+        or not the forced token) takes the decoder's scores plus :data:`STUCK_PENALTY`."""
         state = self._state
         ranked = attention_log_probs.float().clone()
         ranked[:, self.pad] = -math.inf
@@ -139,8 +150,26 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
             fused = (1.0 - self.weight) * candidate_log_probs + self.weight * increments
         else:  # CTC only restricts the candidates (and checks the machinery: equals plain beam search)
             fused = candidate_log_probs
+        usable = torch.isfinite(fused)
+        if not eos_allowed:
+            usable &= candidates.ne(self.scorer.eos)
+        if forced is not None:
+            usable = torch.where(forced.ne(self.pad).unsqueeze(1), usable & candidates.eq(forced.unsqueeze(1)), usable)
+        stuck = ~usable.any(dim=1)
+        if bool(stuck.any()):
+            fused = torch.where(stuck.unsqueeze(1), candidate_log_probs + STUCK_PENALTY, fused)
+            self._warn_stuck(int(stuck.sum()))
         scores = torch.full_like(attention_log_probs, -math.inf)
         return scores.scatter_(1, candidates, fused)
+
+    def _warn_stuck(self, rows: int) -> None:
+        if not self._warned_stuck:
+            self._warned_stuck = True
+            logger.warning(
+                f"joint CTC/attention search: {rows} hypotheses have no continuation the CTC frames can carry "
+                f"(the utterance is shorter than --min-len or --prefix-size ask for, in CTC labels); they go on "
+                f"with the decoder's scores {STUCK_PENALTY:g} lower per token, so that every utterance gets a "
+                f"hypothesis (fairseq would stop at --max-len with an AssertionError)")
 
 
 class _JointCTCSequenceGenerator(SequenceGenerator):
@@ -178,7 +207,7 @@ def add_ctc_prefix_scores(generator: SequenceGenerator, weight: float, candidate
     generator.model = CTCPrefixFusedEnsemble(
         list(generator.model.models), weight=weight,
         candidates=min(max(candidates, 2 * generator.beam_size), generator.vocab_size),
-        blank=blank, eos=generator.eos, pad=generator.pad, skip_tokens=skip_tokens)
+        blank=blank, eos=generator.eos, pad=generator.pad, skip_tokens=skip_tokens, min_len=generator.min_len)
     generator.model.eval()
     generator.__class__ = _JointCTCSequenceGenerator  # the same object, which now passes on prefix tokens
     return generator
