@@ -544,6 +544,22 @@ def test_ctc_decoding_needs_a_ctc_head(trained):
             task.build_generator(models, generation_cfg)
 
 
+def test_greedy_and_lexicon_warn_that_they_ignore_the_target_language(trained, tmp_path, caplog):
+    task, models, generation_cfg, _ = load_for_generation(trained)
+    text = tmp_path / "lexicon.txt"
+    text.write_text("a b\n", encoding="utf-8")
+    task.args.lexicon_text = str(text)
+    for prefix_size, expected in ((0, False), (1, True)):
+        models[0].ctc_target_prefix_size = prefix_size  # 1: a multilingual model's language tag
+        for mode in ("greedy", "lexicon"):
+            task.args.ctc_decoding = mode
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                task.build_generator(models, generation_cfg)
+            assert (f"--ctc-decoding {mode} reads the CTC head alone, which does not see the target language"
+                    in caplog.text) == expected
+
+
 def test_flags_a_decoding_mode_cannot_honour_are_refused(trained, tmp_path):
     task, models, generation_cfg, _ = load_for_generation(trained)
     text = tmp_path / "lexicon.txt"

@@ -90,6 +90,10 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         model = self._single_ctc_model(models, mode)
         if mode in ("greedy", "lexicon"):
             _refuse_what_one_ctc_path_cannot_give(mode, generator, args)
+            if int(getattr(model, "ctc_target_prefix_size", 0)) > 0:
+                logger.warning(f"--ctc-decoding {mode} reads the CTC head alone, which does not see the target "
+                               "language: every target language of an utterance gets the same labels (behind its "
+                               "language tag). Multilingual models decode with --ctc-decoding none or joint")
         if mode == "greedy":
             logger.info("decoding: best-path CTC (the decoder is not run)")
             return CTCGreedyGenerator(model, eos=generator.eos, blank=CTC_BLANK_INDEX,
