@@ -174,3 +174,27 @@ def test_a_few_adam_steps_lower_the_pair_ctc_loss(units):
         criterion(model, {"pair": pair})[0].backward()
         optimizer.step()
     assert ctc_loss() < 0.8 * before
+
+
+def test_a_checkpoint_without_the_head_loads_into_a_model_with_it_and_the_other_way(caplog):
+    """--pair-ctc turned on at stage 2 over a stage-1 checkpoint (fairseq's strict load: "Missing
+    key(s) pair_ctc_head.weight"), or off over one that had it ("Unexpected key(s)")."""
+    import logging
+
+    without = make_model().state_dict()
+    model = make_model(pair_ctc=True, pair_ctc_units="tokens")
+    own_head = model.pair_ctc_head.weight.detach().clone()
+    with caplog.at_level(logging.WARNING):
+        model.load_state_dict(without)
+    assert "the checkpoint has no pair_ctc_head (trained without --pair-ctc)" in caplog.text
+    assert torch.equal(model.pair_ctc_head.weight, own_head), "the run's own initialisation"
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in without.items())
+    assert "pair_ctc_head.weight" not in without, "the caller's dict is not changed"
+
+    caplog.clear()
+    plain = make_model()
+    with caplog.at_level(logging.WARNING):
+        plain.load_state_dict(model.state_dict())
+    assert "the checkpoint has a pair_ctc_head (trained with --pair-ctc), which this run does not use" in caplog.text
+    with pytest.raises(RuntimeError, match="Missing key"):  # a partial state is still checked strictly
+        model.load_state_dict({"pair_ctc_head.weight": own_head})

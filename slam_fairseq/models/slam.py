@@ -21,6 +21,7 @@ from slam_fairseq.encoders.config import BASE_ENCODER, PAPER_ENCODER, TINY_ENCOD
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
 from slam_fairseq.encoders.speech_encoder import SpeechEncoderOutput
 from slam_fairseq.models.dictionary_fingerprint import register_fingerprint, set_fingerprint
+from slam_fairseq.models.optional_heads import register_optional_head
 from slam_fairseq.models.outputs import PairPretrainingOutput, SpeechPretrainingOutput, TextPretrainingOutput
 from slam_fairseq.modules.gumbel_quantizer import GumbelQuantizer
 from slam_fairseq.modules.padding import may_read_device_values
@@ -197,6 +198,7 @@ class SlamModel(BaseFairseqModel):
                 self.speller = Speller(symbols, self.unspoken_ids)
                 classes = self.speller.num_classes
             self.pair_ctc_head = nn.Linear(embed_dim, classes)
+        register_optional_head(self, "pair_ctc_head", "--pair-ctc")
 
     @classmethod
     def build_model(cls, cfg, task) -> "SlamModel":
