@@ -5,6 +5,7 @@ tests/test_distributed.py (it is also the 2-rank side of the --update-freq compa
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -225,3 +226,15 @@ def test_the_launcher_trains_in_bf16_where_fairseq_train_would_look_for_a_tpu(da
     # the same data and seed: bfloat16 arithmetic changes the loss a little, and only a little
     assert fp32[0] != bf16[0] and abs(fp32[0] - bf16[0]) < 0.05 * fp32[0], (fp32, bf16)
     assert all(loss == loss for loss in bf16)
+
+
+def test_python_m_launch_runs_without_runpy_s_warning():
+    """``torchrun -m slam_fairseq.launch`` imports the package first; the package must not import
+    the launcher itself (runpy then warns that 'slam_fairseq.launch' was found in sys.modules)."""
+    import subprocess
+
+    env = dict(os.environ, WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "slam_fairseq.launch", "--help"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "found in sys.modules" not in run.stderr and "usage: slam-fairseq-train" in run.stdout
