@@ -12,6 +12,7 @@ still reads its own files (``slam_fairseq.compat.data_config_paths``).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -19,6 +20,11 @@ import yaml
 
 from manifests.core import UsageError
 from slam_formats.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+#: config.yaml key: {manifest script: the filterbank settings of the features it wrote}
+FEATURE_SETTINGS_KEY = "feature_settings"
 
 # fairseq's S2TDataConfigWriter.set_specaugment_*_policy
 SPECAUGMENT_POLICIES = {
@@ -75,21 +81,50 @@ def merge_config(path, updates: Dict[str, Any]) -> Path:
     return write_config(path, config)
 
 
-def merge_speech_keys(path, out_dir, cmvn: str, gcmvn_name: Optional[str] = None) -> str:
+def check_feature_settings(path, script: str, settings: Dict[str, Any]) -> None:
+    """Refuse, before any feature is computed, filterbank ``settings`` (e.g. ``mel_high_freq``)
+    other than those another manifest script recorded in ``config.yaml`` (:func:`merge_speech_keys`):
+    the speech manifests of one data directory feed one model, which must see one kind of frames.
+    The same script run again may change them (its manifests are rewritten)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    recorded = read_config(path).get(FEATURE_SETTINGS_KEY) or {}
+    for other, values in recorded.items():
+        differing = [f"{key} {values[key]!r} there, {value!r} here" for key, value in settings.items()
+                     if other != script and key in values and values[key] != value]
+        if differing:
+            raise UsageError(f"{path}: {other}'s manifests in this data directory were made with other filterbank "
+                             f"settings ({'; '.join(differing)}; --mel-high-freq 0 is the full band). One model reads "
+                             f"all of them: run this script with the same settings, or write into another --out")
+
+
+def merge_speech_keys(path, out_dir, cmvn: str, gcmvn_name: Optional[str] = None, script: Optional[str] = None,
+                      settings: Optional[Dict[str, Any]] = None) -> str:
     """Merge the speech keys into the SLAM data config (``config.yaml``), which several scripts fill.
 
-    ``--cmvn global`` sets ``global_cmvn`` (and ``transforms``) to this run's statistics;
-    ``--cmvn utterance`` keeps a ``global_cmvn`` another script (e.g. ``prep_librilight``) put
-    there, so that running the scripts in any order does not drop it. Returns a line for the summary.
+    ``--cmvn global`` sets ``global_cmvn`` (and ``transforms``) to this run's statistics, with a
+    WARNING when it replaces another script's; ``--cmvn utterance`` keeps a ``global_cmvn`` another
+    script (e.g. ``prep_librilight``) put there, so that running the scripts in any order does not
+    drop it. ``script``'s filterbank ``settings`` are recorded under ``feature_settings``
+    (:func:`check_feature_settings`). Returns a line for the summary.
     """
     path = Path(path)
     existing = read_config(path) if path.is_file() else {}
     updates = speech_config(out_dir, cmvn, gcmvn_name)
+    if script is not None and settings is not None:
+        updates[FEATURE_SETTINGS_KEY] = {**(existing.get(FEATURE_SETTINGS_KEY) or {}), script: dict(settings)}
     if cmvn == "utterance" and existing.get("global_cmvn"):
         updates.pop("transforms")
         merge_config(path, updates)
         return f"{path.name} (speech keys; global_cmvn {existing['global_cmvn']} kept)"
     merge_config(path, updates)
+    before = (existing.get("global_cmvn") or {}).get("stats_npz_path")
+    if cmvn == "global" and before and before != gcmvn_name:
+        line = (f"{path.name} (speech keys; global_cmvn {before} replaced by {gcmvn_name}, the statistics of this "
+                f"script's training split only: every speech manifest of the directory is normalised with them)")
+        logger.warning(line)
+        return line
     return f"{path.name} (speech keys)"
 
 

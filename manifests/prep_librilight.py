@@ -94,6 +94,8 @@ def main(argv=None) -> core.RunSummary:
     if args.cmvn == "global" and args.train_split not in groups:
         raise core.UsageError(f"--train-split {args.train_split} is not one of the output splits {sorted(groups)}")
     options = core.audio_options_from_args(args, segment_seconds=args.segment_seconds)
+    settings = {"mel_high_freq": options.mel_high_freq}
+    data_config.check_feature_settings(args.out / DATA_CONFIG_NAME, "prep_librilight", settings)
     features = core.extract_features(context, options, groups, "librilight")
 
     gcmvn_name = None
@@ -105,7 +107,8 @@ def main(argv=None) -> core.RunSummary:
         name = speech_manifest_name(split)
         rows = features[split].manifest_rows(items)
         core.write_manifest(context.summary, args.out / name, rows, S2T_COLUMNS)
-    context.summary.wrote(data_config.merge_speech_keys(args.out / DATA_CONFIG_NAME, args.out, args.cmvn, gcmvn_name))
+    context.summary.wrote(data_config.merge_speech_keys(args.out / DATA_CONFIG_NAME, args.out, args.cmvn, gcmvn_name,
+                                                        "prep_librilight", settings))
     context.summary.finish()
     return context.summary
 

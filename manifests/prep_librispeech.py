@@ -122,7 +122,10 @@ def main(argv=None) -> core.RunSummary:
         groups.setdefault(split, []).extend(list_librispeech_dir(args.root / directory, split, summary))
     if ("asr" in args.outputs or args.cmvn == "global") and args.train_split not in groups:
         raise core.UsageError(f"--train-split {args.train_split} is not one of the output splits {sorted(groups)}")
-    features = core.extract_features(context, core.audio_options_from_args(args), groups, "librispeech")
+    options = core.audio_options_from_args(args)
+    settings = {"mel_high_freq": options.mel_high_freq}
+    data_config.check_feature_settings(args.out / DATA_CONFIG_NAME, "prep_librispeech", settings)
+    features = core.extract_features(context, options, groups, "librispeech")
 
     task = ASR_TASK_NAME
     spm_name = spm_prefix_name(args.vocab_size, task) + ".model"
@@ -160,7 +163,8 @@ def main(argv=None) -> core.RunSummary:
         config_name = fine_tuning_config_name(task)
         data_config.write_config(args.out / config_name, config)
         summary.wrote(config_name)
-    summary.wrote(data_config.merge_speech_keys(args.out / DATA_CONFIG_NAME, args.out, args.cmvn, gcmvn_name))
+    summary.wrote(data_config.merge_speech_keys(args.out / DATA_CONFIG_NAME, args.out, args.cmvn, gcmvn_name,
+                                                "prep_librispeech", settings))
     summary.finish()
     return summary
 

@@ -120,3 +120,33 @@ def test_ids_in_two_splits_and_a_tree_without_transcripts_are_named(tmp_path):
                       "--out", tmp_path / "b", "--workers", "1", "--no-progress", check=False)
     assert none.returncode == 2 and "--train-split train: no utterance with both audio and a transcript" in none.stderr
     assert "missing_transcript 2" in none.stderr and ".trans.txt" in none.stderr
+
+
+def test_scripts_filling_one_data_directory_with_other_filterbanks_or_statistics_are_named(tmp_path, caplog):
+    """prep_librilight --mel-high-freq 4000, then prep_librispeech without it, into one --out: one
+    model would read two kinds of frames. Global CMVN statistics of one script replaced by another's
+    are said so."""
+    import logging
+
+    import pytest
+
+    from manifests import data_config
+
+    config = tmp_path / "config.yaml"
+    data_config.check_feature_settings(config, "prep_librilight", {"mel_high_freq": 4000.0})  # no config yet
+    data_config.merge_speech_keys(config, tmp_path, "global", "gcmvn_speech.npz", "prep_librilight",
+                                  {"mel_high_freq": 4000.0})
+    assert data_config.read_config(config)["feature_settings"] == {"prep_librilight": {"mel_high_freq": 4000.0}}
+    data_config.check_feature_settings(config, "prep_librilight", {"mel_high_freq": 0.0})  # the same script: redone
+    data_config.check_feature_settings(config, "prep_librispeech", {"mel_high_freq": 4000.0})
+    with pytest.raises(core.UsageError, match=r"config\.yaml: prep_librilight's manifests in this data directory were "
+                                              r"made with other filterbank settings \(mel_high_freq 4000\.0 there, "
+                                              r"0\.0 here"):
+        data_config.check_feature_settings(config, "prep_librispeech", {"mel_high_freq": 0.0})
+    with caplog.at_level(logging.WARNING):
+        line = data_config.merge_speech_keys(config, tmp_path, "global", "gcmvn_asr.npz", "prep_librispeech",
+                                             {"mel_high_freq": 4000.0})
+    assert "global_cmvn gcmvn_speech.npz replaced by gcmvn_asr.npz" in line and line in caplog.text
+    assert set(data_config.read_config(config)["feature_settings"]) == {"prep_librilight", "prep_librispeech"}
+    assert "kept" in data_config.merge_speech_keys(config, tmp_path, "utterance", None, "prep_librispeech",
+                                                   {"mel_high_freq": 4000.0})
