@@ -49,6 +49,22 @@ def test_an_example_s_masks_depend_on_the_seed_the_epoch_and_the_example_alone(t
     other_seed = training(2)
     assert any(not torch.equal(other_seed[index].source, dataset[index].source) for index in range(6))
 
+    # an evaluation view of the training split (--valid-subset valid,train) does not move its epoch
+    from slam_fairseq.compat.training_split_validation import speech_to_text_evaluation_view
+
+    dataset.set_epoch(3)
+    in_epoch_3 = dataset[3].source
+    speech_to_text_evaluation_view(dataset).set_epoch(1)
+    assert torch.equal(dataset[3].source, in_epoch_3)
+
+    # the splits of --train-subset a,b: example i of each draws its own masks
+    (data_dir / "train_asr_copy.tsv").write_bytes((data_dir / "train_asr.tsv").read_bytes())
+    cfg, task = s2t_cfg_and_task(data_dir, "asr", tmp_path / "save", "--user-dir", USER_DIR, "--seed", "1")
+    task.load_dataset("train_asr,train_asr_copy")
+    first_split, second_split = task.datasets["train_asr,train_asr_copy"].datasets
+    assert torch.equal(first_split[3].source, first)  # the first split draws what it draws alone
+    assert any(not torch.equal(first_split[index].source, second_split[index].source) for index in range(6))
+
 
 def _train(data_dir: Path, save_dir: Path, max_update: int, workers: int = 0) -> str:
     return run_fairseq(

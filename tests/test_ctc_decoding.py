@@ -288,6 +288,10 @@ def test_joint_search_gives_a_hypothesis_where_ctc_can_carry_none(caplog):
     generator = add_ctc_prefix_scores(generator, weight=0.5, candidates=2, blank=CTC_BLANK_INDEX)
     forced = generator.generate(None, sample, prefix_tokens=torch.tensor([[a, b, a, b]]))[0][0]
     assert forced["tokens"][:4].tolist() == [a, b, a, b] and forced["tokens"][-1] == dictionary.eos()
+    # a sentence with a hypothesis CTC allows is decoded as before: no penalised hypothesis finishes
+    generator = SequenceGenerator([_HandMadeModel(decoder_logits)], dictionary, beam_size=2, max_len_b=12, min_len=2)
+    generator = add_ctc_prefix_scores(generator, weight=0.5, candidates=2, blank=CTC_BLANK_INDEX)
+    assert all(float(hypo["score"]) > STUCK_PENALTY / 100 for hypo in generator.generate(None, sample)[0])
 
 
 def test_joint_search_scores_a_forced_prefix_token_that_the_decoder_ranks_low():

@@ -13,9 +13,15 @@ everything drawn before in that process and is saved in no checkpoint. So:
 global generator seeded by (``--seed``, epoch, example index) for the time of its ``__getitem__``,
 and puts the generator's previous state back afterwards. An example's masks are then a function of
 the run's seed, the epoch and the example alone: the same after a resume, in any loader process,
-and different from epoch to epoch. An example drawn twice in one epoch (a ``ResamplingDataset``
-with replacement) gets the same masks both times. Evaluation splits (``is_train_split`` False)
-are read as fairseq reads them; their transforms draw nothing.
+and different from epoch to epoch. The splits of ``--train-subset a,b`` draw from streams of
+their own. An example drawn twice in one epoch (a ``ResamplingDataset`` with replacement) gets the
+same masks both times. Evaluation splits (``is_train_split`` False) are read as fairseq reads
+them; their transforms draw nothing.
+
+Not covered: augmentations that draw in ``collater`` (fairseq's ``NoisyOverlapAugment``), and,
+with ``--num-workers 0``, a draw of the main thread (fairseq seeding NumPy while it builds an
+iterator) that falls inside an example's read in fairseq's ``BufferedIterator`` thread. A seeded
+training dataset holds shared memory and cannot be pickled outside the start of a loader process.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ __all__ = ["install_augmentation_seeds", "seed_training_augmentation", "AUGMENTA
 
 AUGMENTATION_SEED_ATTRIBUTE = "_slam_augmentation_seed"
 _EPOCH_ATTRIBUTE = "_slam_augmentation_epoch"
+_STREAM_ATTRIBUTE = "_slam_augmentation_stream"
 
 
 def _speech_to_text_parts(dataset) -> Iterator[object]:
@@ -50,10 +57,12 @@ def seed_training_augmentation(dataset, seed: int, epoch: int = 1) -> None:
     The epoch is kept in shared memory: fairseq 0.12 keeps one ``DataLoader`` with persistent
     workers for all epochs, so the copies of the dataset in its loader processes never see a later
     ``set_epoch``; they read the epoch the training process writes there."""
-    for part in _speech_to_text_parts(dataset):
+    for number, part in enumerate(_speech_to_text_parts(dataset)):
         if getattr(part, "is_train_split", False):
             setattr(part, AUGMENTATION_SEED_ATTRIBUTE, int(seed))
             setattr(part, _EPOCH_ATTRIBUTE, multiprocessing.RawValue("q", int(epoch)))
+            # the splits of --train-subset a,b: example i of each draws from a stream of its own
+            setattr(part, _STREAM_ATTRIBUTE, (number,) if number else ())
 
 
 def _epoch(dataset) -> int:
@@ -61,8 +70,8 @@ def _epoch(dataset) -> int:
     return int(held.value) if hasattr(held, "value") else int(held)
 
 
-def _example_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def _example_seed(seed: int, epoch: int, index: int, stream=()) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index, *stream]).generate_state(1)[0])
 
 
 def _seeded_getitem(getitem):
@@ -71,7 +80,7 @@ def _seeded_getitem(getitem):
         if seed is None or not getattr(self, "is_train_split", False):
             return getitem(self, index)
         state = np.random.get_state()
-        np.random.seed(_example_seed(seed, _epoch(self), int(index)))
+        np.random.seed(_example_seed(seed, _epoch(self), int(index), getattr(self, _STREAM_ATTRIBUTE, ())))
         try:
             return getitem(self, index)
         finally:
@@ -84,9 +93,9 @@ def _seeded_getitem(getitem):
 def _recording_epoch(set_epoch):
     def set_epoch_and_record(self, epoch):
         held = getattr(self, _EPOCH_ATTRIBUTE, None)
-        if hasattr(held, "value"):
+        if hasattr(held, "value") and getattr(self, "is_train_split", False):
             held.value = int(epoch)
-        else:
+        else:  # an evaluation view copied from a training dataset must not move training's epoch
             setattr(self, _EPOCH_ATTRIBUTE, int(epoch))
         return set_epoch(self, epoch)
 

@@ -18,8 +18,9 @@ alone:
   modality once, the masks of epoch 1, as its ``valid`` split is read);
 - for fairseq's ``speech_to_text`` it is a copy of the ``SpeechToTextDataset`` as an evaluation
   split (:func:`speech_to_text_evaluation_view`): the config's transforms for evaluation (``_eval``)
-  instead of ``_train``'s (whose SpecAugment draws from NumPy's global generator, which training's
-  SpecAugment draws from), no shuffling. Any other validation subset whose name makes fairseq read
+  instead of ``_train``'s (a validation reads the examples as they are, without SpecAugment; its
+  copy keeps no hold on training's augmentation epoch, :mod:`slam_fairseq.compat.augmentation_seeds`),
+  no shuffling. Any other validation subset whose name makes fairseq read
   it as a training split (``--valid-subset dev,train_small``) is read through such a view too;
 - any other task gets the training dataset with the iterator cache off: a fresh iterator for every
   validation, which sets the training dataset's epoch to 1 (harmless for datasets that ignore

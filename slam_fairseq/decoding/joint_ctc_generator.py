@@ -105,7 +105,9 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         forced = None
         if self._forced is not None and step < self._forced.size(1):
             forced = self._forced[:, step]
-        return self._fuse(attention_log_probs, forced, eos_allowed=step >= self.min_len), attention
+        # fairseq forbids eos before --min-len only at steps where it forces no prefix token
+        eos_allowed = step >= self.min_len or forced is not None
+        return self._fuse(attention_log_probs, forced, eos_allowed=eos_allowed), attention
 
     def _advance(self, step: int, tokens: Tensor, encoder_out: Dict[str, List[Tensor]]) -> None:
         """Brings the CTC state to each row's current prefix."""
@@ -155,7 +157,10 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
             usable &= candidates.ne(self.scorer.eos)
         if forced is not None:
             usable = torch.where(forced.ne(self.pad).unsqueeze(1), usable & candidates.eq(forced.unsqueeze(1)), usable)
-        stuck = ~usable.any(dim=1)
+        # Without --min-len or forced tokens no hypothesis of finite score is stuck (a prefix CTC
+        # allows can always end), so ordinary searches are unchanged; a row the decoder gives
+        # nothing finite is left to fairseq.
+        stuck = ~usable.any(dim=1) & torch.isfinite(attention_log_probs).any(dim=1)
         if bool(stuck.any()):
             fused = torch.where(stuck.unsqueeze(1), candidate_log_probs + STUCK_PENALTY, fused)
             self._warn_stuck(int(stuck.sum()))

@@ -258,7 +258,7 @@ def extract_features(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def _stop_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the shard's partial files are removed
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the shard's partial files stay, for a resume
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

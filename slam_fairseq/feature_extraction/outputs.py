@@ -112,6 +112,8 @@ class ShardOutputs:
         except (OSError, ValueError):
             return None
         if progress.get("settings") != self.settings or progress.get("layers") != self.layers:
+            logger.info(f"{progress_path(self.out_dir, self.stem)}: a stopped run of this shard with other settings; "
+                        "starting the shard over")
             return None
         return progress
 
