@@ -118,9 +118,35 @@ def test_candidate_scoring_eos_blank_and_a_forced_token():
                           f"p{prefix}")
 
 
+def test_rows_of_one_utterance_read_its_posteriors_without_copies_of_them():
+    """Beam search's hypotheses of one utterance share its (T, V) posteriors: the scores equal
+    those of one copy per row, and no state holds more than one copy per utterance."""
+    torch.manual_seed(3)
+    scorer = CTCPrefixScorer(blank=0, eos=3)
+    log_probs, lengths = torch.randn(6, 2, 5).log_softmax(-1), torch.tensor([6, 4])
+    source = torch.tensor([1, 0, 1, 0])
+    shared = scorer.initial_state(log_probs, lengths, source)
+    copied = scorer.initial_state(log_probs.index_select(1, source), lengths.index_select(0, source))
+    assert shared.log_probs.shape == (6, 2, 5) and copied.log_probs.shape == (6, 4, 5)
+    candidates = torch.tensor([[1, 2], [4, 3], [2, 0], [1, 3]])
+    for _ in range(3):
+        scored = [scorer.score_candidates(state, candidates) for state in (shared, copied)]
+        torch.testing.assert_close(scored[0].prefix_scores, scored[1].prefix_scores, equal_nan=True)
+        rows, tokens = torch.tensor([2, 0, 3, 3]), torch.tensor([2, 1, 1, 4])  # 4: no candidate of row 3
+        shared, copied = (scorer.select(states, rows, tokens) for states in scored)
+        assert shared.log_probs.data_ptr() == scored[0].parent.log_probs.data_ptr()
+        assert shared.source.tolist() == source.index_select(0, rows).tolist()
+        source = shared.source
+        torch.testing.assert_close(shared.prefix_score, copied.prefix_score)
+        torch.testing.assert_close(scorer.full_score(shared), scorer.full_score(copied))
+        candidates = candidates.flip(0)
+    with pytest.raises(ValueError, match="utterance indices below 2"):
+        scorer.initial_state(log_probs, lengths, torch.tensor([0, 2]))
+
+
 def test_prefix_scorer_rejects_bad_shapes():
     scorer = CTCPrefixScorer(blank=0, eos=2)
-    with pytest.raises(ValueError, match=r"\(T, N, V\)"):
+    with pytest.raises(ValueError, match=r"\(T, S, V\)"):
         scorer.initial_state(torch.zeros(4, 3), torch.tensor([4]))
     with pytest.raises(ValueError, match="do not fit"):
         scorer.initial_state(torch.zeros(4, 1, 3), torch.tensor([5]))
@@ -427,6 +453,8 @@ def test_joint_weight_zero_is_fairseq_beam_search(trained):
     joint_generator, joint = decode(task, models, generation_cfg, batches, "joint", weight=0.0)
     assert type(joint_generator.model).__name__ == "CTCPrefixFusedEnsemble"
     assert joint_generator.model.candidates == 10
+    # the CTC posteriors are held once per sentence of the last batch, not once per hypothesis
+    assert joint_generator.model._state.log_probs.size(1) == len(batches[-1]["id"])
     assert sorted(plain) == sorted(joint) == list(range(trained.utterances))
     for sample_id in plain:
         assert len(plain[sample_id]) == len(joint[sample_id]) == 5
@@ -538,6 +566,30 @@ def test_no_repeat_ngram_size_blocks_repeats_on_cpu(trained):
             assert _repeated_ngrams(hypo["tokens"][:-1].tolist(), 3) == 0
 
 
+def test_no_repeat_ngram_size_one_bans_every_written_token_but_the_begin_symbol():
+    from slam_fairseq.decoding.ngram_repeat_block import PrefixNGramRepeatBlock
+
+    blocker = PrefixNGramRepeatBlock(1, use_extension=False)
+    tokens = torch.tensor([[2, 5, 7, 5, 1, 1], [2, 4, 3, 9, 1, 1]])  # begin symbol, 3 written, buffer
+    banned = torch.isinf(blocker(tokens, torch.zeros(2, 10), bsz=2, beam_size=1, step=3))
+    assert [row.nonzero().flatten().tolist() for row in banned] == [[5, 7], [3, 4, 9]]
+    assert not torch.isinf(blocker(tokens, torch.zeros(2, 10), bsz=2, beam_size=1, step=0)).any()
+
+
+def test_greedy_scores_follow_lenpen_and_unnormalized_as_fairseq_does(trained):
+    task, models, generation_cfg, batches = load_for_generation(trained)
+    _, normalised = decode(task, models, generation_cfg, batches, "greedy")
+    generation_cfg.unnormalized = True
+    _, totals = decode(task, models, generation_cfg, batches, "greedy")
+    generation_cfg.unnormalized, generation_cfg.lenpen = False, 2.0
+    _, squared = decode(task, models, generation_cfg, batches, "greedy")
+    for sample_id, [hypo] in normalised.items():
+        length = len(hypo["tokens"])
+        assert torch.equal(totals[sample_id][0]["tokens"], hypo["tokens"])
+        assert float(totals[sample_id][0]["score"]) == pytest.approx(float(hypo["score"]) * length, rel=1e-5)
+        assert float(squared[sample_id][0]["score"]) == pytest.approx(float(hypo["score"]) / length, rel=1e-5)
+
+
 def test_ctc_decoding_needs_a_ctc_head(trained):
     task, models, generation_cfg, _ = load_for_generation(trained)
     models[0].ctc_projection = None
@@ -581,6 +633,25 @@ def test_flags_a_decoding_mode_cannot_honour_are_refused(trained, tmp_path):
         with pytest.raises(ValueError, match=f"--ctc-decoding {mode} cannot be combined with --score-reference"):
             task.build_generator(models, generation_cfg)
         generation_cfg.score_reference = False
+        for field, value, message in (("sampling", True, "does not combine with Sampling"),
+                                      ("diverse_beam_groups", 5, "does not combine with DiverseBeamSearch"),
+                                      ("min_len", 2, "cannot honour --min-len 2"),
+                                      ("no_repeat_ngram_size", 2, "cannot honour --no-repeat-ngram-size 2"),
+                                      ("unkpen", 1.5, "cannot honour --unkpen 1.5"),
+                                      ("temperature", 0.5, "cannot honour --temperature 0.5"),
+                                      ("prefix_size", 1, r"cannot honour --prefix-size 1 \(the CTC head writes")):
+            before = getattr(generation_cfg, field)
+            setattr(generation_cfg, field, value)
+            with pytest.raises(ValueError, match=f"--ctc-decoding {mode} .*{message}"):
+                task.build_generator(models, generation_cfg)
+            setattr(generation_cfg, field, before)
+        with pytest.raises(ValueError, match=f"--ctc-decoding {mode} .*cannot honour --lm-path"):
+            task.build_generator(models, generation_cfg,
+                                 extra_gen_cls_kwargs={"lm_model": torch.nn.Linear(1, 1), "lm_weight": 0.5})
+        models[0].ctc_target_prefix_size = 1  # a language tag: --prefix-size 1 forces it
+        generation_cfg.prefix_size = 1
+        task.build_generator(models, generation_cfg)
+        models[0].ctc_target_prefix_size, generation_cfg.prefix_size = 0, 0
     task.args.ctc_decoding = "joint"
     generation_cfg.match_source_len = True
     with pytest.raises(ValueError, match="does not combine with --match-source-len"):

@@ -53,6 +53,16 @@ def test_lexicon_text_from_a_file_or_a_manifest(tmp_path):
     broken.write_text("id\ttgt_text\nu1\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"broken\.tsv: line 2 has no tgt_text"):
         read_sentences(broken)
+    untitled = tmp_path / "pairs.tsv"  # a manifest without tgt_text: its ids and paths are no words
+    untitled.write_text("id\taudio\tn_frames\nu1\tx.npy\t10\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"pairs\.tsv: a \.tsv whose header \(id, audio, n_frames\) has no tgt_text"):
+        read_sentences(untitled)
+    marked = tmp_path / "marked.tsv"  # a byte-order mark before the header
+    marked.write_text("\ufeffid\ttgt_text\nu1\tда нет\n", encoding="utf-8")
+    assert read_sentences(marked) == [["да", "нет"]]
+    one_column = tmp_path / "words.tsv"  # a .tsv of one column is text
+    one_column.write_text("да нет\n", encoding="utf-8")
+    assert read_sentences(one_column) == [["да", "нет"]]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"empty\.txt: no words"):
@@ -163,6 +173,19 @@ def test_the_language_model_picks_between_words_the_audio_cannot_tell_apart():
     options = LexiconSearchOptions(beam=8, oov_score=-math.inf, lm_weight=1.0)
     found = ctc_lexicon_search(log_probs, WORD_LABELS, BLANK, LexiconTrie(lm.vocabulary), lm, options)
     assert found.labels == [2, 4, 5, 7]  # "кот нет": after кот the bigram says нет, though да is likelier alone
+
+
+def test_audio_that_ends_inside_a_lexicon_word_keeps_the_words_before_it():
+    """Lexicon words only (oov -inf): the utterance stops after "да к(о)", in the middle of "кот";
+    no prefix the search holds at the last frame finishes a word, and the output is "да" rather
+    than nothing."""
+    log_probs = _frames({6: 1.0}, {1: 1.0}, {2: 1.0}, {4: 1.0})
+    lm = WordBigramLM([["да", "кот"], ["кот"]])
+    for beam in (1, 8):
+        options = LexiconSearchOptions(beam=beam, oov_score=-math.inf)
+        found = ctc_lexicon_search(log_probs, WORD_LABELS, BLANK, LexiconTrie(lm.vocabulary), lm, options)
+        words = "".join(WORD_LABELS[label] for label in found.labels).replace("▁", " ").split()
+        assert words == ["да"] and math.isfinite(found.score), (beam, found)
 
 
 def test_search_rejects_posteriors_of_another_vocabulary():

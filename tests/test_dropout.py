@@ -1,5 +1,6 @@
 """The CPU dropout: its drop rate, scaling, gradient, independence of the elements that share a
 64-bit draw, reproducibility, and where it hands over to ``F.dropout``."""
+import logging
 import math
 
 import pytest
@@ -141,3 +142,37 @@ def test_every_dropout_of_the_encoder_is_the_cpu_dropout():
                                  vocab_size=20, padding_idx=1)
     dropouts = [module for module in encoder.modules() if isinstance(module, nn.Dropout)]
     assert dropouts and all(isinstance(module, Dropout) for module in dropouts)
+
+
+def test_retain_dropout_keeps_the_encoders_dropout_on_in_generation(caplog):
+    """fairseq-generate --retain-dropout calls the model's make_generation_fast_, which reaches
+    every module's hook: the encoder's dropout then stays on in evaluation, as FairseqDropout does."""
+    from fairseq.models import BaseFairseqModel
+
+    from slam_fairseq.encoders.config import SlamEncoderConfig
+    from slam_fairseq.encoders.slam_encoder import build_slam_encoder
+
+    def encoder_in_a_model():
+        encoder = build_slam_encoder(SlamEncoderConfig(encoder_embed_dim=32, encoder_ffn_embed_dim=64,
+                                                       encoder_attention_heads=2, speech_encoder_layers=1,
+                                                       multimodal_encoder_layers=1, dropout=0.5),
+                                     vocab_size=20, padding_idx=1)
+        model = BaseFairseqModel()
+        model.encoder = encoder
+        return model
+
+    retained, plain, listed = encoder_in_a_model(), encoder_in_a_model(), encoder_in_a_model()
+    retained.make_generation_fast_(retain_dropout=True)
+    plain.make_generation_fast_()
+    with caplog.at_level(logging.WARNING):
+        listed.make_generation_fast_(retain_dropout=True, retain_dropout_modules=["ConformerLayer"])
+    assert "Cannot enable dropout during inference for module encoder." in caplog.text
+    for model, expected in ((retained, True), (plain, False), (listed, False)):
+        dropouts = [module for module in model.modules() if isinstance(module, Dropout) and module.p > 0]
+        assert dropouts and all(module.apply_during_inference == expected for module in dropouts)
+        assert not model.training
+    x = torch.randn(16, 16)
+    module = Dropout(0.5).eval()
+    module.make_generation_fast_(name="d", retain_dropout=True)
+    assert not torch.equal(module(x), x)
+    assert 0.3 < float((module(x) == 0).float().mean()) < 0.7

@@ -64,11 +64,19 @@ class CTCHeadGenerator:
             head).
         eos: end-of-sentence index.
         symbols_to_strip_from_output: indices ``fairseq-generate`` leaves out of the printed text.
+        normalize_scores, len_penalty: a hypothesis's ``score`` is its total over its length (with
+            eos) to the power ``len_penalty``, or the total itself without ``normalize_scores``
+            (fairseq's ``--lenpen`` and ``--unnormalized``).
+        pad: the padding index (of forced prefix rows shorter than ``--prefix-size``).
     """
 
-    def __init__(self, model, eos: int, symbols_to_strip_from_output: Iterable[int] = ()) -> None:
+    def __init__(self, model, eos: int, symbols_to_strip_from_output: Iterable[int] = (),
+                 normalize_scores: bool = True, len_penalty: float = 1.0, pad: int = 1) -> None:
         self.model = model
         self.eos = eos
+        self.pad = pad
+        self.normalize_scores = normalize_scores
+        self.len_penalty = len_penalty
         self.symbols_to_strip_from_output = set(symbols_to_strip_from_output) | {eos}
         self.model.eval()
 
@@ -85,15 +93,17 @@ class CTCHeadGenerator:
 
     def hypothesis(self, tokens: Tensor, scores: Tensor, total_score: float,
                    prefix: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
-        """One hypothesis dict: ``prefix`` (a row of prefix tokens, padded with eos, or None) in front
-        with score 0, eos behind with score 0, ``score`` = ``total_score`` over the length with eos."""
+        """One hypothesis dict: ``prefix`` (a row of forced tokens, the language tag, padded with eos
+        or pad; or None) in front with score 0, eos behind with score 0, ``score`` = ``total_score``
+        normalised as the constructor's arguments say."""
         if prefix is not None:
-            prefix = prefix[prefix != self.eos].to(tokens)
+            prefix = prefix[(prefix != self.eos) & (prefix != self.pad)].to(tokens)
             tokens = torch.cat([prefix, tokens])
             scores = torch.cat([scores.new_zeros(len(prefix)), scores])
         tokens = torch.cat([tokens, tokens.new_tensor([self.eos])])
         scores = torch.cat([scores, scores.new_zeros(1)])
-        return {"tokens": tokens, "score": torch.tensor(total_score / len(tokens)),
+        score = total_score / len(tokens) ** self.len_penalty if self.normalize_scores else total_score
+        return {"tokens": tokens, "score": torch.tensor(score),
                 "positional_scores": scores, "attention": None, "alignment": None}
 
 
@@ -101,7 +111,7 @@ class CTCGreedyGenerator(CTCHeadGenerator):
     """Best-path CTC decoding as a :class:`CTCHeadGenerator`.
 
     Each hypothesis: ``tokens`` (the labels followed by ``eos``), ``score`` (the best path's
-    log-probability divided by the output length with eos, as fairseq normalises),
+    log-probability, normalised by the output length with eos as fairseq normalises),
     ``positional_scores`` (each label's first-frame log-probability; 0 for eos), ``attention`` and
     ``alignment`` None. Prefix tokens (``--prefix-size``, e.g. a language tag) are put in front of
     the labels with score 0.
@@ -109,10 +119,12 @@ class CTCGreedyGenerator(CTCHeadGenerator):
     Args:
         model, eos, symbols_to_strip_from_output: as for :class:`CTCHeadGenerator`.
         blank: the CTC blank's index.
+        normalisation: ``normalize_scores``, ``len_penalty``, ``pad`` of :class:`CTCHeadGenerator`.
     """
 
-    def __init__(self, model, eos: int, blank: int, symbols_to_strip_from_output: Iterable[int] = ()) -> None:
-        super().__init__(model, eos, symbols_to_strip_from_output)
+    def __init__(self, model, eos: int, blank: int, symbols_to_strip_from_output: Iterable[int] = (),
+                 **normalisation) -> None:
+        super().__init__(model, eos, symbols_to_strip_from_output, **normalisation)
         self.blank = blank
 
     @torch.no_grad()

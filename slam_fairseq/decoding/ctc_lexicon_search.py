@@ -181,6 +181,7 @@ def ctc_lexicon_search(log_probs: Tensor, label_texts: Sequence[Optional[str]], 
     writable_mask = torch.zeros(len(label_texts), dtype=torch.bool)
     writable_mask[writable] = True
 
+    finalists = beam  # the last frame's prefixes, all of them: the search's result is among them
     for frame in frames:
         blank_lp = float(frame[blank])
         candidates: List[Tuple[int, float]] = []
@@ -216,11 +217,12 @@ def ctc_lexicon_search(log_probs: Tensor, label_texts: Sequence[Optional[str]], 
                         continue
                     extended = following[labels] = _Prefix(labels, words)
                 extended.label = _log_add(extended.label, from_blank + label_lp)
+        finalists = following
         ranked = sorted(following.values(), key=lambda p: p.ctc() + p.words.score, reverse=True)
         beam = {p.labels: p for p in ranked[:options.beam]}
 
     best: Optional[LexiconHypothesis] = None
-    for prefix in beam.values():
+    for prefix in finalists.values():
         words = prefix.words.finish(lm, options, trie, final=True)
         if words is None:
             continue
@@ -228,9 +230,37 @@ def ctc_lexicon_search(log_probs: Tensor, label_texts: Sequence[Optional[str]], 
         score = ctc + words.score
         if best is None or score > best.score:
             best = LexiconHypothesis(list(prefix.labels), score, ctc)
-    if best is None:  # every prefix ends in a word outside the lexicon: write nothing
+    if best is None:
+        best = _without_the_unfinished_word(max(finalists.values(), key=lambda p: p.ctc() + p.words.score),
+                                            label_texts, trie, lm, options)
+    if best is None:  # not even the words before the last one are in the lexicon: write nothing
         best = LexiconHypothesis([], _NEG_INF, float(frames[:, blank].sum()))
     return best
+
+
+def _without_the_unfinished_word(prefix: _Prefix, label_texts: Sequence[Optional[str]], trie: LexiconTrie,
+                                 lm: WordBigramLM, options: LexiconSearchOptions) -> Optional[LexiconHypothesis]:
+    """With ``oov_score`` ``-inf`` the audio can end in the middle of a lexicon word (every prefix
+    the beam kept spells one only in part): the prefix's finished words, without the labels of the
+    word it was spelling (scored with the prefix's CTC probability), or None."""
+    def starts_a_word(label: int) -> bool:
+        text = label_texts[label] or ""
+        return bool(text) and (text[0] == WORD_BOUNDARY or text[0].isspace())
+
+    labels = list(prefix.labels)
+    while labels and not starts_a_word(labels[-1]):
+        labels.pop()
+    if labels:
+        labels.pop()  # the first label of the unfinished word
+    words: Optional[_Words] = _Words(0.0, SENTENCE_START, "", LexiconTrie.ROOT)
+    for label in labels:
+        words = words.write(label_texts[label], lm, options, trie)
+        if words is None:
+            return None
+    words = words.finish(lm, options, trie, final=True)
+    if words is None:
+        return None
+    return LexiconHypothesis(labels, prefix.ctc() + words.score, prefix.ctc())
 
 
 def unspellable_words(words, label_texts: Sequence[Optional[str]]) -> List[str]:
@@ -266,12 +296,13 @@ class CTCLexiconGenerator(CTCHeadGenerator):
         label_texts: see :func:`dictionary_label_texts`.
         blank: the CTC blank's index.
         trie, lm, options: as for :func:`ctc_lexicon_search`.
+        normalisation: ``normalize_scores``, ``len_penalty``, ``pad`` of ``CTCHeadGenerator``.
     """
 
     def __init__(self, model, label_texts: Sequence[Optional[str]], eos: int, blank: int, trie: LexiconTrie,
                  lm: WordBigramLM, options: LexiconSearchOptions,
-                 symbols_to_strip_from_output: Sequence[int] = ()) -> None:
-        super().__init__(model, eos, symbols_to_strip_from_output)
+                 symbols_to_strip_from_output: Sequence[int] = (), **normalisation) -> None:
+        super().__init__(model, eos, symbols_to_strip_from_output, **normalisation)
         self.label_texts = list(label_texts)
         self.blank = blank
         self.trie, self.lm, self.options = trie, lm, options

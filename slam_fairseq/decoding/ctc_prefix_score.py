@@ -25,13 +25,16 @@ Extending ``g`` by ``c`` (``phi[t] = r_b[t](g) (+) r_n[t](g)``, without ``r_n`` 
 Frames past an utterance's length are made certain blanks (blank log-probability 0, every label
 ``-inf``), which changes no probability and lets a padded batch share one ``T``. Everything is
 vectorised over rows (hypotheses) and candidate tokens; the loop runs over frames only, from the
-first frame at which the extended prefix can end.
+first frame at which the extended prefix can end. The (T, S, V) posteriors are held once per
+utterance, never per hypothesis: each row names its utterance (``source``), and a step reads only
+the (T, N, K) posteriors of its candidates, so memory and copying do not grow with the beam
+times the vocabulary.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -46,8 +49,10 @@ class CTCPrefixState:
     """The forward variables of one prefix per row.
 
     Attributes:
-        log_probs: (T, N, V) CTC log-posteriors of each row's utterance, padded frames made blank.
-        blank_log_probs: (T, N) ``log_probs[..., blank]``.
+        log_probs: (T, S, V) CTC log-posteriors of each utterance, padded frames made blank; shared
+            by every state of one search.
+        source: (N,) the utterance (index into ``log_probs``'s S) of each row.
+        blank_log_probs: (T, N) each row's blank log-posteriors.
         ends_in_label: (T, N) ``r_n``.
         ends_in_blank: (T, N) ``r_b``.
         prefix_score: (N,) ``psi`` of the prefix (0 for the empty prefix).
@@ -57,6 +62,7 @@ class CTCPrefixState:
     """
 
     log_probs: Tensor
+    source: Tensor
     blank_log_probs: Tensor
     ends_in_label: Tensor
     ends_in_blank: Tensor
@@ -67,7 +73,8 @@ class CTCPrefixState:
     def index_select(self, rows: Tensor) -> "CTCPrefixState":
         """The state of the rows ``rows`` (M,), in that order (beam search reordering)."""
         return CTCPrefixState(
-            log_probs=self.log_probs.index_select(1, rows),
+            log_probs=self.log_probs,
+            source=self.source.index_select(0, rows),
             blank_log_probs=self.blank_log_probs.index_select(1, rows),
             ends_in_label=self.ends_in_label.index_select(1, rows),
             ends_in_blank=self.ends_in_blank.index_select(1, rows),
@@ -110,26 +117,34 @@ class CTCPrefixScorer:
         self.blank = blank
         self.eos = eos
 
-    def initial_state(self, log_probs: Tensor, lengths: Tensor) -> CTCPrefixState:
+    def initial_state(self, log_probs: Tensor, lengths: Tensor, source: Optional[Tensor] = None) -> CTCPrefixState:
         """The empty prefix of every row.
 
         Args:
-            log_probs: (T, N, V) CTC log-posteriors (log-softmax over V), padded in time.
-            lengths: (N,) frames of each row (at most T).
+            log_probs: (T, S, V) CTC log-posteriors (log-softmax over V) of S utterances, padded in time.
+            lengths: (S,) frames of each utterance (at most T).
+            source: (N,) the utterance of each row (hypothesis); default one row per utterance.
         """
         if log_probs.dim() != 3:
-            raise ValueError(f"CTC log-probs must be (T, N, V), got shape {tuple(log_probs.shape)}")
-        frames, rows, _ = log_probs.shape
-        if lengths.shape != (rows,) or (rows and int(lengths.max()) > frames):
+            raise ValueError(f"CTC log-probs must be (T, S, V), got shape {tuple(log_probs.shape)}")
+        frames, utterances, _ = log_probs.shape
+        if lengths.shape != (utterances,) or (utterances and int(lengths.max()) > frames):
             raise ValueError(f"lengths of shape {tuple(lengths.shape)} do not fit CTC log-probs of "
-                             f"{frames} frames and {rows} rows")
+                             f"{frames} frames and {utterances} utterances")
+        if source is None:
+            source = torch.arange(utterances, device=log_probs.device)
+        source = source.to(device=log_probs.device, dtype=torch.long)
+        if source.dim() != 1 or (source.numel() and (int(source.min()) < 0 or int(source.max()) >= utterances)):
+            raise ValueError(f"row sources must be (N,) utterance indices below {utterances}")
         log_probs = log_probs.float()
         padded = torch.arange(frames, device=log_probs.device).unsqueeze(1) >= lengths.to(log_probs.device)
         log_probs = log_probs.masked_fill(padded.unsqueeze(-1), -math.inf)
         log_probs[..., self.blank] = log_probs[..., self.blank].masked_fill(padded, 0.0)
-        blank_log_probs = log_probs[..., self.blank]
+        blank_log_probs = log_probs[..., self.blank].index_select(1, source)
+        rows = source.numel()
         return CTCPrefixState(
             log_probs=log_probs,
+            source=source,
             blank_log_probs=blank_log_probs,
             ends_in_label=torch.full_like(blank_log_probs, -math.inf),
             ends_in_blank=torch.cumsum(blank_log_probs, dim=0),
@@ -153,8 +168,11 @@ class CTCPrefixScorer:
         if candidates.dim() != 2 or candidates.size(0) != rows:
             raise ValueError(f"candidates must be (N={rows}, K), got shape {tuple(candidates.shape)}")
         width = candidates.size(1)
-        # y[t, n, k] = log p(candidate k of row n at frame t)
-        label_log_probs = state.log_probs.gather(2, candidates.unsqueeze(0).expand(frames, rows, width))
+        # y[t, n, k] = log p(candidate k of row n at frame t), read from the row's utterance
+        vocabulary = state.log_probs.size(2)
+        flat = (state.source.unsqueeze(1) * vocabulary + candidates).reshape(1, rows * width)
+        label_log_probs = state.log_probs.reshape(frames, -1).gather(1, flat.expand(frames, -1))
+        label_log_probs = label_log_probs.view(frames, rows, width)
         repeats = (candidates == state.last_label.unsqueeze(1)).unsqueeze(0)
         # phi[t]: g is complete by frame t and c may start at t + 1
         before = torch.logaddexp(
@@ -212,7 +230,8 @@ class CTCPrefixScorer:
             prefix_score[missing] = extra.prefix_scores[:, 0]
         parent = scored.parent
         return CTCPrefixState(
-            log_probs=parent.log_probs.index_select(1, rows),
+            log_probs=parent.log_probs,
+            source=parent.source.index_select(0, rows),
             blank_log_probs=parent.blank_log_probs.index_select(1, rows),
             ends_in_label=ends_in_label,
             ends_in_blank=ends_in_blank,

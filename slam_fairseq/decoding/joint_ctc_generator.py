@@ -113,11 +113,20 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
         """Brings the CTC state to each row's current prefix."""
         if step == 0:
             log_probs, lengths = self.single_model.get_ctc_output((None, {"encoder_out": encoder_out}))
-            if log_probs.size(1) < tokens.size(0):  # one row per sentence (a beamable decoder's)
-                hypotheses = tokens.size(0) // log_probs.size(1)
-                log_probs = log_probs.repeat_interleave(hypotheses, dim=1)
-                lengths = lengths.repeat_interleave(hypotheses)
-            self._state = self.scorer.initial_state(log_probs, lengths)
+            rows = tokens.size(0)
+            if log_probs.size(1) < rows:  # one row per sentence (a beamable decoder's)
+                source = torch.arange(rows, device=log_probs.device) // (rows // log_probs.size(1))
+            elif self._order is not None and self._order.numel() == rows:
+                # fairseq spread each sentence over its beam (reorder_encoder_out): the rows of a
+                # sentence are copies; one utterance's posteriors serve all of them
+                source = self._order.to(log_probs.device)
+                sentences = int(source.max()) + 1 if rows else 0
+                first_row = torch.full((sentences,), rows, dtype=torch.long, device=log_probs.device)
+                first_row.scatter_reduce_(0, source, torch.arange(rows, device=log_probs.device), "amin")
+                log_probs, lengths = log_probs.index_select(1, first_row), lengths.index_select(0, first_row)
+            else:
+                source = None
+            self._state = self.scorer.initial_state(log_probs, lengths, source)
             self._scored = None
             return
         assert self._state is not None and self._order is not None
@@ -159,7 +168,8 @@ class CTCPrefixFusedEnsemble(EnsembleModel):
             usable = torch.where(forced.ne(self.pad).unsqueeze(1), usable & candidates.eq(forced.unsqueeze(1)), usable)
         # Without --min-len or forced tokens no hypothesis of finite score is stuck (a prefix CTC
         # allows can always end), so ordinary searches are unchanged; a row the decoder gives
-        # nothing finite is left to fairseq.
+        # nothing finite is left to fairseq. A stuck row that went on has a prefix CTC cannot
+        # carry (prefix score -inf) and stays stuck, so it keeps its penalised scores to the end.
         stuck = ~usable.any(dim=1) & torch.isfinite(attention_log_probs).any(dim=1)
         if bool(stuck.any()):
             fused = torch.where(stuck.unsqueeze(1), candidate_log_probs + STUCK_PENALTY, fused)

@@ -5,7 +5,9 @@ token buffer, ``(bsz * beam, max_len + 2)``, of which only the first ``step + 1`
 written. The CUDA kernel reads the buffer through ``step``; the Python fallback (every CPU run,
 and GPUs without the extension) takes the n-gram to check from the buffer's *last* columns, which
 are padding, so it bans nothing and the option silently does nothing (fairseq issues #4709,
-#5206). :class:`PrefixNGramRepeatBlock` gives the fallback the written prefix only.
+#5206). :class:`PrefixNGramRepeatBlock` gives the fallback the written prefix only. For size 1
+the fallback compares the whole row with an empty slice and bans nothing at any length: there it
+bans every token written after the begin symbol.
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ class PrefixNGramRepeatBlock(NGramRepeatBlock):
     def forward(self, tokens: Tensor, lprobs: Tensor, bsz: int, beam_size: int, step: int) -> Tensor:
         if self.use_extension:
             return super().forward(tokens, lprobs, bsz, beam_size, step)
+        if self.no_repeat_ngram_size == 1:
+            if step >= 1:  # column 0 is the begin symbol (eos), which must stay possible
+                lprobs.scatter_(1, tokens[:, 1: step + 1], float("-inf"))
+            return lprobs
         return super().forward(tokens[:, : step + 1], lprobs, bsz, beam_size, step)
 
 

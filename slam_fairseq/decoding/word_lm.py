@@ -28,7 +28,8 @@ UNKNOWN_WORD = "<unk>"
 
 def read_sentences(path: Path) -> List[List[str]]:
     """The sentences of a UTF-8 text file (one per line) or of a ``speech_to_text`` manifest (a
-    ``.tsv`` whose header has ``tgt_text``), split on white space; names the file when it holds none."""
+    ``.tsv`` whose header has ``tgt_text``), split on white space; names the file when it holds
+    none, or when it is a ``.tsv`` of several columns without ``tgt_text``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"lexicon text {path}: no such file")
@@ -36,7 +37,13 @@ def read_sentences(path: Path) -> List[List[str]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
         raise ValueError(f"lexicon text {not_utf8_error(str(path), error)}") from None
-    if path.suffix == ".tsv" and lines and "tgt_text" in lines[0].split("\t"):
+    if lines and lines[0].startswith("\ufeff"):
+        lines[0] = lines[0][1:]
+    header = lines[0].split("\t") if lines else []
+    if path.suffix == ".tsv" and "tgt_text" not in header and "\t" in lines[0]:
+        raise ValueError(f"lexicon text {path}: a .tsv whose header ({', '.join(header[:6])}) has no tgt_text "
+                         "column: give a speech_to_text manifest, or plain text with one sentence per line")
+    if path.suffix == ".tsv" and "tgt_text" in header:
         column = lines[0].split("\t").index("tgt_text")
         rows = [line.split("\t") for line in lines[1:] if line.strip()]
         short = [number for number, row in enumerate(rows, start=2) if len(row) <= column]

@@ -14,11 +14,16 @@ Elsewhere the module is ``nn.Dropout``: on GPUs (fused Philox kernels), under ``
 """
 from __future__ import annotations
 
+import logging
+from typing import List, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Dropout", "cpu_dropout", "rounded_drop_probability"]
+
+logger = logging.getLogger(__name__)
 
 _BITS_PER_ELEMENT = 16
 _LEVELS = 1 << _BITS_PER_ELEMENT
@@ -72,13 +77,31 @@ def cpu_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tenso
 class Dropout(nn.Dropout):
     """``nn.Dropout`` with :func:`cpu_dropout` in training on a CPU (outside ``torch.compile``).
 
+    Like fairseq's ``FairseqDropout`` it follows ``fairseq-generate --retain-dropout``
+    (:meth:`make_generation_fast_` sets ``apply_during_inference``: dropout also in evaluation).
+
     Args:
         p: drop probability (0.1 by default, as ``nn.Dropout``).
         inplace: as ``nn.Dropout``.
     """
 
+    apply_during_inference: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu"
-                or _is_compiling()):
-            return F.dropout(x, self.p, self.training, self.inplace)
+        active = self.training or self.apply_during_inference
+        if not active or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or _is_compiling():
+            return F.dropout(x, self.p, active, self.inplace)
         return cpu_dropout(x, self.p, self.inplace)
+
+    def make_generation_fast_(self, name: str = "", retain_dropout: bool = False,
+                              retain_dropout_modules: Optional[List[str]] = None, **unused) -> None:
+        """fairseq's hook (``prepare_for_inference_``): ``--retain-dropout`` keeps this dropout on
+        in evaluation. These modules have no fairseq module name, so a ``--retain-dropout-modules``
+        list leaves them off, with the warning ``FairseqDropout`` gives for such modules."""
+        if not retain_dropout:
+            return
+        if retain_dropout_modules is not None:
+            logger.warning(f"Cannot enable dropout during inference for module {name} because module_name was not "
+                           "set (leave out --retain-dropout-modules to keep every dropout of the model)")
+            return
+        self.apply_during_inference = True

@@ -89,7 +89,8 @@ class SlamSpeechToTextTask(SpeechToTextTask):
             raise ValueError(f"--ctc-decoding must be one of {', '.join(CTC_DECODING_MODES)}, got {mode!r}")
         model = self._single_ctc_model(models, mode)
         if mode in ("greedy", "lexicon"):
-            _refuse_what_one_ctc_path_cannot_give(mode, generator, args)
+            _refuse_what_one_ctc_path_cannot_give(mode, generator, args,
+                                                  int(getattr(model, "ctc_target_prefix_size", 0)))
             if int(getattr(model, "ctc_target_prefix_size", 0)) > 0:
                 logger.warning(f"--ctc-decoding {mode} reads the CTC head alone, which does not see the target "
                                "language: every target language of an utterance gets the same labels (behind its "
@@ -97,7 +98,8 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         if mode == "greedy":
             logger.info("decoding: best-path CTC (the decoder is not run)")
             return CTCGreedyGenerator(model, eos=generator.eos, blank=CTC_BLANK_INDEX,
-                                      symbols_to_strip_from_output=generator.symbols_to_strip_from_output)
+                                      symbols_to_strip_from_output=generator.symbols_to_strip_from_output,
+                                      **_score_normalisation(generator))
         if mode == "lexicon":
             return self._lexicon_generator(model, generator, args)
         weight = float(self.args.ctc_decoding_weight)
@@ -130,7 +132,8 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         logger.info(f"decoding: CTC lexicon beam search, {len(lm.vocabulary)} words from {text}, beam {options.beam}, "
                     f"LM weight {options.lm_weight}, word score {options.word_score}, OOV score {options.oov_score}")
         return CTCLexiconGenerator(model, label_texts, eos=generator.eos, blank=CTC_BLANK_INDEX, trie=trie, lm=lm,
-                                   options=options, symbols_to_strip_from_output=generator.symbols_to_strip_from_output)
+                                   options=options, symbols_to_strip_from_output=generator.symbols_to_strip_from_output,
+                                   **_score_normalisation(generator))
 
     def _single_ctc_model(self, models, mode: str):
         path = safe_getattr(self.args, "path", None) or "--path"
@@ -145,12 +148,43 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         return model
 
 
-def _refuse_what_one_ctc_path_cannot_give(mode: str, generator, args) -> None:
-    """Greedy and lexicon CTC decoding search for one hypothesis per utterance, without an
-    attention alignment: refuse the flags that ask for something else (fairseq's generator for
-    them is then not a plain search) instead of ignoring them."""
+def _score_normalisation(generator: SequenceGenerator) -> dict:
+    """fairseq's ``--lenpen`` / ``--unnormalized`` as the CTC-head generators apply them."""
+    return {"normalize_scores": bool(generator.normalize_scores), "len_penalty": float(generator.len_penalty),
+            "pad": int(generator.pad)}
+
+
+def _refuse_what_one_ctc_path_cannot_give(mode: str, generator, args, ctc_target_prefix_size: int = 0) -> None:
+    """Greedy and lexicon CTC decoding search for one hypothesis per utterance from the CTC head
+    alone, without an attention alignment: refuse the flags that ask for something else (another
+    search, a language model, the decoder's length limits, forced target tokens beyond the
+    language tag) instead of ignoring them."""
     if not isinstance(generator, SequenceGenerator):
         raise ValueError(f"--ctc-decoding {mode} cannot be combined with --score-reference")
+    from fairseq.search import BeamSearch
+
+    if type(generator.search) is not BeamSearch:
+        raise ValueError(f"--ctc-decoding {mode} is a search of its own; it does not combine with "
+                         f"{type(generator.search).__name__} (--sampling, --diverse-beam-groups, --diversity-rate, "
+                         "--match-source-len, --constraints): leave those out or use --ctc-decoding none")
+    refused = []
+    if getattr(generator, "lm_model", None) is not None:
+        refused.append("--lm-path (the lexicon mode has a word language model of its own: --lexicon-text)")
+    if int(generator.min_len) > 1:
+        refused.append(f"--min-len {generator.min_len}")
+    if float(getattr(generator, "temperature", 1.0)) != 1.0:
+        refused.append(f"--temperature {generator.temperature}")
+    if float(getattr(generator, "unk_penalty", 0.0)) != 0.0:
+        refused.append(f"--unkpen {generator.unk_penalty} (the CTC head never writes <unk>)")
+    if int(safe_getattr(args, "no_repeat_ngram_size", 0) or 0) > 0:
+        refused.append(f"--no-repeat-ngram-size {args.no_repeat_ngram_size}")
+    prefix_size = int(safe_getattr(args, "prefix_size", 0) or 0)
+    if prefix_size > ctc_target_prefix_size:
+        refused.append(f"--prefix-size {prefix_size} (the CTC head writes every target token itself; only "
+                       f"{ctc_target_prefix_size} leading token(s), the language tag, can be forced)")
+    if refused:
+        raise ValueError(f"--ctc-decoding {mode} reads the CTC head alone and cannot honour "
+                         + "; ".join(refused) + ": leave them out or use --ctc-decoding joint or none")
     nbest = int(safe_getattr(args, "nbest", 1) or 1)
     if nbest > 1:
         raise ValueError(f"--ctc-decoding {mode} gives one hypothesis per utterance, not --nbest {nbest}: "
