@@ -484,6 +484,12 @@ def _process_item(item: AudioItem, options: AudioOptions, shard_zip: _ShardZip, 
         rows.append(row)
 
 
+def _failed_with_errors(record: dict) -> List[dict]:
+    """The skips of a shard record that were errors (an exception no audio check expects), which
+    a later run retries rather than reuses."""
+    return [skip for skip in record.get("skipped", ()) if skip.get("reason") == SKIP_ERROR]
+
+
 def _load_finished_shard(task: ShardTask) -> Optional[dict]:
     zip_path, record_path = shard_paths(task.out_dir, task.name)
     try:
@@ -686,13 +692,20 @@ def extract_features(context: RunContext, options: AudioOptions, groups: Dict[st
                                 f"the same utterances would be trained on and evaluated on (check --splits)")
     records: Dict[str, dict] = {}
     todo: List[ShardTask] = []
+    retried: List[str] = []
     for tasks in tasks_by_group.values():
         for task in tasks:
             record = _load_finished_shard(task)
+            if record is not None and _failed_with_errors(record):
+                retried.append(task.name)  # a missing package, a full disk: not the files' fault
+                record = None
             if record is not None:
                 records[task.name] = record
             else:
                 todo.append(task)
+    if retried:
+        summary.warnings.append(f"{len(retried)} shard(s) computed again because files of theirs had failed with an "
+                                f"error (not a skip for bad audio) in an earlier run, e.g. {retried[0]}")
     summary.shards_reused += len(records)
     summary.workers = context.workers
     feature_dir = Path(context.out_dir) / FEATURE_DIR_NAME
@@ -743,6 +756,14 @@ def _run_shards(context: RunContext, tasks: List[ShardTask], records: Dict[str, 
     def finished(record: dict) -> None:
         records[record["shard"]] = record
         context.summary.shards_computed += 1
+        errors = _failed_with_errors(record)
+        if (context.summary.shards_computed == 1 and len(tasks) > 1 and not record["rows"]
+                and errors and len(errors) == len(record["skipped"])):
+            raise UsageError(
+                f"{record['shard']}: every one of its {len(errors)} file(s) failed with an error, e.g. "
+                f"{errors[0]['item']}: {errors[0]['detail']}; stopped before the other {len(tasks) - 1} shard(s). "
+                "Fix the cause (a missing package or codec?) and run the same command again: finished shards "
+                "are kept, and shards whose files failed with an error are computed again")
         if crash_after and context.summary.shards_computed >= crash_after:
             raise RuntimeError(f"{CRASH_HOOK_ENV}={crash_after}: simulated crash after "
                                f"{context.summary.shards_computed} shard(s)")

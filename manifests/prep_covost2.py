@@ -4,8 +4,11 @@
 Reads, for each ``--root`` (a Common Voice language directory as it ships): ``clips/*.mp3`` and
 the ``covost_v2.<src>_<tgt>.tsv`` files in it (columns path, sentence, translation, client_id,
 split; without sentence/client_id they come from Common Voice's ``validated.tsv`` beside it;
-``--pairs es_en ...`` picks some). Any language pair; CoVoST's ``train_covost`` split counts as
-``train`` (as in fairseq's recipe).
+``--pairs es_en ...`` picks some), or, for a pair without that file, the split files CoVoST's
+``get_covost_splits.py`` writes, ``covost_v2.<src>_<tgt>.<split>.tsv`` (no split column: the
+name gives it). Any language pair; CoVoST's ``train_covost`` split counts as ``train`` (as in
+fairseq's recipe). Fields are read as CoVoST's scripts write them and fairseq's recipe reads them:
+tab-separated, no quoting, ``\`` escaping the next character (``\"`` is ``"``).
 
 Writes into ``--out`` (fairseq's recipe names):
   <split>_st_<src>_<tgt>.tsv    id audio n_frames tgt_text speaker src_text src_lang tgt_lang
@@ -15,7 +18,8 @@ Writes into ``--out`` (fairseq's recipe names):
   config_st_<src>_<tgt>.yaml    per pair (+ config_st.yaml for several pairs): LB SpecAugment, CMVN
   gcmvn_st*.npz                 with --cmvn global (train features of all source languages)
   pair_<split>_<src>.tsv        with --outputs pair: one per source language, its clips with their
-                                source sentences as transcripts (SLAM's speech-text pairs)
+                                source sentences as transcripts (SLAM's speech-text pairs; tgt_lang
+                                is the source language, the transcripts' language)
   fbank/covost_<src>_<split>_<k>.{zip,json}, skipped_covost2.tsv, summary_covost2.json
 With ``--multilingual`` or more than one target language, ``<lang:xx>`` target tags are added to
 the vocabulary (kept whole by SentencePiece, present in the dictionary) and the configs say
@@ -34,6 +38,7 @@ of Common Voice) are resampled to 16 kHz; that is expected, so they are not list
 from __future__ import annotations
 
 import argparse
+import csv
 import re
 import sys
 from pathlib import Path
@@ -51,25 +56,41 @@ from slam_formats.names import (
     st_task_name,
 )
 
-COVOST_TSV = re.compile(r"^covost_v2\.([A-Za-z-]+)_([A-Za-z-]+)\.tsv$")
+COVOST_TSV = re.compile(r"^covost_v2\.([A-Za-z-]+)_([A-Za-z-]+)(?:\.([A-Za-z_]+))?\.tsv$")
 COVOST_COLUMNS = ("path", "translation", "split")  # + sentence, client_id (else from validated.tsv)
+
+
+def split_fields(line: str) -> List[str]:
+    """One TSV line's fields as CoVoST writes them and fairseq's recipe reads them (pandas with
+    ``quoting=QUOTE_NONE, escapechar="\\"``): a backslash takes the next character literally
+    (an escaped tab stays in its field). Raises ``csv.Error`` for a line ending in a lone backslash."""
+    return next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", strict=True))
 MANIFEST_COLUMNS = list(S2T_COLUMNS) + ["src_text", "src_lang", "tgt_lang"]
 
 
-def find_pairs(roots: List[Path], wanted: List[str]) -> List[Tuple[str, str, Path, Path]]:
-    """(src, tgt, covost tsv, clips dir) for every CoVoST TSV in the roots (filtered by ``wanted``)."""
+CovostFiles = List[Tuple[Path, Optional[str]]]  # (tsv, the split its name gives, or None: a split column)
+
+
+def find_pairs(roots: List[Path], wanted: List[str]) -> List[Tuple[str, str, CovostFiles, Path]]:
+    """(src, tgt, its TSVs, clips dir) for every CoVoST pair in the roots (filtered by ``wanted``):
+    the pair's ``covost_v2.<src>_<tgt>.tsv``, or else its ``covost_v2.<src>_<tgt>.<split>.tsv`` files."""
     pairs = []
     for root in roots:
         if not (root / "clips").is_dir():
             raise core.UsageError(f"{root}: no clips/ directory (expected a Common Voice language directory)")
+        found: Dict[Tuple[str, str], Dict[Optional[str], Path]] = {}
         for path in sorted(root.iterdir()):
             match = COVOST_TSV.match(path.name)
             if match and (not wanted or f"{match.group(1)}_{match.group(2)}" in wanted):
-                pairs.append((match.group(1), match.group(2), path, root / "clips"))
-    found = {f"{src}_{tgt}" for src, tgt, _, _ in pairs}
-    missing = [pair for pair in wanted if pair not in found]
+                found.setdefault((match.group(1), match.group(2)), {})[match.group(3)] = path
+        for (src, tgt), files in found.items():
+            chosen = [(files[None], None)] if None in files else [(path, split) for split, path in sorted(files.items())]
+            pairs.append((src, tgt, chosen, root / "clips"))
+    names = {f"{src}_{tgt}" for src, tgt, _, _ in pairs}
+    missing = [pair for pair in wanted if pair not in names]
     if missing or not pairs:
-        raise core.UsageError(f"no covost_v2.<src>_<tgt>.tsv for {missing or 'any pair'} in {[str(r) for r in roots]}")
+        raise core.UsageError(f"no covost_v2.<src>_<tgt>.tsv (or covost_v2.<src>_<tgt>.<split>.tsv) for "
+                              f"{missing or 'any pair'} in {[str(r) for r in roots]}")
     return pairs
 
 
@@ -83,7 +104,10 @@ def read_common_voice_metadata(root: Path) -> Dict[str, Tuple[str, str]]:
     for _, line in core.read_text_lines(path):
         if line is None or not line.strip():
             continue
-        fields = line.split("\t")
+        try:
+            fields = split_fields(line)
+        except csv.Error:
+            continue
         if header is None:
             header = fields
             continue
@@ -94,8 +118,10 @@ def read_common_voice_metadata(root: Path) -> Dict[str, Tuple[str, str]]:
 
 
 def read_covost_rows(tsv: Path, clips: Path, splits: List[str], summary: core.RunSummary,
-                     missing_clips: Optional[Set[Path]] = None) -> List[Dict[str, str]]:
+                     missing_clips: Optional[Set[Path]] = None, file_split: Optional[str] = None) -> List[Dict[str, str]]:
     """The usable rows of one CoVoST TSV for the wanted splits; bad rows skipped into the summary.
+    ``file_split``: every row's split (a ``covost_v2.<src>_<tgt>.<split>.tsv``), else the
+    ``split`` column gives it.
 
     A missing clip is skipped once however many TSVs name it (the pairs of one source language
     share their clips): ``missing_clips`` holds those already reported, across calls.
@@ -112,10 +138,15 @@ def read_covost_rows(tsv: Path, clips: Path, splits: List[str], summary: core.Ru
             continue
         if not line.strip():
             continue
-        fields = line.split("\t")
+        try:
+            fields = split_fields(line)
+        except csv.Error as error:
+            summary.skip(core.SKIP_MALFORMED, where, f"not a CoVoST TSV row ({error})")
+            continue
         if header is None:
             header = fields
-            missing = [column for column in COVOST_COLUMNS if column not in header]
+            needed = COVOST_COLUMNS if file_split is None else tuple(c for c in COVOST_COLUMNS if c != "split")
+            missing = [column for column in needed if column not in header]
             if missing:
                 raise core.UsageError(f"{tsv}: missing column(s) {missing}; header is {header}")
             if "sentence" not in header or "client_id" not in header:
@@ -128,7 +159,8 @@ def read_covost_rows(tsv: Path, clips: Path, splits: List[str], summary: core.Ru
         sentence, client_id = common_voice.get(row["path"], ("", ""))
         row.setdefault("sentence", sentence)
         row.setdefault("client_id", client_id)
-        split = "train" if row["split"] == "train_covost" else row["split"]
+        split = file_split if file_split is not None else row["split"]
+        split = "train" if split == "train_covost" else split
         if split not in splits:
             continue
         clip = clips / row["path"]
@@ -179,8 +211,9 @@ def main(argv=None) -> core.RunSummary:
         raise core.UsageError(f"--train-split {args.train_split} is not in --splits {args.splits}")
     pairs = find_pairs(args.root, args.pairs)
     missing_clips: Set[Path] = set()
-    rows_by_pair = {(src, tgt): read_covost_rows(tsv, clips, args.splits, summary, missing_clips)
-                    for src, tgt, tsv, clips in pairs}
+    rows_by_pair = {(src, tgt): [row for tsv, file_split in files
+                                 for row in read_covost_rows(tsv, clips, args.splits, summary, missing_clips, file_split)]
+                    for src, tgt, files, clips in pairs}
 
     # one item per clip and (source language, split), however many pairs use it
     items_by_source: Dict[str, Dict[str, Dict[str, core.AudioItem]]] = {}
@@ -246,7 +279,7 @@ def main(argv=None) -> core.RunSummary:
                 transcripts = []
                 for row in manifest:
                     if row["src_text"]:
-                        transcripts.append({**row, "tgt_text": row["src_text"]})
+                        transcripts.append({**row, "tgt_text": row["src_text"], "tgt_lang": src})
                     else:
                         summary.skip(core.SKIP_MISSING_TRANSCRIPT, row["id"],
                                      "no source sentence for pair_*.tsv (neither a sentence column in the "

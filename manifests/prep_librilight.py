@@ -3,9 +3,9 @@
 
 Reads Libri-Light as it ships: ``ROOT/<subset>/<speaker>/<book>/*.flac`` (the ``.json`` metadata
 beside each file is ignored). ``--splits`` maps subset directories to output splits
-(``small:train``; ``.:train`` when ROOT itself holds the speaker directories). Ids are
-``<speaker>-<book>-<file stem>``; the ``speaker`` column is the speaker directory; ``tgt_text`` is
-empty.
+(``small:train``; ``.:train`` when ROOT itself holds the speaker directories). Ids are the
+file's path below SUBSET_DIR joined by ``-`` (``<speaker>-<book>-<file stem>``); the ``speaker``
+column is the directory two levels above the file (the speaker's); ``tgt_text`` is empty.
 
 Writes into ``--out``: ``speech_<split>.tsv``, ``fbank/librilight_<split>_<k>.{zip,json}``,
 ``config.yaml`` (feature keys merged in), ``gcmvn_speech.npz`` with ``--cmvn global``,
@@ -35,6 +35,7 @@ from slam_formats.manifest import S2T_COLUMNS
 from slam_formats.names import DATA_CONFIG_NAME, speech_manifest_name
 
 AUDIO_SUFFIXES = (".flac", ".wav")
+PRETRAINING_MAX_FRAMES = 6000  # slam_pretraining's default --max-source-positions (10 ms frames)
 
 
 def list_librilight_dir(subset_dir: Path) -> List[core.AudioItem]:
@@ -45,7 +46,9 @@ def list_librilight_dir(subset_dir: Path) -> List[core.AudioItem]:
     for path in core.walk_files(subset_dir, AUDIO_SUFFIXES):
         parts = path.relative_to(subset_dir).with_suffix("").parts
         item_id = "-".join("_".join(part.split()) for part in parts)
-        speaker = parts[0] if len(parts) > 1 else ""
+        # Libri-Light's files are <speaker>/<book>/<file>: the speaker is two directories up,
+        # also when SUBSET_DIR lies above the subset (``.:train`` over a root holding ``small/``)
+        speaker = parts[-3] if len(parts) >= 3 else parts[0] if len(parts) > 1 else ""
         items.append(core.AudioItem(item_id, str(path), core.file_size(path), {"tgt_text": "", "speaker": speaker}))
     return items
 
@@ -103,10 +106,19 @@ def main(argv=None) -> core.RunSummary:
         gcmvn_name = "gcmvn_speech.npz"
         core.write_global_cmvn(args.out / gcmvn_name, [features[args.train_split]])
         context.summary.wrote(gcmvn_name)
+    long_rows = total_rows = 0
     for split, items in groups.items():
         name = speech_manifest_name(split)
         rows = features[split].manifest_rows(items)
         core.write_manifest(context.summary, args.out / name, rows, S2T_COLUMNS)
+        long_rows += sum(int(row["n_frames"]) > PRETRAINING_MAX_FRAMES for row in rows)
+        total_rows += len(rows)
+    if long_rows:
+        context.summary.warnings.append(
+            f"{long_rows} of {total_rows} rows are longer than {PRETRAINING_MAX_FRAMES} frames "
+            f"({PRETRAINING_MAX_FRAMES // 100} s), slam_pretraining's default --max-source-positions, which skips "
+            "them: cut the files with --segment-seconds 30 (their features are computed again), or raise "
+            "--max-source-positions")
     context.summary.wrote(data_config.merge_speech_keys(args.out / DATA_CONFIG_NAME, args.out, args.cmvn, gcmvn_name,
                                                         "prep_librilight", settings))
     context.summary.finish()

@@ -184,8 +184,11 @@ def main(argv=None) -> core.RunSummary:
 
     spm_name = spm_prefix_name(args.vocab_size, model_type=args.model_type) + ".model"
     dictionary_name = spm_name[: -len(".model")] + ".txt"
+    # the pairs by their transcripts, not their files: prep_librispeech and prep_covost2 rewrite
+    # their pair manifests on every run, which must not train (and change) the vocabulary again
+    pair_digest = hashlib.sha1("\n".join(pair_transcripts).encode("utf-8")).hexdigest()
     key_parts = [[file_identity(path) for path in splits[args.vocab_split]],
-                 [file_identity(path) for path in args.pair_manifests], args.format, args.vocab_size,
+                 pair_digest, args.format, args.vocab_size,
                  args.model_type, args.character_coverage, args.allow_smaller_vocab, args.spm_max_sentences,
                  args.lowercase]
     if args.lowercase:  # models made before they case-folded are trained again, not reused

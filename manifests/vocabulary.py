@@ -28,6 +28,7 @@ from slam_formats.names import (SPM_BOS_ID, SPM_EOS_ID, SPM_PAD_ID, SPM_SPECIAL_
 
 _TOO_LARGE = re.compile(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)")
 CASE_FOLDING_RULE = "nmt_nfkc_cf"  # SentencePiece's NFKC normalisation with case folding
+SAMPLING_SEED = 1  # of SentencePiece's sample of a text above input_sentence_size sentences
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
@@ -58,6 +59,23 @@ def default_character_coverage(languages: Sequence[str]) -> float:
     return 0.9995 if any(language in large for language in languages) else 1.0
 
 
+def reservoir_sample(sentences: Iterable[str], size: int, seed: int) -> List[str]:
+    """A uniform sample of ``size`` sentences of a stream (all of them, in order, when it holds no
+    more), drawn by reservoir sampling from ``seed``: the same sample for the same stream."""
+    import random
+
+    rng = random.Random(seed)
+    sample: List[str] = []
+    for seen, sentence in enumerate(sentences):
+        if seen < size:
+            sample.append(sentence)
+        else:
+            slot = rng.randrange(seen + 1)
+            if slot < size:
+                sample[slot] = sentence
+    return sample
+
+
 def train_sentencepiece(sentences: Iterable[str], model_path, vocab_size: int, *,
                         model_type: str = "unigram", character_coverage: float = 1.0,
                         user_defined_symbols: Sequence[str] = (), input_sentence_size: int = 0,
@@ -70,7 +88,8 @@ def train_sentencepiece(sentences: Iterable[str], model_path, vocab_size: int, *
         model_path: ``<prefix>.model``; the dictionary goes to ``<prefix>.txt``. Both are replaced
             atomically (a failed run leaves the old ones).
         user_defined_symbols: pieces kept whole and added to the dictionary (fairseq's ``<lang:xx>``).
-        input_sentence_size: if > 0, SentencePiece samples this many sentences.
+        input_sentence_size: if > 0, train on a sample of this many sentences
+            (:func:`reservoir_sample`, the same at every run).
         case_fold: the model lower-cases (case-folds) whatever it encodes, its training text
             included (SentencePiece's ``nmt_nfkc_cf`` normalisation): text encoded later with it,
             such as pair transcripts kept in upper case, meets the same pieces.
@@ -98,14 +117,17 @@ def train_sentencepiece(sentences: Iterable[str], model_path, vocab_size: int, *
         options["normalization_rule_name"] = CASE_FOLDING_RULE
     if user_defined_symbols:
         options["user_defined_symbols"] = list(user_defined_symbols)
+    training_sentences = _non_empty()
     if input_sentence_size > 0:
-        options.update(input_sentence_size=input_sentence_size, shuffle_input_sentence=True)
+        # sampled here, from a fixed seed: SentencePiece's own sample differs from process to
+        # process, and so would the vocabulary of every rerun of a preparation script
+        training_sentences = iter(reservoir_sample(_non_empty(), input_sentence_size, SAMPLING_SEED))
     model_path.parent.mkdir(parents=True, exist_ok=True)
     work_dir = tempfile.mkdtemp(dir=model_path.parent, prefix=".tmp-spm-")
     try:
         prefix = os.path.join(work_dir, "spm")
         try:
-            sentencepiece.SentencePieceTrainer.train(sentence_iterator=_non_empty(), model_prefix=prefix,
+            sentencepiece.SentencePieceTrainer.train(sentence_iterator=training_sentences, model_prefix=prefix,
                                                      **options)
         except RuntimeError as error:
             if counter["sentences"] == 0:

@@ -32,10 +32,11 @@ def not_utf8_error(path: str, error: UnicodeDecodeError) -> ManifestError:
 
 
 def read_s2t_manifest(path: str) -> List[Dict[str, str]]:
-    """All rows of an S2T TSV as dicts; checks the required columns and ``n_frames``."""
+    """All rows of an S2T TSV as dicts; checks the required columns and ``n_frames``. A UTF-8
+    byte-order mark (an editor's) before the header is dropped."""
     path = str(path)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle, **TSV_DIALECT)
             missing = [c for c in ("id", "audio", "n_frames") if c not in (reader.fieldnames or [])]
             if missing:

@@ -96,3 +96,11 @@ def test_console_commands_are_installed():
         assert path is not None, f"{command} is not on PATH: run scripts/install.sh (pip install -e .)"
         result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path):
+    from slam_formats.manifest import read_s2t_manifest
+
+    path = tmp_path / "speech_train.tsv"
+    path.write_text("\ufeffid\taudio\tn_frames\nu1\tx.npy\t12\n", encoding="utf-8")
+    assert read_s2t_manifest(path) == [{"id": "u1", "audio": "x.npy", "n_frames": "12"}]

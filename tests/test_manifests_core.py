@@ -106,6 +106,35 @@ def test_sentencepiece_helpers(tmp_path):
     assert not (tmp_path / "spm_unigram900.model").exists()
 
 
+def test_a_sampled_vocabulary_is_the_same_at_every_run(tmp_path):
+    """A text above input_sentence_size is sampled: from a fixed seed, so that rerunning a
+    preparation script gives the same pieces (a vocabulary that changed would silently misread
+    every checkpoint and binarized text made with the earlier one)."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnop"), size=rng.integers(2, 9))) for _ in range(300)]
+    sentences = [" ".join(rng.choice(words, size=8)) for _ in range(600)]
+    import subprocess
+    import sys
+
+    import sentencepiece
+
+    assert vocabulary.reservoir_sample(iter(sentences[:100]), 150, seed=1) == sentences[:100]
+    sample = vocabulary.reservoir_sample(iter(sentences), 150, seed=1)
+    assert len(sample) == 150 and set(sample) <= set(sentences) and sample != sentences[:150]
+    (tmp_path / "text.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    script = ("import sys; from pathlib import Path; from manifests import vocabulary; "
+              "lines = Path(sys.argv[1]).read_text(encoding='utf-8').splitlines(); "
+              "vocabulary.train_sentencepiece(iter(lines), sys.argv[2], 80, input_sentence_size=150, num_threads=1)")
+    pieces = []
+    for name in ("first", "second"):  # separate processes: SentencePiece's own sampling differed between them
+        model = tmp_path / name / "spm_unigram80.model"
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "text.txt"), str(model)], check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
+        pieces.append([processor.id_to_piece(i) for i in range(processor.get_piece_size())])
+    assert pieces[0] == pieces[1]
+
+
 def test_split_maps():
     assert core.parse_split_map(["train-clean-100:train", "dev-clean"], "--splits") == [
         ("train-clean-100", "train"), ("dev-clean", "dev-clean")]
@@ -136,3 +165,36 @@ def test_global_cmvn_on_the_fly_is_computed_from_the_samples_the_16_bit_copy_kee
     np.testing.assert_allclose(cmvn.sum / cmvn.count, read_back, atol=1e-3)  # 16-bit rounding only
     unclipped = audio_features.compute_fbank(audio_features.resample(source, 22050, 16000)).mean(axis=0)
     assert np.abs(unclipped - read_back).max() > 0.1, "the clipping shows in the features"
+
+
+def test_files_that_failed_with_an_error_are_retried_and_a_first_shard_of_errors_stops_the_run(tmp_path, monkeypatch):
+    """An exception no audio check expects (a missing package, a full disk) is not the file's fault:
+    a run whose first shard fails on every file stops there, naming the error; a shard with such a
+    failure is computed again by the next run instead of reused."""
+    items = []
+    for index in range(3):
+        path = write_samples(tmp_path / "audio" / f"u{index}.wav", _tone(0.5 + 0.1 * index))
+        items.append(core.AudioItem(f"u{index}", str(path), path.stat().st_size))
+    original = core._process_item
+
+    def run(failing):
+        def process(item, *args):
+            if item.id in failing:
+                raise OSError(28, "No space left on device")
+            return original(item, *args)
+
+        monkeypatch.setattr(core, "_process_item", process)
+        context = core.RunContext(out_dir=tmp_path / "out", summary=core.RunSummary("t", tmp_path / "out"),
+                                  shard_size=1, progress=False)
+        return core.extract_features(context, core.AudioOptions(), {"train": list(items)}, "t"), context.summary
+
+    with pytest.raises(core.UsageError, match=r"t_train_00000: every one of its 1 file\(s\) failed with an error, "
+                                              r"e\.g\. .*u0\.wav: OSError: .*No space left.*stopped before the other 2"):
+        run({"u0", "u1", "u2"})
+    features, summary = run({"u1"})  # the first shard is reused only if it had no error: it had
+    assert summary.shards_computed == 3 and summary.shards_reused == 0
+    assert "1 shard(s) computed again" in " ".join(summary.warnings)
+    assert sorted(features["train"].rows_by_item) == ["u0", "u2"]
+    features, summary = run(set())
+    assert summary.shards_computed == 1 and summary.shards_reused == 2
+    assert sorted(features["train"].rows_by_item) == ["u0", "u1", "u2"]

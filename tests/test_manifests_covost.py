@@ -139,7 +139,40 @@ def test_every_source_language_gets_its_pair_file_whatever_its_targets(covost_tr
     english = read_s2t_manifest(out / "pair_train_en.tsv")
     assert spanish and english
     assert all(row["src_lang"] == "es" and row["tgt_text"] == row["src_text"] for row in spanish)
-    assert all(row["src_lang"] == "en" and row["tgt_lang"] == "ca" for row in english)
+    assert all(row["src_lang"] == "en" and row["tgt_lang"] == "en" for row in english)  # the transcripts' language
+    assert all(row["tgt_lang"] == "es" for row in spanish)
+
+
+def test_the_split_files_of_covost_s_scripts_and_their_escapes_are_read(covost_tree, tmp_path):
+    """covost_v2.<src>_<tgt>.<split>.tsv (CoVoST's get_covost_splits.py: no split column) and its
+    escaping (a backslash takes the next character: \\" is a quote, an escaped tab stays in the field)."""
+    import shutil
+
+    from manifests.prep_covost2 import split_fields
+
+    assert split_fields('a.mp3\tHe said \\"no\\"\tx\\\ty\t\\\\') == ["a.mp3", 'He said "no"', "x\ty", "\\"]
+    spanish = tmp_path / "es"
+    shutil.copytree(covost_tree["es"], spanish)
+    combined = (spanish / "covost_v2.es_en.tsv").read_text(encoding="utf-8").splitlines()
+    (spanish / "covost_v2.es_en.tsv").unlink()
+    header = combined[0].split("\t")
+    split_at = header.index("split")
+    by_split = {}
+    for line in combined[1:]:
+        fields = line.split("\t")
+        split = fields.pop(split_at)
+        if split == "train" and not by_split.get("train"):
+            fields[header.index("translation") - (split_at < header.index("translation"))] += ' \\"quoted\\"'
+        by_split.setdefault(split, []).append("\t".join(fields))
+    columns = "\t".join(name for name in header if name != "split")
+    for split, lines in by_split.items():
+        (spanish / f"covost_v2.es_en.{split}.tsv").write_text("\n".join([columns] + lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    run_script("prep_covost2.py", "--root", spanish, "--out", out, "--vocab-size", "60", "--allow-smaller-vocab",
+               "--outputs", "st", "--on-the-fly", "--workers", "1", "--no-progress")
+    train = read_s2t_manifest(out / "train_st_es_en.tsv")
+    assert len(train) == 5 and len(read_s2t_manifest(out / "dev_st_es_en.tsv")) == 2
+    assert sum(row["tgt_text"].endswith(' "quoted"') for row in train) == 1 and "\\" not in "".join(row["tgt_text"] for row in train)
 
 
 def test_a_clip_missing_from_every_pair_of_its_language_is_skipped_once(covost_tree, tmp_path):

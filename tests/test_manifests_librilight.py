@@ -54,3 +54,33 @@ def test_valid_items_that_would_take_every_file_is_an_error_before_any_work(libr
     negative = run_script("prep_librilight.py", "--root", librilight_tree["root"], "--out", out,
                           "--valid-items", "-3", "--no-progress", check=False)
     assert negative.returncode != 0 and "--valid-items -3: expected a count" in negative.stderr + negative.stdout
+
+
+def test_the_speaker_is_the_directory_two_levels_above_each_file_wherever_the_split_starts(tmp_path):
+    from manifests.prep_librilight import list_librilight_dir
+
+    for relative in ("small/1001/book_a/x.flac", "small/1002/book b/y.flac", "medium/2001/c/z.flac"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"0")
+    from_subset = {item.id: item.fields["speaker"] for item in list_librilight_dir(tmp_path / "small")}
+    assert from_subset == {"1001-book_a-x": "1001", "1002-book_b-y": "1002"}
+    from_root = {item.id: item.fields["speaker"] for item in list_librilight_dir(tmp_path / ".")}
+    assert from_root == {"small-1001-book_a-x": "1001", "small-1002-book_b-y": "1002", "medium-2001-c-z": "2001"}
+
+
+def test_rows_longer_than_pretraining_takes_are_a_warning(librilight_tree, tmp_path, monkeypatch):
+    """Whole Libri-Light files run for minutes, beyond slam_pretraining's default
+    --max-source-positions: the summary says so at prep time (here with the limit lowered to fit
+    the tiny files), rather than the pre-training run skipping them days later."""
+    from manifests import prep_librilight
+
+    monkeypatch.setattr(prep_librilight, "PRETRAINING_MAX_FRAMES", 100)
+    summary = prep_librilight.main(["--root", str(librilight_tree["root"]), "--out", str(tmp_path / "out"),
+                                    "--workers", "1", "--no-progress"])
+    rows = read_s2t_manifest(tmp_path / "out" / "speech_train.tsv")
+    long_rows = sum(int(row["n_frames"]) > 100 for row in rows)
+    assert long_rows > 0
+    assert f"{long_rows} of {len(rows)} rows are longer than 100 frames" in " ".join(summary.warnings)
+    cut = prep_librilight.main(["--root", str(librilight_tree["root"]), "--out", str(tmp_path / "cut"),
+                                "--segment-seconds", "0.9", "--workers", "1", "--no-progress"])
+    assert not [warning for warning in cut.warnings if "longer than" in warning]

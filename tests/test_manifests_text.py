@@ -63,6 +63,15 @@ def test_rerun_reuses_and_vocabulary_too_large_is_refused(text_tree, prepared, t
     assert load_summary(out, "text")["shards_reused"] == 2
     assert (out / "text_train.bin").stat().st_mtime_ns == before
     assert len(load_summary(out, "text")["skipped_by_reason"]) == 3
+    # the pair manifest rewritten with the same transcripts (as prep_librispeech does at every run):
+    # the vocabulary is not trained again
+    pair = out / "pair_train.tsv"
+    model_before = (out / "spm_unigram300.model").stat().st_mtime_ns
+    pair.write_text(pair.read_text(encoding="utf-8"), encoding="utf-8")
+    os.utime(pair, (1, 1))
+    run_script("prep_text.py", *args)
+    assert (out / "spm_unigram300.model").stat().st_mtime_ns == model_before
+    assert (out / "text_train.bin").stat().st_mtime_ns == before
 
     # in-process (the script's main), to spare a fairseq import per run
     from manifests import core, prep_text
