@@ -389,6 +389,16 @@ def test_shard_outputs_resume_from_their_last_saved_progress(tmp_path):
     partial = tmp_path / "cut" / "layer1" / ".s_0_1.npy.partial"
     os.truncate(partial, partial.stat().st_size - 4)
     assert ShardOutputs(tmp_path / "cut", "s_0_1", [1], 2, "float32", settings, resume=True).rows_done == 0
+    # a record whose counts cannot be read: started over, with nothing of it kept
+    bad = ShardOutputs(tmp_path / "bad", "s_0_1", [1], 2, "float32", settings, resume=True)
+    write(bad, [0])
+    bad.save_progress({"rows": 1})
+    bad.suspend()
+    record_path = tmp_path / "bad" / ".s_0_1.progress.json"
+    record_path.write_text(json.dumps(dict(json.loads(record_path.read_text()), counts=["rows"])))
+    again = ShardOutputs(tmp_path / "bad", "s_0_1", [1], 2, "float32", settings, resume=True)
+    assert again.rows_done == 0 and again.counts == {} and not record_path.exists()
+    again.suspend()
 
 
 def test_the_training_normalisation_is_read_from_the_run_s_data_or_given(trained, tmp_path):

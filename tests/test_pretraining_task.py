@@ -7,6 +7,7 @@ the stand-in criterion of ``pretraining_fixtures``.
 """
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import sys
@@ -334,6 +335,31 @@ def test_cli_validation_scores_restart_at_the_stage_switch_and_sum_the_objective
     resumed = _check(fixtures.run_fairseq(_train_args(data_dir, tmp_path / "ck", "slam_multitask", 1)
                                           + ["--reset-optimizer"], stand_in=False))
     assert "training in stage 1 from update 0, but this run's checkpoint had reached stage 2" in resumed
+
+
+def test_cli_validation_goes_on_without_a_modality_that_no_batch_of_max_tokens_valid_holds(data_dir, tmp_path):
+    """--max-tokens-valid below every validation utterance: validation (and the checkpoint after
+    it) runs on the text, saying so, rather than ending the run at its first validation; with no
+    modality left it is an error naming the split."""
+    frames = [int(row["n_frames"]) for name in ("speech_valid.tsv", "pair_valid.tsv")
+              for row in csv.DictReader(open(data_dir / name, encoding="utf-8"), delimiter="\t")]
+    limit = min(frames) - 1
+    lines = (data_dir / "text_valid.txt").read_text(encoding="utf-8").splitlines()
+    assert 2 * max(map(len, lines)) + 2 < limit, "the premise: every validation text line fits into such a batch"
+    args = _train_args(data_dir, tmp_path / "ck", "slam_multitask", 4) + [
+        "--validate-interval-updates", "4", "--max-tokens-valid", str(limit)]
+    output = _check(fixtures.run_fairseq(args, stand_in=False))
+    [valid] = fixtures.json_log_records(output, "valid")
+    assert valid["valid_stage"] == "2" and float(valid["valid_span_masking_loss"]) > 0
+    assert not [key for key in valid if "msm" in key or "stm" in key or "pair_ctc" in key or "tlm" in key], valid
+    assert "every speech example was skipped" in output and "every pair example was skipped" in output
+    assert "evaluated without speech batches" in output
+    assert (tmp_path / "ck" / "checkpoint_last.pt").is_file()
+
+    none_fits = fixtures.run_fairseq(_train_args(data_dir, tmp_path / "none", "slam_multitask", 4) + [
+        "--validate-interval-updates", "4", "--max-tokens-valid", "1"], stand_in=False)
+    assert none_fits.returncode != 0
+    assert "valid: every example of every modality was skipped" in none_fits.stderr
 
 
 def test_cli_a_stage2_metric_resumed_into_stage1_and_a_misspelled_metric(data_dir, tmp_path):

@@ -120,6 +120,9 @@ class ShardOutputs:
     def _resume(self, progress: Dict[str, object], dtype: np.dtype) -> None:
         rows_path = _rows_path(self.out_dir, self.stem)
         complete = int(progress["rows_bytes"])
+        counts = {str(name): int(count) for name, count in dict(progress["counts"]).items()}
+        if complete < 0:
+            raise ValueError(f"{progress_path(self.out_dir, self.stem)}: negative rows_bytes {complete}")
         with open(rows_path, "r+b") as handle:  # cut back to the last complete row
             if os.fstat(handle.fileno()).st_size < complete:
                 raise ValueError(f"{rows_path} is shorter than its recorded {complete} bytes")
@@ -140,7 +143,7 @@ class ShardOutputs:
             raise
         self.writers = writers
         self._rows = open(rows_path, "ab")
-        self.counts = dict(progress["counts"])
+        self.counts = counts
 
     def _discard_progress(self) -> None:
         progress_path(self.out_dir, self.stem).unlink(missing_ok=True)

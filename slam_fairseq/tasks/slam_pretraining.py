@@ -432,7 +432,8 @@ class SlamPretrainingTask(FairseqTask):
             return self.dataset_to_epoch_iter[dataset]
         limits = self.position_limits()
         split = next((name for name, loaded in self.datasets.items() if loaded is dataset), None)
-        if split == self.cfg.train_subset and dataset.cycle:
+        training = split == self.cfg.train_subset and dataset.cycle
+        if training:
             self._train_limits = (max_tokens, max_sentences)
             valid_caps = (None, None)
         else:
@@ -443,7 +444,12 @@ class SlamPretrainingTask(FairseqTask):
             sentences = getattr(self.cfg, f"max_sentences_{name}")
             batches[name] = make_modality_batches(
                 modality_dataset, _capped(tokens if tokens is not None else max_tokens, valid_caps[0]),
-                _capped(sentences if sentences is not None else max_sentences, valid_caps[1]), limits, seed)
+                _capped(sentences if sentences is not None else max_sentences, valid_caps[1]), limits, seed,
+                allow_empty=not training)
+        if not any(batches.values()):
+            raise ValueError(f"{split or 'this split'}: every example of every modality was skipped (see the "
+                             "warnings above): raise the length or batch limits (--max-tokens-valid, "
+                             "--max-source-positions, --max-text-positions)")
         dataset.set_batches(batches)
         dataset.set_epoch(epoch)
         iterator = RoundRobinEpochBatchIterator(

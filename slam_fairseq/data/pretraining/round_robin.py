@@ -47,7 +47,7 @@ StepKey = Tuple[int, int]
 
 def make_modality_batches(dataset: PretrainingModalityDataset, max_tokens: Optional[int],
                           max_sentences: Optional[int], max_positions: Tuple[int, int],
-                          seed: int) -> List[np.ndarray]:
+                          seed: int, allow_empty: bool = False) -> List[np.ndarray]:
     """Batches of one modality, by size; too long examples are skipped with a counted warning.
 
     Args:
@@ -56,6 +56,8 @@ def make_modality_batches(dataset: PretrainingModalityDataset, max_tokens: Optio
         max_sentences: examples per batch.
         max_positions: (speech frames, text tokens) an example may have.
         seed: orders ties among equal sizes.
+        allow_empty: return no batches, with a warning, when every example is skipped (a
+            validation split goes on with its other modalities); else that is an error.
     Returns:
         a list of (B_i,) int64 index arrays.
     """
@@ -73,6 +75,10 @@ def make_modality_batches(dataset: PretrainingModalityDataset, max_tokens: Optio
             logger.warning(f"{dataset.name}: skipped {int(too_big.sum())} {dataset.modality} examples "
                            f"larger than a whole batch ({max_tokens} max tokens)")
             indices = indices[~too_big]
+    if len(indices) == 0 and allow_empty:
+        logger.warning(f"{dataset.name}: every {dataset.modality} example was skipped (see the warnings above): "
+                       f"this split is evaluated without {dataset.modality} batches")
+        return []
     if len(indices) == 0:
         raise ValueError(f"{dataset.name}: every {dataset.modality} example was skipped "
                          "(see the warnings above): raise the length or batch limits")
