@@ -100,13 +100,14 @@ def check_feature_settings(path, script: str, settings: Dict[str, Any]) -> None:
 
 
 def merge_speech_keys(path, out_dir, cmvn: str, gcmvn_name: Optional[str] = None, script: Optional[str] = None,
-                      settings: Optional[Dict[str, Any]] = None) -> str:
+                      settings: Optional[Dict[str, Any]] = None, own_gcmvn_name: Optional[str] = None) -> str:
     """Merge the speech keys into the SLAM data config (``config.yaml``), which several scripts fill.
 
     ``--cmvn global`` sets ``global_cmvn`` (and ``transforms``) to this run's statistics, with a
     WARNING when it replaces another script's; ``--cmvn utterance`` keeps a ``global_cmvn`` another
     script (e.g. ``prep_librilight``) put there, so that running the scripts in any order does not
-    drop it. ``script``'s filterbank ``settings`` are recorded under ``feature_settings``
+    drop it, but removes this script's own (``own_gcmvn_name``, from an earlier ``--cmvn global``
+    run of it): the run asked for utterance CMVN. ``script``'s filterbank ``settings`` are recorded under ``feature_settings``
     (:func:`check_feature_settings`). Returns a line for the summary.
     """
     path = Path(path)
@@ -114,6 +115,10 @@ def merge_speech_keys(path, out_dir, cmvn: str, gcmvn_name: Optional[str] = None
     updates = speech_config(out_dir, cmvn, gcmvn_name)
     if script is not None and settings is not None:
         updates[FEATURE_SETTINGS_KEY] = {**(existing.get(FEATURE_SETTINGS_KEY) or {}), script: dict(settings)}
+    earlier = (existing.get("global_cmvn") or {}).get("stats_npz_path")
+    if cmvn == "utterance" and earlier is not None and earlier == own_gcmvn_name:
+        write_config(path, {**{key: value for key, value in existing.items() if key != "global_cmvn"}, **updates})
+        return f"{path.name} (speech keys; this script's earlier global_cmvn {earlier} removed: utterance CMVN)"
     if cmvn == "utterance" and existing.get("global_cmvn"):
         updates.pop("transforms")
         merge_config(path, updates)

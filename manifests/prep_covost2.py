@@ -14,7 +14,9 @@ Writes into ``--out`` (fairseq's recipe names):
   <split>_st_<src>_<tgt>.tsv    id audio n_frames tgt_text speaker src_text src_lang tgt_lang
                                 (tgt_text = translation, src_text = sentence, speaker = client_id)
   spm_unigram<N>_st_<src>_<tgt>.{model,txt}  one pair: SentencePiece on its train translations
-  spm_unigram<N>_st.{model,txt}  several pairs: one shared vocabulary (all train translations)
+  spm_unigram<N>_st.{model,txt}  several pairs: one shared vocabulary (all train translations); a
+                                run of another set of pairs into an --out whose configs of an
+                                earlier run name it is refused (it would be trained again)
   config_st_<src>_<tgt>.yaml    per pair (+ config_st.yaml for several pairs): LB SpecAugment, CMVN
   gcmvn_st*.npz                 with --cmvn global (train features of all source languages)
   pair_<split>_<src>.tsv        with --outputs pair: one per source language, its clips with their
@@ -180,6 +182,31 @@ def read_covost_rows(tsv: Path, clips: Path, splits: List[str], summary: core.Ru
     return rows
 
 
+def refuse_replacing_a_vocabulary_in_use(out: Path, pairs: List[Tuple[str, str]], vocab_size: int) -> None:
+    """Several pairs share ``spm_unigram<N>_st.model``: a run with another set of pairs would
+    retrain it under the same name, and the configs an earlier run wrote for its other pairs (and
+    the models trained with them) would read other pieces. Refused before anything is computed."""
+    if len(pairs) < 2 or not out.is_dir():
+        return
+    spm_name = spm_prefix_name(vocab_size, "st") + ".model"
+    ours = {fine_tuning_config_name(st_task_name(src, tgt)) for src, tgt in pairs} | {fine_tuning_config_name("st")}
+    users = []
+    for config in sorted(out.glob(fine_tuning_config_name("st_*"))):
+        if config.name in ours:
+            continue
+        try:
+            named = (data_config.read_config(config).get("bpe_tokenizer") or {}).get("sentencepiece_model")
+        except Exception:  # an unreadable config names nothing this run could break
+            continue
+        if named == spm_name:
+            users.append(config.name)
+    if users:
+        raise core.UsageError(
+            f"{out / spm_name} is the shared vocabulary of {', '.join(users)} (an earlier run's pairs), which this "
+            f"run of the pairs {' '.join(f'{src}_{tgt}' for src, tgt in pairs)} would train again under the same "
+            "name: their models would read other pieces. Give all the pairs in one run (--pairs), or another --out")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", nargs="+", required=True, type=Path,
@@ -210,6 +237,7 @@ def main(argv=None) -> core.RunSummary:
     if args.train_split not in args.splits:
         raise core.UsageError(f"--train-split {args.train_split} is not in --splits {args.splits}")
     pairs = find_pairs(args.root, args.pairs)
+    refuse_replacing_a_vocabulary_in_use(args.out, [(src, tgt) for src, tgt, _, _ in pairs], args.vocab_size)
     missing_clips: Set[Path] = set()
     rows_by_pair = {(src, tgt): [row for tsv, file_split in files
                                  for row in read_covost_rows(tsv, clips, args.splits, summary, missing_clips, file_split)]

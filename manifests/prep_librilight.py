@@ -35,6 +35,7 @@ from slam_formats.manifest import S2T_COLUMNS
 from slam_formats.names import DATA_CONFIG_NAME, speech_manifest_name
 
 AUDIO_SUFFIXES = (".flac", ".wav")
+GCMVN_NAME = "gcmvn_speech.npz"  # this script's --cmvn global statistics
 PRETRAINING_MAX_FRAMES = 6000  # slam_pretraining's default --max-source-positions (10 ms frames)
 
 
@@ -103,7 +104,7 @@ def main(argv=None) -> core.RunSummary:
 
     gcmvn_name = None
     if args.cmvn == "global":
-        gcmvn_name = "gcmvn_speech.npz"
+        gcmvn_name = GCMVN_NAME
         core.write_global_cmvn(args.out / gcmvn_name, [features[args.train_split]])
         context.summary.wrote(gcmvn_name)
     long_rows = total_rows = 0
@@ -120,7 +121,8 @@ def main(argv=None) -> core.RunSummary:
             "them: cut the files with --segment-seconds 30 (their features are computed again), or raise "
             "--max-source-positions")
     context.summary.wrote(data_config.merge_speech_keys(args.out / DATA_CONFIG_NAME, args.out, args.cmvn, gcmvn_name,
-                                                        "prep_librilight", settings))
+                                                        "prep_librilight", settings,
+                                                        own_gcmvn_name=GCMVN_NAME))
     context.summary.finish()
     return context.summary
 

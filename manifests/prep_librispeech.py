@@ -43,6 +43,7 @@ from slam_formats.names import (
 )
 
 AUDIO_SUFFIXES = (".flac", ".wav")
+GCMVN_NAME = "gcmvn_asr.npz"  # this script's --cmvn global statistics
 
 
 def list_librispeech_dir(split_dir: Path, split: str, summary: core.RunSummary) -> List[core.AudioItem]:
@@ -143,7 +144,7 @@ def main(argv=None) -> core.RunSummary:
         summary.wrote(spm_name)
     gcmvn_name = None
     if args.cmvn == "global":
-        gcmvn_name = "gcmvn_asr.npz"
+        gcmvn_name = GCMVN_NAME
         core.write_global_cmvn(args.out / gcmvn_name, [features[args.train_split]])
         summary.wrote(gcmvn_name)
     for split, items in groups.items():
@@ -164,7 +165,8 @@ def main(argv=None) -> core.RunSummary:
         data_config.write_config(args.out / config_name, config)
         summary.wrote(config_name)
     summary.wrote(data_config.merge_speech_keys(args.out / DATA_CONFIG_NAME, args.out, args.cmvn, gcmvn_name,
-                                                "prep_librispeech", settings))
+                                                "prep_librispeech", settings,
+                                                own_gcmvn_name=GCMVN_NAME))
     summary.finish()
     return summary
 

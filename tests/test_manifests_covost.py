@@ -192,3 +192,20 @@ def test_a_clip_missing_from_every_pair_of_its_language_is_skipped_once(covost_t
     assert len(entries) == 1 and entries[0]["item"].endswith("common_voice_en_gone.mp3"), entries
     assert "covost_v2.en_" in entries[0]["detail"]  # the first TSV that named it
     assert load_summary(out, "covost2")["skipped_by_reason"]["missing_clip"] == 1
+
+
+def test_a_run_of_other_pairs_does_not_replace_the_shared_vocabulary_of_an_earlier_run(tmp_path):
+    import pytest
+
+    from manifests import core, data_config
+    from manifests.prep_covost2 import refuse_replacing_a_vocabulary_in_use
+
+    shared = data_config.vocabulary_config("spm_unigram50_st.model", "spm_unigram50_st.txt", True)
+    for pair in ("en_de", "en_ca"):
+        data_config.write_config(tmp_path / f"config_st_{pair}.yaml", shared)
+    refuse_replacing_a_vocabulary_in_use(tmp_path, [("en", "de"), ("en", "ca")], 50)  # the same pairs again
+    refuse_replacing_a_vocabulary_in_use(tmp_path, [("en", "ja")], 50)  # one pair: a vocabulary of its own
+    refuse_replacing_a_vocabulary_in_use(tmp_path, [("en", "de"), ("en", "ja")], 60)  # another size, another file
+    with pytest.raises(core.UsageError, match=r"spm_unigram50_st\.model is the shared vocabulary of "
+                                              r"config_st_en_ca\.yaml .* pairs en_de en_ja would train again"):
+        refuse_replacing_a_vocabulary_in_use(tmp_path, [("en", "de"), ("en", "ja")], 50)

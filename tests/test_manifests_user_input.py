@@ -150,3 +150,12 @@ def test_scripts_filling_one_data_directory_with_other_filterbanks_or_statistics
     assert set(data_config.read_config(config)["feature_settings"]) == {"prep_librilight", "prep_librispeech"}
     assert "kept" in data_config.merge_speech_keys(config, tmp_path, "utterance", None, "prep_librispeech",
                                                    {"mel_high_freq": 4000.0})
+    # another script's statistics stay; the same script run again with --cmvn utterance drops its own
+    assert "kept" in data_config.merge_speech_keys(config, tmp_path, "utterance", None, "prep_librilight",
+                                                   {"mel_high_freq": 4000.0}, own_gcmvn_name="gcmvn_speech.npz")
+    line = data_config.merge_speech_keys(config, tmp_path, "utterance", None, "prep_librispeech",
+                                         {"mel_high_freq": 4000.0}, own_gcmvn_name="gcmvn_asr.npz")
+    assert "earlier global_cmvn gcmvn_asr.npz removed" in line
+    written = data_config.read_config(config)
+    assert "global_cmvn" not in written and written["transforms"] == {"*": ["utterance_cmvn"]}
+    assert set(written["feature_settings"]) == {"prep_librilight", "prep_librispeech"}
