@@ -196,12 +196,12 @@ class CTCPrefixScorer:
         prefix_scores = torch.logsumexp(first_emission, dim=0) if first_emission.size(0) else \
             torch.full((rows, width), -math.inf, device=label_log_probs.device)
 
+        # (no host sync to ask whether eos is a candidate: joint search always makes it one)
         is_eos = candidates == self.eos
-        if bool(is_eos.any()):
-            prefix_scores = torch.where(is_eos, self.full_score(state).unsqueeze(1), prefix_scores)
-            # an ended hypothesis is never extended; its forward variables stay those of g
-            ends_in_label = torch.where(is_eos.unsqueeze(0), state.ends_in_label.unsqueeze(2), ends_in_label)
-            ends_in_blank = torch.where(is_eos.unsqueeze(0), state.ends_in_blank.unsqueeze(2), ends_in_blank)
+        prefix_scores = torch.where(is_eos, self.full_score(state).unsqueeze(1), prefix_scores)
+        # an ended hypothesis is never extended; its forward variables stay those of g
+        ends_in_label = torch.where(is_eos.unsqueeze(0), state.ends_in_label.unsqueeze(2), ends_in_label)
+        ends_in_blank = torch.where(is_eos.unsqueeze(0), state.ends_in_blank.unsqueeze(2), ends_in_blank)
         prefix_scores = prefix_scores.masked_fill(candidates == self.blank, -math.inf)
         return CTCCandidateStates(state, candidates, ends_in_label, ends_in_blank, prefix_scores)
 
