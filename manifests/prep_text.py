@@ -27,7 +27,8 @@ ignored. A vocabulary too large for the text is refused with the largest possibl
 ``--pair-manifests`` file that is missing or not a manifest with ``tgt_text`` is refused before
 SentencePiece trains. Resume: a re-run with the same inputs
 and options reuses the SentencePiece model and the finished ``text_<split>`` files
-(``.prep_text_state.json``).
+(``.prep_text_state.json``); a split is binarized one input file at a time into hidden parts, so a
+run stopped inside a split of many files (mC4) goes on from the file it stopped in.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import argparse
 import glob
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -43,10 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from manifests import core, data_config, vocabulary  # noqa: E402
 from slam_formats.atomic import atomic_write_text
+from slam_formats.indexed_text import concatenate_indexed
 from slam_formats.manifest import ManifestError, read_s2t_manifest
 from slam_formats.names import DATA_CONFIG_NAME, spm_prefix_name, text_prefix_name
 
 STATE_NAME = ".prep_text_state.json"
+PARTS_KEY = "parts"  # in the state: the finished per-input parts of a split being binarized
 
 
 def input_format(path: Path, forced: str) -> str:
@@ -141,6 +145,52 @@ def file_identity(path: Path) -> Tuple[str, int, int]:
     return str(path.resolve()), stat.st_size, int(stat.st_mtime)
 
 
+def _part_prefix(prefix: Path, index: int) -> Path:
+    return prefix.parent / f".{prefix.name}.part{index:05d}"
+
+
+def binarize_split(args: argparse.Namespace, inputs: List[Tuple[Path, str]], split: str, prefix: Path,
+                   spm_path: Path, spm_digest: str, dictionary_size: int, state: dict, state_path: Path,
+                   summary: core.RunSummary) -> Tuple[int, int]:
+    """``text_<split>.{bin,idx}`` from its inputs, one hidden part per input file, each recorded in
+    the state file when done: a run stopped at input file k of K (mC4's thousands of files) goes on
+    from file k, not from the first. The parts are then concatenated (one: renamed) and removed.
+    Returns (sequences, tokens incl. eos)."""
+    parts_state = state.setdefault(PARTS_KEY, {})
+    parts, sequences, tokens = [], 0, 0
+    for index, (path, fmt) in enumerate(inputs):
+        part = _part_prefix(prefix, index)
+        part_key = fingerprint(file_identity(path), fmt, args.lowercase, spm_digest)
+        record = parts_state.get(part.name)
+        if (record is not None and record.get("key") == part_key and Path(f"{part}.bin").is_file()
+                and Path(f"{part}.idx").is_file()):
+            summary.skipped.extend(record.get("skipped", []))
+            print(f"{path}: binarized by an earlier run ({record['sequences']} sequences), reused", file=sys.stderr)
+        else:
+            before = len(summary.skipped)
+            part_sequences, part_tokens = vocabulary.binarize_lines(
+                iter_text(path, fmt, summary, split, args.lowercase), spm_path, part, dictionary_size,
+                workers=args.workers)
+            record = {"key": part_key, "sequences": part_sequences, "tokens": part_tokens,
+                      "skipped": summary.skipped[before:]}
+            parts_state[part.name] = record
+            atomic_write_text(str(state_path), json.dumps(state, indent=1))
+        parts.append(part)
+        sequences += record["sequences"]
+        tokens += record["tokens"]
+    if len(parts) == 1:
+        Path(f"{prefix}.idx").unlink(missing_ok=True)
+        os.replace(f"{parts[0]}.bin", f"{prefix}.bin")
+        os.replace(f"{parts[0]}.idx", f"{prefix}.idx")
+    else:
+        concatenate_indexed([str(part) for part in parts], str(prefix))
+    for stale in prefix.parent.glob(f".{prefix.name}.part*"):
+        stale.unlink(missing_ok=True)
+    for name in [name for name in parts_state if name.startswith(f".{prefix.name}.part")]:
+        del parts_state[name]
+    return sequences, tokens
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", nargs="+", required=True, help="PATH[:SPLIT] text inputs (split: train)")
@@ -224,13 +274,8 @@ def main(argv=None) -> core.RunSummary:
             summary.shards_reused += 1
         else:
             before = len(summary.skipped)
-
-            def lines() -> Iterator[str]:
-                for path, fmt in formats(split):
-                    yield from iter_text(path, fmt, summary, split, args.lowercase)
-
-            sequences, tokens = vocabulary.binarize_lines(lines(), spm_path, prefix, dictionary_size,
-                                                          workers=args.workers)
+            sequences, tokens = binarize_split(args, formats(split), split, prefix, spm_path, spm_digest,
+                                               dictionary_size, state, state_path, summary)
             state[prefix.name] = {"key": key, "sequences": sequences, "tokens": tokens,
                                   "skipped": summary.skipped[before:]}
             atomic_write_text(str(state_path), json.dumps(state, indent=1))

@@ -11,10 +11,12 @@ Layout (fairseq's ``MMapIndexedDataset``, version 1):
 """
 from __future__ import annotations
 
+import array
 import os
+import shutil
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -48,7 +50,7 @@ class MMapTokenWriter:
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
         self._data: BinaryIO = open(bin_path, "wb")
-        self._sizes: List[int] = []
+        self._sizes = array.array("i")  # 4 bytes a sequence (a list of ints holds about 36)
 
     def add(self, ids: Sequence[int]) -> None:
         array = np.asarray(ids, dtype=np.int64)
@@ -60,21 +62,67 @@ class MMapTokenWriter:
 
     def finalize(self, idx_path: str) -> None:
         self._data.close()
-        sizes = np.asarray(self._sizes, dtype=np.int32)
+        sizes = np.frombuffer(self._sizes, dtype=np.int32) if len(self._sizes) else np.zeros(0, np.int32)
         pointers = np.zeros(len(sizes), dtype=np.int64)
         if len(sizes) > 1:
             pointers[1:] = np.cumsum(sizes[:-1].astype(np.int64)) * np.dtype(self.dtype).itemsize
         with open(idx_path, "wb") as index:
-            index.write(INDEX_MAGIC)
-            index.write(struct.pack("<Q", INDEX_VERSION))
-            index.write(struct.pack("<B", DTYPE_CODES[self.dtype]))
-            index.write(struct.pack("<Q", len(sizes)))
+            _write_index_header(index, self.dtype, len(sizes))
             index.write(sizes.tobytes(order="C"))
             index.write(pointers.tobytes(order="C"))
 
     def close(self) -> None:
         if not self._data.closed:
             self._data.close()
+
+
+def _write_index_header(index: BinaryIO, dtype: type, count: int) -> None:
+    index.write(INDEX_MAGIC)
+    index.write(struct.pack("<Q", INDEX_VERSION))
+    index.write(struct.pack("<B", DTYPE_CODES[np.dtype(dtype).type]))
+    index.write(struct.pack("<Q", count))
+
+
+def concatenate_indexed(parts: Sequence[str], out_prefix: str) -> int:
+    """Write the sequences of the indexed datasets ``<part>.{bin,idx}`` (one dtype), in order, as
+    ``<out_prefix>.{bin,idx}``, streaming (no part is held in memory whole). Written under
+    temporary names, then renamed, ``.idx`` last. Returns the number of sequences.
+
+    Raises:
+        ValueError: no parts, or parts of different dtypes (naming them).
+    """
+    if not parts:
+        raise ValueError(f"{out_prefix}: no indexed datasets to concatenate")
+    indexes = [read_index(f"{part}.idx") for part in parts]
+    dtypes = {str(dtype) for dtype, _, _ in indexes}
+    if len(dtypes) > 1:
+        raise ValueError(f"{out_prefix}: parts of different token types {sorted(dtypes)} ({', '.join(parts)})")
+    dtype = indexes[0][0]
+    total = sum(len(sizes) for _, sizes, _ in indexes)
+    directory, name = os.path.split(os.path.abspath(out_prefix))
+    temporary = os.path.join(directory, f".tmp-{name}-{os.getpid()}")
+    try:
+        with open(f"{temporary}.bin", "wb") as data:
+            for part in parts:
+                with open(f"{part}.bin", "rb") as source:
+                    shutil.copyfileobj(source, data, 1 << 24)
+        with open(f"{temporary}.idx", "wb") as index:
+            _write_index_header(index, dtype.type, total)
+            for _, sizes, _ in indexes:
+                index.write(np.asarray(sizes, dtype=np.int32).tobytes(order="C"))
+            offset = 0
+            for part, (_, _, pointers) in zip(parts, indexes):
+                index.write((np.asarray(pointers, dtype=np.int64) + offset).tobytes(order="C"))
+                offset += os.path.getsize(f"{part}.bin")
+        if os.path.exists(f"{out_prefix}.idx"):
+            os.unlink(f"{out_prefix}.idx")
+        os.replace(f"{temporary}.bin", f"{out_prefix}.bin")
+        os.replace(f"{temporary}.idx", f"{out_prefix}.idx")
+    finally:
+        for suffix in (".bin", ".idx"):
+            if os.path.exists(f"{temporary}{suffix}"):
+                os.unlink(f"{temporary}{suffix}")
+    return total
 
 
 SCAN_WINDOW_TOKENS = 1 << 24  # ids compared per step: 32 MiB of uint16

@@ -51,6 +51,35 @@ def test_mmap_token_writer_is_read_back_by_fairseq(tmp_path, vocab_size):
         MMapTokenWriter(str(tmp_path / "bad.bin"), 10).add([3, 10])
 
 
+def test_concatenated_indexed_datasets_are_read_back_by_fairseq_in_order(tmp_path):
+    from fairseq.data import Dictionary, data_utils
+
+    from slam_formats.indexed_text import concatenate_indexed
+
+    rng = np.random.default_rng(5)
+    parts, expected = [], []
+    for index, count in enumerate([4, 0, 7]):  # an input file with no text gives an empty part
+        sequences = [rng.integers(0, 300, size=int(length)).tolist() for length in rng.integers(1, 20, count)]
+        writer = MMapTokenWriter(str(tmp_path / f"part{index}.bin"), 300)
+        for ids in sequences:
+            writer.add(ids)
+        writer.finalize(str(tmp_path / f"part{index}.idx"))
+        parts.append(str(tmp_path / f"part{index}"))
+        expected.extend(sequences)
+    assert concatenate_indexed(parts, str(tmp_path / "text")) == 11
+    dictionary = Dictionary()
+    for index in range(300 - len(dictionary)):
+        dictionary.add_symbol(f"w{index}")
+    dataset = data_utils.load_indexed_dataset(str(tmp_path / "text"), dictionary)
+    assert [dataset[i].tolist() for i in range(len(dataset))] == expected
+    assert not list(tmp_path.glob(".tmp-*"))
+    wide = MMapTokenWriter(str(tmp_path / "wide.bin"), 70000)
+    wide.add([1])
+    wide.finalize(str(tmp_path / "wide.idx"))
+    with pytest.raises(ValueError, match="parts of different token types"):
+        concatenate_indexed(parts + [str(tmp_path / "wide")], str(tmp_path / "mixed"))
+
+
 def _blocked_env(tmp_path: Path) -> dict:
     blocker = tmp_path / "blocker"
     blocker.mkdir(exist_ok=True)

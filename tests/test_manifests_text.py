@@ -82,3 +82,40 @@ def test_rerun_reuses_and_vocabulary_too_large_is_refused(text_tree, prepared, t
     assert not (tmp_path / "small" / "spm_unigram5000.model").exists()
     prep_text.main(small + ["--vocab-size", "5000", "--allow-smaller-vocab"])
     assert (tmp_path / "small" / "text_train.idx").is_file()
+
+
+def test_a_run_stopped_inside_a_split_goes_on_from_the_input_file_it_stopped_in(text_tree, tmp_path, monkeypatch):
+    """A split of several input files (mC4's thousands) is binarized file by file: a run stopped at
+    the second file binarizes only that one when run again, and writes the files of a run that was
+    never stopped."""
+    from pathlib import Path
+
+    from manifests import prep_text, vocabulary
+
+    def arguments(out):
+        return ["--inputs", str(text_tree["lm"]), str(text_tree["mc4"]), "--out", str(out), "--vocab-size", "300",
+                "--workers", "1"]
+
+    prep_text.main(arguments(tmp_path / "straight"))
+    original, calls = vocabulary.binarize_lines, []
+
+    def binarize(lines, spm_path, prefix, *args, **kwargs):
+        calls.append(Path(prefix).name)
+        if stop_at is not None and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return original(lines, spm_path, prefix, *args, **kwargs)
+
+    monkeypatch.setattr(vocabulary, "binarize_lines", binarize)
+    out = tmp_path / "out"
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        prep_text.main(arguments(out))
+    assert calls == [".text_train.part00000", ".text_train.part00001"] and not (out / "text_train.idx").exists()
+    calls.clear()
+    stop_at = None
+    prep_text.main(arguments(out))
+    assert calls == [".text_train.part00001"]
+    for suffix in ("bin", "idx"):
+        assert (out / f"text_train.{suffix}").read_bytes() == (tmp_path / "straight" / f"text_train.{suffix}").read_bytes()
+    assert not list(out.glob(".text_train.part*"))
+    assert load_summary(out, "text")["skipped_by_reason"] == load_summary(tmp_path / "straight", "text")["skipped_by_reason"]
