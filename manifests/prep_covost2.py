@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import re
 import sys
 from pathlib import Path
@@ -97,11 +98,18 @@ def find_pairs(roots: List[Path], wanted: List[str]) -> List[Tuple[str, str, Cov
 
 
 def read_common_voice_metadata(root: Path) -> Dict[str, Tuple[str, str]]:
-    """clip path -> (sentence, client_id) from Common Voice's ``validated.tsv``, if there is one."""
-    metadata: Dict[str, Tuple[str, str]] = {}
+    """clip path -> (sentence, client_id) from Common Voice's ``validated.tsv``, if there is one
+    (read once per file version: the pairs of one source language share it; do not modify the result)."""
     path = root / "validated.tsv"
     if not path.is_file():
-        return metadata
+        return {}
+    stat = path.stat()
+    return _read_validated(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_validated(path: Path, mtime_ns: int, size: int) -> Dict[str, Tuple[str, str]]:
+    metadata: Dict[str, Tuple[str, str]] = {}
     header = None
     for _, line in core.read_text_lines(path):
         if line is None or not line.strip():

@@ -209,3 +209,16 @@ def test_a_run_of_other_pairs_does_not_replace_the_shared_vocabulary_of_an_earli
     with pytest.raises(core.UsageError, match=r"spm_unigram50_st\.model is the shared vocabulary of "
                                               r"config_st_en_ca\.yaml .* pairs en_de en_ja would train again"):
         refuse_replacing_a_vocabulary_in_use(tmp_path, [("en", "de"), ("en", "ja")], 50)
+
+
+def test_common_voice_metadata_is_read_once_per_version_of_validated_tsv(tmp_path):
+    from manifests.prep_covost2 import read_common_voice_metadata
+
+    validated = tmp_path / "validated.tsv"
+    validated.write_text("client_id\tpath\tsentence\nc1\ta.mp3\tHe said \\\"hi\\\"\n", encoding="utf-8")
+    first = read_common_voice_metadata(tmp_path)
+    assert first == {"a.mp3": ('He said "hi"', "c1")}
+    assert read_common_voice_metadata(tmp_path) is first  # the pairs of one language share one read
+    validated.write_text("client_id\tpath\tsentence\nc2\tb.mp3\tanother one\n", encoding="utf-8")
+    assert read_common_voice_metadata(tmp_path) == {"b.mp3": ("another one", "c2")}
+    assert read_common_voice_metadata(tmp_path / "nowhere") == {}
