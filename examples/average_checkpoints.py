@@ -71,7 +71,8 @@ def average_checkpoints(inputs: Sequence[str]) -> Dict:
             raise KeyError(f"{path} holds other parameters than {inputs[0]}")
         for key in keys:
             value = model[key]
-            value = value.float() if value.dtype == torch.float16 else value
+            # fp16 and bf16 weights are summed in float32 (bf16 has an 8-bit mantissa)
+            value = value.float() if value.is_floating_point() and value.element_size() < 4 else value
             if key.endswith("dictionary_fingerprint") and key in summed and not torch.equal(
                     value, first_state["model"][key]):
                 raise ValueError(f"{path} was trained with another dictionary than {inputs[0]} ({key} "

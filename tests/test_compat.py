@@ -118,3 +118,24 @@ def test_plugin_import_fails_clearly_under_another_fairseq(tmp_path):
             print("refused:", error)
     """)
     assert "refused:" in output and "fairseq 1.0.0" in output and "scripts/install.sh" in output
+
+
+def test_a_checkpoint_written_under_numpy_1_loads_weights_only_under_numpy_2_and_back():
+    """NumPy scalars in logged meters are pickled under the module name of the NumPy that wrote
+    them (numpy.core in 1.x, numpy._core in 2.x); both names are allow-listed."""
+    import io
+    import warnings
+
+    import torch
+
+    import slam_fairseq  # noqa: F401  (allow-lists the checkpoint types)
+
+    buffer = io.BytesIO()
+    torch.save({"meter": np.float64(1.5), "weight": torch.ones(2)}, buffer, _use_new_zipfile_serialization=False)
+    written = buffer.getvalue()
+    here = b"numpy._core.multiarray" if b"numpy._core.multiarray" in written else b"numpy.core.multiarray"
+    for name in (b"numpy.core.multiarray", b"numpy._core.multiarray"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            state = torch.load(io.BytesIO(written.replace(here, name)), weights_only=True)
+        assert float(state["meter"]) == 1.5 and torch.equal(state["weight"], torch.ones(2))

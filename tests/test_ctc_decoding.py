@@ -506,6 +506,21 @@ def test_a_beam_one_generator_after_a_beam_five_one_reads_every_hypothesis(train
     assert all(len(hypos) == 1 for hypos in greedy.values())
 
 
+def test_a_plain_fairseq_beam_one_generator_after_a_wider_one_clears_the_beamable_attention(trained):
+    """fairseq tells the models only beams above 1; a generator built outside the task (a script,
+    the hub interface) after a wider one must not leave the model reading one row per sentence."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    task, models, _, batches = load_for_generation(trained)
+    SequenceGenerator(models, task.target_dictionary, beam_size=5)
+    assert models[0].encoder.beamable_decoder
+    narrow = SequenceGenerator(models, task.target_dictionary, beam_size=1)
+    assert not models[0].encoder.beamable_decoder
+    assert all(layer.encoder_attn.beam_size == 1 for layer in models[0].decoder.layers)
+    hypos = narrow.generate(models, batches[0])
+    assert len(hypos) == len(batches[0]["id"])
+
+
 def test_joint_weight_one_never_outgrows_the_ctc_frames(trained):
     task, models, generation_cfg, batches = load_for_generation(trained)
     frames = ctc_frames(models, batches)

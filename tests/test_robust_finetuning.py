@@ -242,6 +242,36 @@ def test_finetune_from_model_or_restore_file_with_a_pretraining_checkpoint_point
     assert task.build_model(cfg.model) is not None
 
 
+def test_a_missing_continue_once_file_is_said_and_the_pretrained_encoder_is_copied(asr, tmp_path, caplog):
+    """fairseq starts without a --continue-once file that is not there ("No existing checkpoint
+    found"): the plugin must not take it for a restore that holds the encoder already."""
+    from slam_fairseq.compat.fairseq_internals import weights_restored_by_fairseq, whole_model_restore
+
+    missing = tmp_path / "typo.pt"
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path / "run", "--continue-once", str(missing))
+    with caplog.at_level(logging.WARNING):
+        assert whole_model_restore(task) is None and weights_restored_by_fairseq(task) is None
+    assert f"--continue-once {missing}: no such file" in caplog.text
+
+
+def test_a_checkpoint_with_or_without_the_ctc_head_loads_into_a_model_with_or_without_it(asr, tmp_path, caplog):
+    """Fine-tuning on from a checkpoint trained with the CTC loss without it (or the other way
+    round): fairseq's strict load failed on ctc_projection ("Unexpected key(s)" / "Missing key(s)")."""
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--ctc-head")
+    with_head = task.build_model(cfg.model)
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path)
+    without = task.build_model(cfg.model)
+    assert with_head.ctc_projection is not None and without.ctc_projection is None
+    own_head = with_head.ctc_projection.weight.detach().clone()
+    with caplog.at_level(logging.WARNING):
+        without.load_state_dict(with_head.state_dict(), strict=True)
+        with_head.load_state_dict(without.state_dict(), strict=True)
+    assert "the checkpoint has a ctc_projection (trained with --ctc-head or --ctc-weight)" in caplog.text
+    assert "the checkpoint has no ctc_projection" in caplog.text
+    assert torch.equal(with_head.ctc_projection.weight, own_head)
+    assert torch.equal(with_head.decoder.embed_tokens.weight, without.decoder.embed_tokens.weight)
+
+
 def test_a_decoding_score_as_best_checkpoint_metric_is_refused_before_training(asr, tmp_path):
     """fairseq's speech_to_text validation logs losses only: --best-checkpoint-metric wer ended the
     run with KeyError: 'wer' at the first validation, before any checkpoint was saved."""
@@ -253,6 +283,21 @@ def test_a_decoding_score_as_best_checkpoint_metric_is_refused_before_training(a
             task.build_model(cfg.model)
     cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--best-checkpoint-metric", "nll_loss")
     assert task.build_model(cfg.model) is not None
+
+
+def test_encoder_settings_no_shape_shows_are_compared_with_the_checkpoint(asr, tmp_path):
+    """Heads share one fused projection and GroupNorm's affine size is the same for any number of
+    groups: a checkpoint pre-trained with other ones loaded cleanly and was read as another model."""
+    for name, value, flag in (("encoder_attention_heads", 2, "--encoder-attention-heads 2"),
+                              ("conv_norm_groups", 4, "--conv-norm-groups 4")):
+        other, _ = save_slam_checkpoint(tmp_path / f"{name}.pt", **{name: value})
+        cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(other))
+        with pytest.raises(PretrainedSlamError, match=rf"{name}\.pt: the checkpoint's encoder was built with other "
+                                                      rf"settings than this one \({name} {value} there, "
+                                                      rf"\d+ here\).*\({flag}\)"):
+            task.build_model(cfg.model)
+        cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(other), *flag.split())
+        assert task.build_model(cfg.model) is not None
 
 
 def test_fewer_or_more_layers_is_an_error_naming_the_file_and_the_layers(asr, tmp_path):

@@ -160,3 +160,22 @@ def test_multilingual_finetune_overfits_and_decodes_each_tag_language(data, tmp_
     wer = parse_wer(wer_log)
     print(f"WER {wer:.2f}")
     assert wer < 10.0
+
+
+def test_bf16_checkpoints_are_averaged_in_float32(tmp_path):
+    """bf16 weights (8-bit mantissa) summed in bf16 lose the differences the average is made of."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("average_checkpoints", REPO_ROOT / "examples" / "average_checkpoints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values = [1.0, 1.0078125, 1.0078125, 1.0078125]  # bf16 neighbours of 1
+    paths = []
+    for index, value in enumerate(values):
+        paths.append(str(tmp_path / f"checkpoint{index}.pt"))
+        torch.save({"model": {"w": torch.full((3,), value, dtype=torch.bfloat16)}, "cfg": None}, paths[-1])
+    averaged = module.average_checkpoints(paths)["model"]["w"]
+    assert averaged.dtype == torch.float32
+    torch.testing.assert_close(averaged, torch.full((3,), sum(values) / len(values)), rtol=0, atol=1e-6)

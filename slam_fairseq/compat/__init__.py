@@ -54,6 +54,7 @@ def _installed_fairseq_version() -> str:
 check_fairseq_version(_installed_fairseq_version())
 
 from slam_fairseq.compat.augmentation_seeds import install_augmentation_seeds  # noqa: E402
+from slam_fairseq.compat.beam_size import install_beam_size_reset  # noqa: E402
 from slam_fairseq.compat.checkpoints import allow_fairseq_checkpoint_types  # noqa: E402
 from slam_fairseq.compat.cut_audio import install_cut_audio_warning  # noqa: E402
 from slam_fairseq.compat.data_config_paths import install_data_config_paths  # noqa: E402
@@ -74,3 +75,4 @@ install_finished_run_check()
 install_training_split_validation()
 install_checkpoint_evaluation_splits()
 install_augmentation_seeds()
+install_beam_size_reset()

@@ -45,3 +45,10 @@ def allow_fairseq_checkpoint_types() -> None:
     add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
     if add_safe_globals is not None:
         add_safe_globals(CHECKPOINT_SAFE_TYPES + _numpy_scalar_types() + _broadcast_checkpoint_types())
+        # a checkpoint names NumPy's scalar constructor by the module of the NumPy that wrote it
+        # (numpy.core in 1.x, numpy._core in 2.x): both names, so that either loads under either
+        scalar = _numpy_scalar_types()[-1]
+        try:
+            add_safe_globals([(scalar, f"{module}.multiarray.scalar") for module in ("numpy.core", "numpy._core")])
+        except (TypeError, ValueError):  # a torch whose allow-list takes no (object, name) pairs
+            pass

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import weakref
@@ -27,6 +28,8 @@ from argparse import Namespace
 from typing import Optional, Tuple
 
 from omegaconf import OmegaConf, open_dict
+
+logger = logging.getLogger(__name__)
 
 
 def drop_config_fields(config_class, names) -> None:
@@ -109,10 +112,12 @@ def _restored_weights_source(task) -> Optional[Tuple[str, str]]:
         if PathManager.exists(last):
             return "resume", last
         continue_once = getattr(args, "continue_once", None)
-        if continue_once:
+        if continue_once and PathManager.isfile(continue_once):
             return "--continue-once", continue_once
+        if continue_once:  # fairseq goes on without it, saying only "No existing checkpoint found"
+            logger.warning(f"--continue-once {continue_once}: no such file; this run does not continue from it")
         finetune_from = getattr(args, "finetune_from_model", None)
-        if finetune_from:
+        if finetune_from and PathManager.isfile(finetune_from):
             return "--finetune-from-model", finetune_from
         return None
     restore = restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file

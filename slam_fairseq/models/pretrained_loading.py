@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -151,11 +151,31 @@ def refuse_pretraining_checkpoint_for_finetune_from(path: str, option: str = "--
             f"--load-pretrained-slam-from {path} instead")
 
 
-def read_slam_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
+#: encoder settings that no tensor shape shows (one fused query/key/value projection for any number
+#: of heads; GroupNorm's affine size for any number of groups): compared with the checkpoint's config
+SHAPELESS_ENCODER_SETTINGS = ("encoder_attention_heads", "conv_norm_groups")
+
+
+def _encoder_settings_of(state: Mapping) -> Dict[str, Any]:
+    """The :data:`SHAPELESS_ENCODER_SETTINGS` a checkpoint's model config records (those it has)."""
+    cfg = state.get("cfg")
+    model_cfg = cfg.get("model") if cfg is not None and hasattr(cfg, "get") else None
+    if model_cfg is None:
+        model_cfg = state.get("args")
+    settings = {}
+    for name in SHAPELESS_ENCODER_SETTINGS:
+        value = model_cfg.get(name) if hasattr(model_cfg, "get") else getattr(model_cfg, name, None)
+        if value is not None:
+            settings[name] = value
+    return settings
+
+
+def read_slam_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[str], Dict[str, Any]]:
     """Read a SLAM checkpoint with fairseq's loader.
 
     Returns:
-        (the model state dict, its architecture (``slam_tiny``), or None when the checkpoint names none).
+        (the model state dict, its architecture (``slam_tiny``), or None when the checkpoint names none,
+        its :data:`SHAPELESS_ENCODER_SETTINGS`).
     Raises:
         PretrainedSlamError: no such file, no model state, or not a SLAM model.
     """
@@ -183,7 +203,7 @@ def read_slam_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[s
             f"--load-pretrained-slam-from {path}: not a SLAM model checkpoint (architecture "
             f"{arch or 'unnamed'}; expected one of {list(SLAM_MODEL_NAMES)} with "
             f"'{CHECKPOINT_ENCODER_PREFIX}speech_encoder.*' weights, as slam_pretraining writes)")
-    return dict(model_state), arch
+    return dict(model_state), arch, _encoder_settings_of(state)
 
 
 def copy_pretrained_encoder(encoder: nn.Module, checkpoint_state: Mapping[str, torch.Tensor],
@@ -240,10 +260,23 @@ def copy_pretrained_encoder(encoder: nn.Module, checkpoint_state: Mapping[str, t
 
 
 def load_pretrained_slam_encoder(encoder: nn.Module, path: str, pretrained_parts: Sequence[str],
-                                 allow_partial: bool = False) -> PretrainedLoadReport:
+                                 allow_partial: bool = False,
+                                 settings: Optional[Mapping[str, Any]] = None) -> PretrainedLoadReport:
     """:func:`read_slam_checkpoint` + :func:`copy_pretrained_encoder`, with the report logged;
-    a partial load (only with ``allow_partial``) is a WARNING listing what did not fit."""
-    checkpoint_state, arch = read_slam_checkpoint(path)
+    a partial load (only with ``allow_partial``) is a WARNING listing what did not fit.
+
+    ``settings``: the fine-tuning encoder's :data:`SHAPELESS_ENCODER_SETTINGS`; one the checkpoint
+    recorded otherwise is an error (its weights would load, and be read as another model's)."""
+    checkpoint_state, arch, recorded = read_slam_checkpoint(path)
+    differing = {name: value for name, value in (settings or {}).items()
+                 if name in recorded and recorded[name] != value}
+    if differing:
+        described = "; ".join(f"{name} {recorded[name]} there, {value} here" for name, value in differing.items())
+        flags = " ".join(f"--{name.replace('_', '-')} {recorded[name]}" for name in differing)
+        raise PretrainedSlamError(
+            f"--load-pretrained-slam-from {path}: the checkpoint's encoder was built with other settings than this "
+            f"one ({described}); its tensors would fit, and be read as another model's. Build the "
+            f"encoder as it was pre-trained ({flags})")
     report = copy_pretrained_encoder(encoder, checkpoint_state, pretrained_parts, path, arch, allow_partial)
     logger.info(report.summary())
     if report.is_partial:

@@ -54,8 +54,9 @@ from slam_fairseq.encoders.config import (BASE_ENCODER, PAPER_ENCODER, TINY_ENCO
                                           set_defaults)
 from slam_fairseq.encoders.layer_states import LayerStates, speech_layer_states
 from slam_fairseq.encoders.slam_encoder import SlamEncoder, build_slam_encoder
+from slam_fairseq.models.optional_heads import register_optional_head
 from slam_fairseq.models.dictionary_fingerprint import register_fingerprint, set_fingerprint
-from slam_fairseq.models.pretrained_loading import (load_pretrained_slam_encoder,
+from slam_fairseq.models.pretrained_loading import (SHAPELESS_ENCODER_SETTINGS, load_pretrained_slam_encoder,
                                                      refuse_pretraining_checkpoint_for_finetune_from)
 from slam_fairseq.modules.padding import may_read_device_values, require
 from slam_fairseq.modules.short_inputs import ShortInputCounter, extend_short_inputs
@@ -305,6 +306,8 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         self.cfg = cfg
         self.ctc_projection = ctc_projection
         self.ctc_target_prefix_size = ctc_target_prefix_size
+        # a checkpoint trained with the CTC head loads into a model without it, and back
+        register_optional_head(self, "ctc_projection", "--ctc-head or --ctc-weight")
         # the target dictionary's fingerprint, saved with the weights and checked on every load
         register_fingerprint(self, TARGET_DICTIONARY_FINGERPRINT, "target dictionary")
 
@@ -351,7 +354,8 @@ class SlamS2TModel(FairseqEncoderDecoderModel):
         if reason is not None:
             logger.info(f"not copying the pre-trained encoder from {path}: {reason}")
         else:
-            load_pretrained_slam_encoder(encoder, path, PRETRAINED_PARTS, cfg.allow_partial_pretrained_slam)
+            load_pretrained_slam_encoder(encoder, path, PRETRAINED_PARTS, cfg.allow_partial_pretrained_slam,
+                                         {name: getattr(cfg, name) for name in SHAPELESS_ENCODER_SETTINGS})
         # Either way the weights the run saves descend from the pre-trained encoder.
         record_in_saved_config(given_cfg, "pretrained_slam_loaded", True)
 
