@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointRecoveryError", "RecoveryResult", "checkpoint_problem", "intact_checkpoints",
            "recover_checkpoint_dir", "recover_checkpoint_dir_on_rank_zero", "recover_for_training_args",
-           "atomic_copy"]
+           "repair_best_checkpoint", "atomic_copy"]
 
 DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
 CORRUPT_SUFFIX = ".corrupt"
@@ -180,7 +180,9 @@ def _keep_corrupt_bytes(path: str) -> str:
 
 def recover_checkpoint_dir(save_dir: str, restore_file: str = DEFAULT_RESTORE_FILE,
                            suffix: str = "") -> RecoveryResult:
-    """Make the checkpoint fairseq is about to restore readable (see the module docstring).
+    """Make the checkpoint fairseq is about to restore readable (see the module docstring), and,
+    when it resumes the run's own ``checkpoint_last.pt``, ``checkpoint_best.pt`` too
+    (:func:`repair_best_checkpoint`).
 
     Args:
         save_dir: ``--save-dir``.
@@ -190,6 +192,39 @@ def recover_checkpoint_dir(save_dir: str, restore_file: str = DEFAULT_RESTORE_FI
     Raises:
         CheckpointRecoveryError: an explicit ``--restore-file`` is unreadable.
     """
+    result = _recover_restore_file(save_dir, restore_file, suffix)
+    if restore_file == DEFAULT_RESTORE_FILE:
+        repair_best_checkpoint(save_dir, suffix)
+    return result
+
+
+def repair_best_checkpoint(save_dir: str, suffix: str = "") -> Optional[str]:
+    """fairseq copies a save onto ``checkpoint_best.pt`` in place too: a kill during that copy left
+    it truncated while ``checkpoint_last.pt`` stayed intact, and it stayed so until a better score
+    was saved (``fairseq-generate --path checkpoint_best.pt`` failed meanwhile). An unreadable one is
+    kept as ``.corrupt`` and replaced by the newest intact checkpoint, the file of the save it was
+    being copied from (epoch or update checkpoints; a save writing ``checkpoint_best.pt`` first
+    writes it atomically). Returns the replacement's path, or None when nothing was done."""
+    best = os.path.join(save_dir, f"checkpoint_best{suffix}.pt")
+    if not os.path.isfile(best):
+        return None
+    problem = checkpoint_problem(best)
+    if problem is None:
+        return None
+    corrupt = _keep_corrupt_bytes(best)
+    candidates = intact_checkpoints(save_dir, suffix, exclude=best, limit=1)
+    if not candidates:
+        os.unlink(best)
+        logger.warning(f"{best} {problem}; moved it to {corrupt}. No intact checkpoint of a save in {save_dir} to "
+                       "put in its place: the next best validation writes it again")
+        return None
+    atomic_copy(candidates[0], best)
+    logger.warning(f"{best} {problem} (a kill during fairseq's copy?); moved it to {corrupt} and put "
+                   f"{candidates[0]}, the newest intact checkpoint (the save it was copied from), in its place")
+    return candidates[0]
+
+
+def _recover_restore_file(save_dir: str, restore_file: str, suffix: str) -> RecoveryResult:
     if restore_file == DEFAULT_RESTORE_FILE:
         restore_path = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
     else:

@@ -114,6 +114,28 @@ def test_unreadable_last_is_replaced_by_the_newest_intact_checkpoint(tmp_path, c
     assert again.action == "none"
 
 
+def test_a_best_checkpoint_cut_by_a_kill_during_its_copy_is_replaced_by_the_save_it_was_copied_from(
+        tmp_path, caplog):
+    """The save of update 6 was a new best: fairseq wrote checkpoint_2_6.pt, then was killed while
+    copying it onto checkpoint_best.pt; checkpoint_last.pt still holds update 4 and is intact."""
+    _age(_save(tmp_path / "checkpoint_1_4.pt", 4.0), 30)
+    _age(_save(tmp_path / "checkpoint_last.pt", 4.0), 30)
+    _age(_save(tmp_path / "checkpoint_2_6.pt", 6.0), 10)
+    best = _save(tmp_path / "checkpoint_best.pt", 6.0)
+    _truncate(best, best.stat().st_size // 2)
+    cut = best.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="slam_fairseq.checkpoint_recovery"):
+        result = recover_checkpoint_dir(str(tmp_path))
+    assert result.action == "none"  # checkpoint_last.pt is readable: resumed as it is
+    assert torch.load(str(best), weights_only=True)["extra_state"]["value"] == 6.0
+    assert (tmp_path / "checkpoint_best.pt.corrupt").read_bytes() == cut
+    assert f"put {tmp_path / 'checkpoint_2_6.pt'}, the newest intact checkpoint" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slam_fairseq.checkpoint_recovery"):
+        assert recover_checkpoint_dir(str(tmp_path)).action == "none"
+    assert "checkpoint_best" not in caplog.text  # readable now: left alone
+
+
 def test_unreadable_last_without_any_intact_checkpoint_starts_fresh(tmp_path, caplog):
     last = tmp_path / "checkpoint_last.pt"
     last.write_bytes(b"PK\x03\x04 half a checkpoint")
