@@ -45,6 +45,22 @@ __all__ = ["CheckpointRecoveryError", "RecoveryResult", "checkpoint_problem", "i
 
 DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
 CORRUPT_SUFFIX = ".corrupt"
+#: an unreadable checkpoint whose size or time changes within this many seconds is being written
+#: (by a run still training in that directory): it is left alone
+WRITE_SETTLE_SECONDS = 1.0
+
+
+def _being_written(path: str) -> bool:
+    """Whether another process is writing ``path`` now (its size or modification time moves)."""
+    import time
+
+    before = os.stat(path)
+    time.sleep(WRITE_SETTLE_SECONDS)
+    try:
+        after = os.stat(path)
+    except FileNotFoundError:
+        return True
+    return (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
 
 
 class CheckpointRecoveryError(RuntimeError):
@@ -211,6 +227,9 @@ def repair_best_checkpoint(save_dir: str, suffix: str = "") -> Optional[str]:
     problem = checkpoint_problem(best)
     if problem is None:
         return None
+    if _being_written(best):
+        logger.warning(f"{best} {problem}, but it is being written (a run still saving into {save_dir}?): left alone")
+        return None
     corrupt = _keep_corrupt_bytes(best)
     candidates = intact_checkpoints(save_dir, suffix, exclude=best, limit=1)
     if not candidates:
@@ -235,6 +254,11 @@ def _recover_restore_file(save_dir: str, restore_file: str, suffix: str) -> Reco
     if problem is None:
         return RecoveryResult("none", restore_path)
     explicit = restore_file != DEFAULT_RESTORE_FILE
+    if not explicit and _being_written(restore_path):
+        # a model loaded in a script while a run is saving into the save dir it names
+        logger.warning(f"{restore_path} {problem}, but it is being written (a run still saving into {save_dir}?): "
+                       "left alone")
+        return RecoveryResult("none", restore_path, problem=problem)
     candidates = intact_checkpoints(save_dir, suffix, exclude=restore_path, limit=None if explicit else 1)
     if explicit:
         raise CheckpointRecoveryError(

@@ -136,6 +136,38 @@ def test_a_best_checkpoint_cut_by_a_kill_during_its_copy_is_replaced_by_the_save
     assert "checkpoint_best" not in caplog.text  # readable now: left alone
 
 
+def test_a_checkpoint_still_being_written_is_left_alone(tmp_path, caplog):
+    """A model loaded in a script while a run copies its save onto checkpoint_last.pt: the
+    half-written file must not be replaced under the run (its finished copy would be lost)."""
+    import threading
+
+    _age(_save(tmp_path / "checkpoint_1_2.pt", 2.0), 30)
+    complete = _save(tmp_path / "checkpoint_2_4.pt", 4.0).read_bytes()
+    last = tmp_path / "checkpoint_last.pt"
+    last.write_bytes(complete[:200])
+    stop = threading.Event()
+
+    def copying():  # fairseq's copy, slowly
+        with open(last, "ab") as handle:
+            for start in range(200, len(complete), 20):
+                if stop.is_set():
+                    return
+                handle.write(complete[start:start + 20])
+                handle.flush()
+                time.sleep(0.1)
+
+    writer = threading.Thread(target=copying)
+    writer.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="slam_fairseq.checkpoint_recovery"):
+            result = recover_checkpoint_dir(str(tmp_path))
+    finally:
+        stop.set()
+        writer.join()
+    assert result.action == "none" and "is being written" in caplog.text
+    assert not (tmp_path / "checkpoint_last.pt.corrupt").exists()
+
+
 def test_unreadable_last_without_any_intact_checkpoint_starts_fresh(tmp_path, caplog):
     last = tmp_path / "checkpoint_last.pt"
     last.write_bytes(b"PK\x03\x04 half a checkpoint")
