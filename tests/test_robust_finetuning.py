@@ -338,6 +338,24 @@ def test_allow_partial_loads_what_fits_with_a_warning_listing_the_rest(asr, tmp_
             assert torch.equal(model_state[key], state[key]), key
 
 
+def test_the_pretraining_checkpoint_is_read_memory_mapped(asr, tmp_path, monkeypatch):
+    """Every rank reads the pre-training checkpoint: mapped, none holds the whole file (optimizer
+    state included) in memory; the encoder gets the same weights."""
+    path, state = save_slam_checkpoint(tmp_path / "slam.pt", seed=3)
+    original, calls = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(path))
+    model = task.build_model(cfg.model)
+    assert [call.get("mmap") for call in calls] == [True]
+    copied = [key for key in model.state_dict() if key.startswith(ENCODER_PREFIXES) and key in state]
+    assert copied and all(torch.equal(model.state_dict()[key], state[key]) for key in copied)
+
+
 def test_unreadable_checkpoint_is_an_error_naming_the_file(asr, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(asr["checkpoint"].read_bytes()[:5000])

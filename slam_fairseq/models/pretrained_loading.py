@@ -170,6 +170,22 @@ def _encoder_settings_of(state: Mapping) -> Dict[str, Any]:
     return settings
 
 
+def _mapped_checkpoint(path: str) -> Optional[Dict[str, Any]]:
+    """A zip-format checkpoint loaded memory-mapped (``torch.load(mmap=True)``), else None.
+
+    Every rank builds the model and reads the pre-training checkpoint; loaded whole, each would hold
+    all of it in memory, the optimizer's state included (for ``slam_paper`` several GB a rank). Mapped,
+    only the encoder tensors that are copied are read from the file."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except TypeError:  # a torch without mmap loading
+        return None
+
+
 def read_slam_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[str], Dict[str, Any]]:
     """Read a SLAM checkpoint with fairseq's loader.
 
@@ -185,7 +201,9 @@ def read_slam_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[s
     if not PathManager.exists(path):
         raise PretrainedSlamError(f"--load-pretrained-slam-from {path}: no such file")
     try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+        state = _mapped_checkpoint(PathManager.get_local_path(path))
+        if state is None:  # PyTorch's legacy format: fairseq's loader
+            state = checkpoint_utils.load_checkpoint_to_cpu(path)
     except Exception as error:  # torch and pickle raise many types; each means "unreadable"
         raise PretrainedSlamError(f"--load-pretrained-slam-from {path}: cannot be read as a checkpoint "
                                   f"({type(error).__name__}: {str(error).strip()[:300]})") from error
