@@ -12,9 +12,10 @@ still reads its own files (``slam_fairseq.compat.data_config_paths``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import yaml
 
@@ -70,15 +71,38 @@ def write_config(path, config: Dict[str, Any]) -> Path:
     return Path(path)
 
 
-def merge_config(path, updates: Dict[str, Any]) -> Path:
-    """Update some keys of a config, keeping the others (several scripts fill ``config.yaml``:
-    ``prep_text`` the vocabulary, the speech scripts the feature keys)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _config_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``'s hidden lock file (``.config.yaml.lock``): scripts run at
+    the same time on one data directory read and rewrite ``config.yaml`` one after the other."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # no flock here (Windows): unlocked, as before
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _merge_unlocked(path: Path, updates: Dict[str, Any]) -> Path:
     config: Dict[str, Any] = {}
     if path.is_file():
         config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     config.update(updates)
     return write_config(path, config)
+
+
+def merge_config(path, updates: Dict[str, Any]) -> Path:
+    """Update some keys of a config, keeping the others (several scripts fill ``config.yaml``:
+    ``prep_text`` the vocabulary, the speech scripts the feature keys), under a lock."""
+    path = Path(path)
+    with _config_lock(path):
+        return _merge_unlocked(path, updates)
 
 
 def check_feature_settings(path, script: str, settings: Dict[str, Any]) -> None:
@@ -108,9 +132,18 @@ def merge_speech_keys(path, out_dir, cmvn: str, gcmvn_name: Optional[str] = None
     script (e.g. ``prep_librilight``) put there, so that running the scripts in any order does not
     drop it, but removes this script's own (``own_gcmvn_name``, from an earlier ``--cmvn global``
     run of it): the run asked for utterance CMVN. ``script``'s filterbank ``settings`` are recorded under ``feature_settings``
-    (:func:`check_feature_settings`). Returns a line for the summary.
+    (:func:`check_feature_settings`, checked again here, under the lock: a script started beside
+    this one may have recorded others meanwhile). Returns a line for the summary.
     """
     path = Path(path)
+    with _config_lock(path):
+        if script is not None and settings is not None:
+            check_feature_settings(path, script, settings)
+        return _merge_speech_keys_unlocked(path, out_dir, cmvn, gcmvn_name, script, settings, own_gcmvn_name)
+
+
+def _merge_speech_keys_unlocked(path: Path, out_dir, cmvn: str, gcmvn_name: Optional[str], script: Optional[str],
+                                settings: Optional[Dict[str, Any]], own_gcmvn_name: Optional[str]) -> str:
     existing = read_config(path) if path.is_file() else {}
     updates = speech_config(out_dir, cmvn, gcmvn_name)
     if script is not None and settings is not None:
@@ -121,9 +154,9 @@ def merge_speech_keys(path, out_dir, cmvn: str, gcmvn_name: Optional[str] = None
         return f"{path.name} (speech keys; this script's earlier global_cmvn {earlier} removed: utterance CMVN)"
     if cmvn == "utterance" and existing.get("global_cmvn"):
         updates.pop("transforms")
-        merge_config(path, updates)
+        _merge_unlocked(path, updates)
         return f"{path.name} (speech keys; global_cmvn {existing['global_cmvn']} kept)"
-    merge_config(path, updates)
+    _merge_unlocked(path, updates)
     before = (existing.get("global_cmvn") or {}).get("stats_npz_path")
     if cmvn == "global" and before and before != gcmvn_name:
         line = (f"{path.name} (speech keys; global_cmvn {before} replaced by {gcmvn_name}, the statistics of this "

@@ -5,6 +5,7 @@ source sentences, a run that rewrites feature files an older manifest points int
 between splits. Each is either handled or refused with the file and the fix named."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -150,6 +151,11 @@ def test_scripts_filling_one_data_directory_with_other_filterbanks_or_statistics
     assert set(data_config.read_config(config)["feature_settings"]) == {"prep_librilight", "prep_librispeech"}
     assert "kept" in data_config.merge_speech_keys(config, tmp_path, "utterance", None, "prep_librispeech",
                                                    {"mel_high_freq": 4000.0})
+    # settings recorded by a script that ran beside this one, after this one's check at its start:
+    # checked again when this one merges its keys
+    with pytest.raises(core.UsageError, match=r"prep_librilight's manifests in this data directory were made with "
+                                              r"other filterbank settings"):
+        data_config.merge_speech_keys(config, tmp_path, "utterance", None, "prep_librispeech", {"mel_high_freq": 0.0})
     # another script's statistics stay; the same script run again with --cmvn utterance drops its own
     assert "kept" in data_config.merge_speech_keys(config, tmp_path, "utterance", None, "prep_librilight",
                                                    {"mel_high_freq": 4000.0}, own_gcmvn_name="gcmvn_speech.npz")
@@ -159,3 +165,22 @@ def test_scripts_filling_one_data_directory_with_other_filterbanks_or_statistics
     written = data_config.read_config(config)
     assert "global_cmvn" not in written and written["transforms"] == {"*": ["utterance_cmvn"]}
     assert set(written["feature_settings"]) == {"prep_librilight", "prep_librispeech"}
+
+
+def test_scripts_merging_config_yaml_at_the_same_time_lose_no_key(tmp_path):
+    """Two preparation scripts finishing together on one data directory: each reads, updates and
+    rewrites config.yaml under a lock, so neither drops the other's keys."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.yaml"
+    script = ("import sys; from manifests import data_config\n"
+              "for index in range(40):\n"
+              "    data_config.merge_config(sys.argv[1], {f'{sys.argv[2]}_{index}': index})\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(config), name], cwd=repo) for name in ("a", "b")]
+    assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
+    from manifests import data_config
+
+    merged = data_config.read_config(config)
+    assert sorted(merged) == sorted(f"{name}_{index}" for name in ("a", "b") for index in range(40))
