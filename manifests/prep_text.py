@@ -36,7 +36,6 @@ import argparse
 import glob
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from manifests import core, data_config, vocabulary  # noqa: E402
 from slam_formats.atomic import atomic_write_text
-from slam_formats.indexed_text import concatenate_indexed
+from slam_formats.indexed_text import concatenate_indexed, install_indexed
 from slam_formats.manifest import ManifestError, read_s2t_manifest
 from slam_formats.names import DATA_CONFIG_NAME, spm_prefix_name, text_prefix_name
 
@@ -179,9 +178,7 @@ def binarize_split(args: argparse.Namespace, inputs: List[Tuple[Path, str]], spl
         sequences += record["sequences"]
         tokens += record["tokens"]
     if len(parts) == 1:
-        Path(f"{prefix}.idx").unlink(missing_ok=True)
-        os.replace(f"{parts[0]}.bin", f"{prefix}.bin")
-        os.replace(f"{parts[0]}.idx", f"{prefix}.idx")
+        install_indexed(str(parts[0]), str(prefix))
     else:
         concatenate_indexed([str(part) for part in parts], str(prefix))
     for stale in prefix.parent.glob(f".{prefix.name}.part*"):

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from manifests.core import UsageError, default_workers
 from slam_formats.atomic import atomic_write_text
-from slam_formats.indexed_text import MMapTokenWriter
+from slam_formats.indexed_text import MMapTokenWriter, install_indexed
 from slam_formats.manifest import ManifestError
 from slam_formats.names import (SPM_BOS_ID, SPM_EOS_ID, SPM_PAD_ID, SPM_SPECIAL_PIECES, SPM_UNK_ID,
                                 fairseq_dictionary_path)
@@ -194,10 +194,7 @@ def binarize_lines(lines: Iterable[str], spm_model_path, out_prefix, dictionary_
                 sequences += 1
                 tokens += len(ids)
         builder.finalize(f"{temporary}.idx")
-        index_path = Path(f"{out_prefix}.idx")
-        index_path.unlink(missing_ok=True)
-        os.replace(f"{temporary}.bin", f"{out_prefix}.bin")
-        os.replace(f"{temporary}.idx", index_path)
+        install_indexed(str(temporary), str(out_prefix))
     finally:
         builder.close()
         for suffix in (".bin", ".idx"):

@@ -83,6 +83,15 @@ def _write_index_header(index: BinaryIO, dtype: type, count: int) -> None:
     index.write(struct.pack("<Q", count))
 
 
+def install_indexed(source_prefix: str, out_prefix: str) -> None:
+    """Rename ``<source_prefix>.{bin,idx}`` to ``<out_prefix>.{bin,idx}``, ``.idx`` last and an older
+    ``.idx`` removed first: a stop in between leaves no ``.idx`` next to a new ``.bin``."""
+    if os.path.exists(f"{out_prefix}.idx"):
+        os.unlink(f"{out_prefix}.idx")
+    os.replace(f"{source_prefix}.bin", f"{out_prefix}.bin")
+    os.replace(f"{source_prefix}.idx", f"{out_prefix}.idx")
+
+
 def concatenate_indexed(parts: Sequence[str], out_prefix: str) -> int:
     """Write the sequences of the indexed datasets ``<part>.{bin,idx}`` (one dtype), in order, as
     ``<out_prefix>.{bin,idx}``, streaming (no part is held in memory whole). Written under
@@ -114,10 +123,7 @@ def concatenate_indexed(parts: Sequence[str], out_prefix: str) -> int:
             for part, (_, _, pointers) in zip(parts, indexes):
                 index.write((np.asarray(pointers, dtype=np.int64) + offset).tobytes(order="C"))
                 offset += os.path.getsize(f"{part}.bin")
-        if os.path.exists(f"{out_prefix}.idx"):
-            os.unlink(f"{out_prefix}.idx")
-        os.replace(f"{temporary}.bin", f"{out_prefix}.bin")
-        os.replace(f"{temporary}.idx", f"{out_prefix}.idx")
+        install_indexed(temporary, out_prefix)
     finally:
         for suffix in (".bin", ".idx"):
             if os.path.exists(f"{temporary}{suffix}"):
