@@ -12,8 +12,10 @@ is unreadable, the bytes are kept as ``checkpoint_last.pt.corrupt`` and the newe
 checkpoint of the save dir is put in its place atomically (copy to a temporary file, then
 ``os.replace``), with a WARNING naming both files. The file never disappears on the way (the
 corrupt bytes are hard-linked aside, then replaced), so another rank that only asks whether it
-exists never sees a gap. Without an intact checkpoint the corrupt file is moved aside and training
-starts fresh, with a WARNING.
+exists never sees a gap. Without an intact checkpoint an error names the file and nothing is
+touched: a kill does not leave that state (fairseq writes the first file of each save atomically,
+then copies it), and a run starting from scratch would overwrite the save dir's checkpoints.
+Temporary files that a kill left behind in an earlier recovery are removed.
 
 An explicit ``--restore-file`` (any name but ``checkpoint_last.pt``) is the user's choice and is
 not substituted: an unreadable one is an error naming it and the intact checkpoints beside it.
@@ -71,11 +73,10 @@ class CheckpointRecoveryError(RuntimeError):
 class RecoveryResult:
     """What :func:`recover_checkpoint_dir` did.
 
-    action: ``none`` (nothing to do: no file, or a readable one), ``replaced`` (an intact
-        checkpoint now stands in its place) or ``fresh`` (no intact checkpoint: moved aside, so
-        training starts from scratch).
+    action: ``none`` (nothing to do: no file, or a readable one) or ``replaced`` (an intact
+        checkpoint now stands in its place).
     restore_path: the file fairseq will restore.
-    corrupt_path: where the unreadable bytes were kept (``replaced`` and ``fresh``).
+    corrupt_path: where the unreadable bytes were kept (``replaced``).
     source_path: the intact checkpoint copied into place (``replaced``).
     problem: why the file was unreadable.
     """
@@ -133,7 +134,9 @@ def _legacy_load_problem(path: str, size: int) -> Optional[str]:
 def _candidate_pattern(suffix: str) -> re.Pattern:
     """The checkpoints fairseq's ``save_checkpoint`` writes (epoch, update, best), with ``suffix``."""
     tail = re.escape(suffix) + r"\.pt"
-    return re.compile(r"checkpoint(?:\d+|_\d+_\d+|_best|\.best_.+)" + tail)
+    # checkpoint.best_<metric>_<value><suffix>.pt: the value right before the suffix, so that
+    # another --checkpoint-suffix's files in the same directory never match
+    return re.compile(r"checkpoint(?:\d+|_\d+_\d+|_best|\.best_.+_-?\d+(?:\.\d*)?)" + tail)
 
 
 def intact_checkpoints(save_dir: str, suffix: str = "", exclude: Optional[str] = None,
@@ -167,10 +170,27 @@ def intact_checkpoints(save_dir: str, suffix: str = "", exclude: Optional[str] =
     return intact
 
 
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def remove_stale_temporaries(destination: str) -> List[str]:
+    """Remove what :func:`atomic_copy` onto ``destination`` left when a kill stopped it (a whole
+    checkpoint's bytes each). Call before copying, from the one process that recovers."""
+    directory = os.path.dirname(os.path.abspath(destination))
+    prefix = TEMPORARY_PREFIX + os.path.basename(destination)
+    removed = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if name.startswith(prefix):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
 def atomic_copy(source: str, destination: str) -> None:
     """Copy ``source`` onto ``destination`` so that a kill leaves the old file or the new one."""
+    remove_stale_temporaries(destination)
     directory = os.path.dirname(os.path.abspath(destination))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(destination))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX + os.path.basename(destination))
     os.close(handle)
     try:
         shutil.copyfile(source, temporary)
@@ -264,12 +284,12 @@ def _recover_restore_file(save_dir: str, restore_file: str, suffix: str) -> Reco
         raise CheckpointRecoveryError(
             f"--restore-file {restore_path} {problem}; intact checkpoints in {save_dir}: "
             f"{[os.path.basename(path) for path in candidates] or 'none'}")
-    corrupt = _keep_corrupt_bytes(restore_path)
     if not candidates:
-        os.unlink(restore_path)
-        logger.warning(f"{restore_path} {problem}; moved it to {corrupt}. No intact checkpoint in {save_dir}: "
-                       "training starts from scratch")
-        return RecoveryResult("fresh", restore_path, corrupt_path=corrupt, problem=problem)
+        raise CheckpointRecoveryError(
+            f"{restore_path} {problem}, and no other checkpoint in {save_dir} is intact. A kill during a save "
+            "does not leave this (fairseq writes the first file of each save atomically): check the storage. "
+            f"To train from scratch, move {restore_path} away")
+    corrupt = _keep_corrupt_bytes(restore_path)
     source = candidates[0]
     atomic_copy(source, restore_path)
     logger.warning(f"{restore_path} {problem} (a kill during fairseq's copy?); moved it to {corrupt} and "
@@ -278,13 +298,17 @@ def _recover_restore_file(save_dir: str, restore_file: str, suffix: str) -> Reco
 
 
 def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAULT_RESTORE_FILE,
-                                        suffix: str = "") -> Optional[RecoveryResult]:
+                                        suffix: str = "", shards: int = 0):
     """:func:`recover_checkpoint_dir` on global rank 0 only, the other ranks waiting at a barrier
-    (fairseq's rank 0 loads the checkpoint, the others only ask whether it exists).
+    (fairseq's rank 0 loads the checkpoint, the others only ask whether it exists). With
+    ``shards`` (the world size of a ``--use-sharded-state`` run, where every rank loads its own
+    shard), :func:`slam_fairseq.checkpoint_shards.recover_sharded_checkpoint_dir` instead.
 
     Returns the result on rank 0, None on the other ranks.
     """
     import torch.distributed as dist
+
+    from slam_fairseq.checkpoint_shards import recover_sharded_checkpoint_dir
 
     if any(resolved_option(value) is None for value in (save_dir, restore_file)):
         return None  # a task config built outside fairseq's (no checkpoint settings to follow)
@@ -293,7 +317,10 @@ def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAU
     failure: Optional[BaseException] = None
     if not distributed or dist.get_rank() == 0:
         try:
-            result = recover_checkpoint_dir(save_dir, restore_file, suffix)
+            if shards:
+                result = recover_sharded_checkpoint_dir(save_dir, restore_file, suffix, shards)
+            else:
+                result = recover_checkpoint_dir(save_dir, restore_file, suffix)
         except BaseException as error:  # re-raised after the barrier so that no rank hangs
             failure = error
     if distributed:
@@ -312,4 +339,8 @@ def recover_for_training_args(args) -> Optional[RecoveryResult]:
     save_dir, restore_file = getattr(args, "save_dir", None), getattr(args, "restore_file", None)
     if not save_dir or not restore_file:
         return None
-    return recover_checkpoint_dir_on_rank_zero(save_dir, restore_file, getattr(args, "checkpoint_suffix", "") or "")
+    from slam_fairseq.checkpoint_shards import sharded_state_world_size
+
+    shards = sharded_state_world_size(getattr(args, "ddp_backend", None), getattr(args, "use_sharded_state", False))
+    return recover_checkpoint_dir_on_rank_zero(save_dir, restore_file, getattr(args, "checkpoint_suffix", "") or "",
+                                               shards)

@@ -168,14 +168,37 @@ def test_a_checkpoint_still_being_written_is_left_alone(tmp_path, caplog):
     assert not (tmp_path / "checkpoint_last.pt.corrupt").exists()
 
 
-def test_unreadable_last_without_any_intact_checkpoint_starts_fresh(tmp_path, caplog):
+def test_unreadable_last_without_any_intact_checkpoint_is_an_error_that_touches_nothing(tmp_path):
+    """No kill leaves this (fairseq writes the first file of a save atomically): damaged storage.
+    Starting from scratch would overwrite the save dir, so the run stops and names the file."""
     last = tmp_path / "checkpoint_last.pt"
     last.write_bytes(b"PK\x03\x04 half a checkpoint")
-    with caplog.at_level(logging.WARNING, logger="slam_fairseq.checkpoint_recovery"):
-        result = recover_checkpoint_dir(str(tmp_path))
-    assert result.action == "fresh" and not last.exists()
-    assert (tmp_path / "checkpoint_last.pt.corrupt").read_bytes() == b"PK\x03\x04 half a checkpoint"
-    assert "training starts from scratch" in caplog.text and str(last) in caplog.text
+    with pytest.raises(CheckpointRecoveryError, match=rf"{last} .*no other checkpoint in {tmp_path} is intact.*"
+                                                      rf"move {last} away"):
+        recover_checkpoint_dir(str(tmp_path))
+    assert last.read_bytes() == b"PK\x03\x04 half a checkpoint" and not (tmp_path / "checkpoint_last.pt.corrupt").exists()
+
+
+def test_another_suffixs_best_checkpoints_are_never_candidates(tmp_path):
+    """Two runs share a save dir, one with --checkpoint-suffix _b: its
+    checkpoint.best_loss_2.3451_b.pt must not replace the other run's checkpoint_last.pt."""
+    _age(_save(tmp_path / "checkpoint_1_4.pt", 4.0), 30)
+    _save(tmp_path / "checkpoint.best_loss_2.3451_b.pt", 99.0)
+    _save(tmp_path / "checkpoint.best_loss_2.3451-shard0.pt", 98.0)
+    _save(tmp_path / "checkpoint.best_loss_2.3452.pt", 5.0)
+    assert intact_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint.best_loss_2.3452.pt"),
+                                                 str(tmp_path / "checkpoint_1_4.pt")]
+    assert intact_checkpoints(str(tmp_path), "_b") == [str(tmp_path / "checkpoint.best_loss_2.3451_b.pt")]
+
+
+def test_a_copy_killed_during_recovery_leaves_no_temporary_behind_the_next_one(tmp_path):
+    from slam_fairseq.checkpoint_recovery import atomic_copy
+
+    source = _save(tmp_path / "checkpoint_1_4.pt", 4.0)
+    stale = tmp_path / ".tmp-checkpoint_last.ptab12cd"
+    stale.write_bytes(b"x" * 1000)  # what a kill inside an earlier copy left
+    atomic_copy(str(source), str(tmp_path / "checkpoint_last.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1_4.pt", "checkpoint_last.pt"]
 
 
 def test_missing_or_readable_last_is_left_alone_and_an_explicit_restore_file_is_never_substituted(tmp_path):

@@ -106,7 +106,10 @@ def _restored_weights_source(task) -> Optional[Tuple[str, str]]:
     restore_file = getattr(args, "restore_file", None)
     if save_dir is None or restore_file is None:
         return None
-    suffix = getattr(args, "checkpoint_suffix", "") or ""
+    from slam_fairseq.checkpoint_shards import rank_checkpoint_suffix
+
+    suffix = rank_checkpoint_suffix(getattr(args, "checkpoint_suffix", "") or "", getattr(args, "ddp_backend", None),
+                                    getattr(args, "use_sharded_state", False))
     if restore_file == "checkpoint_last.pt":
         last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
         if PathManager.exists(last):

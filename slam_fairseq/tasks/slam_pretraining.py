@@ -34,6 +34,7 @@ from omegaconf import II, MISSING
 
 from slam_formats.names import pair_manifest_name, speech_manifest_name
 from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
+from slam_fairseq.checkpoint_shards import rank_checkpoint_suffix, sharded_state_world_size
 from slam_fairseq.compat.fairseq_internals import is_fully_sharded, resolved_option
 from slam_fairseq.compat.training_split_validation import loaded_for_checkpoint_evaluation
 from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
@@ -131,6 +132,8 @@ class SlamPretrainingConfig(FairseqDataclass):
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
     checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
+    ddp_backend: str = II("distributed_training.ddp_backend")
+    use_sharded_state: bool = II("distributed_training.use_sharded_state")
     best_checkpoint_metric: str = II("checkpoint.best_checkpoint_metric")
 
 
@@ -238,8 +241,11 @@ class SlamPretrainingTask(FairseqTask):
         # saved and restored with the training iterator's state (RoundRobinEpochBatchIterator.run_state)
         self.run_state: Dict[str, Any] = {}
         self._evaluation_views: Dict[str, Tuple[RoundRobinBatchDataset, RoundRobinBatchDataset]] = {}
-        self.validation_scores = ValidationScores(self.run_state, resolved_option(cfg.save_dir),
-                                                  resolved_option(cfg.checkpoint_suffix) or "")
+        ddp_backend, sharded_state = resolved_option(cfg.ddp_backend), resolved_option(cfg.use_sharded_state)
+        self.validation_scores = ValidationScores(
+            self.run_state, resolved_option(cfg.save_dir),
+            rank_checkpoint_suffix(resolved_option(cfg.checkpoint_suffix) or "", ddp_backend, sharded_state),
+            per_rank_files=sharded_state_world_size(ddp_backend, sharded_state) > 0)
         self.model_has_pair_ctc: Optional[bool] = None
         self._validating = False  # the last step was a validation step (for reduce_metrics)
         self._stashed_best: Optional[Tuple[float]] = None
@@ -252,7 +258,8 @@ class SlamPretrainingTask(FairseqTask):
         task = cls(cfg, PretrainingDataConfig(cfg.data, str(cfg.feature_normalization)))
         task.check_training_data()
         # Before fairseq loads the checkpoint: an unreadable checkpoint_last.pt is replaced.
-        recover_checkpoint_dir_on_rank_zero(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or "")
+        shards = sharded_state_world_size(resolved_option(cfg.ddp_backend), resolved_option(cfg.use_sharded_state))
+        recover_checkpoint_dir_on_rank_zero(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or "", shards)
         logger.info(f"dictionary: {len(task.dictionary)} symbols (<mask> = {task.vocabulary.mask}); "
                     f"features: {task.data_config.describe_normalization()}")
         logger.info(task.describe_schedule())

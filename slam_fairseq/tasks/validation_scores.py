@@ -102,13 +102,18 @@ class ValidationScores:
     Args:
         run_state: the task's dict that the training iterator saves and restores.
         save_dir, checkpoint_suffix: where fairseq writes ``checkpoint.best_<metric>_<value>.pt``
-            (``--keep-best-checkpoints``), which it ranks by the values in their names.
+            (``--keep-best-checkpoints``), which it ranks by the values in their names; the suffix
+            is this rank's (``-shard<rank>`` under ``--use-sharded-state``).
+        per_rank_files: every rank writes its own files (``--use-sharded-state``) and renames them;
+            otherwise rank 0 renames the one set.
     """
 
-    def __init__(self, run_state: Dict[str, Any], save_dir: Optional[str] = None, checkpoint_suffix: str = "") -> None:
+    def __init__(self, run_state: Dict[str, Any], save_dir: Optional[str] = None, checkpoint_suffix: str = "",
+                 per_rank_files: bool = False) -> None:
         self.run_state = run_state
         self.save_dir = save_dir
         self.checkpoint_suffix = checkpoint_suffix or ""
+        self.per_rank_files = per_rank_files
         #: the stage of the last update before this process started training, for a run_state
         #: without a stage (a resume with --reset-dataloader, or a checkpoint from before the key)
         self.start_stage: Optional[int] = None
@@ -146,7 +151,9 @@ class ValidationScores:
         so a stage-1 file would keep every stage-2 score out. Returns the new names."""
         import torch.distributed as dist
 
-        if not self.save_dir or not os.path.isdir(self.save_dir) or (dist.is_initialized() and dist.get_rank() != 0):
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        if not self.per_rank_files and dist.is_initialized() and dist.get_rank() != 0:
             return []
         pattern = re.compile(rf"checkpoint\.best_{re.escape(metric)}_(\d+\.?\d*){re.escape(self.checkpoint_suffix)}\.pt$")
         renamed = []
