@@ -15,6 +15,8 @@ update skipped (weights and Adam state equal before and after it) and ``nonfinit
 """
 from __future__ import annotations
 
+import math
+
 import argparse
 import copy
 import sys
@@ -256,8 +258,10 @@ _NAN_AT_UPDATE_3 = (
     "    loss, size, logs = original(self, model, sample)\n"
     "    if 'text' in sample:  # one text batch per update, no validation: the 3rd is update 3\n"
     "        text_calls.append(1)\n"
-    "        if len(text_calls) == 3:\n"
+    "        if len(text_calls) == 3:  # the loss and its logged values, as a real NaN gives\n"
     "            loss = loss * float('nan')\n"
+    "            logs = {k: v * float('nan') if torch.is_tensor(v) and v.is_floating_point() else v\n"
+    "                    for k, v in logs.items()}\n"
     "    return loss, size, logs\n"
     "SlamMultitaskCriterion.forward = forward\n"
     "from fairseq_cli.train import cli_main; sys.argv[0] = 'fairseq-train'; cli_main()\n"
@@ -287,6 +291,13 @@ def test_cli_nan_loss_in_one_modality_is_skipped_and_counted(tmp_path):
     assert sorted(records) == [1, 2, 3, 4]
     assert "nonfinite_updates" not in records[2] and int(records[3]["nonfinite_updates"]) == 1
     assert int(records[4]["nonfinite_updates"]) == 1
+    # the skipped update's text objective is left out of the logs, not logged as NaN (which
+    # made the epoch's summed losses NaN to its end)
+    assert records[3].get("span_masking_loss") is None  # fairseq writes null for a meter left empty
+    assert math.isfinite(float(records[3]["loss"]))
+    summary = fixtures.json_log_records(output, kind="train")
+    assert summary and all(math.isfinite(float(value)) for record in summary
+                           for key, value in record.items() if key.endswith("loss")), summary
 
     def state(name):
         return torch.load(str(save_dir / name), map_location="cpu", weights_only=True)

@@ -20,12 +20,13 @@ each modality's loss:
    steps the learning-rate schedule.
 
 The count is logged as ``nonfinite_updates`` (cumulative, from the first skipped update on) with a
-WARNING naming the update and the modalities.
+WARNING naming the update and the modalities. A non-finite modality's logged sums and device counts
+are zeroed (:meth:`logged`), so that one skipped update leaves the epoch's logged losses finite.
 """
 from __future__ import annotations
 
 import logging
-from typing import List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -41,12 +42,29 @@ class NonFiniteUpdateGuard:
         self.pending: List[str] = []
         self.num_skipped_updates = 0
         self._flags: List[Tuple[str, torch.Tensor]] = []
+        self._update_num: Optional[int] = None
+
+    def start_step(self, update_num: int) -> None:
+        """Call at each train step: the first step of another update forgets what an update that
+        never reached the optimizer step (fairseq skipped it after an exception) left pending."""
+        if update_num != self._update_num:
+            self.pending, self._flags = [], []
+            self._update_num = update_num
 
     def loss_for_backward(self, name: str, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` where it is finite, else a zero over the same graph (chosen on the device)."""
         finite = torch.isfinite(loss.detach()).all()
         self._flags.append((name, finite))
         return torch.where(finite, loss, torch.zeros_like(loss))
+
+    def logged(self, logging_output: Dict[str, Any]) -> Dict[str, Any]:
+        """The last modality's logging output, each tensor zeroed where that modality's loss was not
+        finite (chosen on the device: no host read); Python numbers (host counts) as they are."""
+        if not self._flags:
+            return logging_output
+        finite = self._flags[-1][1]
+        return {key: torch.where(finite.to(value.device), value, torch.zeros_like(value))
+                if torch.is_tensor(value) else value for key, value in logging_output.items()}
 
     def after_backward(self, optimizer) -> None:
         """Read the step's flags once; zero the gradients when one of its modalities was not finite."""

@@ -562,6 +562,7 @@ class SlamPretrainingTask(FairseqTask):
         if not ignore_grad:  # fairseq's dummy batches repeat an earlier batch
             self._count_bad_rows(sample)
         use_amp = isinstance(optimizer, AMPOptimizer)
+        self.update_guard.start_step(update_num)
         losses, outputs = [], []
         for position, name in enumerate(modalities):
             is_last = position == len(modalities) - 1
@@ -577,7 +578,7 @@ class SlamPretrainingTask(FairseqTask):
                 with torch.autograd.profiler.record_function(f"backward-{name}"):
                     optimizer.backward(self.update_guard.loss_for_backward(name, loss))
             losses.append(loss.detach())
-            outputs.append(logging_output)
+            outputs.append(self.update_guard.logged(logging_output))
         total_loss = _summed_loss(losses)
         self.update_guard.after_backward(optimizer)  # a non-finite modality: the whole update is skipped
         self.num_updates_seen = update_num + 1
