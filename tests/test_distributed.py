@@ -205,3 +205,40 @@ def test_torchrun_two_ranks_make_the_update_of_one_rank_with_update_freq_2(data_
     assert sorted(two) == sorted(one)
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{key} differs")
+
+
+_ONE_RANK_CANNOT_OPEN = (
+    "import sys\n"
+    "import slam_fairseq.data.pretraining.row_checks as row_checks\n"
+    "hidden, original = set(sys.argv[1].split(',')), row_checks.feature_row_problem\n"
+    "def flaky(audio_field, *args, **kwargs):  # a network file system failing this rank for a moment\n"
+    "    if audio_field in hidden:\n"
+    "        return row_checks.MISSING_FILE, 'cannot be opened (Stale file handle)'\n"
+    "    return original(audio_field, *args, **kwargs)\n"
+    "row_checks.feature_row_problem = flaky\n"
+    "from fairseq_cli.train import cli_main\n"
+    "sys.argv = ['fairseq-train', *sys.argv[2:]]\n"
+    "cli_main()\n"
+)
+
+
+def test_rows_one_rank_cannot_open_at_load_are_dropped_by_every_rank(data_dir, tmp_path):
+    """Rank 1 fails to open two training rows' features at load (rank 0 reads them): alone, it
+    would build 4 speech steps an epoch against rank 0's 5, and the ranks would part at the first
+    collective. Every rank drops the rows any rank found bad: the same batches, one update stream."""
+    rows = (data_dir / "speech_train.tsv").read_text().splitlines()
+    header = rows[0].split("\t")
+    hidden = [row.split("\t")[header.index("audio")] for row in rows[1:3]]
+    hash_dir = tmp_path / "hashes"
+    env = dist.hash_env(dist.base_env(), hash_dir)
+    args = pretraining_args(data_dir, tmp_path / "checkpoints", 4, "--stage2-start-update", "2")
+    port = dist.free_port()
+    commands = [dist.fairseq_train(*args, *dist.rank_flags(0, 2, port)),
+                [sys.executable, "-c", _ONE_RANK_CANNOT_OPEN, ",".join(hidden), *args, *dist.rank_flags(1, 2, port)]]
+    finished = dist.launch(commands, tmp_path / "logs", env, timeout=240)
+    for rank, run in enumerate(finished):
+        assert "speech_train.tsv: dropped 2 of 10 rows whose features cannot be used: 2 feature file missing" \
+            in run.output, f"rank {rank}"
+    # fairseq logs INFO on rank 0 only
+    assert "round robin over {'speech': 4," in finished[0].output, "8 speech rows, 4 batches of 2"
+    _assert_same_parameters_on_every_rank(hash_dir, 2, [1, 2, 3, 4])

@@ -45,12 +45,13 @@ from slam_fairseq.data.pretraining.round_robin import (MODALITIES, RoundRobinBat
                                                        RoundRobinEpochBatchIterator,
                                                        make_modality_batches)
 from slam_fairseq.data.pretraining.row_checks import (BAD_ROWS_KEY, BadRowLimits, RowCheckReport,
-                                                      drop_bad_feature_rows)
+                                                      check_feature_rows, merged_reports, without_bad_rows)
 from slam_fairseq.data.pretraining.span_masks import (SPAN_DISTRIBUTIONS, SpanMaskingSettings,
                                                         TextVocabulary)
 from slam_fairseq.data.pretraining.speech import PretrainingSpeechDataset
 from slam_fairseq.data.pretraining.text import PretrainingTextDataset, load_text_tokens, text_source_paths
 from slam_fairseq.host_memory import release_free_heap_memory
+from slam_fairseq.tasks.rank_agreement import gathered_from_every_rank
 from slam_fairseq.tasks.logging_schema import complete_logging_output, logging_keys_of
 from slam_fairseq.tasks.nonfinite_updates import NonFiniteUpdateGuard
 from slam_fairseq.tasks.validation_scores import ValidationScores, check_best_checkpoint_metric, metric_modality
@@ -394,8 +395,14 @@ class SlamPretrainingTask(FairseqTask):
                                       self.cfg.stm_negative_prob, seed)
 
     def _checked_rows(self, rows: SpeechRows) -> SpeechRows:
-        """Rows whose features pass the cheap checks of ``pretraining_row_checks`` (counted)."""
-        rows, report = drop_bad_feature_rows(rows, self.cfg.data, self.data_config.input_feat_per_channel)
+        """Rows whose features pass the cheap checks of ``row_checks`` on every rank (counted):
+        the ranks drop the rows any of them found bad, so that all build the same dataset. A rank
+        sends at most one row past the limit (beyond it, the run stops on every rank anyway)."""
+        report = check_feature_rows(rows, self.cfg.data, self.data_config.input_feat_per_channel)
+        limit = self.bad_row_limits.limit_for(report.num_rows)
+        sent = report if limit == float("inf") else report.first(int(limit) + 1)
+        report = merged_reports(gathered_from_every_rank(sent))
+        rows = without_bad_rows(rows, report)
         self.bad_row_limits.register(report)
         return rows
 

@@ -4,7 +4,10 @@ At load (:func:`drop_bad_feature_rows`), every row of a speech or pair manifest 
 reading its features: the feature file exists, a ``zip:offset:length`` entry lies inside the zip,
 and an ``.npy`` (stored in a zip or on its own) has a readable header whose shape is
 ``(frames >= 7, feature_dim)``, a numeric dtype, and a size that matches the entry. Bad rows are
-dropped with one WARNING per manifest that counts them by problem and names the first few.
+dropped with one WARNING per manifest that counts them by problem and names the first few. Under
+several data-parallel ranks, every rank drops the rows that any rank found bad (the task merges
+their reports), so that a file one rank could not open for a moment does not give the ranks
+different datasets, different numbers of steps, and a hang at the first collective one rank misses.
 
 Mid-run, a row that still fails (a corrupt ``.npy`` body, a file deleted since) raises a
 :class:`BadRowError` in the dataset; the round-robin dataset leaves that example out of its batch
@@ -31,7 +34,7 @@ from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES
 logger = logging.getLogger(__name__)
 
 __all__ = ["BAD_ROWS_KEY", "BadRowError", "TooManyBadRowsError", "RowCheckReport", "feature_row_problem",
-           "drop_bad_feature_rows", "BadRowLimits"]
+           "check_feature_rows", "merged_reports", "without_bad_rows", "drop_bad_feature_rows", "BadRowLimits"]
 
 BAD_ROWS_KEY = "bad_rows"  # batch key: [(manifest, row id, message), ...] of the examples left out
 _NPY_MAGIC = b"\x93NUMPY"
@@ -189,6 +192,16 @@ class RowCheckReport:
     def num_bad(self) -> int:
         return sum(len(rows) for rows in self.problems.values())
 
+    def first(self, count: int) -> "RowCheckReport":
+        """The report of its first ``count`` bad rows (what a limit needs to be seen exceeded)."""
+        kept: Dict[str, List[Tuple[str, str]]] = {}
+        for kind, rows in self.problems.items():
+            room = count - sum(len(held) for held in kept.values())
+            if room <= 0:
+                break
+            kept[kind] = list(rows[:room])
+        return RowCheckReport(self.manifest, self.num_rows, kept)
+
     def summary(self) -> str:
         counts = ", ".join(f"{len(rows)} {kind}" for kind, rows in self.problems.items())
         named = [f"{row_id!r} ({detail})" for rows in self.problems.values() for row_id, detail in rows][:_ROWS_NAMED]
@@ -196,8 +209,8 @@ class RowCheckReport:
                 f"used: {counts}; first: {'; '.join(named)}")
 
 
-def drop_bad_feature_rows(rows, data_dir: str, feature_dim: int):
-    """Check every row cheaply (see the module docstring); returns (kept rows, report).
+def check_feature_rows(rows, data_dir: str, feature_dim: int) -> RowCheckReport:
+    """Check every row cheaply (see the module docstring); returns what is wrong with which rows.
 
     Args:
         rows: ``SpeechRows`` of a speech or pair manifest.
@@ -205,26 +218,48 @@ def drop_bad_feature_rows(rows, data_dir: str, feature_dim: int):
         feature_dim: expected feature dimension (80).
     """
     report = RowCheckReport(str(rows.manifest), len(rows))
-    keep: List[int] = []
     cache = _FileCache()
     try:
         for index, audio_field in enumerate(rows.audio):
             problem = feature_row_problem(audio_field, data_dir, feature_dim, cache)
-            if problem is None:
-                keep.append(index)
-            else:
+            if problem is not None:
                 kind, detail = problem
                 report.problems.setdefault(kind, []).append((rows.ids[index], f"{audio_field}: {detail}"))
     finally:
         cache.close()
+    return report
+
+
+def merged_reports(reports: Sequence[RowCheckReport]) -> RowCheckReport:
+    """One manifest's reports from several processes, each bad row once (the first detail given)."""
+    merged = RowCheckReport(reports[0].manifest, reports[0].num_rows)
+    seen = set()
+    for report in reports:
+        for kind, bad in report.problems.items():
+            for row_id, detail in bad:
+                if row_id not in seen:
+                    seen.add(row_id)
+                    merged.problems.setdefault(kind, []).append((row_id, detail))
+    return merged
+
+
+def without_bad_rows(rows, report: RowCheckReport):
+    """``rows`` less the rows ``report`` names; raises when none is left."""
     if report.num_bad == 0:
-        return rows, report
+        return rows
+    bad = {row_id for problems in report.problems.values() for row_id, _ in problems}
+    keep = [index for index, row_id in enumerate(rows.ids) if row_id not in bad]
     if not keep:
         raise TooManyBadRowsError(f"no usable rows: {report.summary()}")
     logger.warning(report.summary())
-    kept = type(rows)(rows.manifest, [rows.ids[i] for i in keep], [rows.audio[i] for i in keep],
+    return type(rows)(rows.manifest, [rows.ids[i] for i in keep], [rows.audio[i] for i in keep],
                       np.asarray(rows.n_frames)[keep], [rows.transcripts[i] for i in keep])
-    return kept, report
+
+
+def drop_bad_feature_rows(rows, data_dir: str, feature_dim: int):
+    """:func:`check_feature_rows`, then the rows it found usable: (kept rows, report)."""
+    report = check_feature_rows(rows, data_dir, feature_dim)
+    return without_bad_rows(rows, report), report
 
 
 class BadRowLimits:
@@ -243,9 +278,13 @@ class BadRowLimits:
         self.num_bad_mid_run = 0
 
     def limit(self, manifest: str) -> float:
+        return self.limit_for(self.num_rows.get(manifest, 0))
+
+    def limit_for(self, num_rows: int) -> float:
+        """The bad rows a manifest of ``num_rows`` rows may have."""
         if self.max_bad_rows < 0:
             return float("inf")
-        return max(self.max_bad_rows, self.max_bad_row_fraction * self.num_rows.get(manifest, 0))
+        return max(self.max_bad_rows, self.max_bad_row_fraction * num_rows)
 
     def register(self, report: RowCheckReport) -> None:
         """A manifest as loaded; raises when its rows dropped at load are already too many."""
