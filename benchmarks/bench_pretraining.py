@@ -34,15 +34,18 @@ which favours stock.
 Timing is interleaved (ours, stock, ours, stock ...), medians of each and of the paired ratios.
 Reported: updates/s, seconds of audio (speech + pair batches, 10 ms frames) per second, peak memory
 (CPU: VmHWM from /proc/self/status, reset through /proc/self/clear_refs before each side's
-measured update; CUDA: ``torch.cuda.max_memory_allocated``) and the update's own share of it
-(the peak minus what was resident before the update) against what the update needs on top: the
-gradients and the most that autograd's saved tensors hold at once (counted with
+measured update; CUDA: ``torch.cuda.max_memory_allocated``). Both sides live in one process, so
+that peak holds the other side's weights, gradients and Adam state too; each side's own peak is
+what it holds between updates (its weights, gradients and optimizer state) plus the update's own
+share (the peak minus what was resident before the update), which is set against what the update
+needs on top: the gradients and the most that autograd's saved tensors hold at once (counted with
 ``saved_tensors_hooks``, once per storage), FLOPs per update counted with
 ``torch.utils.flop_counter.FlopCounterMode`` and the MFU they imply against ``--peak-tflops``, and
 the operators dispatched per update that compute (views, reshapes and detaches left out): on a GPU
 each launches at least one kernel, so at small shapes their count, not the FLOPs, sets the pace.
-``--curves`` adds the time per update over batch size and utterance length. The last line is
-``ratio ours/stock: X``, the throughput ratio (stock time / our time).
+``--curves`` adds the time per update over batch size and utterance length; ``--json PATH``
+writes every figure to PATH. The last line is ``ratio ours/stock: X``, the throughput ratio
+(stock time / our time).
 
     python benchmarks/bench_pretraining.py                       # small CPU case, a few minutes
     python benchmarks/bench_pretraining.py --arch slam_paper --device cuda --dtype bf16 --peak-tflops 989
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import statistics
@@ -118,6 +122,18 @@ def measure_memory_mib(step: Callable[[], None], device) -> Tuple[float, float]:
     if before is None or peak is None:
         return float("nan"), float("nan")
     return before / 1024, peak / 1024
+
+
+def held_mib(model, optimizer) -> float:
+    """What one side holds between updates (MiB): its weights, their gradients and the
+    optimizer's state, each storage counted once."""
+    import torch
+
+    tensors = [tensor for parameter in model.parameters() for tensor in (parameter, parameter.grad)
+               if tensor is not None]
+    tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
+    return sum(storages.values()) / 2 ** 20
 
 
 def saved_activation_mib(step: Callable[[], None], parameters) -> float:
@@ -307,6 +323,9 @@ class OurUpdate:
     def parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.model.parameters())
 
+    def held_mib(self) -> float:
+        return held_mib(self.model, self.optimizer.optimizer)
+
 
 # -- stock side -----------------------------------------------------------------------------------
 def build_stock_model(sizes, vocab_size: int, pad: int, codebook_size: int, pair_ctc: bool):
@@ -456,6 +475,9 @@ class StockUpdate:
     def parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.model.parameters())
 
+    def held_mib(self) -> float:
+        return held_mib(self.model, self.optimizer)
+
 
 # -- measuring ------------------------------------------------------------------------------------
 def model_overrides(args: argparse.Namespace) -> Dict[str, object]:
@@ -504,14 +526,34 @@ def count_compute_ops(step: Callable[[], None]) -> int:
     return counter.count
 
 
+# Datasheet dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, matched in this order
+# against the CUDA device name (case-insensitive).
+DENSE_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                     ("H200", 989.0))
+
+
+def datasheet_peak_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of a known GPU from its name (``torch.cuda.get_device_name``), else None."""
+    for part, tflops in DENSE_BF16_TFLOPS:
+        if part.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def nominal_cpu_tflops(threads: int) -> float:
+    """32 fp32 FLOPs per cycle per core (AVX2 FMA) at 2.5 GHz, times ``threads``."""
+    return threads * 32 * 2.5e9 / 1e12
+
+
 def default_peak_tflops(device, dtype: str) -> float:
-    """A nominal peak when none is given: H100 SXM dense bf16/fp16 989 TFLOP/s (fp32: 67); on CPU,
-    32 fp32 FLOPs per cycle per core (AVX2 FMA) at 2.5 GHz times the threads torch uses."""
+    """A peak when none is given: on CUDA the datasheet's dense bf16/fp16 figure for the device's
+    name (an unknown GPU: H100 SXM's 989), fp32 67 (H100 SXM); on CPU the nominal figure for the
+    threads torch uses."""
     import torch
 
     if device.type == "cuda":
-        return 989.0 if dtype != "fp32" else 67.0
-    return torch.get_num_threads() * 32 * 2.5e9 / 1e12
+        return (datasheet_peak_tflops(torch.cuda.get_device_name(device)) or 989.0) if dtype != "fp32" else 67.0
+    return nominal_cpu_tflops(torch.get_num_threads())
 
 
 def build_ours(args: argparse.Namespace, device, checkpoint_activations: bool = False) -> "OurUpdate":
@@ -556,11 +598,16 @@ def measure(args: argparse.Namespace, device, batches: Dict[str, int], frames: i
     results = {"ours_s": ours_s, "stock_s": stock_s, "ratio": ratio, "audio_s": seconds,
                "ours_params": ours.parameters(), "stock_params": stock.parameters()}
     if with_memory:
-        for side, step, model in (("ours", lambda: ours(sample), ours.model), ("stock", lambda: stock(sample), stock.model)):
+        for side, update in (("ours", ours), ("stock", stock)):
+            step = lambda update=update: update(sample)  # noqa: E731
+            held = update.held_mib()
             before, peak = measure_memory_mib(step, device)
-            parameters = list(model.parameters())
-            results[f"{side}_peak_mib"] = peak
+            parameters = list(update.model.parameters())
+            # the process's peak holds both sides; the side's own peak is what it holds plus the update's share
+            results[f"{side}_process_peak_mib"] = peak
             results[f"{side}_step_mib"] = peak - before
+            results[f"{side}_held_mib"] = held
+            results[f"{side}_own_peak_mib"] = held + peak - before
             results[f"{side}_weights_mib"] = sum(p.numel() * p.element_size() for p in parameters) / 2 ** 20
             results[f"{side}_activation_mib"] = saved_activation_mib(step, parameters)
     if with_flops:
@@ -624,6 +671,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the device's peak TFLOP/s for MFU (0: a nominal one, see default_peak_tflops)")
     parser.add_argument("--curves", action="store_true", help="also time over batch size and utterance length")
+    parser.add_argument("--json", type=Path, help="write every figure (and the curves' rows) to this file")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run for CI (tiny batches, 2 repeats)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -652,7 +700,9 @@ def main(argv: Optional[List[str]] = None) -> float:
     for side in ("ours", "stock"):
         seconds = results[f"{side}_s"]
         print(f"{side:5s}: {1 / seconds:.3f} updates/s, {results['audio_s'] / seconds:.1f} s of audio per s, "
-              f"peak {results[f'{side}_peak_mib']:.0f} MiB, {results[f'{side}_flops'] / 1e9:.2f} GFLOP/update, "
+              f"own peak {results[f'{side}_own_peak_mib']:.0f} MiB (held {results[f'{side}_held_mib']:.0f} + the "
+              f"update's {results[f'{side}_step_mib']:.0f}; process peak with both sides held "
+              f"{results[f'{side}_process_peak_mib']:.0f}), {results[f'{side}_flops'] / 1e9:.2f} GFLOP/update, "
               f"MFU {100 * results[f'{side}_mfu']:.2f}% of {results['peak_tflops']:.3g} TFLOP/s")
     for side in ("ours", "stock"):
         # During the update, on top of what was resident before it: the gradients (one copy of the
@@ -662,6 +712,7 @@ def main(argv: Optional[List[str]] = None) -> float:
               f"against {need:.0f} MiB of gradients ({results[f'{side}_weights_mib']:.1f}) and saved activations "
               f"({results[f'{side}_activation_mib']:.0f}): {results[f'{side}_step_mib'] / need:.2f}x; weights + Adam "
               f"state {3 * results[f'{side}_weights_mib']:.1f} MiB")
+    rows: List[Dict[str, float]] = []
     if args.curves:
         rows = curves(args, device)
         print("curve  scale  ours_s  stock_s  ratio")
@@ -670,6 +721,9 @@ def main(argv: Optional[List[str]] = None) -> float:
         for kind in ("batch", "length"):
             print(f"growth over {kind} (log-log slope, 1 = linear): ours {_growth(rows, kind, 'ours'):.2f}, "
                   f"stock {_growth(rows, kind, 'stock'):.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"arch": args.arch, "device": str(device), "dtype": args.dtype, **results,
+                                         "curves": rows}, indent=2), encoding="utf-8")
     print(f"ratio ours/stock: {results['ratio']:.2f}")
     return results["ratio"]
 
