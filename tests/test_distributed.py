@@ -242,3 +242,22 @@ def test_rows_one_rank_cannot_open_at_load_are_dropped_by_every_rank(data_dir, t
     # fairseq logs INFO on rank 0 only
     assert "round robin over {'speech': 4," in finished[0].output, "8 speech rows, 4 batches of 2"
     _assert_same_parameters_on_every_rank(hash_dir, 2, [1, 2, 3, 4])
+
+
+def test_fairseq_trains_two_ranks_with_its_default_ddp_backend(data_dir, tmp_path):
+    """fairseq's default ``--ddp-backend pytorch_ddp`` (what ``fairseq-train`` on a node of several
+    GPUs gets): PyTorch's DDP cannot take one backward per modality (and on the CPU fairseq hands
+    it device_ids); the task switches the run to legacy_ddp, with a WARNING, and both ranks train."""
+    hash_dir = tmp_path / "hashes"
+    env = dist.hash_env(dist.base_env(), hash_dir)
+    args = pretraining_args(data_dir, tmp_path / "checkpoints", 3, "--stage2-start-update", "1")
+    port = dist.free_port()
+    commands = []
+    for rank in range(2):
+        flags = dist.rank_flags(rank, 2, port)
+        at = flags.index("--ddp-backend")
+        commands.append(dist.fairseq_train(*args, *flags[:at], *flags[at + 2:]))  # fairseq's default
+    finished = dist.launch(commands, tmp_path / "logs", env, timeout=240)
+    assert "--ddp-backend pytorch_ddp -> legacy_ddp: slam_pretraining runs one backward pass per modality" \
+        in finished[0].output
+    _assert_same_parameters_on_every_rank(hash_dir, 2, [1, 2, 3])

@@ -35,6 +35,7 @@ from omegaconf import II, MISSING
 from slam_formats.names import pair_manifest_name, speech_manifest_name
 from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
 from slam_fairseq.checkpoint_shards import rank_checkpoint_suffix, sharded_state_world_size
+from slam_fairseq.compat.ddp_backend import use_legacy_ddp_for_several_backward_passes
 from slam_fairseq.compat.fairseq_internals import is_fully_sharded, resolved_option
 from slam_fairseq.compat.training_split_validation import loaded_for_checkpoint_evaluation
 from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
@@ -256,6 +257,7 @@ class SlamPretrainingTask(FairseqTask):
     # -- setup ------------------------------------------------------------------------------------
     @classmethod
     def setup_task(cls, cfg: SlamPretrainingConfig, **kwargs):
+        use_legacy_ddp_for_several_backward_passes(cfg, "slam_pretraining")
         task = cls(cfg, PretrainingDataConfig(cfg.data, str(cfg.feature_normalization)))
         task.check_training_data()
         # Before fairseq loads the checkpoint: an unreadable checkpoint_last.pt is replaced.
