@@ -13,8 +13,11 @@ fairseq's ``fairseq_cli.train.cli_main`` unchanged (nothing in fairseq is patche
 Flags added where the command line does not give them (given ones win):
 
 - ``--distributed-world-size W --distributed-rank R --distributed-no-spawn`` and, on CUDA,
-  ``--device-id L`` from torchrun's WORLD_SIZE / RANK / LOCAL_RANK or SLURM's SLURM_NTASKS /
-  SLURM_PROCID / SLURM_LOCALID (torchrun's variables win when both are set);
+  ``--device-id L`` from torchrun's WORLD_SIZE / RANK / LOCAL_RANK or the srun step's
+  SLURM_STEP_NUM_TASKS / SLURM_PROCID / SLURM_LOCALID (torchrun's variables win when both are set;
+  a process that sees one GPU, as ``srun --gpus-per-task 1`` binds them, uses device 0). A batch
+  script or an salloc shell of several tasks, which no srun step started, is an error (it would
+  wait for ranks that nothing starts); fewer processes on a node than its GPUs is a WARNING;
 - ``--distributed-init-method tcp://MASTER_ADDR:MASTER_PORT``; under SLURM the address defaults to
   the first host of SLURM_JOB_NODELIST and the port to ``20000 + SLURM_JOB_ID % 20000``;
 - ``--distributed-backend nccl`` with CUDA, ``gloo`` (plus ``--cpu``) without;
@@ -43,7 +46,8 @@ import re
 import sys
 from typing import List, Mapping, Optional, Sequence
 
-__all__ = ["distributed_args", "bf16_args", "first_slurm_host", "warn_if_launched_without_mapping", "main"]
+__all__ = ["distributed_args", "bf16_args", "first_slurm_host", "tasks_on_this_node",
+           "warn_if_launched_without_mapping", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +114,16 @@ def _rendezvous(env: Mapping[str, str]):
         address = f"tcp://{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
         return world_size, rank, local_rank, address
     if all(key in env for key in _SLURM_KEYS):
-        world_size, rank = _int(env, "SLURM_NTASKS"), _int(env, "SLURM_PROCID")
+        if "SLURM_STEP_NUM_TASKS" not in env:
+            # a batch script or an salloc shell: the job's tasks, but no step started them
+            tasks = _int(env, "SLURM_NTASKS")
+            if tasks > 1:
+                raise ValueError(f"SLURM_NTASKS={tasks}, but this process is not a task of an srun step (no "
+                                 f"SLURM_STEP_NUM_TASKS): it would wait for {tasks - 1} ranks that nothing starts. "
+                                 "Start one task per GPU with `srun slam-fairseq-train ...`, or run fairseq-train "
+                                 "directly for one process")
+            return 1, 0, 0, ""
+        world_size, rank = _int(env, "SLURM_STEP_NUM_TASKS"), _int(env, "SLURM_PROCID")
         local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
         if world_size <= 1:
             return world_size, rank, local_rank, ""
@@ -127,6 +140,36 @@ def _rendezvous(env: Mapping[str, str]):
             port = 20000 + _int(env, "SLURM_JOB_ID") % 20000 if env.get("SLURM_JOB_ID") else 29500
         return world_size, rank, local_rank, f"tcp://{host}:{port}"
     return None
+
+
+def _device_of(local_rank: int, cuda_device_count: int) -> int:
+    """The CUDA device of the process of ``local_rank`` on its node: that device when the process
+    sees the node's GPUs, device 0 when it sees one (``srun --gpus-per-task 1`` and other
+    per-task bindings give each process its own GPU as device 0)."""
+    if local_rank < cuda_device_count:
+        return local_rank
+    if cuda_device_count == 1:
+        return 0
+    raise ValueError(f"local rank {local_rank} but this process sees {cuda_device_count} CUDA devices: start one "
+                     "process per GPU, each seeing all of the node's GPUs or only its own")
+
+
+def tasks_on_this_node(env: Mapping[str, str]) -> Optional[int]:
+    """Processes the launcher started on this node: torchrun's LOCAL_WORLD_SIZE, or the count that
+    srun's SLURM_STEP_TASKS_PER_NODE (``8(x2),4``) gives this node (SLURM_NODEID); None if unknown."""
+    if env.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return int(env["LOCAL_WORLD_SIZE"])
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE")
+    if not spec or not env.get("SLURM_NODEID", "").isdigit():
+        return None
+    counts: List[int] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            return None
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    node = int(env["SLURM_NODEID"])
+    return counts[node] if node < len(counts) else None
 
 
 def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available: bool,
@@ -174,7 +217,7 @@ def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available
         ("--ddp-backend", [DEFAULT_DDP_BACKEND]),
     ]
     if use_cuda:
-        wanted.append(("--device-id", [str(local_rank)]))
+        wanted.append(("--device-id", [str(_device_of(local_rank, cuda_device_count))]))
     else:
         wanted.append(("--cpu", []))
     added: List[str] = []
@@ -310,10 +353,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         added = distributed_args(os.environ, args, cuda, torch.cuda.device_count() if cuda else 0)
     except ValueError as error:
         raise SystemExit(f"slam-fairseq-train: {error}") from None
-    local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
-    if cuda and "--device-id" in added and local_world_size and int(local_world_size) > torch.cuda.device_count():
-        raise SystemExit(f"slam-fairseq-train: LOCAL_WORLD_SIZE={local_world_size} processes on this node but "
-                         f"{torch.cuda.device_count()} CUDA devices; start one process per GPU")
+    local_tasks = tasks_on_this_node(os.environ)
+    if cuda and "--device-id" in added and local_tasks:
+        devices = torch.cuda.device_count()
+        if devices > 1 and local_tasks > devices:
+            raise SystemExit(f"slam-fairseq-train: {local_tasks} processes on this node but {devices} CUDA devices; "
+                             "start one process per GPU")
+        if devices > 1 and local_tasks < devices:
+            logger.warning(f"{local_tasks} processes on this node, which has {devices} CUDA devices: only "
+                           f"{local_tasks} of them train. Start one process per GPU (torchrun --nproc_per_node "
+                           f"{devices}, srun --ntasks-per-node {devices})")
     added += bf16_args(args, cuda) + _user_dir_args(args)
     if added:
         logger.info(f"slam-fairseq-train adds: {' '.join(added)}")

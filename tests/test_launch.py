@@ -20,8 +20,8 @@ from slam_fairseq.launch import (bf16_args, distributed_args, first_slurm_host, 
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400"}
-SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_ID": "123456",
-         "SLURM_JOB_NODELIST": "gpu[07-08,11],login1", "SLURM_NNODES": "3"}
+SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5",
+         "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08,11],login1", "SLURM_NNODES": "3"}
 
 
 def _flags(args):
@@ -43,7 +43,7 @@ def test_torchrun_on_cpu():
 
 
 def test_torchrun_on_cuda_uses_nccl_and_the_local_rank_as_device():
-    flags = _flags(distributed_args(TORCHRUN, ["DATA"], cuda_available=True))
+    flags = _flags(distributed_args(TORCHRUN, ["DATA"], cuda_available=True, cuda_device_count=2))
     assert flags["--distributed-backend"] == "nccl" and flags["--device-id"] == "1"
     assert "--cpu" not in flags and flags["--distributed-rank"] == "3"
     # --cpu on a GPU machine: gloo, no device
@@ -52,7 +52,7 @@ def test_torchrun_on_cuda_uses_nccl_and_the_local_rank_as_device():
 
 
 def test_slurm_ranks_and_the_first_node_as_rendezvous():
-    flags = _flags(distributed_args(SLURM, ["DATA"], cuda_available=True))
+    flags = _flags(distributed_args(SLURM, ["DATA"], cuda_available=True, cuda_device_count=8))
     assert flags["--distributed-world-size"] == "16" and flags["--distributed-rank"] == "5"
     assert flags["--device-id"] == "5"
     assert flags["--distributed-init-method"] == f"tcp://gpu07:{20000 + 123456 % 20000}"
@@ -100,7 +100,38 @@ def test_contradictions_and_bad_variables_are_errors():
     with pytest.raises(ValueError, match="--distributed-rank 'x' is not an integer"):
         distributed_args(TORCHRUN, ["--distributed-rank=x"], False)
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
-        distributed_args({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, [], False)
+        distributed_args({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}, [], False)
+
+
+def test_slurm_tasks_that_no_srun_step_started_are_an_error():
+    """A batch script (or an salloc shell) of 16 tasks has SLURM_NTASKS=16 and SLURM_PROCID=0 but
+    no step: mapped as rank 0 of 16, the one process would wait for 15 ranks nothing starts."""
+    batch = {key: value for key, value in SLURM.items() if key != "SLURM_STEP_NUM_TASKS"}
+    with pytest.raises(ValueError, match=r"SLURM_NTASKS=16, but this process is not a task of an srun step.*"
+                                         r"srun slam-fairseq-train"):
+        distributed_args(dict(batch, SLURM_PROCID="0"), ["DATA"], True, 8)
+    assert distributed_args({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, ["DATA"], True, 1) == []
+    # the step's own count wins over the job's (a step of 8 tasks in a job of 16)
+    step = dict(SLURM, SLURM_STEP_NUM_TASKS="8")
+    assert _flags(distributed_args(step, ["DATA"], True, 8))["--distributed-world-size"] == "8"
+
+
+def test_a_process_bound_to_its_own_gpu_uses_device_0():
+    """``srun --gpus-per-task 1``: SLURM_LOCALID 5, one visible GPU (CUDA_VISIBLE_DEVICES=5)."""
+    assert _flags(distributed_args(SLURM, ["DATA"], True, cuda_device_count=1))["--device-id"] == "0"
+    with pytest.raises(ValueError, match="local rank 5 but this process sees 4 CUDA devices"):
+        distributed_args(SLURM, ["DATA"], True, cuda_device_count=4)
+
+
+def test_tasks_on_this_node_from_torchrun_or_the_srun_step():
+    from slam_fairseq.launch import tasks_on_this_node
+
+    assert tasks_on_this_node({"LOCAL_WORLD_SIZE": "4"}) == 4
+    step = {"SLURM_STEP_TASKS_PER_NODE": "8(x2),1", "SLURM_NODEID": "1"}
+    assert tasks_on_this_node(step) == 8
+    assert tasks_on_this_node(dict(step, SLURM_NODEID="2")) == 1
+    assert tasks_on_this_node({"SLURM_STEP_TASKS_PER_NODE": "1(x4)", "SLURM_NODEID": "0"}) == 1
+    assert tasks_on_this_node({}) is None and tasks_on_this_node({"SLURM_STEP_TASKS_PER_NODE": "odd"}) is None
 
 
 def test_no_launcher_or_a_single_process_adds_nothing():
@@ -178,7 +209,8 @@ def test_slurm_two_cpu_tasks_through_the_launcher(data_dir, tmp_path):
     port, hash_dir = dist.free_port(), tmp_path / "hashes"
     command = [sys.executable, "-m", "slam_fairseq.launch", *_pretraining_args(data_dir, tmp_path / "ckpt")]
     env = dist.hash_env(dist.base_env(), hash_dir)
-    envs = [dict(env, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID="77",
+    envs = [dict(env, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID=str(rank),
+                 SLURM_JOB_ID="77",
                  SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port)) for rank in range(2)]
     finished = dist.launch_each([command, command], envs, tmp_path / "logs", timeout=240)
     assert "training on 2 devices" in finished[0].output
