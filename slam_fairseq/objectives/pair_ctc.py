@@ -33,6 +33,21 @@ def transcript_targets(tokens: torch.Tensor, ignore: torch.Tensor):
     return kept_first(tokens, ~torch.isin(tokens, ignore))
 
 
+def ctc_frames_needed(targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) the fewest frames a CTC alignment of each row's target needs: one per token, plus a
+    blank between each two equal neighbours ("ll" needs 3). ``targets``: (B, S) padded or (N,)
+    concatenated, as ``ctc_loss`` takes them."""
+    if targets.dim() == 1:  # concatenated: neighbours equal inside one row only
+        ends = torch.cumsum(target_lengths, 0)
+        row = torch.searchsorted(ends, torch.arange(targets.numel(), device=targets.device), right=True)
+        same = (targets[1:] == targets[:-1]) & (row[1:] == row[:-1])
+        repeats = torch.zeros_like(target_lengths).scatter_add_(0, row[1:], same.to(target_lengths.dtype))
+        return target_lengths + repeats
+    position = torch.arange(1, targets.shape[1], device=targets.device)
+    same = (targets[:, 1:] == targets[:, :-1]) & (position < target_lengths.unsqueeze(1))
+    return target_lengths + same.sum(dim=1).to(target_lengths.dtype)
+
+
 def pair_ctc_loss(logits: torch.Tensor, output_lengths: torch.Tensor, targets: torch.Tensor,
                   target_lengths: torch.Tensor) -> ObjectiveOutput:
     """
@@ -44,12 +59,13 @@ def pair_ctc_loss(logits: torch.Tensor, output_lengths: torch.Tensor, targets: t
             :func:`transcript_targets` makes them) or (N,) concatenated; target_lengths: (B,).
     Returns:
         :class:`ObjectiveOutput`: the summed CTC loss divided by the number of target tokens; rows
-        too short for their transcript contribute 0 and are not counted; no accuracy
+        too short for their transcript (:func:`ctc_frames_needed`) contribute 0 and are not
+        counted; no accuracy
         (``num_correct`` is 0).
     """
     # time-first, as ctc_loss reads them (no reordering when ``logits`` is a view of (T', B, V))
     log_probs = F.log_softmax(logits.transpose(0, 1).float(), dim=-1)
-    feasible = output_lengths >= target_lengths
+    feasible = output_lengths >= ctc_frames_needed(targets, target_lengths)
     loss_sum = F.ctc_loss(log_probs, targets, output_lengths, target_lengths,
                           blank=CTC_BLANK, reduction="none", zero_infinity=True)
     count = (target_lengths * feasible).sum()
