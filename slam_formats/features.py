@@ -34,6 +34,10 @@ class MultiChannelAudioError(AudioError):
     """Audio of several channels where one was expected (``downmix`` averages them instead)."""
 
 
+class FeatureShapeError(AudioError):
+    """Features of another dimension than expected (stored with other settings than the task's)."""
+
+
 def mono(channels: np.ndarray, name: str, downmix: bool = False) -> np.ndarray:
     """(N,) samples of channels-first (C, N) audio: the one channel, or with ``downmix`` the mean
     of several (what the manifest scripts' ``--downmix`` and HuBERT's feature dumper do). Raises
@@ -325,7 +329,7 @@ def read_features(audio_field: str, root: Optional[str] = None,
         raise AudioError(f"{audio_field}: not a zip entry, .npy or audio file ({AUDIO_EXTENSIONS})")
     features = np.asarray(features, dtype=np.float32)
     if features.ndim != 2 or features.shape[1] != num_mel_bins:
-        raise AudioError(
+        raise FeatureShapeError(
             f"{audio_field}: features of shape {tuple(features.shape)}, expected (frames, {num_mel_bins})")
     return features
 

@@ -160,6 +160,41 @@ def test_a_row_failing_mid_run_is_left_out_of_its_batch_and_reported(feature_dir
     assert "speech" not in only_bad and len(only_bad[BAD_ROWS_KEY]) == 1
 
 
+def test_an_unreadable_first_row_is_left_to_the_skips_and_a_wrong_dimension_still_ends_the_load(feature_dir):
+    """The reader checks the feature dimension on the first row that reads: an unreadable row 0
+    (the garbage zip entry) is skipped like any other bad row, not the end of the run."""
+    refs = _refs(feature_dir)
+    reader = SpeechFeatureReader(_rows(feature_dir, [refs["garbage"], refs["good"]]), str(feature_dir), lambda x: x)
+    with pytest.raises(BadRowError, match="row 'r0'"):
+        reader.read(0)
+    assert reader.read(1).shape[1] == 80
+    with pytest.raises(BadRowError, match=r"features of shape \(\d+, \d+\), expected \(frames, 80\)"):
+        SpeechFeatureReader(_rows(feature_dir, [refs["garbage"], refs["narrow"], refs["good"]]), str(feature_dir),
+                            lambda x: x)
+    with pytest.raises(BadRowError, match=r"none of its first 2 rows can be read; first: .*row 'r0'"):
+        SpeechFeatureReader(_rows(feature_dir, [refs["garbage"], refs["garbage"]]), str(feature_dir), lambda x: x)
+
+
+def test_a_validation_manifest_without_usable_rows_leaves_its_modality_out(tmp_path, caplog):
+    """A header-only speech_valid.tsv: validation goes on with text and pairs; the same file for
+    training is an error naming it."""
+    from slam_fairseq.tasks.slam_pretraining import SlamPretrainingConfig, SlamPretrainingTask
+    from slam_formats.manifest import ManifestError
+
+    data = fixtures.build_data_dir(tmp_path / "data", real_speech=False)
+    header = (data / "speech_valid.tsv").read_text().splitlines()[0]
+    (data / "speech_valid.tsv").write_text(header + "\n")
+    task = SlamPretrainingTask.setup_task(SlamPretrainingConfig(data=str(data), seed=1, max_update=10,
+                                                                train_subset="train", stage2_start_update=0))
+    with caplog.at_level(logging.WARNING):
+        task.load_dataset("valid")
+    assert sorted(task.datasets["valid"].datasets) == ["pair", "text"]
+    assert "speech_valid.tsv: empty manifest (no rows): split 'valid' is evaluated without speech data" in caplog.text
+    (data / "speech_train.tsv").write_text(header + "\n")
+    with pytest.raises(ManifestError, match=r"speech_train\.tsv: empty manifest"):
+        task.load_dataset("train")
+
+
 def test_features_with_non_finite_values_are_a_bad_row_naming_the_file(tmp_path):
     """A NaN would make every update holding the row non-finite (and skipped), without a name."""
     features = np.random.default_rng(0).normal(size=(40, 80)).astype(np.float32)

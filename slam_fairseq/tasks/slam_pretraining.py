@@ -32,6 +32,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
+from slam_formats.manifest import ManifestError
 from slam_formats.names import pair_manifest_name, speech_manifest_name
 from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
 from slam_fairseq.checkpoint_shards import rank_checkpoint_suffix, sharded_state_world_size
@@ -347,11 +348,21 @@ class SlamPretrainingTask(FairseqTask):
         missing = [name for name in self.loaded_modalities if name not in available]
         if missing:
             logger.info(f"split {split!r} has no {', '.join(missing)} data; using {', '.join(modalities)}")
-        datasets = {name: self._build_modality(name, split) for name in modalities}
-        for name, dataset in datasets.items():
-            logger.info(f"{split} {name}: {len(dataset)} examples from {dataset.name}")
         # fairseq-validate reads the training split as a validation split (it passes task_cfg)
         is_train = split == self.cfg.train_subset and not loaded_for_checkpoint_evaluation(kwargs)
+        datasets = {}
+        for name in modalities:
+            try:
+                datasets[name] = self._build_modality(name, split)
+            except ManifestError as error:  # an empty manifest, or one without a usable row
+                if is_train:
+                    raise
+                logger.warning(f"{error}: split {split!r} is evaluated without {name} data")
+        if not datasets:
+            raise ManifestError(f"split {split!r}: none of its {', '.join(modalities)} data has a usable row "
+                                "(see the warnings above)")
+        for name, dataset in datasets.items():
+            logger.info(f"{split} {name}: {len(dataset)} examples from {dataset.name}")
         epoch_modality = str(self.cfg.epoch_modality)
         if is_train and epoch_modality != "largest" and epoch_modality not in datasets:
             logger.warning(f"--epoch-modality {epoch_modality}: split {split!r} has no {epoch_modality} data in this "

@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import numpy as np
 import torch
 
-from slam_formats.features import FRAME_SHIFT_SAMPLES, AudioError, read_features
+from slam_formats.features import FRAME_SHIFT_SAMPLES, AudioError, FeatureShapeError, read_features
 from slam_formats.manifest import ManifestError, read_s2t_manifest
 from slam_fairseq.data.pretraining.row_checks import BadRowError
 from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES, subsampled_lengths
@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["SpeechDataError", "SpeechRows", "read_speech_rows", "SpeechFeatureReader", "num_subsampled_frames",
            "frame_count_tolerance"]
 
+
+#: rows the reader tries at load for the first readable one (the feature dimension check)
+PROBED_ROWS = 20
 
 class SpeechDataError(BadRowError):
     """Unusable speech input; the message names the manifest and the row or feature file."""
@@ -119,12 +122,27 @@ class SpeechFeatureReader:
         self.data_dir = str(data_dir)
         self.transform = transform
         self.feature_dim = int(feature_dim)
-        first = self._read_checked(0)  # fail at load, not mid-run, on a wrong feature dimension
-        if rows.n_frames[0] >= len(first) * FRAME_SHIFT_SAMPLES // 2:  # about one count per sample
-            raise SpeechDataError(f"{self._where(0)}: n_frames says {rows.n_frames[0]}, but {rows.audio[0]} gives "
-                                  f"{len(first)} frames: n_frames seems to count audio samples; this task "
-                                  f"needs the number of 10 ms feature frames (the manifest scripts in "
-                                  f"manifests/ write it)", source=str(rows.manifest), row=rows.ids[0])
+        index, first = self._first_readable_row()  # fail at load, not mid-run, on a wrong feature dimension
+        if rows.n_frames[index] >= len(first) * FRAME_SHIFT_SAMPLES // 2:  # about one count per sample
+            raise SpeechDataError(f"{self._where(index)}: n_frames says {rows.n_frames[index]}, but "
+                                  f"{rows.audio[index]} gives {len(first)} frames: n_frames seems to count audio "
+                                  f"samples; this task needs the number of 10 ms feature frames (the manifest "
+                                  f"scripts in manifests/ write it)", source=str(rows.manifest), row=rows.ids[index])
+
+    def _first_readable_row(self) -> Tuple[int, np.ndarray]:
+        """(index, features) of the first row that reads, among the first :data:`PROBED_ROWS`: a
+        row that cannot be read there is left to the mid-run skips (counted as a bad row), as it
+        would be anywhere else; features of another dimension end the load at once."""
+        errors = []
+        for index in range(min(len(self.rows), PROBED_ROWS)):
+            try:
+                return index, self._read_checked(index)
+            except SpeechDataError as error:
+                if isinstance(error.__cause__, FeatureShapeError):
+                    raise
+                errors.append(error)
+        raise SpeechDataError(f"{self.rows.manifest}: none of its first {len(errors)} rows can be read; first: "
+                              f"{errors[0]}", source=str(self.rows.manifest), row=self.rows.ids[0])
 
     def read(self, index: int) -> np.ndarray:
         """(T, F) float32 normalised features of row ``index``; a row holding NaN or inf is a bad
