@@ -89,7 +89,11 @@ class SlamMultitaskCriterion(FairseqCriterion):
     Normalisation. ``sample_size`` is always 1: every objective is already a mean over its own
     positions (masked tokens, masked frames, pairs; the diversity loss is per batch), so the weights
     alone set the balance between objectives, and fairseq's division by the summed sample sizes
-    averages over data-parallel workers and ``--update-freq`` steps. As no term depends on another
+    averages over data-parallel workers and ``--update-freq`` steps. The update is therefore the mean
+    of per-batch means: a position of a batch with few positions (a batch of short utterances under
+    ``--max-tokens``) weighs more than one of a full batch, and W ranks x U steps train as one rank
+    with ``--update-freq W*U`` would, not as one batch W*U times as large (wav2vec 2.0 and HuBERT sum
+    over positions instead). As no term depends on another
     modality's batch, the loss (hence the gradient) of a multi-modality sample is exactly the sum of
     the single-modality calls' losses: a task may call the criterion once per modality and back-propagate
     each (round robin) or once with the full dict, with the same result (given the same random draws:

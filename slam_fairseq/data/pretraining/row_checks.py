@@ -14,7 +14,9 @@ Mid-run, a row that still fails (a corrupt ``.npy`` body, a file deleted since) 
 and hands the message on in the batch (``sample["bad_rows"]``), so that the count is kept in the
 training process whatever the number of data-loader workers. :class:`BadRowLimits` counts both
 kinds per manifest and stops the run with a :class:`TooManyBadRowsError` once a manifest has more
-than ``max(--max-bad-rows, --max-bad-row-fraction x its rows)`` bad rows.
+than ``max(--max-bad-rows, --max-bad-row-fraction x its rows)`` bad rows. The rows dropped at load
+are the same on every rank; the rows met mid-run are counted by each rank among its own batches, so
+with W ranks up to about W times the limit can be met before a rank stops the run.
 """
 from __future__ import annotations
 
