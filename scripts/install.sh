@@ -47,13 +47,23 @@ fi
 
 # 3. fairseq 0.12: keep a working one.
 FAIRSEQ_DEPS=(cffi cython "hydra-core>=1.3.2" omegaconf "numpy>=1.21.3" regex "sacrebleu>=1.4.12" tqdm bitarray scikit-learn packaging)
-if "$PYTHON" -c "import fairseq, fairseq.models, fairseq_cli.train" 2>/dev/null; then
+# A fairseq that imports, of the 0.12 series, with the internals of the builds after the 0.12.2
+# release that the plugin calls (slam_fairseq/compat/__init__.py: missing_fairseq_internals).
+USABLE_FAIRSEQ='import inspect, fairseq, fairseq.models, fairseq_cli.train
+from fairseq.tasks import FairseqTask
+from fairseq.data.iterators import EpochBatchIterator
+assert fairseq.__version__.startswith("0.12")
+assert "from_checkpoint" in inspect.signature(FairseqTask.build_criterion).parameters
+assert "persistent_workers" in inspect.signature(EpochBatchIterator.__init__).parameters'
+if "$PYTHON" -c "$USABLE_FAIRSEQ" 2>/dev/null; then
   say "keeping fairseq $("$PYTHON" -c 'import fairseq; print(fairseq.__version__)' 2>/dev/null)"
 else
-  if "$PYTHON" -m pip show -q fairseq >/dev/null 2>&1; then
-    say "the installed 'fairseq' does not import on this Python: replacing it"
-    "$PYTHON" -m pip uninstall -y -q fairseq
-  fi
+  for installed in fairseq ve-fairseq fairseq-fixed; do
+    if "$PYTHON" -m pip show -q "$installed" >/dev/null 2>&1; then
+      say "the installed '$installed' does not import on this Python or is not a 0.12.3 build: replacing it"
+      "$PYTHON" -m pip uninstall -y -q "$installed"
+    fi
+  done
   PY_TAG=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
   case "$PY_TAG" in
     311|312) FAIRSEQ_DIST="ve-fairseq==0.12.3" ;;
@@ -62,8 +72,8 @@ else
   say "installing $FAIRSEQ_DIST without torchaudio, and fairseq's other dependencies"
   pip_install "${FAIRSEQ_DEPS[@]}"
   pip_install --no-deps "$FAIRSEQ_DIST"
-  "$PYTHON" -c "import fairseq, fairseq.models, fairseq_cli.train" 2>/dev/null \
-    || { echo "install.sh: fairseq installed but does not import" >&2; exit 1; }
+  "$PYTHON" -c "$USABLE_FAIRSEQ" 2>/dev/null \
+    || { echo "install.sh: fairseq installed but does not import, or lacks what slam_fairseq calls" >&2; exit 1; }
 fi
 
 # 3b. fairscale: fairseq 0.12's --ddp-backend fully_sharded needs it (pure Python; no-deps keeps torch).

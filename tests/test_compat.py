@@ -107,6 +107,38 @@ def test_another_fairseq_series_is_refused_with_a_clear_message():
         check_fairseq_version("0.13.0")
 
 
+def test_the_0_12_2_release_is_refused_by_what_it_lacks():
+    """PyPI's fairseq 0.12.2: FairseqTask.build_criterion(self, cfg) and an EpochBatchIterator
+    without persistent_workers (the plugin's task passes both: a TypeError at setup)."""
+    from slam_fairseq.compat import missing_fairseq_internals
+
+    assert missing_fairseq_internals() == []  # the installed 0.12.3 build
+
+    class Task0122:
+        def build_criterion(self, cfg):
+            pass
+
+    class Iterator0122:
+        def __init__(self, dataset, collate_fn, batch_sampler, seed=1, num_shards=1, shard_id=0,
+                     num_workers=0, epoch=1, buffer_size=0, timeout=0, disable_shuffling=False,
+                     skip_remainder_batch=False, grouped_shuffling=False, reuse_dataloader=False):
+            pass
+
+    assert missing_fairseq_internals(Task0122, Iterator0122) == [
+        "FairseqTask.build_criterion(cfg, from_checkpoint)", "EpochBatchIterator(..., persistent_workers)"]
+    output = _run_python("""
+        import fairseq.tasks
+        original = fairseq.tasks.FairseqTask.build_criterion
+        fairseq.tasks.FairseqTask.build_criterion = lambda self, cfg: original(self, cfg)
+        try:
+            import slam_fairseq
+        except ImportError as error:
+            print(type(error).__name__, error)
+    """)
+    assert "UnsupportedFairseqError" in output and "lacks FairseqTask.build_criterion(cfg, from_checkpoint)" in output
+    assert "the 0.12.2 release predates them" in output
+
+
 def test_plugin_import_fails_clearly_under_another_fairseq(tmp_path):
     """The check runs at import: a fairseq that reports another version stops the plugin there."""
     output = _run_python("""

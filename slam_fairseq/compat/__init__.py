@@ -1,8 +1,10 @@
 """Everything slam_fairseq does with fairseq's and OmegaConf's internals, in one place.
 
-Written for fairseq 0.12 (0.12.2 from source, the ``ve-fairseq`` / ``fairseq-fixed`` 0.12.3 builds)
-with OmegaConf 2.x; importing the plugin under another fairseq fails here, at import, with a clear
-message, rather than somewhere in the middle of a run. What it holds:
+Written for fairseq 0.12 as its main branch holds it after the 0.12.2 release (the ``ve-fairseq`` /
+``fairseq-fixed`` 0.12.3 builds, or fairseq from source) with OmegaConf 2.x; importing the plugin
+under another fairseq (another series, or the 0.12.2 release, which lacks internals the plugin
+calls: :func:`missing_fairseq_internals`) fails here, at import, with a clear message, rather than
+somewhere in the middle of a run. What it holds:
 
 - :mod:`~slam_fairseq.compat.checkpoints`: fairseq's checkpoint types allow-listed for PyTorch's
   weights-only loader (applied on import);
@@ -51,7 +53,39 @@ def _installed_fairseq_version() -> str:
     return str(getattr(fairseq, "__version__", "unknown"))
 
 
+def missing_fairseq_internals(task_class=None, iterator_class=None) -> list:
+    """What the installed fairseq lacks of the 0.12 internals the plugin calls (empty: none).
+
+    The 0.12.2 release (PyPI ``fairseq==0.12.2``) predates fairseq's own later 0.12 changes that
+    the plugin builds on, which the 0.12.3 builds (``ve-fairseq``, fairseq's main branch) hold:
+    ``FairseqTask.build_criterion(cfg, from_checkpoint)`` and ``EpochBatchIterator``'s
+    ``persistent_workers``; the classes are parameters so that a test can hand others in."""
+    import inspect
+
+    if task_class is None or iterator_class is None:
+        from fairseq.data.iterators import EpochBatchIterator
+        from fairseq.tasks import FairseqTask
+
+        task_class, iterator_class = task_class or FairseqTask, iterator_class or EpochBatchIterator
+    wanted = ((task_class.build_criterion, "from_checkpoint", "FairseqTask.build_criterion(cfg, from_checkpoint)"),
+              (iterator_class.__init__, "persistent_workers", "EpochBatchIterator(..., persistent_workers)"))
+    return [what for function, parameter, what in wanted
+            if parameter not in inspect.signature(function).parameters]
+
+
+def check_fairseq_internals(version: str) -> None:
+    """Raise :class:`UnsupportedFairseqError` when :func:`missing_fairseq_internals` names any."""
+    missing = missing_fairseq_internals()
+    if missing:
+        raise UnsupportedFairseqError(
+            f"this fairseq {version} lacks {'; '.join(missing)}, which slam_fairseq relies on: the 0.12.2 "
+            "release predates them. Install a 0.12.3 build: scripts/install.sh (ve-fairseq 0.12.3 on CPython "
+            "3.11/3.12), or fairseq's main branch from source (pip install --no-deps "
+            "git+https://github.com/facebookresearch/fairseq)")
+
+
 check_fairseq_version(_installed_fairseq_version())
+check_fairseq_internals(_installed_fairseq_version())
 
 from slam_fairseq.compat.augmentation_seeds import install_augmentation_seeds  # noqa: E402
 from slam_fairseq.compat.beam_size import install_beam_size_reset  # noqa: E402
