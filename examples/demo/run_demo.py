@@ -26,6 +26,9 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 USER_DIR = str(REPO / "slam_fairseq")
+# fairseq-train / fairseq-generate of this Python (not whichever the PATH finds first)
+FAIRSEQ_TRAIN = [sys.executable, "-m", "fairseq_cli.train"]
+FAIRSEQ_GENERATE = [sys.executable, "-m", "fairseq_cli.generate"]
 _PROGRESS_LINE = re.compile(r"\| (train_inner|valid) \||stage 2 starts|BLEU|WER")
 _SHOWN_KEYS = ("num_updates", "stage", "loss", "span_masking_loss", "msm_mlm_loss", "tlm_text_loss",
                "tlm_speech_loss", "stm_accuracy", "pair_ctc_loss", "code_perplexity", "nll_loss", "ctc_loss",
@@ -208,7 +211,7 @@ class Demo:
         checkpoint = save_dir / "checkpoint_last.pt"
         total = budget.pretrain_stage1_updates + budget.pretrain_stage2_updates
         self.run("pretrain", [
-            "fairseq-train", str(self.work / "data" / "pretrain"), "--user-dir", USER_DIR,
+            *FAIRSEQ_TRAIN, str(self.work / "data" / "pretrain"), "--user-dir", USER_DIR,
             "--task", "slam_pretraining", "--criterion", "slam_multitask", "--arch", "slam_tiny",
             *budget.encoder_args, *PRETRAIN_OBJECTIVE_ARGS,
             "--stage2-start-update", str(budget.pretrain_stage1_updates), "--max-update", str(total),
@@ -233,7 +236,7 @@ class Demo:
         save_dir = self.work / "checkpoints" / name
         data, config, train, valid = FINETUNE_DATA[kind]
         command = [
-            "fairseq-train", str(self.work / "data" / data), "--user-dir", USER_DIR,
+            *FAIRSEQ_TRAIN, str(self.work / "data" / data), "--user-dir", USER_DIR,
             "--task", "speech_to_text", "--config-yaml", config, "--train-subset", train,
             "--valid-subset", valid, "--arch", "slam_s2t_tiny", *budget.encoder_args, *DECODER_ARGS,
             *FINETUNE_CRITERION[kind],
@@ -255,7 +258,7 @@ class Demo:
         scoring = ["--scoring", "sacrebleu"] if kind == "st" else [
             "--scoring", "wer", "--wer-tokenizer", "13a", "--wer-lowercase", "--wer-remove-punct"]
         output = self.run(f"decode_{name}", [
-            "fairseq-generate", str(self.work / "data" / data), "--user-dir", USER_DIR,
+            *FAIRSEQ_GENERATE, str(self.work / "data" / data), "--user-dir", USER_DIR,
             "--task", "speech_to_text", "--config-yaml", config, "--gen-subset", subset,
             "--path", str(checkpoint), "--beam", "5", "--max-tokens", "50000", "--cpu",
             "--required-batch-size-multiple", "1", "--num-workers", "0", *scoring])

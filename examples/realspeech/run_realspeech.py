@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "examples" / "demo"))
 sys.path.insert(0, str(HERE))
 
 from report import distinct_hypotheses, first_and_last, read_train_log  # noqa: E402
-from run_demo import USER_DIR, Budget, Demo, parse_score  # noqa: E402
+from run_demo import FAIRSEQ_GENERATE, FAIRSEQ_TRAIN, USER_DIR, Budget, Demo, parse_score  # noqa: E402
 from significance import PairedBootstrap, compare_generate_dir, markdown_table  # noqa: E402
 
 DEFAULT_BUILDER = REPO.parent / "shared" / "realspeech" / "build_dev_corpus.sh"
@@ -204,7 +204,7 @@ class RealSpeech(Demo):
     def _pretrain_command(self, save_dir: Path, max_update: int, total: int) -> List[str]:
         budget = self.budget
         return [
-            "fairseq-train", str(self.work / "data" / "pretrain"), "--user-dir", USER_DIR,
+            *FAIRSEQ_TRAIN, str(self.work / "data" / "pretrain"), "--user-dir", USER_DIR,
             "--task", "slam_pretraining", "--criterion", "slam_multitask", "--arch", "slam_tiny",
             *budget.encoder_args, *budget.pretrain_objective_args,
             "--stage2-start-update", str(budget.pretrain_stage1_updates), "--max-update", str(max_update),
@@ -235,7 +235,7 @@ class RealSpeech(Demo):
         returns (stage name, command)."""
         run_name = f"{name}_{decoder}" + ("" if subset == "test_asr" else f"_{subset}")
         return f"decode_{run_name}", [
-            "fairseq-generate", str(self.work / "data" / "asr"), "--user-dir", USER_DIR,
+            *FAIRSEQ_GENERATE, str(self.work / "data" / "asr"), "--user-dir", USER_DIR,
             "--task", "slam_speech_to_text", "--config-yaml", "config_asr.yaml", "--gen-subset", subset,
             "--path", str(checkpoint), "--max-tokens", "50000", "--cpu",
             "--required-batch-size-multiple", "1", "--num-workers", "0",
