@@ -7,8 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+source scripts/python.sh
 if [ "${1:-}" = "--realspeech" ]; then
   shift
-  exec "${PYTHON:-python3}" examples/realspeech/run_realspeech.py "$@"
+  exec "$PYTHON" examples/realspeech/run_realspeech.py "$@"
 fi
-exec "${PYTHON:-python3}" examples/demo/run_demo.py "$@"
+exec "$PYTHON" examples/demo/run_demo.py "$@"

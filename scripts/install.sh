@@ -2,7 +2,9 @@
 # Installs slam-fairseq and everything it runs with, on a fresh machine or beside a working set-up.
 #
 # - keeps a torch that imports (GPU machines bring their own); else installs torch==${TORCH_VERSION}
-#   by exact version, never letting pip resolve torch freely (that pulls GBs of CUDA packages);
+#   by exact version: PyPI's (CUDA) build where nvidia-smi finds a GPU, PyTorch's CPU build
+#   (torch==${TORCH_VERSION}+cpu from $TORCH_CPU_INDEX) elsewhere, never letting pip resolve torch
+#   freely;
 # - keeps a fairseq 0.12 that imports; else installs a Python-3.11-capable fairseq 0.12 build
 #   (ve-fairseq wheels for CPython 3.11/3.12, fairseq-fixed from source otherwise) WITHOUT its
 #   torchaudio requirement (torchaudio cannot load beside torch 2.13 CPU), plus fairseq's real deps;
@@ -11,11 +13,13 @@
 #   with apt-get;
 # - installs this package in editable mode, and pytest (with pytest-timeout and pytest-xdist) with --tests.
 #
-# Usage: bash scripts/install.sh [--tests]      (PYTHON=python3.11 TORCH_VERSION=2.13.0 to override)
+# Usage: bash scripts/install.sh [--tests]      (PYTHON=python3.11 TORCH_VERSION=2.13.0
+#        TORCH_CPU_INDEX=URL to override)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+source scripts/python.sh
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 WITH_TESTS=0
 for argument in "$@"; do
   case "$argument" in
@@ -37,12 +41,42 @@ if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -d /u
   fi
 fi
 
+# 1b. A Python that pip may install into: a system Python marked externally managed (PEP 668,
+#     Debian 12, Ubuntu 24.04) or without pip gets a virtual environment, .venv, which test.sh and
+#     demo.sh then use (scripts/python.sh).
+if "$PYTHON" - <<'EOF'
+import importlib.util, os, sys, sysconfig
+in_venv = sys.prefix != sys.base_prefix
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(0 if not in_venv and (managed or importlib.util.find_spec("pip") is None) else 1)
+EOF
+then
+  if ! "$PYTHON" -c "import ensurepip, venv" 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      say "apt-get install python3-venv (for .venv)"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    else
+      echo "install.sh: $PYTHON is a system Python that pip may not install into, and it cannot make a" \
+           "virtual environment (install python3-venv), or give PYTHON=/path/to/another/python" >&2
+      exit 1
+    fi
+  fi
+  say "$PYTHON is a system Python that pip may not install into: installing into .venv"
+  "$PYTHON" -m venv .venv
+  PYTHON="$PWD/.venv/bin/python"
+  export PYTHON
+fi
+
 # 2. PyTorch: keep a working one.
 if "$PYTHON" -c "import torch" 2>/dev/null; then
   say "keeping torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
-else
-  say "installing torch==$TORCH_VERSION"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  say "installing torch==$TORCH_VERSION (an NVIDIA GPU is here: PyPI's CUDA build)"
   pip_install "torch==$TORCH_VERSION"
+else
+  # without a GPU, PyPI's build would bring GBs of CUDA packages: PyTorch's CPU build instead
+  say "installing torch==$TORCH_VERSION+cpu (no NVIDIA GPU; ${TORCH_CPU_INDEX})"
+  pip_install "torch==$TORCH_VERSION+cpu" --extra-index-url "$TORCH_CPU_INDEX"
 fi
 
 # 3. fairseq 0.12: keep a working one.

@@ -10,9 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --tests
+source scripts/python.sh
 WORKERS=${TEST_WORKERS:-2}
 if [ "$WORKERS" = 0 ]; then
-  exec "${PYTHON:-python3}" -m pytest -q -m "not slow" tests "$@"
+  exec "$PYTHON" -m pytest -q -m "not slow" tests "$@"
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "${PYTHON:-python3}" -m pytest -q -m "not slow" -n "$WORKERS" --dist loadfile tests "$@"
+exec "$PYTHON" -m pytest -q -m "not slow" -n "$WORKERS" --dist loadfile tests "$@"
