@@ -21,7 +21,8 @@ each modality's loss:
 
 The count is logged as ``nonfinite_updates`` (cumulative, from the first skipped update on) with a
 WARNING naming the update and the modalities. A non-finite modality's logged sums and device counts
-are zeroed (:meth:`logged`), so that one skipped update leaves the epoch's logged losses finite.
+are zeroed (:meth:`logged`, from the flags step 2 reads anyway), so that one skipped update leaves
+the epoch's logged losses finite.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class NonFiniteUpdateGuard:
         self.num_skipped_updates = 0
         self._flags: List[Tuple[str, torch.Tensor]] = []
         self._update_num: Optional[int] = None
+        #: the modalities of the last step whose loss was not finite
+        self.step_nonfinite: List[str] = []
 
     def start_step(self, update_num: int) -> None:
         """Call at each train step: the first step of another update forgets what an update that
@@ -57,21 +60,23 @@ class NonFiniteUpdateGuard:
         self._flags.append((name, finite))
         return torch.where(finite, loss, torch.zeros_like(loss))
 
-    def logged(self, logging_output: Dict[str, Any]) -> Dict[str, Any]:
-        """The last modality's logging output, each tensor zeroed where that modality's loss was not
-        finite (chosen on the device: no host read); Python numbers (host counts) as they are."""
-        if not self._flags:
-            return logging_output
-        finite = self._flags[-1][1]
-        return {key: torch.where(finite.to(value.device), value, torch.zeros_like(value))
-                if torch.is_tensor(value) else value for key, value in logging_output.items()}
+    def logged(self, names: List[str], logging_outputs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """The step's logging outputs (one per modality in ``names``), call after
+        :meth:`after_backward`: a modality whose loss was not finite in this step has its tensors
+        zeroed (Python numbers, host counts, as they are); the others are returned as they are, so
+        a finite step costs nothing."""
+        return [{key: torch.zeros_like(value) if torch.is_tensor(value) else value
+                 for key, value in output.items()} if name in self.step_nonfinite else output
+                for name, output in zip(names, logging_outputs)]
 
     def after_backward(self, optimizer) -> None:
         """Read the step's flags once; zero the gradients when one of its modalities was not finite."""
+        self.step_nonfinite = []
         if self._flags:
             names = [name for name, _ in self._flags]
             finite = torch.stack([flag for _, flag in self._flags]).tolist()
-            self.pending += [name for name, ok in zip(names, finite) if not ok]
+            self.step_nonfinite = [name for name, ok in zip(names, finite) if not ok]
+            self.pending += self.step_nonfinite
             self._flags = []
         if self.pending:
             optimizer.zero_grad()

@@ -598,9 +598,10 @@ class SlamPretrainingTask(FairseqTask):
                 with torch.autograd.profiler.record_function(f"backward-{name}"):
                     optimizer.backward(self.update_guard.loss_for_backward(name, loss))
             losses.append(loss.detach())
-            outputs.append(self.update_guard.logged(logging_output))
+            outputs.append(logging_output)
         total_loss = _summed_loss(losses)
         self.update_guard.after_backward(optimizer)  # a non-finite modality: the whole update is skipped
+        outputs = self.update_guard.logged(modalities, outputs)
         self.num_updates_seen = update_num + 1
         if self.cfg.release_host_memory and total_loss.device.type == "cpu":
             release_free_heap_memory()  # the freed activations, not kept in malloc's heaps
