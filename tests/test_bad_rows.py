@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import sys
 import zipfile
 from pathlib import Path
@@ -281,7 +282,8 @@ def test_cli_run_with_bad_rows_trains_to_the_end_and_a_limit_stops_it(tmp_path):
     records = fixtures.json_log_records(output)
     assert [int(r["num_updates"]) for r in records] == list(range(1, 7)), "every update was made"
     assert int(records[-1]["bad_rows"]) == 1
-    assert "valid" in output  # validation ran over the valid split too
+    valid = fixtures.json_log_records(output, kind="valid")
+    assert valid and math.isfinite(float(valid[-1]["valid_loss"])), "validation ran over the valid split too"
 
     stopped = fixtures.run_fairseq(_args(data_dir, tmp_path / "b", "--max-bad-rows", "2"), stand_in=False)
     output = stopped.stdout + stopped.stderr

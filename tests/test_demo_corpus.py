@@ -234,6 +234,7 @@ def test_refuses_foreign_directory(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(DEMO / "build_corpus.py"), "--out",
                              str(tmp_path), "--size", "ci", *TINY], capture_output=True, text=True)
     assert result.returncode != 0 and (tmp_path / "precious.flac").exists()
+    assert "is not empty and was not made by this builder; refusing" in result.stderr
     assert not (tmp_path / "meta.json").exists()
 
 

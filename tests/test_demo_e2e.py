@@ -41,6 +41,7 @@ def _check_report(work: Path, report: dict, seeds) -> None:
         assert name in report["timings"]
 
 
+@pytest.mark.timeout(1900)  # two runs of up to 900 s each: their own limits report a hang first
 def test_short_demo_runs_every_stage_and_reports(tmp_path):
     work = tmp_path / "demo"
     report = _run_demo(work, "ci", timeout=900)

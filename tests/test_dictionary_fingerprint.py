@@ -106,6 +106,7 @@ def test_fingerprint_survives_half_precision_and_fairseqs_ema():
     for _ in range(3):
         ema.step(model)  # multiplies every entry by the decay: an integer buffer fails here
     _Model(SYMBOLS).load_state_dict(ema.get_model().state_dict())
+    assert torch.equal(ema.get_model().dictionary_fingerprint.sign(), dictionary_fingerprint(SYMBOLS).sign())
 
 
 def _swap_two_dictionary_lines(data_dir: Path) -> None:

@@ -182,13 +182,18 @@ def test_slam_paper_has_the_papers_619_million_encoder_parameters():
     assert count == 619_073_280  # the README's figure (32k vocabulary)
 
 
-def test_slam_base_fits_one_gpu_and_sits_between_tiny_and_paper():
+def test_slam_base_sits_between_tiny_and_paper():
     cfg = _preset_config(slam_base)
     assert (cfg.speech_encoder_layers, cfg.multimodal_encoder_layers, cfg.encoder_embed_dim,
             cfg.encoder_ffn_embed_dim, cfg.encoder_attention_heads) == (6, 10, 512, 2048, 8)
-    with torch.device("meta"):
-        encoder = build_slam_encoder(cfg, 32000, PAD)
-    assert sum(parameter.numel() for parameter in encoder.parameters()) == SLAM_BASE_ENCODER_PARAMETERS
+
+    def parameters(preset) -> int:
+        with torch.device("meta"):
+            encoder = build_slam_encoder(_preset_config(preset), 32000, PAD)
+        return sum(parameter.numel() for parameter in encoder.parameters())
+
+    # the count the README states for slam_base
+    assert parameters(slam_tiny) < parameters(slam_base) == SLAM_BASE_ENCODER_PARAMETERS < parameters(slam_paper)
 
 
 def test_slam_tiny_is_small_and_a_preset_keeps_explicit_values():

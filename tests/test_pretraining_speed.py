@@ -403,11 +403,17 @@ def test_batch_padding_counts_packed_widths_both_ways_and_unpadded_batches():
 def _compiled_matches_eager(backend: str) -> None:
     sample = make_sample()
     results = []
+    from torch._dynamo.utils import counters
+
     for compiled in (False, True):
         torch._dynamo.reset()
+        counters.clear()
         model = make_model(compile_layers=compiled, compile_backend=backend).eval()
         loss, _, _ = make_criterion()(model, {"speech": sample["speech"]})
         loss.backward()
+        if compiled:  # the layers ran as captured graphs, whole: no layer fell back to eager
+            assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+            assert not counters["graph_break"], dict(counters["graph_break"])
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads, sorted(model.state_dict())))
     assert results[0][2] == results[1][2]  # checkpoints keep their parameter names

@@ -202,10 +202,10 @@ def test_train_step_backpropagates_each_active_modality_and_sums_gradients(data_
 
 # -- command line ----------------------------------------------------------------------------------
 def _criterion():
-    """(criterion name, whether the stand-in must be registered)."""
-    if fixtures.criterion_registered("slam_multitask"):
-        return "slam_multitask", False
-    return fixtures.STAND_IN_CRITERION, True
+    """(criterion name, whether a stand-in must be registered): the plugin's own, which importing
+    the plugin registers (a run without it would test another criterion)."""
+    assert fixtures.criterion_registered("slam_multitask"), "the plugin did not register slam_multitask"
+    return "slam_multitask", False
 
 
 def _train_args(data_dir: Path, save_dir: Path, criterion: str, max_update: int):
@@ -421,33 +421,30 @@ def test_cli_a_finished_run_started_again_trains_nothing(data_dir, tmp_path):
 
 
 def test_hydra_tiny_demo_config_starts(data_dir, tmp_path):
-    criterion, stand_in = _criterion()
+    _, stand_in = _criterion()
     args = ["--config-dir", str(REPO_ROOT / "examples" / "pretraining" / "config"),
             "--config-name", "slam_tiny_demo", f"task.data={data_dir}", f"common.user_dir={USER_DIR}",
             "optimization.max_update=3", "task.stage2_start_update=2",
             f"checkpoint.save_dir={tmp_path / 'checkpoints'}", "dataset.num_workers=0"]
-    if stand_in:
-        args.append(f"criterion._name={criterion}")
     output = _check(fixtures.run_fairseq(args, stand_in, module="hydra_train", cwd=tmp_path))
     assert "stage 2 starts at update 2: adding TLM + STM" in output
     records = fixtures.json_log_records(output)
     assert len(records) == 3
-    if not stand_in:  # the yaml turns on mSLAM's pair CTC: it is logged from stage 2 on
-        assert "pair_ctc_loss" not in records[1] and float(records[2]["pair_ctc_loss"]) > 0
+    # the yaml turns on mSLAM's pair CTC: it is logged from stage 2 on
+    assert records[1].get("pair_ctc_loss") is None and float(records[2]["pair_ctc_loss"]) > 0
     assert (tmp_path / "checkpoints" / "checkpoint_last.pt").is_file()
     params = int(output.split("num. shared model params: ")[1].split(" ")[0].replace(",", ""))
     assert params < 2_000_000, "the tiny demo must build a tiny model"
     # the demo's objectives: a Gumbel quantizer on the subsampling output collapses at this size
     saved = torch.load(str(tmp_path / "checkpoints" / "checkpoint_last.pt"), weights_only=False)["cfg"]
     assert (saved["model"]["quantizer_type"], saved["model"]["quantizer_input"]) == ("random_projection", "features")
-    if not stand_in:
-        assert float(saved["criterion"]["pair_ctc_weight"]) == 10.0
+    assert float(saved["criterion"]["pair_ctc_weight"]) == 10.0
 
 
 def test_hydra_paper_config_takes_size_overrides_and_paths_relative_to_where_it_starts(data_dir, tmp_path):
     """slam_paper.yaml spells its sizes out (so model.* overrides work) and runs in the directory
     it is started from (hydra.run.dir: .), where relative task.data and checkpoint.save_dir point."""
-    criterion, stand_in = _criterion()
+    _, stand_in = _criterion()
     (tmp_path / "data").symlink_to(data_dir)
     sizes = dict(encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=2, speech_encoder_layers=1,
                  multimodal_encoder_layers=1, subsampling_conv_channels=8, quantizer_codebook_size=16,
@@ -457,8 +454,6 @@ def test_hydra_paper_config_takes_size_overrides_and_paths_relative_to_where_it_
             "optimization.max_update=2", "task.stage2_start_update=1", "dataset.num_workers=0",
             "dataset.required_batch_size_multiple=1", "checkpoint.save_dir=ck"]
     args += [f"model.{key}={value}" for key, value in sizes.items()]
-    if stand_in:
-        args.append(f"criterion._name={criterion}")
     output = _check(fixtures.run_fairseq(args, stand_in, module="hydra_train", cwd=tmp_path))
     assert (tmp_path / "ck" / "checkpoint_last.pt").is_file() and not (tmp_path / "outputs").exists()
     params = int(output.split("num. shared model params: ")[1].split(" ")[0].replace(",", ""))

@@ -49,8 +49,24 @@ def test_slam_model_trains_msm_with_random_projection_targets():
     batch = {"features": features, "feature_lengths": torch.tensor([80, 80]), "frame_mask": frame_mask}
     output = model.forward_speech(batch)
     assert output.code_ids.shape == (20, 1) and float(output.code_perplexity) > 1
-    output.code_logits.float().sum().backward()
-    assert model.code_prediction_head.output_projection.weight.grad is not None
+    # the targets are the random projection's codes of the masked frames' stacked log-Mels, fixed
+    # (no parameter of the quantizer trains), and the code head learns to predict them
+    targets = output.code_ids.clone()
+    assert torch.equal(model.forward_speech(batch).code_ids, targets), "the same frames, the same codes"
+
+    def msm_loss() -> torch.Tensor:
+        logits = model.forward_speech(batch).code_logits.float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = msm_loss()
+    for _ in range(10):
+        optimizer.zero_grad()
+        loss = msm_loss()
+        loss.backward()
+        assert model.code_prediction_head.output_projection.weight.grad.abs().sum() > 0
+        optimizer.step()
+    assert msm_loss().item() < 0.7 * first.item()
 
 
 def test_feature_input_stacks_the_log_mel_frames_under_each_subsampled_frame():

@@ -95,6 +95,7 @@ def test_slam_extractor_loads_the_checkpoint_and_random_keeps_only_its_shape(tmp
         probe.load_slam_encoder(tmp_path / "missing.pt")
 
 
+@pytest.mark.timeout(1000)  # the run's own 900 s limit reports a hang first, with its output
 def test_ci_track_runs_every_stage_and_reports_real_numbers(tmp_path):
     corpus = tmp_path / "corpus"
     write_fake_corpus(corpus)

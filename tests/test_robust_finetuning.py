@@ -239,7 +239,10 @@ def test_finetune_from_model_or_restore_file_with_a_pretraining_checkpoint_point
     resumed_dir.mkdir()
     (resumed_dir / "checkpoint_last.pt").write_bytes(asr["checkpoint"].read_bytes())
     cfg, task = _setup(asr["data"], asr["task"], resumed_dir, "--finetune-from-model", str(asr["checkpoint"]))
-    assert task.build_model(cfg.model) is not None
+    from slam_fairseq.compat.fairseq_internals import weights_restored_by_fairseq
+
+    task.build_model(cfg.model)  # not refused: fairseq resumes checkpoint_last.pt instead
+    assert weights_restored_by_fairseq(task) == f"fairseq-train resumes from {resumed_dir / 'checkpoint_last.pt'}"
 
 
 def test_a_missing_continue_once_file_is_said_and_the_pretrained_encoder_is_copied(asr, tmp_path, caplog):
@@ -297,7 +300,11 @@ def test_encoder_settings_no_shape_shows_are_compared_with_the_checkpoint(asr, t
                                                       rf"\d+ here\).*\({flag}\)"):
             task.build_model(cfg.model)
         cfg, task = _setup(asr["data"], asr["task"], tmp_path, "--load-pretrained-slam-from", str(other), *flag.split())
-        assert task.build_model(cfg.model) is not None
+        model = task.build_model(cfg.model)  # with the checkpoint's setting: its encoder is copied
+        saved = torch.load(str(other), map_location="cpu", weights_only=True)["model"]
+        own = model.state_dict()
+        copied = [key for key in saved if key in own and key.endswith(".weight")]
+        assert copied and all(torch.equal(own[key], saved[key]) for key in copied), copied[:3]
 
 
 def test_fewer_or_more_layers_is_an_error_naming_the_file_and_the_layers(asr, tmp_path):

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -78,7 +80,8 @@ def test_finetune_frozen_ctc_specaugment_average_and_generate(data, tmp_path):
         "--criterion", "label_smoothed_cross_entropy_with_ctc", "--ctc-weight", "0.3", "--label-smoothing", "0.1",
         "--lr", "2e-3", "--max-update", "3", "--disable-validation", "--log-interval", "1")).stdout
     assert "pre-trained SLAM encoder from" in log and "encoder.text_encoder.*" in log
-    assert "ctc_loss" in log
+    ctc_losses = [float(value) for value in re.findall(r"\bctc_loss ([^ |]+)", log)]  # one per update, then the epoch's
+    assert len(ctc_losses) >= 3 and all(math.isfinite(value) and value > 0 for value in ctc_losses), ctc_losses
     assert "SpecAugmentTransform(" in log  # the data config's SpecAugment is on for the train split
 
     last = load_state(save_dir / "checkpoint_last.pt")
