@@ -2,8 +2,7 @@
 train step, and real ``fairseq-train`` / ``fairseq-hydra-train`` runs (stage switch, checkpoint,
 stop-and-resume with the same losses as an uninterrupted run).
 
-The command-line runs use the criterion ``slam_multitask`` when the user dir registers it, else
-the stand-in criterion of ``pretraining_fixtures``.
+The command-line runs use the plugin's criterion ``slam_multitask``.
 """
 from __future__ import annotations
 
