@@ -298,12 +298,13 @@ def parse_stored_zip_path(audio_field: str) -> Tuple[str, Optional[Tuple[int, in
 
 
 def read_features(audio_field: str, root: Optional[str] = None,
-                  num_mel_bins: int = NUM_MEL_BINS, downmix: bool = False) -> np.ndarray:
+                  num_mel_bins: int = NUM_MEL_BINS, downmix: bool = False, high_freq: float = 0.0) -> np.ndarray:
     """Features for one manifest ``audio`` field: ``zip:offset:length`` of an .npy, an .npy, or audio.
 
     Audio files are turned into filterbanks on the fly (fairseq's own raw-audio path needs
-    torchaudio). Relative paths are resolved against ``root``. Audio of several channels is refused
-    (:class:`MultiChannelAudioError`), or averaged with ``downmix``.
+    torchaudio), with the Mel filterbank's upper edge ``high_freq`` (0: Nyquist; stored features
+    already have theirs). Relative paths are resolved against ``root``. Audio of several channels
+    is refused (:class:`MultiChannelAudioError`), or averaged with ``downmix``.
     Returns (num_frames, num_mel_bins) float32.
     """
     path, byte_range = parse_stored_zip_path(audio_field)
@@ -320,11 +321,13 @@ def read_features(audio_field: str, root: Optional[str] = None,
             features = np.load(io.BytesIO(data))
         else:
             channels, rate = read_audio(data, name=audio_field)
-            features = compute_fbank(resample(mono(channels, audio_field, downmix), rate), num_mel_bins=num_mel_bins)
+            features = compute_fbank(resample(mono(channels, audio_field, downmix), rate), num_mel_bins=num_mel_bins,
+                                     high_freq=high_freq)
     elif path.endswith(".npy"):
         features = np.load(path)
     elif path.lower().endswith(AUDIO_EXTENSIONS):
-        features = compute_fbank(load_mono_16k(path, downmix=downmix), num_mel_bins=num_mel_bins)
+        features = compute_fbank(load_mono_16k(path, downmix=downmix), num_mel_bins=num_mel_bins,
+                                 high_freq=high_freq)
     else:
         raise AudioError(f"{audio_field}: not a zip entry, .npy or audio file ({AUDIO_EXTENSIONS})")
     features = np.asarray(features, dtype=np.float32)

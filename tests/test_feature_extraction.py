@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -28,7 +30,9 @@ from test_encoder import tiny_encoder  # noqa: E402
 from slam_fairseq.data.pretraining.config import utterance_cmvn  # noqa: E402
 from slam_fairseq.encoders.layer_states import num_encoder_layers  # noqa: E402
 from slam_fairseq.feature_extraction.checkpoint_encoder import load_checkpoint_encoder  # noqa: E402
-from slam_fairseq.feature_extraction.outputs import ShardOutputs  # noqa: E402
+from slam_fairseq.feature_extraction import outputs as outputs_module  # noqa: E402
+from slam_fairseq.feature_extraction.inputs import InputRow, InputShard, read_input_shard  # noqa: E402
+from slam_fairseq.feature_extraction.outputs import OutputConflictError, ShardOutputs  # noqa: E402
 from slam_formats.features import compute_fbank, read_features  # noqa: E402
 from slam_formats.manifest import read_s2t_manifest, write_s2t_manifest  # noqa: E402
 from slam_formats.npy_rows import NpyRowWriter, _header  # noqa: E402
@@ -401,6 +405,171 @@ def test_shard_outputs_resume_from_their_last_saved_progress(tmp_path):
     again.suspend()
 
 
+class _Stopped(Exception):
+    """Stands for a kill at a chosen point (the command unwinds as on SIGTERM)."""
+
+
+def _stop(*args, **kwargs) -> None:
+    raise _Stopped()
+
+
+def _run(*argv) -> dict:
+    """The command in this process (cheaper than a new one; the same code path)."""
+    from slam_fairseq.feature_extraction.cli import build_parser, extract_features
+
+    return extract_features(build_parser().parse_args([*map(str, argv), "--cpu"]))
+
+
+def _data_config(data_dir: Path, into: Path, **keys) -> Path:
+    """A data directory holding only a copy of ``data_dir``'s config.yaml with ``keys`` set."""
+    into.mkdir(exist_ok=True)
+    config = yaml.safe_load((data_dir / "config.yaml").read_text())
+    (into / "config.yaml").write_text(yaml.safe_dump(dict(config, **keys)))
+    return into
+
+
+def _two_row_manifest(data_dir: Path, path: Path, first: int) -> Path:
+    """Rows ``first`` and ``first + 1`` of the run's training manifest, with absolute audio paths."""
+    rows = read_s2t_manifest(str(data_dir / "speech_train.tsv"))[first:first + 2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_s2t_manifest(str(path), [dict(row, audio=str(data_dir / row["audio"])) for row in rows])
+    return path
+
+
+def test_a_same_named_manifest_is_refused_rather_than_replacing_the_other_s_outputs(trained, tmp_path, monkeypatch):
+    data_dir, checkpoint = trained
+    a = _two_row_manifest(data_dir, tmp_path / "a" / "train.tsv", 0)
+    b = _two_row_manifest(data_dir, tmp_path / "b" / "train.tsv", 2)
+    out = tmp_path / "out"
+    monkeypatch.setattr(ShardOutputs, "close", _stop)  # a's run stopped: only its progress record names it
+    with pytest.raises(_Stopped):
+        _run(checkpoint, a, out, "--layer", "1")
+    monkeypatch.undo()
+    with pytest.raises(OutputConflictError) as refused:
+        _run(checkpoint, b, out, "--layer", "1")
+    assert str(a.resolve()) in str(refused.value) and str(b.resolve()) in str(refused.value)
+    assert _run(checkpoint, a, out, "--layer", "1")["resumed_at_row"] == 2  # the same job still resumes
+    written = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(OutputConflictError, match=r"train_0_1 of .*a/train.tsv.* for .*b/train.tsv"):
+        _run(checkpoint, b, out, "--layer", "1")
+    with pytest.raises(OutputConflictError, match=r"layers \[1\] there, \[2\] here"):
+        _run(checkpoint, a, out, "--layer", "2")
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == written
+    _run(checkpoint, b, out, "--layer", "1", "--overwrite")
+    assert list(_read_layer(out / "layer1", "train_0_1")) == [row["id"] for row in read_s2t_manifest(str(b))]
+
+
+def test_a_stopped_shard_starts_over_when_its_normalisation_statistics_changed(trained, tmp_path, monkeypatch):
+    data_dir, checkpoint = trained
+    data = _data_config(data_dir, tmp_path / "data", global_cmvn={"stats_npz_path": "cmvn.npz"})
+    manifest = _two_row_manifest(data_dir, tmp_path / "train.tsv", 0)
+
+    def argv(out: str):
+        return checkpoint, manifest, tmp_path / out, "--data", data, "--layer", "1"
+
+    def stopped_run(out: str) -> None:
+        with monkeypatch.context() as patched:
+            patched.setattr(ShardOutputs, "close", _stop)
+            with pytest.raises(_Stopped):
+                _run(*argv(out))
+
+    np.savez(data / "cmvn.npz", mean=np.zeros(80, np.float32), std=np.ones(80, np.float32))
+    stopped_run("same")
+    stopped_run("changed")
+    assert _run(*argv("same"))["resumed_at_row"] == 2  # unchanged statistics: resumed
+    std = np.full(80, 2.0, np.float32)
+    np.savez(data / "cmvn.npz", mean=np.zeros(80, np.float32), std=std)  # the same name, other statistics
+    summary = _run(*argv("changed"))
+    assert summary["resumed_at_row"] == 0
+    assert [identity["path"] for identity in summary["resolved"]["data_files"]] == [
+        str((data / "config.yaml").resolve()), str((data / "cmvn.npz").resolve())]
+    row = read_s2t_manifest(str(manifest))[1]
+    expected = _expected(checkpoint, read_features(row["audio"]) / std, [1])[1]
+    assert np.allclose(_read_layer(tmp_path / "changed" / "layer1", "train_0_1")[row["id"]], expected, atol=1e-5)
+    redone = _run(*argv("same"))  # done (after a resume) before the statistics changed: done again
+    assert redone["resumed_at_row"] == 0 and redone["resolved"] == summary["resolved"]
+    assert np.allclose(_read_layer(tmp_path / "same" / "layer1", "train_0_1")[row["id"]], expected, atol=1e-5)
+
+
+def _write_rows(outputs: ShardOutputs, indices) -> None:
+    """Rows of :func:`test_shard_outputs_resume_from_their_last_saved_progress`'s shape (row 1 without states)."""
+    for k in indices:
+        if k == 1:
+            outputs.add_without_states("r1", "a1.wav", "unreadable")
+        else:
+            outputs.add(f"r{k}", {layer: np.full((3 + k, 2), 10 * k + layer, np.float32) for layer in (1, 3)},
+                        f"a{k}.wav")
+
+
+def _files(directory: Path):
+    """Every file under ``directory`` but the summary (which names the directory), with its bytes."""
+    return {path.relative_to(directory): path.read_bytes() for path in directory.rglob("*")
+            if path.is_file() and path.name != "s_0_1.json"}
+
+
+def test_a_shard_stopped_while_its_files_are_put_in_place_is_finished_not_redone(trained, tmp_path, monkeypatch):
+    settings = {"manifest": "m.tsv"}
+    straight = ShardOutputs(tmp_path / "straight", "s_0_1", [1, 3], 2, "float32", settings)
+    _write_rows(straight, range(4))
+    straight.save_progress({"rows": 4})
+    straight.close({"note": "summary"})
+    expected = _files(tmp_path / "straight")
+
+    def stopped(out: Path, target, name: str, stop) -> None:
+        outputs = ShardOutputs(out, "s_0_1", [1, 3], 2, "float32", settings, resume=True)
+        _write_rows(outputs, range(4))
+        outputs.save_progress({"rows": 4})
+        with monkeypatch.context() as patched:
+            patched.setattr(target, name, stop)
+            with pytest.raises(_Stopped):
+                outputs.close({"note": "summary"})
+        outputs.suspend()
+
+    real_close = NpyRowWriter.close
+    closed = []
+
+    def close_the_first_only(writer: NpyRowWriter) -> None:
+        if closed:
+            raise _Stopped()
+        closed.append(writer.path)
+        real_close(writer)
+
+    # stopped inside close(), after the first layer's .npy is in place; then before the summary; then after it
+    stopped(tmp_path / "in_close", NpyRowWriter, "close", close_the_first_only)
+    stopped(tmp_path / "before_summary", outputs_module, "write_summary", _stop)
+    stopped(tmp_path / "after_summary", outputs_module, "discard_progress", _stop)
+    in_place = tmp_path / "in_close" / "layer1" / "s_0_1.npy"
+    assert closed == [str(in_place)] and not (tmp_path / "in_close" / "layer3" / "s_0_1.npy").exists()
+    before = in_place.stat().st_mtime_ns
+    for case in ("in_close", "before_summary", "after_summary"):
+        resumed = ShardOutputs(tmp_path / case, "s_0_1", [1, 3], 2, "float32", settings, resume=True)
+        assert resumed.rows_done == 4 and resumed.counts == {"rows": 4}, case
+        resumed.close({"note": "summary"})
+        assert _files(tmp_path / case) == expected, case  # hidden files gone, as in the run never stopped
+        summary = json.loads((tmp_path / case / "s_0_1.json").read_text())
+        assert summary["note"] == "summary" and sorted(summary["files"]) == ["1", "3"], case
+    assert in_place.stat().st_mtime_ns == before  # finished, not written again
+
+    # the command: stopped after the summary, run again: done, and the record of progress it left is gone
+    data_dir, checkpoint = trained
+    manifest = _two_row_manifest(data_dir, tmp_path / "train.tsv", 0)
+    out = tmp_path / "out"
+    discard = outputs_module.discard_progress
+
+    def stop_once_summarised(out_dir: Path, stem: str) -> None:
+        if (out_dir / f"{stem}.json").exists():
+            raise _Stopped()
+        discard(out_dir, stem)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(outputs_module, "discard_progress", stop_once_summarised)
+        with pytest.raises(_Stopped):
+            _run(checkpoint, manifest, out, "--layer", "1")
+    assert (out / ".train_0_1.progress.json").exists() and (out / "train_0_1.json").exists()
+    assert _run(checkpoint, manifest, out, "--layer", "1")["resumed_at_row"] == 0  # the done summary, not resumed
+    assert not list(out.rglob(".*"))
+
+
 def test_the_training_normalisation_is_read_from_the_run_s_data_or_given(trained, tmp_path):
     data_dir, checkpoint = trained
     # a copy of the data with global CMVN statistics, named by the checkpoint's run
@@ -456,6 +625,40 @@ def test_a_wav2vec_list_of_audio_files_gives_the_states_of_their_log_mel_frames(
         samples, _ = sf.read(str(audio / name), dtype="float32")
         expected = _expected(checkpoint, utterance_cmvn(compute_fbank(samples)), [2])[2]
         assert np.allclose(by_id[name], expected, atol=1e-5)
+
+
+def test_audio_gets_the_mel_band_of_the_run_s_data_config_unless_one_is_given(trained, tmp_path, caplog):
+    data_dir, checkpoint = trained
+    data = tmp_path / "data"
+
+    def record(band: float) -> None:
+        _data_config(data_dir, data, feature_settings={"prep_librilight": {"mel_high_freq": band}})
+
+    audio = tmp_path / "audio"
+    names = _wavs(audio, count=2)
+    listing = tmp_path / "train.tsv"
+    listing.write_text(f"{audio}\n" + "".join(f"{name}\t{samples}\n" for name, samples in names))
+    argv = (checkpoint, listing, tmp_path / "out", "--data", data, "--layer", "1")
+
+    def assert_band(band: float) -> None:
+        by_id = _read_layer(tmp_path / "out" / "layer1", "train_0_1")
+        for name, _ in names:
+            samples, _ = sf.read(str(audio / name), dtype="float32")
+            expected = _expected(checkpoint, utterance_cmvn(compute_fbank(samples, high_freq=band)), [1])[1]
+            assert np.allclose(by_id[name], expected, atol=1e-5), (name, band)
+
+    record(4000.0)
+    summary = _run(*argv, "--workers", "1")  # the band goes to the reading process too
+    assert summary["mel_high_freq"] == 4000.0 and "feature_settings" in summary["resolved"]["mel_high_freq_from"]
+    assert_band(4000.0)
+    record(0.0)  # the data config changed: the done shard is redone with its band
+    assert _run(*argv)["mel_high_freq"] == 0.0
+    assert_band(0.0)
+    caplog.set_level(logging.WARNING, logger="slam_fairseq.extract_features")
+    summary = _run(*argv, "--mel-high-freq", "4000")  # given: it wins over the config's, with a warning
+    assert summary["mel_high_freq"] == summary["settings"]["mel_high_freq"] == 4000.0
+    assert_band(4000.0)
+    assert "--mel-high-freq 4000 differs from the 0 Hz that" in caplog.text and str(data / "config.yaml") in caplog.text
 
 
 def test_audio_of_two_channels_is_listed_unreadable_or_averaged_with_downmix(trained, tmp_path):
@@ -573,3 +776,43 @@ def test_named_global_statistics_must_fit_the_encoder_and_lists_are_checked(tmp_
     # HuBERT's cut: shard k of K starts at round(N / K * k)
     assert shard_range(15, 22, 10) == (round(15 / 22 * 10), round(15 / 22 * 11))
     assert [shard_range(10, 3, k) for k in range(3)] == [(0, 3), (3, 7), (7, 10)]
+
+
+def test_lists_saved_with_a_byte_order_mark_read_as_without_one(tmp_path):
+    bom = "\ufeff".encode("utf-8")
+    manifest = tmp_path / "test.tsv"
+    manifest.write_bytes(bom + b"id\taudio\tn_frames\nu1\tfbank/u1.npy\t10\n")
+    shard = read_input_shard(str(manifest))
+    assert shard.kind == "s2t" and [(row.id, row.audio) for row in shard.rows] == [("u1", "fbank/u1.npy")]
+    listing = tmp_path / "train.tsv"
+    listing.write_bytes(bom + b"/audio\na/1.flac\t16000\n")
+    shard = read_input_shard(str(listing))
+    assert shard.kind == "wav2vec" and str(shard.root) == "/audio" and [row.id for row in shard.rows] == ["a/1.flac"]
+
+
+def test_reading_processes_stay_about_a_window_ahead_of_a_slow_consumer(monkeypatch):
+    import threading
+    from multiprocessing.pool import ThreadPool
+
+    from slam_fairseq.feature_extraction import cli
+
+    started, lock = [0], threading.Lock()
+
+    def counting_read(job):
+        with lock:
+            started[0] += 1
+        return cli._RowRead(np.zeros((100, 80), np.float32))  # every row 100 frames
+
+    monkeypatch.setattr(cli, "_read", counting_read)
+    monkeypatch.setattr(cli, "_reading_pool", ThreadPool)  # the same submissions, without spawning processes
+    rows = [InputRow(f"r{k}", f"a{k}.wav") for k in range(60)]
+    inputs = InputShard(Path("m.tsv"), rows, 0, len(rows), len(rows), Path("."), "s2t")
+    reader = cli._RowReader(Path("."), 80, utterance_cmvn)
+    ahead, seen = [], []
+    for consumed, (row, read) in enumerate(cli._read_rows(inputs, reader, 2, window_frames=1000), start=1):
+        time.sleep(0.003)  # a slow consumer: the readers would run through every row meanwhile
+        with lock:
+            ahead.append(started[0] - consumed)
+        seen.append(row.id)
+    assert seen == [row.id for row in rows] and started[0] == len(rows)
+    assert 0 < max(ahead) <= 10  # a window of 1000 frames is 10 rows of 100

@@ -10,6 +10,8 @@ Two kinds of list are read, told apart by their first line:
 
 Relative paths are resolved against ``audio_root`` when given, else the list's root directory
 (wav2vec) or the manifest's directory (S2T; the data directory of the scripts in ``manifests/``).
+Both are read as UTF-8 with or without a byte-order mark (as the shared manifest reader does), so
+a list saved by an editor that adds one reads the same.
 Shards are HuBERT's: contiguous ranges, shard k of K starting at row ``round(N / K * k)``, so a
 shard's outputs line up with its rows. Only the shard's rows are kept in memory (a manifest of
 millions of rows is read twice: counted, then the shard taken).
@@ -69,8 +71,11 @@ def shard_range(num_rows: int, num_shards: int, shard: int) -> Tuple[int, int]:
     return round(num_rows / num_shards * shard), round(num_rows / num_shards * (shard + 1))
 
 
+_ENCODING = "utf-8-sig"  # UTF-8, a leading byte-order mark dropped (it would be part of the first column's name)
+
+
 def _s2t_rows(path: Path) -> Iterator[Tuple[int, InputRow]]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding=_ENCODING) as handle:
         reader = csv.DictReader(handle, **TSV_DIALECT)
         for line_number, row in enumerate(reader, start=2):
             if not row.get("id") or row.get("audio") is None:
@@ -79,7 +84,7 @@ def _s2t_rows(path: Path) -> Iterator[Tuple[int, InputRow]]:
 
 
 def _wav2vec_rows(path: Path) -> Iterator[Tuple[int, InputRow]]:
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding=_ENCODING) as handle:
         next(handle)
         for line_number, line in enumerate(handle, start=2):
             fields = line.rstrip("\r\n").split("\t")
@@ -108,7 +113,7 @@ def read_input_shard(path: str, num_shards: int = 1, shard: int = 0,
 
 
 def _read_input_shard(path: Path, num_shards: int, shard: int, audio_root: Optional[str]) -> InputShard:
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding=_ENCODING) as handle:
         first = handle.readline().rstrip("\r\n")
     columns = first.split("\t")
     if "id" in columns and "audio" in columns:
@@ -137,13 +142,16 @@ def _read_input_shard(path: Path, num_shards: int, shard: int, audio_root: Optio
     return InputShard(path, rows, start, end, num_rows, root, kind)
 
 
-def read_row_features(root: Path, row: InputRow, feature_dim: int, downmix: bool = False) -> np.ndarray:
+def read_row_features(root: Path, row: InputRow, feature_dim: int, downmix: bool = False,
+                      mel_high_freq: float = 0.0) -> np.ndarray:
     """(T, F) float32 log-Mel frames of ``row`` (relative paths from ``root``), not normalised;
-    audio of several channels averaged with ``downmix``. Raises :class:`AudioError` whose message
-    names the file and the problem (unreadable, missing, several channels, wrong dimension, NaN or
-    inf)."""
+    audio of several channels averaged with ``downmix``; the filterbank of an audio file spans 20 Hz
+    to ``mel_high_freq`` (0: Nyquist), the band the checkpoint's training features had. Raises
+    :class:`AudioError` whose message names the file and the problem (unreadable, missing, several
+    channels, wrong dimension, NaN or inf)."""
     try:
-        features = read_features(row.audio, str(root), num_mel_bins=feature_dim, downmix=downmix)
+        features = read_features(row.audio, str(root), num_mel_bins=feature_dim, downmix=downmix,
+                                 high_freq=mel_high_freq)
     except MultiChannelAudioError as error:
         raise AudioError(f"{error} (--downmix averages them)") from error
     except (AudioError, ValueError, OSError, EOFError) as error:
