@@ -545,6 +545,10 @@ def nominal_cpu_tflops(threads: int) -> float:
     return threads * 32 * 2.5e9 / 1e12
 
 
+#: the dense bf16 TFLOP/s assumed for a GPU whose name the datasheet table does not know (H100 SXM's)
+UNKNOWN_GPU_PEAK_TFLOPS = 989.0
+
+
 def default_peak_tflops(device, dtype: str) -> float:
     """A peak when none is given: on CUDA the datasheet's dense bf16/fp16 figure for the device's
     name (an unknown GPU: H100 SXM's 989), fp32 67 (H100 SXM); on CPU the nominal figure for the
@@ -552,7 +556,8 @@ def default_peak_tflops(device, dtype: str) -> float:
     import torch
 
     if device.type == "cuda":
-        return (datasheet_peak_tflops(torch.cuda.get_device_name(device)) or 989.0) if dtype != "fp32" else 67.0
+        name = torch.cuda.get_device_name(device)
+        return (datasheet_peak_tflops(name) or UNKNOWN_GPU_PEAK_TFLOPS) if dtype != "fp32" else 67.0
     return nominal_cpu_tflops(torch.get_num_threads())
 
 

@@ -456,7 +456,8 @@ def peak_tflops(given: Optional[float], device_name: Optional[str]) -> Tuple[flo
     found = bench.datasheet_peak_tflops(device_name)
     if found is not None:
         return found, f"datasheet dense bf16 figure for {device_name}"
-    return 989.0, f"unknown device {device_name!r}: H100 SXM's dense bf16 figure assumed; give --peak-tflops"
+    return bench.UNKNOWN_GPU_PEAK_TFLOPS, (f"unknown device {device_name!r}: H100 SXM's dense bf16 figure "
+                                           "assumed; give --peak-tflops")
 
 
 # -- the report -----------------------------------------------------------------------------------

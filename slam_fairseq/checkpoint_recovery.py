@@ -41,9 +41,9 @@ from slam_fairseq.compat.fairseq_internals import resolved_option
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointRecoveryError", "RecoveryResult", "checkpoint_problem", "intact_checkpoints",
-           "recover_checkpoint_dir", "recover_checkpoint_dir_on_rank_zero", "recover_for_training_args",
-           "repair_best_checkpoint", "atomic_copy"]
+__all__ = ["CheckpointRecoveryError", "RecoveryResult", "checkpoint_problem", "fairseq_restore_path",
+           "intact_checkpoints", "recover_checkpoint_dir", "recover_checkpoint_dir_on_rank_zero",
+           "recover_for_training_args", "repair_best_checkpoint", "atomic_copy"]
 
 DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
 CORRUPT_SUFFIX = ".corrupt"
@@ -226,7 +226,8 @@ def recover_checkpoint_dir(save_dir: str, restore_file: str = DEFAULT_RESTORE_FI
             ``<save_dir>/checkpoint_last<suffix>.pt``, any other value is used as fairseq uses it.
         suffix: ``--checkpoint-suffix``.
     Raises:
-        CheckpointRecoveryError: an explicit ``--restore-file`` is unreadable.
+        CheckpointRecoveryError: an explicit ``--restore-file`` is unreadable, or the run's own
+            checkpoint is unreadable and no other checkpoint of the save dir is intact.
     """
     result = _recover_restore_file(save_dir, restore_file, suffix)
     if restore_file == DEFAULT_RESTORE_FILE:
@@ -263,11 +264,18 @@ def repair_best_checkpoint(save_dir: str, suffix: str = "") -> Optional[str]:
     return candidates[0]
 
 
-def _recover_restore_file(save_dir: str, restore_file: str, suffix: str) -> RecoveryResult:
+def fairseq_restore_path(save_dir: str, restore_file: str, suffix: str = "") -> str:
+    """The file fairseq's ``load_checkpoint`` restores: ``<save_dir>/checkpoint_last<suffix>.pt``
+    for the default ``--restore-file``, else ``--restore-file`` with the suffix put before
+    ``.pt`` as fairseq puts it. ``suffix`` is the trainer's (``--checkpoint-suffix``, then
+    ``-shard<rank>`` under ``--use-sharded-state``)."""
     if restore_file == DEFAULT_RESTORE_FILE:
-        restore_path = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
-    else:
-        restore_path = restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
+        return os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+    return restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
+
+
+def _recover_restore_file(save_dir: str, restore_file: str, suffix: str) -> RecoveryResult:
+    restore_path = fairseq_restore_path(save_dir, restore_file, suffix)
     if not os.path.isfile(restore_path):
         return RecoveryResult("none", restore_path)
     problem = checkpoint_problem(restore_path)
@@ -299,16 +307,19 @@ def _recover_restore_file(save_dir: str, restore_file: str, suffix: str) -> Reco
 
 def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAULT_RESTORE_FILE,
                                         suffix: str = "", shards: int = 0):
-    """:func:`recover_checkpoint_dir` on global rank 0 only, the other ranks waiting at a barrier
+    """:func:`recover_checkpoint_dir` on global rank 0 only, the other ranks waiting for its outcome
     (fairseq's rank 0 loads the checkpoint, the others only ask whether it exists). With
     ``shards`` (the world size of a ``--use-sharded-state`` run, where every rank loads its own
-    shard), :func:`slam_fairseq.checkpoint_shards.recover_sharded_checkpoint_dir` instead.
+    shard), :func:`slam_fairseq.checkpoint_shards.recover_sharded_checkpoint_dir` instead. When
+    rank 0 fails, every rank raises (the others with rank 0's message), so that none goes on into
+    fairseq's load to wait for rank 0 there.
 
     Returns the result on rank 0, None on the other ranks.
     """
     import torch.distributed as dist
 
     from slam_fairseq.checkpoint_shards import recover_sharded_checkpoint_dir
+    from slam_fairseq.rank_agreement import gathered_from_every_rank
 
     if any(resolved_option(value) is None for value in (save_dir, restore_file)):
         return None  # a task config built outside fairseq's (no checkpoint settings to follow)
@@ -321,12 +332,13 @@ def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAU
                 result = recover_sharded_checkpoint_dir(save_dir, restore_file, suffix, shards)
             else:
                 result = recover_checkpoint_dir(save_dir, restore_file, suffix)
-        except BaseException as error:  # re-raised after the barrier so that no rank hangs
+        except BaseException as error:  # raised on every rank once all know of it
             failure = error
-    if distributed:
-        dist.barrier()
+    outcome = gathered_from_every_rank(None if failure is None else f"{type(failure).__name__}: {failure}")[0]
     if failure is not None:
         raise failure
+    if outcome is not None:
+        raise CheckpointRecoveryError(f"rank 0 could not prepare the checkpoint to resume: {outcome}")
     return result
 
 

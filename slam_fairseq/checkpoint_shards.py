@@ -13,10 +13,12 @@ they are only when every rank's shard is there, readable, and from one update. O
 them is kept aside (``.corrupt`` when unreadable, ``.mismatched`` when readable) and the newest
 complete set of another save (``checkpoint_E_U-shard*``, ``checkpoint<E>-shard*``, ... with every
 rank's shard readable and from one update) is copied into place atomically. Without one, an error
-names the shards: a kill does not leave that state (fairseq writes the first file of each save
-atomically), and a run starting from scratch would overwrite the save dir. Shards of another number
-of ranks (more than this run has, or a readable set of fewer) are an error too: fairseq cannot resume
-a sharded state at another world size. An explicit ``--restore-file`` is never substituted.
+names the shards and touches nothing (a run starting from scratch would overwrite the save dir):
+each rank's write is atomic but the ranks' are not together, so a kill leaves that state when no
+other complete save is kept (``checkpoint_last`` alone, or ``--keep-interval-updates 1``); keep
+two or more. Shards of another number of ranks (more than this run has, or a readable set of
+fewer) are an error too: fairseq cannot resume a sharded state at another world size. An explicit
+``--restore-file`` is never substituted.
 """
 from __future__ import annotations
 
@@ -26,11 +28,11 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from slam_fairseq.checkpoint_recovery import (CORRUPT_SUFFIX, DEFAULT_RESTORE_FILE, CheckpointRecoveryError,
                                               _being_written, _candidate_pattern, atomic_copy,
-                                              checkpoint_problem, repair_best_checkpoint)
+                                              checkpoint_problem, fairseq_restore_path, repair_best_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +103,30 @@ class ShardedRecoveryResult:
     problems: Dict[str, str] = field(default_factory=dict)
 
 
-def _shard_path(path: str, suffix: str, rank: int) -> str:
-    return path.replace(".pt", f"{suffix}-shard{rank}.pt")
+def _shard_paths(save_dir: str, restore_file: str, suffix: str, world_size: int) -> List[str]:
+    """The file each rank's fairseq restores, by rank."""
+    return [fairseq_restore_path(save_dir, restore_file, f"{suffix}-shard{rank}") for rank in range(world_size)]
+
+
+_SHARD_NAME = re.compile(r"(.+)-shard(\d+)\.pt")
+
+
+def _shards_by_save(directory: str, keep: Callable[[str], bool]) -> Dict[str, Dict[int, Path]]:
+    """The shard files of ``directory`` by save (the name without ``-shard<rank>.pt``) and rank,
+    for the saves whose name ``keep`` accepts."""
+    by_save: Dict[str, Dict[int, Path]] = defaultdict(dict)
+    for entry in Path(directory).iterdir():
+        matched = _SHARD_NAME.fullmatch(entry.name)
+        if matched and keep(matched.group(1)) and entry.is_file():
+            by_save[matched.group(1)][int(matched.group(2))] = entry
+    return by_save
+
+
+def _saves_with(suffix: str, last: bool = False) -> Callable[[str], bool]:
+    """Accepts the saves fairseq writes with ``suffix`` (epoch, update, best; with ``last``,
+    ``checkpoint_last`` too), not another suffix's."""
+    plain = _candidate_pattern(suffix)
+    return lambda stem: bool(plain.fullmatch(stem + ".pt")) or (last and stem == f"checkpoint_last{suffix}")
 
 
 @dataclass
@@ -142,27 +166,11 @@ def check_shard_set(paths: List[str]) -> ShardSetCheck:
     return ShardSetCheck(problems, unreadable, update)
 
 
-def _extra_shards(directory: str, name_pattern: str, world_size: int) -> List[str]:
-    pattern = re.compile(name_pattern)
-    extra = []
-    for name in sorted(os.listdir(directory)):
-        matched = pattern.fullmatch(name)
-        if matched and int(matched.group(1)) >= world_size:
-            extra.append(os.path.join(directory, name))
-    return extra
-
-
 def _complete_sets(save_dir: str, suffix: str, world_size: int) -> List[Tuple[int, List[str]]]:
     """The other saves of ``save_dir`` whose every shard is readable and from one update, as
     (update, shard paths by rank), newest first; the search stops at the first complete one."""
-    by_save: Dict[str, Dict[int, Path]] = defaultdict(dict)
-    shard = re.compile(r"(.+)-shard(\d+)\.pt")
-    plain = _candidate_pattern(suffix)
-    for entry in Path(save_dir).iterdir():
-        matched = shard.fullmatch(entry.name)
-        if matched and entry.is_file() and plain.fullmatch(matched.group(1) + ".pt"):
-            by_save[matched.group(1)][int(matched.group(2))] = entry
-    newest_first = sorted(by_save.items(), key=lambda item: max(p.stat().st_mtime_ns for p in item[1].values()),
+    saves = _shards_by_save(save_dir, _saves_with(suffix))
+    newest_first = sorted(saves.items(), key=lambda item: max(p.stat().st_mtime_ns for p in item[1].values()),
                           reverse=True)
     for stem, shards in newest_first:
         if set(shards) != set(range(world_size)):
@@ -190,8 +198,7 @@ def _written_by_fewer_ranks(paths: List[str], save_dir: str, suffix: str) -> Opt
     written = sum(present)
     if not 0 < written < len(paths) or not all(present[:written]):
         return None
-    shard = re.compile(r"checkpoint.*" + re.escape(suffix) + r"-shard(\d+)\.pt")
-    ranks = [int(m.group(1)) for m in map(shard.fullmatch, os.listdir(save_dir)) if m]
+    ranks = [rank for shards in _shards_by_save(save_dir, _saves_with(suffix, last=True)).values() for rank in shards]
     if max(ranks, default=-1) >= written or check_shard_set(paths[:written]).problems:
         return None
     return written
@@ -204,7 +211,7 @@ def _check_best_shards(save_dir: str, suffix: str, world_size: int) -> List[str]
     updates. fairseq writes them again at the next best validation. Returns the paths set aside."""
     for rank in range(world_size):
         repair_best_checkpoint(save_dir, f"{suffix}-shard{rank}")
-    best = [_shard_path(os.path.join(save_dir, "checkpoint_best.pt"), suffix, rank) for rank in range(world_size)]
+    best = _shard_paths(save_dir, os.path.join(save_dir, "checkpoint_best.pt"), suffix, world_size)
     present = [path for path in best if os.path.isfile(path)]
     if not present:
         return []
@@ -231,17 +238,16 @@ def recover_sharded_checkpoint_dir(save_dir: str, restore_file: str, suffix: str
         world_size: the number of ranks (one shard each).
     Raises:
         CheckpointRecoveryError: an explicit ``--restore-file``'s shards are unusable; the run's
-            shards were written by another number of ranks; or they are damaged and no other save
-            is complete (not what a kill leaves: fairseq writes the first file of a save
-            atomically), so that nothing is overwritten by a run starting from scratch.
+            shards were written by another number of ranks; or they are unusable and no other save
+            is complete, so that nothing is overwritten by a run starting from scratch.
     """
     explicit = restore_file != DEFAULT_RESTORE_FILE
-    base = restore_file if explicit else os.path.join(save_dir, DEFAULT_RESTORE_FILE)
-    paths = [_shard_path(base, suffix, rank) for rank in range(world_size)]
+    paths = _shard_paths(save_dir, restore_file, suffix, world_size)
     directory = os.path.dirname(os.path.abspath(paths[0]))
     if os.path.isdir(directory):
-        stem = re.escape(os.path.basename(base).replace(".pt", suffix))
-        extra = _extra_shards(directory, stem + r"-shard(\d+)\.pt", world_size)
+        stem = _SHARD_NAME.fullmatch(os.path.basename(paths[0])).group(1)
+        found = _shards_by_save(directory, lambda name: name == stem).get(stem, {})
+        extra = [str(path) for rank, path in sorted(found.items()) if rank >= world_size]
         if extra and any(os.path.isfile(path) for path in paths):
             raise CheckpointRecoveryError(
                 f"{', '.join(extra)}: shards beyond this run's {world_size} ranks; a sharded state "
@@ -270,8 +276,9 @@ def recover_sharded_checkpoint_dir(save_dir: str, restore_file: str, suffix: str
     if not complete:
         raise CheckpointRecoveryError(
             f"{described}; no other save in {save_dir} has all {world_size} shards readable and from one update. "
-            "A kill during a save does not leave this (fairseq writes the first file of each save atomically): "
-            "check the storage. To train from scratch, move these files away")
+            "Each rank writes its own shard, so a kill during a save leaves shards of two updates when no other "
+            "complete save is kept: keep at least two (--save-interval-updates with --keep-interval-updates 2 or "
+            "more, or epoch checkpoints). To train from scratch, move these files away")
     aside = [_set_aside(path, unreadable=path in check.unreadable) for path in present]
     update, sources = complete[0]
     for source, path in zip(sources, paths):

@@ -15,7 +15,8 @@ Flags added where the command line does not give them (given ones win):
 - ``--distributed-world-size W --distributed-rank R --distributed-no-spawn`` and, on CUDA,
   ``--device-id L`` from torchrun's WORLD_SIZE / RANK / LOCAL_RANK or the srun step's
   SLURM_STEP_NUM_TASKS / SLURM_PROCID / SLURM_LOCALID (torchrun's variables win when both are set;
-  a process that sees one GPU, as ``srun --gpus-per-task 1`` binds them, uses device 0). A batch
+  under SLURM a process that sees one GPU, as ``srun --gpus-per-task 1`` binds them, uses device
+  0; more processes than visible GPUs otherwise is an error). A batch
   script or an salloc shell of several tasks, which no srun step started, is an error (it would
   wait for ranks that nothing starts); fewer processes on a node than its GPUs is a WARNING;
 - ``--distributed-init-method tcp://MASTER_ADDR:MASTER_PORT``; under SLURM the address defaults to
@@ -142,16 +143,16 @@ def _rendezvous(env: Mapping[str, str]):
     return None
 
 
-def _device_of(local_rank: int, cuda_device_count: int) -> int:
+def _device_of(local_rank: int, cuda_device_count: int, slurm: bool) -> int:
     """The CUDA device of the process of ``local_rank`` on its node: that device when the process
-    sees the node's GPUs, device 0 when it sees one (``srun --gpus-per-task 1`` and other
-    per-task bindings give each process its own GPU as device 0)."""
+    sees the node's GPUs; under SLURM, device 0 when it sees one (``srun --gpus-per-task 1`` gives
+    each task its own GPU as device 0). Else more processes than GPUs: an error."""
     if local_rank < cuda_device_count:
         return local_rank
-    if cuda_device_count == 1:
+    if slurm and cuda_device_count == 1:
         return 0
     raise ValueError(f"local rank {local_rank} but this process sees {cuda_device_count} CUDA devices: start one "
-                     "process per GPU, each seeing all of the node's GPUs or only its own")
+                     "process per GPU" + (", each seeing all of the node's GPUs or only its own" if slurm else ""))
 
 
 def tasks_on_this_node(env: Mapping[str, str]) -> Optional[int]:
@@ -193,6 +194,7 @@ def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available
     if found is None or found[0] <= 1:
         return _single_process_fsdp_args(argv, cuda_available, cuda_device_count)
     world_size, rank, local_rank, address = found
+    slurm = not all(key in env for key in _TORCHRUN_KEYS)  # _rendezvous read SLURM's variables
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the world size {world_size} of the launch environment")
     for flag, expected in (("--distributed-world-size", world_size), ("--distributed-rank", rank)):
@@ -217,7 +219,8 @@ def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available
         ("--ddp-backend", [DEFAULT_DDP_BACKEND]),
     ]
     if use_cuda:
-        wanted.append(("--device-id", [str(_device_of(local_rank, cuda_device_count))]))
+        if not _given(argv, "--device-id", "--local_rank"):  # the user's device wins, unchecked
+            wanted.append(("--device-id", [str(_device_of(local_rank, cuda_device_count, slurm))]))
     else:
         wanted.append(("--cpu", []))
     added: List[str] = []
@@ -356,7 +359,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     local_tasks = tasks_on_this_node(os.environ)
     if cuda and "--device-id" in added and local_tasks:
         devices = torch.cuda.device_count()
-        if devices > 1 and local_tasks > devices:
+        bound_per_task = devices == 1 and not all(key in os.environ for key in _TORCHRUN_KEYS)
+        if local_tasks > devices and not bound_per_task:
             raise SystemExit(f"slam-fairseq-train: {local_tasks} processes on this node but {devices} CUDA devices; "
                              "start one process per GPU")
         if devices > 1 and local_tasks < devices:

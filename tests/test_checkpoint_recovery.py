@@ -369,3 +369,32 @@ def test_cli_runs_killed_at_several_moments_resume_to_the_uninterrupted_weights(
     assert f"{last} " in output and "resuming from" in output and "newest intact checkpoint" in output
 
     _assert_same_state(_final_state(reference_dir), _final_state(save_dir))
+
+
+_RECOVER_AS_RANK = (
+    "import sys, torch.distributed as dist\n"
+    "import slam_fairseq\n"
+    "from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero\n"
+    "rank, port, save_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
+    "dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)\n"
+    "try:\n"
+    "    recover_checkpoint_dir_on_rank_zero(save_dir)\n"
+    "    print('went on')\n"
+    "except Exception as error:\n"
+    "    print(f'raised {type(error).__name__}: {error}')\n"
+)
+
+
+def test_a_recovery_error_on_rank_zero_stops_every_rank(tmp_path):
+    """Rank 0 finds checkpoint_last.pt unreadable and nothing intact: every rank must stop, not
+    only rank 0 (the others would wait in fairseq's load for a rank that is gone)."""
+    import distributed_helpers as dist_helpers
+
+    (tmp_path / "checkpoint_last.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    port = dist_helpers.free_port()
+    commands = [[sys.executable, "-c", _RECOVER_AS_RANK, str(rank), str(port), str(tmp_path)] for rank in range(2)]
+    finished = dist_helpers.launch(commands, tmp_path / "logs", dist_helpers.base_env(), timeout=120)
+    assert "raised CheckpointRecoveryError: " in finished[0].output and "no other checkpoint" in finished[0].output
+    assert "raised CheckpointRecoveryError: rank 0 could not prepare the checkpoint to resume: " \
+           "CheckpointRecoveryError: " in finished[1].output
+    assert "went on" not in finished[0].output + finished[1].output

@@ -132,15 +132,16 @@ def test_a_missing_last_shard_is_a_damaged_set(tmp_path):
 
 
 def test_without_a_complete_set_the_run_stops_and_touches_nothing(tmp_path):
-    """No kill leaves this (each rank writes the first file of a save atomically); a fresh start
-    would overwrite the save dir, so an error names the shards."""
+    """A fresh start would overwrite the save dir, so an error names the shards and says how to
+    keep a complete save."""
     _save_shard(tmp_path / "checkpoint_1_20-shard0.pt", 20, 0, 30)
     _truncate(_save_shard(tmp_path / "checkpoint_1_20-shard1.pt", 20, 1))
     _save_shard(tmp_path / "checkpoint_last-shard0.pt", 20, 0, 30)
     _truncate(_save_shard(tmp_path / "checkpoint_last-shard1.pt", 20, 1))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(CheckpointRecoveryError, match=r"checkpoint_last-shard1\.pt is .*no other save in .* has all 2 "
-                                                      r"shards readable and from one update.*move these files away"):
+                                                      r"shards readable and from one update.*--keep-interval-updates 2.*"
+                                                      r"move these files away"):
         recover_sharded_checkpoint_dir(str(tmp_path), "checkpoint_last.pt", "", 2)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 

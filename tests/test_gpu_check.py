@@ -191,12 +191,12 @@ def test_report_files_are_replaced_whole(tmp_path):
 def test_preflight_names_a_missing_package_and_where_to_get_it(tmp_path):
     shadow = tmp_path / "shadow"
     shadow.mkdir()
-    (shadow / "fairscale.py").write_text("raise ImportError('no fairscale on this machine')\n")
+    (shadow / "omegaconf.py").write_text("raise ImportError('no omegaconf on this machine')\n")
     env = dict(os.environ, PYTHONPATH=str(shadow), GPU_CHECK_TIMEOUT="60")
     process = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"),
                               "--cpu-smoke"], capture_output=True, text=True, env=env, timeout=120)
     assert process.returncode == 3, process.stderr[-3000:]
-    assert "cannot import fairscale" in process.stderr and ".whl/" in process.stderr
+    assert "cannot import omegaconf" in process.stderr and ".whl/" in process.stderr
     assert "BENCHMARKS.md" in process.stderr
     assert not (tmp_path / "out").exists()  # stopped before the check started
 

@@ -121,6 +121,9 @@ def test_a_process_bound_to_its_own_gpu_uses_device_0():
     assert _flags(distributed_args(SLURM, ["DATA"], True, cuda_device_count=1))["--device-id"] == "0"
     with pytest.raises(ValueError, match="local rank 5 but this process sees 4 CUDA devices"):
         distributed_args(SLURM, ["DATA"], True, cuda_device_count=4)
+    # torchrun has no per-task binding: two processes on one visible GPU is an error
+    with pytest.raises(ValueError, match="local rank 1 but this process sees 1 CUDA devices: start one process per GPU$"):
+        distributed_args(TORCHRUN, ["DATA"], True, cuda_device_count=1)
 
 
 def test_tasks_on_this_node_from_torchrun_or_the_srun_step():

@@ -112,11 +112,19 @@ def test_metric_names_and_the_modalities_that_log_them():
         check_best_checkpoint_metric("pair_ctc_loss", ["pair"], pair_ctc=False)
 
 
-def test_under_sharded_state_each_rank_renames_its_own_best_files(fairseq_best, tmp_path):
+def test_under_sharded_state_each_rank_renames_its_own_best_files(fairseq_best, tmp_path, monkeypatch):
     """``--use-sharded-state``: every rank writes ``checkpoint.best_<metric>_<value>-shard<rank>.pt``
-    and renames its own (rank 0 renaming all could take a file another rank is writing)."""
-    for name in ("checkpoint.best_loss_18.5720-shard0.pt", "checkpoint.best_loss_18.5720-shard1.pt"):
+    and renames its own (rank 0 renaming all could take a file another rank is writing). Run as
+    rank 1 of a process group; without sharded state rank 1 renames nothing."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    names = ("checkpoint.best_loss_18.5720-shard0.pt", "checkpoint.best_loss_18.5720-shard1.pt")
+    for name in names:
         (tmp_path / name).write_bytes(b"x")
+    ValidationScores({SCORES_STAGE_KEY: 1}, str(tmp_path), "-shard1").validated(2, {"loss": 30.0}, "loss")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names)
     scores = ValidationScores({SCORES_STAGE_KEY: 1}, str(tmp_path), "-shard1", per_rank_files=True)
     scores.validated(2, {"loss": 30.0}, "loss")
     assert sorted(path.name for path in tmp_path.iterdir()) == [

@@ -106,12 +106,13 @@ def _restored_weights_source(task) -> Optional[Tuple[str, str]]:
     restore_file = getattr(args, "restore_file", None)
     if save_dir is None or restore_file is None:
         return None
+    from slam_fairseq.checkpoint_recovery import DEFAULT_RESTORE_FILE, fairseq_restore_path
     from slam_fairseq.checkpoint_shards import rank_checkpoint_suffix
 
     suffix = rank_checkpoint_suffix(getattr(args, "checkpoint_suffix", "") or "", getattr(args, "ddp_backend", None),
                                     getattr(args, "use_sharded_state", False))
-    if restore_file == "checkpoint_last.pt":
-        last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+    if restore_file == DEFAULT_RESTORE_FILE:
+        last = fairseq_restore_path(save_dir, restore_file, suffix)
         if PathManager.exists(last):
             return "resume", last
         continue_once = getattr(args, "continue_once", None)
@@ -123,7 +124,7 @@ def _restored_weights_source(task) -> Optional[Tuple[str, str]]:
         if finetune_from and PathManager.isfile(finetune_from):
             return "--finetune-from-model", finetune_from
         return None
-    restore = restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
+    restore = fairseq_restore_path(save_dir, restore_file, suffix)
     if PathManager.exists(restore):
         return "--restore-file", restore
     return None

@@ -62,8 +62,10 @@ def speech_to_text_evaluation_view(dataset):
     """A ``SpeechToTextDataset`` of a training split read as an evaluation split: the same rows,
     the config's evaluation transforms, no shuffling; made once per dataset (kept on it).
     Anything else, an evaluation split included, is returned as it is."""
-    from fairseq.data.audio.feature_transforms import CompositeAudioFeatureTransform
     from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDataset
+    from fairseq.data.audio.dataset_transforms import CompositeAudioDatasetTransform
+    from fairseq.data.audio.feature_transforms import CompositeAudioFeatureTransform
+    from fairseq.data.audio.waveform_transforms import CompositeAudioWaveformTransform
 
     if not isinstance(dataset, SpeechToTextDataset) or not dataset.is_train_split:
         return dataset
@@ -74,17 +76,10 @@ def speech_to_text_evaluation_view(dataset):
         split, config = dataset.split, dataset.cfg
         view.feature_transforms = CompositeAudioFeatureTransform.from_config_dict(
             config.get_feature_transforms(split, False))
-        # waveform and dataset transforms came after the 0.12.2 release (the 0.12.3 builds have them)
-        if hasattr(dataset, "waveform_transforms"):
-            from fairseq.data.audio.waveform_transforms import CompositeAudioWaveformTransform
-
-            view.waveform_transforms = CompositeAudioWaveformTransform.from_config_dict(
-                config.get_waveform_transforms(split, False))
-        if hasattr(dataset, "dataset_transforms"):
-            from fairseq.data.audio.dataset_transforms import CompositeAudioDatasetTransform
-
-            view.dataset_transforms = CompositeAudioDatasetTransform.from_config_dict(
-                config.get_dataset_transforms(split, False))
+        view.waveform_transforms = CompositeAudioWaveformTransform.from_config_dict(
+            config.get_waveform_transforms(split, False))
+        view.dataset_transforms = CompositeAudioDatasetTransform.from_config_dict(
+            config.get_dataset_transforms(split, False))
         setattr(dataset, _VIEW_ATTRIBUTE, view)
     return view
 

@@ -20,20 +20,31 @@ each modality's loss:
    steps the learning-rate schedule.
 
 The count is logged as ``nonfinite_updates`` (cumulative, from the first skipped update on) with a
-WARNING naming the update and the modalities. A non-finite modality's logged sums and device counts
-are zeroed (:meth:`logged`, from the flags step 2 reads anyway), so that one skipped update leaves
-the epoch's logged losses finite.
+WARNING naming the update and the modalities. A non-finite modality's logged values are zeroed
+(:meth:`logged`, from the flags step 2 reads anyway), so that one skipped update leaves the epoch's
+logged losses finite.
+
+A non-finite modality in one ``--update-freq`` step of an update that fairseq then abandons
+without an optimizer step (out of memory in one process) stays pending: the next update is
+skipped too.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["NonFiniteUpdateGuard"]
+
+
+def _zero(value: Any) -> Any:
+    """A logged value's zero: of the same tensor type, or 0 for a number (a string as it is)."""
+    if torch.is_tensor(value):
+        return torch.zeros_like(value)
+    return 0 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 class NonFiniteUpdateGuard:
@@ -43,16 +54,8 @@ class NonFiniteUpdateGuard:
         self.pending: List[str] = []
         self.num_skipped_updates = 0
         self._flags: List[Tuple[str, torch.Tensor]] = []
-        self._update_num: Optional[int] = None
         #: the modalities of the last step whose loss was not finite
         self.step_nonfinite: List[str] = []
-
-    def start_step(self, update_num: int) -> None:
-        """Call at each train step: the first step of another update forgets what an update that
-        never reached the optimizer step (fairseq skipped it after an exception) left pending."""
-        if update_num != self._update_num:
-            self.pending, self._flags = [], []
-            self._update_num = update_num
 
     def loss_for_backward(self, name: str, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` where it is finite, else a zero over the same graph (chosen on the device)."""
@@ -62,11 +65,11 @@ class NonFiniteUpdateGuard:
 
     def logged(self, names: List[str], logging_outputs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """The step's logging outputs (one per modality in ``names``), call after
-        :meth:`after_backward`: a modality whose loss was not finite in this step has its tensors
-        zeroed (Python numbers, host counts, as they are); the others are returned as they are, so
-        a finite step costs nothing."""
-        return [{key: torch.zeros_like(value) if torch.is_tensor(value) else value
-                 for key, value in output.items()} if name in self.step_nonfinite else output
+        :meth:`after_backward`: a modality whose loss was not finite in this step has every value
+        zeroed, sums and counts alike, so that its objectives, sizes and quantizer figures leave
+        it out; the step's ``loss`` then sums its other modalities. The others are returned as
+        they are, so a finite step costs nothing."""
+        return [{key: _zero(value) for key, value in output.items()} if name in self.step_nonfinite else output
                 for name, output in zip(names, logging_outputs)]
 
     def after_backward(self, optimizer) -> None:

@@ -40,7 +40,8 @@ from slam_fairseq.compat.ddp_backend import use_legacy_ddp_for_several_backward_
 from slam_fairseq.compat.fairseq_internals import is_fully_sharded, resolved_option
 from slam_fairseq.compat.training_split_validation import loaded_for_checkpoint_evaluation
 from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
-from slam_fairseq.data.pretraining.feature_rows import SpeechFeatureReader, SpeechRows, read_speech_rows
+from slam_fairseq.data.pretraining.feature_rows import (NoUsableRowsError, SpeechFeatureReader, SpeechRows,
+                                                         read_speech_rows)
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings, expected_masked_fraction
 from slam_fairseq.data.pretraining.pair import PretrainingPairDataset
 from slam_fairseq.data.pretraining.round_robin import (MODALITIES, RoundRobinBatchDataset,
@@ -53,7 +54,7 @@ from slam_fairseq.data.pretraining.span_masks import (SPAN_DISTRIBUTIONS, SpanMa
 from slam_fairseq.data.pretraining.speech import PretrainingSpeechDataset
 from slam_fairseq.data.pretraining.text import PretrainingTextDataset, load_text_tokens, text_source_paths
 from slam_fairseq.host_memory import release_free_heap_memory
-from slam_fairseq.tasks.rank_agreement import gathered_from_every_rank
+from slam_fairseq.rank_agreement import gathered_from_every_rank
 from slam_fairseq.tasks.logging_schema import complete_logging_output, logging_keys_of
 from slam_fairseq.tasks.nonfinite_updates import NonFiniteUpdateGuard
 from slam_fairseq.tasks.validation_scores import ValidationScores, check_best_checkpoint_metric, metric_modality
@@ -354,7 +355,7 @@ class SlamPretrainingTask(FairseqTask):
         for name in modalities:
             try:
                 datasets[name] = self._build_modality(name, split)
-            except ManifestError as error:  # an empty manifest, or one without a usable row
+            except NoUsableRowsError as error:  # an empty manifest, or one without a usable row
                 if is_train:
                     raise
                 logger.warning(f"{error}: split {split!r} is evaluated without {name} data")
@@ -582,7 +583,6 @@ class SlamPretrainingTask(FairseqTask):
         if not ignore_grad:  # fairseq's dummy batches repeat an earlier batch
             self._count_bad_rows(sample)
         use_amp = isinstance(optimizer, AMPOptimizer)
-        self.update_guard.start_step(update_num)
         losses, outputs = [], []
         for position, name in enumerate(modalities):
             is_last = position == len(modalities) - 1

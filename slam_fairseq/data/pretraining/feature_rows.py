@@ -36,6 +36,10 @@ __all__ = ["SpeechDataError", "SpeechRows", "read_speech_rows", "SpeechFeatureRe
            "frame_count_tolerance"]
 
 
+class NoUsableRowsError(ManifestError):
+    """A manifest without rows, or whose every row is too short or lacks its transcript."""
+
+
 #: rows the reader tries at load for the first readable one (the feature dimension check)
 PROBED_ROWS = 20
 
@@ -71,12 +75,13 @@ class SpeechRows:
 def read_speech_rows(manifest: Path, need_transcript: bool = False) -> SpeechRows:
     """Read a manifest; skip (and count in a warning) rows too short or without a transcript.
 
-    Raises :class:`ManifestError` for an empty manifest or one without any usable row.
+    Raises :class:`NoUsableRowsError` for an empty manifest or one without any usable row, and
+    :class:`ManifestError` for a malformed one.
     """
     manifest = Path(manifest)
     rows = read_s2t_manifest(str(manifest))
     if not rows:
-        raise ManifestError(f"{manifest}: empty manifest (no rows)")
+        raise NoUsableRowsError(f"{manifest}: empty manifest (no rows)")
     if need_transcript and "tgt_text" not in rows[0]:
         raise ManifestError(f"{manifest}: no tgt_text column, needed for speech-text pairs")
     kept = SpeechRows(manifest, [], [], np.zeros(0, dtype=np.int64), [])
@@ -102,7 +107,7 @@ def read_speech_rows(manifest: Path, need_transcript: bool = False) -> SpeechRow
         logger.warning(f"{manifest}: skipped {len(no_text)} of {len(rows)} pairs with an empty transcript, "
                        f"first ids: {no_text[:5]}")
     if not kept.ids:
-        raise ManifestError(f"{manifest}: no usable rows ({len(too_short)} too short, {len(no_text)} without text)")
+        raise NoUsableRowsError(f"{manifest}: no usable rows ({len(too_short)} too short, {len(no_text)} without text)")
     return kept
 
 
