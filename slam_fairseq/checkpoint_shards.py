@@ -37,16 +37,21 @@ from slam_fairseq.checkpoint_recovery import (CORRUPT_SUFFIX, DEFAULT_RESTORE_FI
 logger = logging.getLogger(__name__)
 
 __all__ = ["MISMATCHED_SUFFIX", "ShardedRecoveryResult", "rank_checkpoint_suffix", "saved_update",
-           "sharded_state_world_size", "recover_sharded_checkpoint_dir", "check_shard_set", "ShardSetCheck"]
+           "saves_shards", "sharded_state_world_size", "recover_sharded_checkpoint_dir", "check_shard_set", "ShardSetCheck"]
 
 #: kept aside: a readable ``checkpoint_last`` shard of another update than its sibling shards
 MISMATCHED_SUFFIX = ".mismatched"
 
 
+def saves_shards(ddp_backend: Optional[str], use_sharded_state: Optional[bool]) -> bool:
+    """Whether every rank saves its own shard: ``--ddp-backend fully_sharded --use-sharded-state``."""
+    return str(ddp_backend) == "fully_sharded" and bool(use_sharded_state)
+
+
 def sharded_state_world_size(ddp_backend: Optional[str], use_sharded_state: Optional[bool]) -> int:
-    """The number of shards each save writes: the data-parallel world size under
-    ``--ddp-backend fully_sharded --use-sharded-state``, else 0 (one file per save)."""
-    if str(ddp_backend) != "fully_sharded" or not use_sharded_state:
+    """The number of shards each save writes: the data-parallel world size when every rank saves
+    its own (:func:`saves_shards`), else 0 (one file per save)."""
+    if not saves_shards(ddp_backend, use_sharded_state):
         return 0
     import torch.distributed as dist
 
@@ -59,7 +64,7 @@ def rank_checkpoint_suffix(suffix: str, ddp_backend: Optional[str], use_sharded_
     (``Trainer.checkpoint_suffix``): ``--checkpoint-suffix``, then ``-shard<rank>`` under sharded
     state. ``rank`` defaults to this process's global rank."""
     suffix = suffix or ""
-    if str(ddp_backend) != "fully_sharded" or not use_sharded_state:
+    if not saves_shards(ddp_backend, use_sharded_state):
         return suffix
     if rank is None:
         import torch.distributed as dist

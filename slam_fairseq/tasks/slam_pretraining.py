@@ -246,10 +246,12 @@ class SlamPretrainingTask(FairseqTask):
         self.run_state: Dict[str, Any] = {}
         self._evaluation_views: Dict[str, Tuple[RoundRobinBatchDataset, RoundRobinBatchDataset]] = {}
         ddp_backend, sharded_state = resolved_option(cfg.ddp_backend), resolved_option(cfg.use_sharded_state)
+        #: shards each save writes (``--use-sharded-state``: one per rank), else 0
+        self.checkpoint_shards = sharded_state_world_size(ddp_backend, sharded_state)
         self.validation_scores = ValidationScores(
             self.run_state, resolved_option(cfg.save_dir),
             rank_checkpoint_suffix(resolved_option(cfg.checkpoint_suffix) or "", ddp_backend, sharded_state),
-            per_rank_files=sharded_state_world_size(ddp_backend, sharded_state) > 0)
+            per_rank_files=self.checkpoint_shards > 0)
         self.model_has_pair_ctc: Optional[bool] = None
         self._validating = False  # the last step was a validation step (for reduce_metrics)
         self._stashed_best: Optional[Tuple[float]] = None
@@ -263,8 +265,8 @@ class SlamPretrainingTask(FairseqTask):
         task = cls(cfg, PretrainingDataConfig(cfg.data, str(cfg.feature_normalization)))
         task.check_training_data()
         # Before fairseq loads the checkpoint: an unreadable checkpoint_last.pt is replaced.
-        shards = sharded_state_world_size(resolved_option(cfg.ddp_backend), resolved_option(cfg.use_sharded_state))
-        recover_checkpoint_dir_on_rank_zero(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or "", shards)
+        recover_checkpoint_dir_on_rank_zero(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or "",
+                                            task.checkpoint_shards)
         logger.info(f"dictionary: {len(task.dictionary)} symbols (<mask> = {task.vocabulary.mask}); "
                     f"features: {task.data_config.describe_normalization()}")
         logger.info(task.describe_schedule())
