@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import csv
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from slam_formats.atomic import atomic_write_text
 
@@ -31,9 +31,10 @@ def not_utf8_error(path: str, error: UnicodeDecodeError) -> ManifestError:
     return ManifestError(f"{path}: not UTF-8 ({error.reason})")
 
 
-def read_s2t_manifest(path: str) -> List[Dict[str, str]]:
-    """All rows of an S2T TSV as dicts; checks the required columns and ``n_frames``. A UTF-8
-    byte-order mark (an editor's) before the header is dropped."""
+def iter_s2t_manifest(path: str) -> Iterator[Dict[str, str]]:
+    """The rows of an S2T TSV as dicts, one at a time (a manifest of millions of rows is never
+    held as dicts); checks the required columns and ``n_frames``. A UTF-8 byte-order mark (an
+    editor's) before the header is dropped."""
     path = str(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -41,14 +42,17 @@ def read_s2t_manifest(path: str) -> List[Dict[str, str]]:
             missing = [c for c in ("id", "audio", "n_frames") if c not in (reader.fieldnames or [])]
             if missing:
                 raise ManifestError(f"{path}: missing column(s) {missing}; header is {reader.fieldnames}")
-            rows = []
             for line_number, row in enumerate(reader, start=2):
                 if not str(row.get("n_frames", "")).isdigit():
                     raise ManifestError(f"{path}:{line_number}: n_frames {row.get('n_frames')!r} is not a count")
-                rows.append({key: (value if value is not None else "") for key, value in row.items()})
+                yield {key: (value if value is not None else "") for key, value in row.items()}
     except UnicodeDecodeError as error:
         raise not_utf8_error(path, error) from None
-    return rows
+
+
+def read_s2t_manifest(path: str) -> List[Dict[str, str]]:
+    """All rows of an S2T TSV as dicts (:func:`iter_s2t_manifest`'s checks)."""
+    return list(iter_s2t_manifest(path))
 
 
 def write_s2t_manifest(path: str, rows: Iterable[Dict[str, object]],

@@ -18,15 +18,17 @@ Checks, each naming the manifest (and the row or feature file):
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from slam_formats.features import FRAME_SHIFT_SAMPLES, AudioError, FeatureShapeError, read_features
-from slam_formats.manifest import ManifestError, read_s2t_manifest
+from slam_formats.manifest import ManifestError, iter_s2t_manifest
+from slam_formats.packed import PackedStrings, PackedStringsBuilder
 from slam_fairseq.data.pretraining.row_checks import BadRowError
 from slam_fairseq.modules.subsampling import MIN_INPUT_FRAMES, subsampled_lengths
 
@@ -60,55 +62,90 @@ def num_subsampled_frames(num_frames: int) -> int:
 
 @dataclass
 class SpeechRows:
-    """The usable rows of a speech (or pair) manifest."""
+    """The usable rows of a speech (or pair) manifest, as packed columns (``slam_formats.packed``:
+    a few bytes over the text itself per row, shared with forked data-loader workers).
+
+    ``transcripts`` holds each row's ``tgt_text`` where the rows were read for pairs, else empty
+    strings. Lists given to the constructor are packed.
+    """
 
     manifest: Path
-    ids: List[str]
-    audio: List[str]
+    ids: PackedStrings
+    audio: PackedStrings
     n_frames: np.ndarray
-    transcripts: List[str]
+    transcripts: PackedStrings
+
+    def __post_init__(self) -> None:
+        for name in ("ids", "audio", "transcripts"):
+            column = getattr(self, name)
+            if not isinstance(column, PackedStrings):
+                setattr(self, name, PackedStrings.from_strings(column))
+        self.n_frames = np.asarray(self.n_frames, dtype=np.int64)
+        if not len(self.ids) == len(self.audio) == len(self.n_frames) == len(self.transcripts):
+            raise ValueError(f"{self.manifest}: columns of {len(self.ids)}, {len(self.audio)}, {len(self.n_frames)} "
+                             f"and {len(self.transcripts)} rows")
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, indices: Sequence[int]) -> "SpeechRows":
+        """The rows at ``indices``, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return SpeechRows(self.manifest, self.ids.take(indices), self.audio.take(indices), self.n_frames[indices],
+                          self.transcripts.take(indices))
 
 
 def read_speech_rows(manifest: Path, need_transcript: bool = False) -> SpeechRows:
     """Read a manifest; skip (and count in a warning) rows too short or without a transcript.
 
-    Raises :class:`NoUsableRowsError` for an empty manifest or one without any usable row, and
-    :class:`ManifestError` for a malformed one.
+    The file is read a row at a time into packed columns, so that a manifest of millions of rows
+    never exists as Python objects. Raises :class:`NoUsableRowsError` for an empty manifest or
+    one without any usable row, and :class:`ManifestError` for a malformed one.
     """
     manifest = Path(manifest)
-    rows = read_s2t_manifest(str(manifest))
-    if not rows:
-        raise NoUsableRowsError(f"{manifest}: empty manifest (no rows)")
-    if need_transcript and "tgt_text" not in rows[0]:
-        raise ManifestError(f"{manifest}: no tgt_text column, needed for speech-text pairs")
-    kept = SpeechRows(manifest, [], [], np.zeros(0, dtype=np.int64), [])
-    n_frames, too_short, no_text = [], [], []
-    for row in rows:
+    ids, audio, transcripts, n_frames = PackedStringsBuilder(), PackedStringsBuilder(), PackedStringsBuilder(), array("q")
+    num_rows, too_short, no_text = 0, _SkippedRows(), _SkippedRows()
+    for row in iter_s2t_manifest(str(manifest)):
+        if num_rows == 0 and need_transcript and "tgt_text" not in row:
+            raise ManifestError(f"{manifest}: no tgt_text column, needed for speech-text pairs")
+        num_rows += 1
         frames = int(row["n_frames"])
-        transcript = (row.get("tgt_text") or "").strip()
+        transcript = (row.get("tgt_text") or "").strip() if need_transcript else ""
         if frames < MIN_INPUT_FRAMES:
-            too_short.append(row["id"])
+            too_short.add(row["id"])
         elif need_transcript and not transcript:
-            no_text.append(row["id"])
+            no_text.add(row["id"])
         else:
-            kept.ids.append(row["id"])
-            kept.audio.append(row["audio"])
-            kept.transcripts.append(transcript)
+            ids.append(row["id"])
+            audio.append(row["audio"])
+            transcripts.append(transcript)
             n_frames.append(frames)
-    kept.n_frames = np.asarray(n_frames, dtype=np.int64)
-    if too_short:
-        logger.warning(f"{manifest}: skipped {len(too_short)} of {len(rows)} utterances shorter than "
+    if num_rows == 0:
+        raise NoUsableRowsError(f"{manifest}: empty manifest (no rows)")
+    if too_short.count:
+        logger.warning(f"{manifest}: skipped {too_short.count} of {num_rows} utterances shorter than "
                        f"{MIN_INPUT_FRAMES} frames (the 4x subsampling needs {MIN_INPUT_FRAMES}), "
-                       f"first ids: {too_short[:5]}")
-    if no_text:
-        logger.warning(f"{manifest}: skipped {len(no_text)} of {len(rows)} pairs with an empty transcript, "
-                       f"first ids: {no_text[:5]}")
-    if not kept.ids:
-        raise NoUsableRowsError(f"{manifest}: no usable rows ({len(too_short)} too short, {len(no_text)} without text)")
-    return kept
+                       f"first ids: {too_short.first}")
+    if no_text.count:
+        logger.warning(f"{manifest}: skipped {no_text.count} of {num_rows} pairs with an empty transcript, "
+                       f"first ids: {no_text.first}")
+    if not n_frames:
+        raise NoUsableRowsError(f"{manifest}: no usable rows ({too_short.count} too short, "
+                                f"{no_text.count} without text)")
+    return SpeechRows(manifest, ids.build(), audio.build(), np.frombuffer(n_frames, dtype=np.int64).copy(),
+                      transcripts.build())
+
+
+class _SkippedRows:
+    """How many rows were skipped for one reason, and the first few ids (for the warning)."""
+
+    def __init__(self, named: int = 5) -> None:
+        self.count, self.first, self._named = 0, [], named
+
+    def add(self, row_id: str) -> None:
+        self.count += 1
+        if len(self.first) < self._named:
+            self.first.append(row_id)
 
 
 class SpeechFeatureReader:

@@ -10,11 +10,12 @@ data). Rows with an empty transcript are skipped and counted, like rows shorter 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Union
 
 import numpy as np
 import torch
 
+from slam_formats.packed import PackedSequences
 from slam_fairseq.data.pretraining.collate import collate_speech, collate_tokens, real_token_counts, target_index
 from slam_fairseq.data.pretraining.feature_rows import SpeechFeatureReader, num_subsampled_frames
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings
@@ -33,7 +34,8 @@ class PretrainingPairDataset(PretrainingModalityDataset):
 
     Args:
         reader: the pair manifest's :class:`SpeechFeatureReader` (rows read with transcripts).
-        transcripts: (L,) int arrays, the encoded ``tgt_text`` of each row (eos appended).
+        transcripts: the encoded ``tgt_text`` of each row (eos appended): (L,) int arrays, held
+            packed (``PackedSequences``).
         vocabulary: text ids for masking.
         text_masking: TLM text masking (50% by default).
         frame_masking: TLM frame masking (start 0.13, spans of 10: about 75%).
@@ -43,20 +45,21 @@ class PretrainingPairDataset(PretrainingModalityDataset):
 
     modality = "pair"
 
-    def __init__(self, reader: SpeechFeatureReader, transcripts: List[np.ndarray],
+    def __init__(self, reader: SpeechFeatureReader, transcripts: Union[PackedSequences, Sequence[np.ndarray]],
                  vocabulary: TextVocabulary, text_masking: SpanMaskingSettings,
                  frame_masking: FrameMaskingSettings, stm_negative_prob: float, seed: int) -> None:
         super().__init__(seed)
         if len(transcripts) != len(reader.rows):
             raise ValueError(f"{reader.rows.manifest}: {len(transcripts)} transcripts for {len(reader.rows)} rows")
         self.reader = reader
-        self.transcripts = transcripts
+        self.transcripts = (transcripts if isinstance(transcripts, PackedSequences)
+                            else PackedSequences.from_arrays(transcripts))
         self.vocabulary = vocabulary
         self.text_masking = text_masking
         self.frame_masking = frame_masking
         self.stm_negative_prob = stm_negative_prob
         self.sizes = reader.rows.n_frames
-        self.text_sizes = np.asarray([len(x) for x in transcripts], dtype=np.int64)
+        self.text_sizes = self.transcripts.lengths()
         self.name = str(reader.rows.manifest)
 
     def max_size_exceeded(self, max_positions) -> np.ndarray:

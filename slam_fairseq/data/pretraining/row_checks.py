@@ -250,12 +250,11 @@ def without_bad_rows(rows, report: RowCheckReport):
     if report.num_bad == 0:
         return rows
     bad = {row_id for problems in report.problems.values() for row_id, _ in problems}
-    keep = [index for index, row_id in enumerate(rows.ids) if row_id not in bad]
-    if not keep:
+    keep = np.flatnonzero(np.fromiter((row_id not in bad for row_id in rows.ids), dtype=bool, count=len(rows)))
+    if not len(keep):
         raise TooManyBadRowsError(f"no usable rows: {report.summary()}")
     logger.warning(report.summary())
-    return type(rows)(rows.manifest, [rows.ids[i] for i in keep], [rows.audio[i] for i in keep],
-                      np.asarray(rows.n_frames)[keep], [rows.transcripts[i] for i in keep])
+    return rows.take(keep)
 
 
 def drop_bad_feature_rows(rows, data_dir: str, feature_dim: int):

@@ -6,7 +6,7 @@ Sources, in this order of preference:
   indexed dataset, loaded with ``data_utils.load_indexed_dataset``; ``fairseq-preprocess``
   appends eos to every line);
 - ``text_<split>.txt``: one utterance a line, encoded on load with the config's SentencePiece
-  model, eos appended (for small corpora; everything is held in memory).
+  model, eos appended (for small corpora; everything is held in memory, packed).
 
 Checks: a source without a single line is an error; empty lines (nothing but eos) are skipped and
 counted in a logged warning; an id outside the dictionary (the data was binarized with another,
@@ -27,6 +27,7 @@ import torch
 
 from slam_formats.indexed_text import scan_token_ids
 from slam_formats.manifest import ManifestError, not_utf8_error
+from slam_formats.packed import PackedSequences
 from slam_formats.names import text_prefix_name
 from slam_fairseq.data.pretraining.collate import collate_tokens, real_token_counts, target_index
 from slam_fairseq.data.pretraining.modality import PretrainingModalityDataset
@@ -47,7 +48,8 @@ class TokenSequences:
 
     Args:
         name: the file they come from (for messages).
-        source: an indexed dataset or a list of (L,) int arrays.
+        source: an indexed dataset or packed sequences (anything with ``sizes`` and indexing, or a
+            list of (L,) int arrays).
         keep: indices of ``source`` to expose (empty lines left out).
     """
 
@@ -108,9 +110,8 @@ def load_text_tokens(data_dir: str, split: str, dictionary, encode_lines) -> Opt
                 lines = [line.strip() for line in handle]
         except UnicodeDecodeError as error:
             raise not_utf8_error(name, error) from None
-        encoded = encode_lines(lines)
-        sizes = np.asarray([len(x) for x in encoded])
-        return TokenSequences(name, encoded, _non_empty(name, sizes))
+        encoded = PackedSequences.from_arrays(encode_lines(lines))
+        return TokenSequences(name, encoded, _non_empty(name, encoded.sizes))
     return None
 
 
