@@ -15,7 +15,8 @@ corrupt bytes are hard-linked aside, then replaced), so another rank that only a
 exists never sees a gap. Without an intact checkpoint an error names the file and nothing is
 touched: a kill does not leave that state (fairseq writes the first file of each save atomically,
 then copies it), and a run starting from scratch would overwrite the save dir's checkpoints.
-Temporary files that a kill left behind in an earlier recovery are removed.
+Before that, the temporaries a kill left (fairseq's ``checkpoint*.pt.tmp`` of a save stopped
+before its rename, an earlier recovery's copy), a whole checkpoint each, are removed.
 
 An explicit ``--restore-file`` (any name but ``checkpoint_last.pt``) is the user's choice and is
 not substituted: an unreadable one is an error naming it and the intact checkpoints beside it.
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointRecoveryError", "RecoveryResult", "checkpoint_problem", "fairseq_restore_path",
            "intact_checkpoints", "recover_checkpoint_dir", "recover_checkpoint_dir_on_rank_zero",
-           "recover_for_training_args", "repair_best_checkpoint", "atomic_copy"]
+           "recover_for_training_args", "repair_best_checkpoint", "atomic_copy", "remove_interrupted_writes"]
 
 DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
 CORRUPT_SUFFIX = ".corrupt"
@@ -183,6 +184,48 @@ def remove_stale_temporaries(destination: str) -> List[str]:
         if name.startswith(prefix):
             os.unlink(os.path.join(directory, name))
             removed.append(name)
+    return removed
+
+
+#: what fairseq's ``torch_persistent_save`` writes before renaming it onto the checkpoint
+FAIRSEQ_TEMPORARY_SUFFIX = ".pt.tmp"
+
+
+def remove_interrupted_writes(save_dir: str) -> List[str]:
+    """Remove the whole-checkpoint temporaries a kill left in ``save_dir``: fairseq's
+    ``checkpoint*.pt.tmp`` (a save stopped before its rename; fairseq never looks at them again)
+    and :func:`atomic_copy`'s ``.tmp-*`` (a recovery copy stopped). A file still growing (a run
+    writing in this directory now) is left alone. Call from the one process that recovers,
+    before the run saves anything. Returns the names removed."""
+    import time
+
+    if not os.path.isdir(save_dir):
+        return []
+    found = {}
+    for name in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, name)
+        ours = name.startswith(TEMPORARY_PREFIX + "checkpoint")
+        fairseqs = name.startswith("checkpoint") and name.endswith(FAIRSEQ_TEMPORARY_SUFFIX)
+        if (ours or fairseqs) and os.path.isfile(path):
+            found[name] = os.stat(path)
+    if found:
+        time.sleep(WRITE_SETTLE_SECONDS)  # once for all: a file still growing is being written
+    removed, freed = [], 0
+    for name, before in found.items():
+        path = os.path.join(save_dir, name)
+        try:
+            after = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+            continue
+        freed += after.st_size
+        os.unlink(path)
+        removed.append(name)
+    if removed:
+        plural = "s" if len(removed) > 1 else ""
+        logger.warning(f"{save_dir}: removed {len(removed)} unfinished checkpoint write{plural} "
+                       f"a kill left ({freed / 2 ** 20:.0f} MiB): {', '.join(removed[:5])}")
     return removed
 
 
@@ -328,6 +371,7 @@ def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAU
     failure: Optional[BaseException] = None
     if not distributed or dist.get_rank() == 0:
         try:
+            remove_interrupted_writes(str(save_dir))
             if shards:
                 result = recover_sharded_checkpoint_dir(save_dir, restore_file, suffix, shards)
             else:

@@ -7,9 +7,18 @@ the gathered values, gives every rank the same result.
 """
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Tuple
 
-__all__ = ["gathered_from_every_rank"]
+__all__ = ["gathered_from_every_rank", "rank_and_world_size"]
+
+
+def rank_and_world_size() -> Tuple[int, int]:
+    """(this rank, number of ranks) of ``torch.distributed``, or (0, 1) when it is not running."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def gathered_from_every_rank(value: Any) -> List[Any]:

@@ -21,8 +21,8 @@ from manifests.core import stored_zip_entries  # noqa: E402
 
 from slam_fairseq.data.pretraining.round_robin import RoundRobinBatchDataset  # noqa: E402
 from slam_fairseq.data.pretraining.row_checks import (BAD_ROWS_KEY, BadRowError, BadRowLimits,  # noqa: E402
-                                                      RowCheckReport, TooManyBadRowsError, drop_bad_feature_rows,
-                                                      feature_row_problem)
+                                                      RowCheckReport, TooManyBadRowsError, check_feature_rows,
+                                                      drop_bad_feature_rows, feature_row_problem, merged_reports)
 from slam_fairseq.data.pretraining.feature_rows import (SpeechFeatureReader, SpeechRows,  # noqa: E402
                                                         read_speech_rows)
 
@@ -102,6 +102,24 @@ def _rows(feature_dir: Path, audio, n_frames=50):
     ids = [f"r{i}" for i in range(len(audio))]
     return SpeechRows(feature_dir / "speech_train.tsv", ids, list(audio), np.broadcast_to(n_frames, len(audio)),
                       [f"text {i}" for i in range(len(audio))])
+
+
+def test_each_part_of_a_row_check_reads_its_own_block_and_the_merged_parts_find_every_bad_row(feature_dir,
+                                                                                                  monkeypatch):
+    from slam_fairseq.data.pretraining import row_checks
+
+    refs = _refs(feature_dir)
+    audio = [refs["good"], "missing.zip:1:2", refs["narrow"], refs["good"], "gone.zip:1:2", refs["short"], refs["good"]]
+    rows = _rows(feature_dir, audio)
+    checked = []
+    original = row_checks.feature_row_problem
+    monkeypatch.setattr(row_checks, "feature_row_problem",
+                        lambda field, *args: checked.append(field) or original(field, *args))
+    parts = [check_feature_rows(rows, str(feature_dir), 80, part=(k, 3)) for k in range(3)]
+    assert checked == audio, "each row once, in blocks of consecutive rows"
+    assert [part.num_rows for part in parts] == [7, 7, 7] and [part.num_bad for part in parts] == [1, 1, 2]
+    whole = check_feature_rows(rows, str(feature_dir), 80)
+    assert merged_reports(parts).problems == whole.problems
 
 
 def test_bad_rows_are_dropped_at_load_with_one_warning_counting_them_by_problem(feature_dir, caplog):

@@ -214,12 +214,14 @@ _ONE_RANK_CANNOT_OPEN = (
 
 
 def test_rows_one_rank_cannot_open_at_load_are_dropped_by_every_rank(data_dir, tmp_path):
-    """Rank 1 fails to open two training rows' features at load (rank 0 reads them): alone, it
-    would build 4 speech steps an epoch against rank 0's 5, and the ranks would part at the first
-    collective. Every rank drops the rows any rank found bad: the same batches, one update stream."""
+    """Rank 1 fails to open two training rows' features at load, in its half of the rows (each
+    rank checks one half): alone, it would build 4 speech steps an epoch against rank 0's 5, and
+    the ranks would part at the first collective. Every rank drops the rows any rank found bad:
+    the same batches, one update stream."""
     rows = (data_dir / "speech_train.tsv").read_text().splitlines()
     header = rows[0].split("\t")
-    hidden = [row.split("\t")[header.index("audio")] for row in rows[1:3]]
+    assert len(rows) == 11
+    hidden = [row.split("\t")[header.index("audio")] for row in rows[7:9]]  # rows 6 and 7 of 10
     hash_dir = tmp_path / "hashes"
     env = dist.hash_env(dist.base_env(), hash_dir)
     args = pretraining_args(data_dir, tmp_path / "checkpoints", 4, "--stage2-start-update", "2")

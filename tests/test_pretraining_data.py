@@ -457,6 +457,53 @@ def test_pairs_joining_or_leaving_a_resumed_epoch_move_no_other_modalitys_batche
     assert "laid out differently (batches {'speech': 4, 'text': 2} -> {'speech': 4, 'text': 2, 'pair': 3}" in caplog.text
 
 
+def test_modalities_left_out_of_an_epoch_are_not_read_and_the_others_keep_their_batches(data_dir):
+    """Pairs in an epoch that ends before stage 2: their examples are never read (the dataset's
+    get_item is not called), the sample lists them as left out, and every other modality has
+    the batches of an epoch that read them; fairseq's dummy batch still holds every modality."""
+    from slam_fairseq.data.pretraining.round_robin import LEFT_OUT_KEY
+
+    _, datasets = _datasets(data_dir)
+    reference = [{name: batch["id"].tolist() for name, batch in sample.items()}
+                 for sample in _iterator(_round_robin(datasets)).next_epoch_itr()]
+    zipped = _round_robin(datasets)
+    asked = []
+    zipped.modalities_left_out = lambda steps: asked.append(steps) or ("pair",)
+    reads = []
+    pair_get_item = datasets["pair"].get_item
+    datasets["pair"].get_item = lambda index, epoch: reads.append(index) or pair_get_item(index, epoch)
+    iterator = _iterator(zipped)
+    samples = list(iterator.next_epoch_itr())
+    assert asked == [4] and reads == [], "asked once, with the steps of the epoch; no pair read"
+    assert all(sample[LEFT_OUT_KEY] == ("pair",) and "pair" not in sample for sample in samples)
+    assert [{name: sample[name]["id"].tolist() for name in ("speech", "text")} for sample in samples] == \
+        [{name: ids[name] for name in ("speech", "text")} for ids in reference]
+    key = iterator.frozen_batches[0][0]
+    assert zipped.num_tokens(key) == sum(int(datasets[name].sizes[indices].sum())
+                                         for name, indices in zipped.step_indices(*key[:2]).items() if name != "pair")
+    dummy = iterator.first_batch
+    assert set(dummy) == {"speech", "text", "pair"} and reads, "the dummy batch holds every modality"
+    zipped.modalities_left_out = lambda steps: ()
+    assert all("pair" in sample and LEFT_OUT_KEY not in sample for sample in iterator.next_epoch_itr())
+
+
+def test_cycle_orders_are_the_same_whatever_order_steps_ask_and_stay_few(data_dir):
+    """fairseq shuffles an epoch's steps; each modality keeps the orders of the cycles one epoch
+    spans, so asking in any order gives the orders a fresh dataset draws, and the cache stays
+    small however long the run."""
+    _, datasets = _datasets(data_dir)
+    zipped, fresh = _round_robin(datasets), _round_robin(datasets)
+    steps = [(epoch, step) for epoch in range(1, 40) for step in range(len(zipped))]
+    shuffled = [steps[i] for i in np.random.default_rng(0).permutation(len(steps))]
+    for epoch, step in shuffled:
+        got = zipped.step_indices(epoch, step)
+        fresh._cycle_orders.clear()
+        expected = fresh.step_indices(epoch, step)
+        assert all(np.array_equal(got[name], expected[name]) for name in got)
+    # 4 steps per epoch: text (2 batches) spans at most 3 cycles an epoch, pairs (3 batches) 3
+    assert {name: len(orders) for name, orders in zipped._cycle_orders.items()} == {"speech": 3, "text": 4, "pair": 4}
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 def test_text_and_manifests_not_in_utf8_are_errors_naming_the_file_and_line(data_dir, tmp_path):
     from slam_fairseq.decoding.word_lm import read_sentences

@@ -199,6 +199,64 @@ def test_train_step_backpropagates_each_active_modality_and_sums_gradients(data_
     assert criterion.calls == ["speech", "text", "pair"] and sample_size == 1
 
 
+def test_an_epoch_ending_before_stage_2_leaves_the_pairs_out_and_a_stage_2_update_refuses_such_a_batch(data_dir):
+    """From the trainer's logged update count: an epoch of S steps over W ranks makes at most
+    ceil(S / W) updates; if all of them come before --stage2-start-update, pairs are not read.
+    A stage-2 update given such a batch is an error, never a silent update without pairs."""
+    from fairseq.logging import metrics
+
+    from slam_fairseq.data.pretraining.round_robin import LEFT_OUT_KEY
+
+    task = make_task(data_dir, stage2_start_update=8)
+    metrics.reset()
+    assert task.modalities_left_out(4, 1) == (), "no update count logged yet: every modality is read"
+    metrics.log_scalar("num_updates", 4, weight=0)
+    assert task.modalities_left_out(4, 1) == ("pair",), "updates 4 .. 7 are all in stage 1"
+    assert task.modalities_left_out(5, 1) == (), "update 8 may be in this epoch"
+    assert task.modalities_left_out(8, 2) == ("pair",) and task.modalities_left_out(9, 2) == ()
+    metrics.log_scalar("num_updates", 8, weight=0)
+    assert task.modalities_left_out(1, 1) == ()
+    for other in (make_task(data_dir, stage2_start_update=0), make_task(data_dir, stage2_start_update=-1),
+                  make_task(data_dir, stage2_start_update=8, stage1_modalities="speech,text,pair")):
+        metrics.log_scalar("num_updates", 0, weight=0)
+        assert other.modalities_left_out(1, 1) == ()
+    metrics.reset()
+
+    sample = {name: {"id": torch.tensor([0, 1])} for name in ("speech", "text")}
+    sample[LEFT_OUT_KEY] = ("pair",)
+    model, criterion = _LinearModel(), _RecordingCriterion()
+    task.train_step(sample, model, criterion, _Optimizer(), update_num=7)
+    assert criterion.calls == ["speech", "text"]
+    with pytest.raises(RuntimeError, match=r"update 8 \(stage 2\) trains pair, but its batch was read without"):
+        task.train_step(sample, model, criterion, _Optimizer(), update_num=8)
+
+
+def test_reduce_metrics_leaves_no_count_of_fairseqs_per_update_aggregators_behind(data_dir):
+    """fairseq's trainer reduces each update's logs inside a new uuid-named ``metrics.aggregate()``
+    whose count it never deletes (one entry a update, forever): the task drops finished ones."""
+    from fairseq.logging import metrics
+
+    class Criterion:
+        @staticmethod
+        def reduce_metrics(logging_outputs):
+            metrics.log_scalar("loss", sum(log["loss"] for log in logging_outputs))
+
+        @staticmethod
+        def logging_outputs_can_be_summed():
+            return True
+
+    task = make_task(data_dir)
+    metrics.reset()
+    for update in range(200):  # the trainer's _reduce_and_log_stats, once an update
+        with metrics.aggregate() as agg:
+            task.reduce_metrics([{"loss": float(update), "ntokens": 1, "nsentences": 1, "sample_size": 1}],
+                                Criterion())
+            assert agg.get_smoothed_value("loss") == float(update)
+    counts = dict(metrics._active_aggregators_cnt)
+    assert counts.get("default") == 1 and len(counts) == 2, f"{len(counts)} counts after 200 updates"
+    metrics.reset()
+
+
 # -- command line ----------------------------------------------------------------------------------
 def _criterion():
     """(criterion name, whether a stand-in must be registered): the plugin's own, which importing
@@ -255,6 +313,32 @@ def test_cli_stage_switch_checkpoint_and_resume_match_an_uninterrupted_run(data_
     split_valid = fixtures.json_log_records(first, "valid") + fixtures.json_log_records(second, "valid")
     assert whole_valid[0]["valid_loss"] == split_valid[0]["valid_loss"]  # end of epoch 1
     assert whole_valid[-1]["valid_loss"] == split_valid[-1]["valid_loss"]  # end of training
+
+
+def test_cli_epochs_before_stage_2_do_not_read_pairs_and_train_as_a_run_that_reads_them(data_dir, tmp_path):
+    """4 updates an epoch, stage 2 from update 8: epoch 2 (updates 4 .. 7) leaves the pairs out
+    (epoch 1 reads them: no update count is logged before it). The same run stopped at update 6
+    and resumed reads them for the rest of epoch 2 (6 + 4 updates may pass update 8), so its equal
+    losses show that leaving them out changes nothing trained."""
+    criterion, stand_in = _criterion()
+
+    def args(save_dir: Path, max_update: int):
+        values = _train_args(data_dir, save_dir, criterion, max_update)
+        values[values.index("--stage2-start-update") + 1] = "8"
+        return values
+
+    whole = _check(fixtures.run_fairseq(args(tmp_path / "whole", 10), stand_in))
+    first = _check(fixtures.run_fairseq(args(tmp_path / "split", 6), stand_in))
+    second = _check(fixtures.run_fairseq(args(tmp_path / "split", 10), stand_in))
+    assert "epoch 2: no update of it trains pair: those batches are not read" in whole
+    assert "no update of it trains" not in whole.replace("epoch 2: no update of it trains", "")
+    assert "no update of it trains" not in first + second  # the first loads no pairs (no stage 2 before 6)
+    expected = _losses(fixtures.json_log_records(whole))
+    assert [expected[u]["stage"] for u in range(1, 11)] == ["1"] * 8 + ["2"] * 2
+    assert "tlm_text_loss" in expected[9] and "tlm_text_loss" not in expected[8]
+    resumed = _losses(fixtures.json_log_records(first))
+    resumed.update(_losses(fixtures.json_log_records(second)))
+    assert resumed == expected
 
 
 def test_cli_resume_under_other_batch_limits_names_the_change_and_goes_on(data_dir, tmp_path):

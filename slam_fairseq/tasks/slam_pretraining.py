@@ -13,7 +13,8 @@ modality's graph at a time and the update's gradient is the sum of the per-modal
 Schedule: before update ``--stage2-start-update N`` (0-based count of finished updates) the
 ``--stage1-modalities`` are active (speech, text: MSM + span masking); from update N on the
 ``--stage2-modalities`` (adding pairs: TLM + STM). The stage is a function of the update number,
-so a resumed run is in the right stage. ``-1`` (default) means stage 1 only.
+so a resumed run is in the right stage. ``-1`` (default) means stage 1 only. An epoch whose
+updates all fall before stage 2 does not read the pairs (:meth:`SlamPretrainingTask.modalities_left_out`).
 
 Batching: each modality is batched on its own, ``--max-tokens-{speech,text,pair}`` (feature frames
 for speech and pairs, tokens for text) and ``--max-sentences-{speech,text,pair}``; where one is
@@ -22,6 +23,7 @@ over ``--epoch-modality`` (default: the modality with the most batches); the oth
 """
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -37,14 +39,15 @@ from slam_formats.names import pair_manifest_name, speech_manifest_name
 from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
 from slam_fairseq.checkpoint_shards import rank_checkpoint_suffix, sharded_state_world_size
 from slam_fairseq.compat.ddp_backend import use_legacy_ddp_for_several_backward_passes
-from slam_fairseq.compat.fairseq_internals import is_fully_sharded, resolved_option
+from slam_fairseq.compat.fairseq_internals import (forget_finished_aggregators, is_fully_sharded,
+                                                   logged_num_updates, resolved_option)
 from slam_fairseq.compat.training_split_validation import loaded_for_checkpoint_evaluation
 from slam_fairseq.data.pretraining.config import FEATURE_NORMALIZATIONS, PretrainingDataConfig
 from slam_fairseq.data.pretraining.feature_rows import (NoUsableRowsError, SpeechFeatureReader, SpeechRows,
                                                          read_speech_rows)
 from slam_fairseq.data.pretraining.frame_masks import FrameMaskingSettings, expected_masked_fraction
 from slam_fairseq.data.pretraining.pair import PretrainingPairDataset
-from slam_fairseq.data.pretraining.round_robin import (MODALITIES, RoundRobinBatchDataset,
+from slam_fairseq.data.pretraining.round_robin import (LEFT_OUT_KEY, MODALITIES, RoundRobinBatchDataset,
                                                        RoundRobinEpochBatchIterator,
                                                        make_modality_batches)
 from slam_fairseq.data.pretraining.row_checks import (BAD_ROWS_KEY, BadRowLimits, RowCheckReport,
@@ -54,7 +57,7 @@ from slam_fairseq.data.pretraining.span_masks import (SPAN_DISTRIBUTIONS, SpanMa
 from slam_fairseq.data.pretraining.speech import PretrainingSpeechDataset
 from slam_fairseq.data.pretraining.text import PretrainingTextDataset, load_text_tokens, text_source_paths
 from slam_fairseq.host_memory import release_free_heap_memory
-from slam_fairseq.rank_agreement import gathered_from_every_rank
+from slam_fairseq.rank_agreement import gathered_from_every_rank, rank_and_world_size
 from slam_fairseq.tasks.logging_schema import complete_logging_output, logging_keys_of
 from slam_fairseq.tasks.nonfinite_updates import NonFiniteUpdateGuard
 from slam_fairseq.tasks.validation_scores import ValidationScores, check_best_checkpoint_metric, metric_modality
@@ -277,6 +280,19 @@ class SlamPretrainingTask(FairseqTask):
         start, max_update = int(self.cfg.stage2_start_update), int(self.cfg.max_update or 0)
         return start >= 0 and (max_update <= 0 or start < max_update)
 
+    def modalities_left_out(self, steps_per_epoch: int, num_shards: int) -> Tuple[str, ...]:
+        """The modalities of stage 2 alone while the coming epoch ends before stage 2 starts (its
+        batches are then not read). A rank makes at most ``ceil(steps / num_shards)`` updates in an
+        epoch (fairseq pads every shard to that many batches; ``--update-freq`` only lowers it),
+        counted from the trainer's logged update count; with no count logged yet, none."""
+        done = logged_num_updates()
+        if not self.stage2_reachable or done is None:
+            return ()
+        updates_in_epoch = -(-int(steps_per_epoch) // max(int(num_shards), 1))
+        if done + updates_in_epoch > int(self.cfg.stage2_start_update):
+            return ()
+        return tuple(name for name in self.stage2_modalities if name not in self.stage1_modalities)
+
     def describe_schedule(self) -> str:
         cfg = self.cfg
         masks = (f"masks: text {cfg.text_mask_prob:.0%} in {cfg.text_span_distribution} spans"
@@ -411,10 +427,12 @@ class SlamPretrainingTask(FairseqTask):
                                       self.cfg.stm_negative_prob, seed)
 
     def _checked_rows(self, rows: SpeechRows) -> SpeechRows:
-        """Rows whose features pass the cheap checks of ``row_checks`` on every rank (counted):
-        the ranks drop the rows any of them found bad, so that all build the same dataset. A rank
-        sends at most one row past the limit (beyond it, the run stops on every rank anyway)."""
-        report = check_feature_rows(rows, self.cfg.data, self.data_config.input_feat_per_channel)
+        """Rows whose features pass the cheap checks of ``row_checks`` (counted): each rank checks
+        its block of the rows, and the ranks drop the rows any of them found bad, so that all
+        build the same dataset. A rank sends at most one row past the limit (beyond it, the run
+        stops on every rank anyway)."""
+        report = check_feature_rows(rows, self.cfg.data, self.data_config.input_feat_per_channel,
+                                    part=rank_and_world_size())
         limit = self.bad_row_limits.limit_for(report.num_rows)
         sent = report if limit == float("inf") else report.first(int(limit) + 1)
         report = merged_reports(gathered_from_every_rank(sent))
@@ -482,6 +500,8 @@ class SlamPretrainingTask(FairseqTask):
                              "--max-source-positions, --max-text-positions)")
         dataset.set_batches(batches)
         dataset.set_epoch(epoch)
+        if training:
+            dataset.modalities_left_out = functools.partial(self.modalities_left_out, num_shards=num_shards)
         iterator = RoundRobinEpochBatchIterator(
             dataset=dataset, collate_fn=dataset.collater, batch_sampler=dataset.batch_sampler,
             seed=seed, num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
@@ -581,6 +601,12 @@ class SlamPretrainingTask(FairseqTask):
         stage = self._announce_stage(update_num)
         self._note_stage_reached(stage, update_num)
         metrics.log_scalar("stage", stage, weight=0, priority=300, round=0)
+        unread = set(sample.get(LEFT_OUT_KEY, ())) & set(self.active_modalities(update_num)) if sample else set()
+        if unread:
+            raise RuntimeError(f"update {update_num} (stage {stage}) trains {', '.join(sorted(unread))}, but its batch "
+                               f"was read without them: the epoch was planned from update {logged_num_updates()} as "
+                               "a stage-1 epoch; please report this (--stage2-start-update 0 or a two-run schedule "
+                               "avoids it)")
         modalities = [name for name in self.active_modalities(update_num) if name in sample]
         if not ignore_grad:  # fairseq's dummy batches repeat an earlier batch
             self._count_bad_rows(sample)
@@ -668,7 +694,9 @@ class SlamPretrainingTask(FairseqTask):
 
     def reduce_metrics(self, logging_outputs, criterion) -> None:
         """fairseq's; a validation's ``loss`` is the weighted sum of the objectives' means over the
-        whole validation (``slam_multitask.log_validation_loss``), not a mean over its steps."""
+        whole validation (``slam_multitask.log_validation_loss``), not a mean over its steps.
+        fairseq's per-update leftovers in its metrics registry are dropped here (once an update)."""
+        forget_finished_aggregators()
         if self._validating and hasattr(criterion, "log_validation_loss"):
             super().reduce_metrics([{key: value for key, value in log.items() if key != "loss"}
                                     for log in logging_outputs], criterion)

@@ -28,6 +28,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.speech_to_text import SpeechToTextTask
 from fairseq.utils import safe_getattr
 
+from slam_fairseq.compat.fairseq_internals import forget_finished_aggregators
 from slam_fairseq.decoding.ctc_greedy import CTCGreedyGenerator
 from slam_fairseq.decoding.ctc_lexicon_search import (
     CTCLexiconGenerator,
@@ -72,6 +73,12 @@ class SlamSpeechToTextTask(SpeechToTextTask):
                             help="lexicon: added for each word written")
         parser.add_argument("--lexicon-oov-score", type=float, default=-10.0, metavar="S",
                             help="lexicon: added for each word outside the lexicon; -inf writes lexicon words only")
+
+    def reduce_metrics(self, logging_outputs, criterion) -> None:
+        """fairseq's, and its per-update leftovers in the metrics registry dropped
+        (``forget_finished_aggregators``)."""
+        forget_finished_aggregators()
+        super().reduce_metrics(logging_outputs, criterion)
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None):
         # SequenceGenerator sets the beamable cross-attention only for beams above 1: a generator

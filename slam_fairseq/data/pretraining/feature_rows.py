@@ -103,7 +103,8 @@ def read_speech_rows(manifest: Path, need_transcript: bool = False) -> SpeechRow
     one without any usable row, and :class:`ManifestError` for a malformed one.
     """
     manifest = Path(manifest)
-    ids, audio, transcripts, n_frames = PackedStringsBuilder(), PackedStringsBuilder(), PackedStringsBuilder(), array("q")
+    ids, audio, transcripts = PackedStringsBuilder(), PackedStringsBuilder(), PackedStringsBuilder()
+    n_frames = array("q")
     num_rows, too_short, no_text = 0, _SkippedRows(), _SkippedRows()
     for row in iter_s2t_manifest(str(manifest)):
         if num_rows == 0 and need_transcript and "tgt_text" not in row:

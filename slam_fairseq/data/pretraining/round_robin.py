@@ -15,6 +15,11 @@ step)`` is the list of examples of step ``step`` for every modality, and its col
   batch leave that modality out. The masks are those of epoch 1 at every validation (fairseq
   reuses one validation iterator and counts its epochs up), so validation losses are comparable.
 
+Modalities no update of an epoch trains (pairs, active from stage 2 on, in an epoch that ends
+before stage 2 starts) are left out of its keys, ``(epoch, step, left_out)``, and never read: the
+task decides at the start of each epoch (:attr:`RoundRobinBatchDataset.modalities_left_out`);
+which batch a modality has at a step does not change.
+
 The batch list handed to fairseq's :class:`EpochBatchIterator` is ``[[(epoch, step)], ...]``,
 rebuilt every epoch (a callable batch sampler). fairseq shuffles it, shards it over GPUs and
 checkpoints the position in it as usual, so ``--restore-file`` resumes mid-epoch. Because the
@@ -26,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fairseq.data import FairseqDataset, data_utils, iterators
@@ -40,9 +45,14 @@ from slam_fairseq.data.pretraining.seeding import BATCH_CYCLE_ORDER, masking_rng
 logger = logging.getLogger(__name__)
 
 __all__ = ["MODALITIES", "make_modality_batches", "RoundRobinBatchDataset",
-           "RoundRobinEpochBatchIterator"]
+           "RoundRobinEpochBatchIterator", "LEFT_OUT_KEY"]
 
-StepKey = Tuple[int, int]
+#: (epoch, step), or (epoch, step, modalities left out)
+StepKey = Tuple
+#: most cycle orders a modality keeps (:meth:`RoundRobinBatchDataset._cycle_order`)
+CACHED_CYCLES = 1024
+#: collated batch key: the modalities the step's key left out (so the task can check its stage)
+LEFT_OUT_KEY = "left_out_modalities"
 
 
 def make_modality_batches(dataset: PretrainingModalityDataset, max_tokens: Optional[int],
@@ -117,7 +127,10 @@ class RoundRobinBatchDataset(FairseqDataset):
         self.batch_counts: Dict[str, int] = {}
         self.batch_digest = ""  # of every modality's batches: which examples, in which batch
         self.batch_digests: Dict[str, str] = {}  # the same, of each modality's own
-        self._cycle_orders: Dict[Tuple[str, int], np.ndarray] = {}
+        self._cycle_orders: Dict[str, "OrderedDict[int, np.ndarray]"] = {}
+        #: set by the task for training: (steps per epoch) -> modalities none of the epoch's
+        #: updates trains, asked once per epoch when its batch list is made
+        self.modalities_left_out: Optional[Callable[[int], Sequence[str]]] = None
 
     # -- planning ------------------------------------------------------------------------------
     def set_batches(self, batches: Dict[str, Sequence[np.ndarray]]) -> None:
@@ -148,13 +161,21 @@ class RoundRobinBatchDataset(FairseqDataset):
                     + (f" (one pass over {self.epoch_modality}, the others cycled)" if self.cycle else ""))
 
     def _cycle_order(self, name: str, cycle: int) -> np.ndarray:
-        key = (name, cycle)
-        if key not in self._cycle_orders:
-            if len(self._cycle_orders) > 4 * len(MODALITIES):
-                self._cycle_orders.clear()
+        """The order of ``name``'s batches in its ``cycle``-th cycle. fairseq shuffles an epoch's
+        steps, so the steps of one epoch ask for the cycles it spans in any order: each modality
+        keeps the orders of that many cycles (plus two, at most :data:`CACHED_CYCLES`: a modality
+        of many cycles an epoch has short orders, quick to draw again), least recently used out."""
+        orders = self._cycle_orders.setdefault(name, OrderedDict())
+        order = orders.get(cycle)
+        if order is None:
             rng = masking_rng(self.seed, 1, cycle, BATCH_CYCLE_ORDER, extra=[MODALITIES.index(name)])
-            self._cycle_orders[key] = rng.permutation(len(self.batches[name]))
-        return self._cycle_orders[key]
+            order = orders[cycle] = rng.permutation(len(self.batches[name]))
+            count = len(self.batches[name])
+            if len(orders) > min(-(-self.num_steps // count) + 2, CACHED_CYCLES):
+                orders.popitem(last=False)
+        else:
+            orders.move_to_end(cycle)
+        return order
 
     def step_indices(self, epoch: int, step: int) -> Dict[str, np.ndarray]:
         """Example indices of every modality at ``step`` of ``epoch`` (1-based epoch)."""
@@ -175,16 +196,25 @@ class RoundRobinBatchDataset(FairseqDataset):
         if not self.num_steps:
             raise RuntimeError("RoundRobinBatchDataset.set_batches was not called")
         epoch = int(epoch) if self.cycle else 1  # validation: the same masks at every validation
+        unused = self.modalities_left_out(self.num_steps) if self.modalities_left_out is not None else ()
+        left_out = tuple(name for name in self.datasets if name in unused)
+        if left_out:
+            logger.info(f"epoch {epoch}: no update of it trains {' or '.join(left_out)}: those batches are not read")
+            return [[(epoch, step, left_out)] for step in range(self.num_steps)]
         return [[(epoch, step)] for step in range(self.num_steps)]
 
     # -- FairseqDataset ------------------------------------------------------------------------
     def __getitem__(self, key: StepKey) -> Dict[str, List[Any]]:
         """Items of every modality at this step; examples that raise :class:`BadRowError` are
-        left out and listed under ``BAD_ROWS_KEY`` as (manifest, row id, message)."""
-        epoch, step = key
+        left out and listed under ``BAD_ROWS_KEY`` as (manifest, row id, message); the
+        modalities the key leaves out are not read, and listed under ``LEFT_OUT_KEY``."""
+        epoch, step = key[:2]
+        left_out = tuple(key[2]) if len(key) > 2 else ()
         items: Dict[str, List[Any]] = {}
         bad_rows = []
         for name, indices in self.step_indices(epoch, step).items():
+            if name in left_out:
+                continue
             items[name] = []
             for index in indices:
                 try:
@@ -193,6 +223,8 @@ class RoundRobinBatchDataset(FairseqDataset):
                     bad_rows.append((str(error.source or self.datasets[name].name),
                                      str(error.row if error.row is not None else f"{name} {index}"), str(error)))
         items[BAD_ROWS_KEY] = bad_rows
+        if left_out:
+            items[LEFT_OUT_KEY] = left_out
         return items
 
     def __len__(self) -> int:
@@ -205,9 +237,12 @@ class RoundRobinBatchDataset(FairseqDataset):
             raise ValueError(f"a round-robin batch is one step, got {len(samples)}")
         items = dict(samples[0])
         bad_rows = items.pop(BAD_ROWS_KEY, [])
+        left_out = items.pop(LEFT_OUT_KEY, ())
         batch = {name: self.datasets[name].collater(examples) for name, examples in items.items() if examples}
         if bad_rows:
             batch[BAD_ROWS_KEY] = bad_rows
+        if left_out:
+            batch[LEFT_OUT_KEY] = tuple(left_out)
         return batch
 
     def set_epoch(self, epoch: int) -> None:
@@ -220,9 +255,10 @@ class RoundRobinBatchDataset(FairseqDataset):
         return True
 
     def num_tokens(self, key: StepKey) -> int:
-        epoch, step = key
+        epoch, step = key[:2]
+        left_out = key[2] if len(key) > 2 else ()
         return int(sum(self.datasets[name].sizes[indices].sum()
-                       for name, indices in self.step_indices(epoch, step).items()))
+                       for name, indices in self.step_indices(epoch, step).items() if name not in left_out))
 
     def size(self, key: StepKey) -> int:
         return self.num_tokens(key)
@@ -256,6 +292,15 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
     #: what the task keeps about the run across a resume (saved with the iterator's state, which
     #: fairseq restores unless ``--reset-dataloader``): set by the task, shared with it
     run_state: Optional[Dict[str, Any]] = None
+
+    @property
+    def first_batch(self):
+        """The epoch's first step with every modality (fairseq's dummy batch, which a rank runs in
+        place of a missing one: it must hold what the other ranks' batches hold at any stage)."""
+        if len(self.frozen_batches) == 0:
+            raise RuntimeError("no batches: the epoch is empty")
+        epoch, step = self.frozen_batches[0][0][:2]
+        return self.collate_fn([self.dataset[(epoch, step)]])
 
     def layout(self) -> Dict[str, Any]:
         return {"steps_per_epoch": int(self.dataset.num_steps), "epoch_modality": str(self.dataset.epoch_modality),

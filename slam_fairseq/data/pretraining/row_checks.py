@@ -5,9 +5,12 @@ reading its features: the feature file exists, a ``zip:offset:length`` entry lie
 and an ``.npy`` (stored in a zip or on its own) has a readable header whose shape is
 ``(frames >= 7, feature_dim)``, a numeric dtype, and a size that matches the entry. Bad rows are
 dropped with one WARNING per manifest that counts them by problem and names the first few. Under
-several data-parallel ranks, every rank drops the rows that any rank found bad (the task merges
-their reports), so that a file one rank could not open for a moment does not give the ranks
-different datasets, different numbers of steps, and a hang at the first collective one rank misses.
+several data-parallel ranks, each rank checks its own block of the rows and every rank drops the
+rows that any rank found bad (the task merges their reports): the ranks build one dataset (a file
+one rank could not open for a moment would otherwise give them different datasets, different
+numbers of steps, and a hang at the first collective one rank misses), and a start of W ranks
+reads 1/W of the headers on each. A row that only some nodes cannot read (node-local copies of
+the data) is then met mid-run, as below.
 
 Mid-run, a row that still fails (a corrupt ``.npy`` body, a file deleted since) raises a
 :class:`BadRowError` in the dataset; the round-robin dataset leaves that example out of its batch
@@ -211,18 +214,24 @@ class RowCheckReport:
                 f"used: {counts}; first: {'; '.join(named)}")
 
 
-def check_feature_rows(rows, data_dir: str, feature_dim: int) -> RowCheckReport:
-    """Check every row cheaply (see the module docstring); returns what is wrong with which rows.
+def check_feature_rows(rows, data_dir: str, feature_dim: int, part: Tuple[int, int] = (0, 1)) -> RowCheckReport:
+    """Check rows cheaply (see the module docstring); returns what is wrong with which rows.
 
     Args:
         rows: ``SpeechRows`` of a speech or pair manifest.
         data_dir: root of relative feature paths.
         feature_dim: expected feature dimension (80).
+        part: ``(k, n)``: check only the ``k``-th of ``n`` equal consecutive blocks of rows (the
+            ranks of a run each check one and merge their reports; consecutive rows mostly
+            share their zip). The report counts all the manifest's rows.
     """
     report = RowCheckReport(str(rows.manifest), len(rows))
+    block, blocks = part
+    start, end = len(rows) * block // blocks, len(rows) * (block + 1) // blocks
     cache = _FileCache()
     try:
-        for index, audio_field in enumerate(rows.audio):
+        for index in range(start, end):
+            audio_field = rows.audio[index]
             problem = feature_row_problem(audio_field, data_dir, feature_dim, cache)
             if problem is not None:
                 kind, detail = problem
