@@ -132,6 +132,13 @@ class RoundRobinBatchDataset(FairseqDataset):
         #: updates trains, asked once per epoch when its batch list is made
         self.modalities_left_out: Optional[Callable[[int], Sequence[str]]] = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """What a data-loader worker started by pickling (``spawn``) gets: not the task's
+        :attr:`modalities_left_out` (only the batch sampler, in the training process, asks it)."""
+        state = dict(self.__dict__)
+        state["modalities_left_out"] = None
+        return state
+
     # -- planning ------------------------------------------------------------------------------
     def set_batches(self, batches: Dict[str, Sequence[np.ndarray]]) -> None:
         """Install each modality's batches (from :func:`make_modality_batches`)."""
