@@ -15,8 +15,9 @@ corrupt bytes are hard-linked aside, then replaced), so another rank that only a
 exists never sees a gap. Without an intact checkpoint an error names the file and nothing is
 touched: a kill does not leave that state (fairseq writes the first file of each save atomically,
 then copies it), and a run starting from scratch would overwrite the save dir's checkpoints.
-Before that, the temporaries a kill left (fairseq's ``checkpoint*.pt.tmp`` of a save stopped
-before its rename, an earlier recovery's copy), a whole checkpoint each, are removed.
+The temporaries a kill left (fairseq's ``checkpoint*.pt.tmp`` of a save stopped before its
+rename, an earlier recovery's copy), a whole checkpoint each, are removed by a pre-training run
+when its first epoch begins (:func:`remove_interrupted_writes`).
 
 An explicit ``--restore-file`` (any name but ``checkpoint_last.pt``) is the user's choice and is
 not substituted: an unreadable one is an error naming it and the intact checkpoints beside it.
@@ -187,39 +188,33 @@ def remove_stale_temporaries(destination: str) -> List[str]:
     return removed
 
 
-#: what fairseq's ``torch_persistent_save`` writes before renaming it onto the checkpoint
-FAIRSEQ_TEMPORARY_SUFFIX = ".pt.tmp"
+def _unfinished_write_pattern(suffix: str) -> re.Pattern:
+    """Names of the whole-checkpoint temporaries of a run of ``--checkpoint-suffix suffix`` (of
+    any rank's shard): fairseq's ``NAME.pt.tmp`` (``torch_persistent_save`` writes the first file
+    of a save there, then renames it) and :func:`atomic_copy`'s ``.tmp-NAME.pt<random>``."""
+    name = (r"checkpoint(?:\d+|_\d+_\d+|_best|_last|\.best_.+_-?\d+(?:\.\d*)?)" + re.escape(suffix)
+            + r"(?:-shard\d+)?\.pt")
+    return re.compile(rf"{name}\.tmp|{re.escape(TEMPORARY_PREFIX)}{name}[A-Za-z0-9_]+")
 
 
-def remove_interrupted_writes(save_dir: str) -> List[str]:
-    """Remove the whole-checkpoint temporaries a kill left in ``save_dir``: fairseq's
-    ``checkpoint*.pt.tmp`` (a save stopped before its rename; fairseq never looks at them again)
-    and :func:`atomic_copy`'s ``.tmp-*`` (a recovery copy stopped). A file still growing (a run
-    writing in this directory now) is left alone. Call from the one process that recovers,
-    before the run saves anything. Returns the names removed."""
-    import time
-
+def remove_interrupted_writes(save_dir: str, suffix: str, written_before: float) -> List[str]:
+    """Remove the whole-checkpoint temporaries an earlier, killed process of this run left in
+    ``save_dir`` (fairseq never looks at its ``.pt.tmp`` files again): those of this
+    ``--checkpoint-suffix`` last written before ``written_before`` (the time this process
+    started). Call once, from one rank of a training run, before it saves anything. Returns the
+    names removed."""
     if not os.path.isdir(save_dir):
         return []
-    found = {}
+    pattern = _unfinished_write_pattern(suffix)
+    removed, freed = [], 0
     for name in sorted(os.listdir(save_dir)):
         path = os.path.join(save_dir, name)
-        ours = name.startswith(TEMPORARY_PREFIX + "checkpoint")
-        fairseqs = name.startswith("checkpoint") and name.endswith(FAIRSEQ_TEMPORARY_SUFFIX)
-        if (ours or fairseqs) and os.path.isfile(path):
-            found[name] = os.stat(path)
-    if found:
-        time.sleep(WRITE_SETTLE_SECONDS)  # once for all: a file still growing is being written
-    removed, freed = [], 0
-    for name, before in found.items():
-        path = os.path.join(save_dir, name)
-        try:
-            after = os.stat(path)
-        except FileNotFoundError:
+        if not pattern.fullmatch(name) or not os.path.isfile(path):
             continue
-        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        status = os.stat(path)
+        if status.st_mtime >= written_before:  # another process is writing it
             continue
-        freed += after.st_size
+        freed += status.st_size
         os.unlink(path)
         removed.append(name)
     if removed:
@@ -371,7 +366,6 @@ def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAU
     failure: Optional[BaseException] = None
     if not distributed or dist.get_rank() == 0:
         try:
-            remove_interrupted_writes(str(save_dir))
             if shards:
                 result = recover_sharded_checkpoint_dir(save_dir, restore_file, suffix, shards)
             else:

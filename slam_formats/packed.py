@@ -114,9 +114,12 @@ class PackedSequences(_Packed):
 
     @classmethod
     def from_arrays(cls, arrays: Iterable[np.ndarray], dtype: Union[str, np.dtype] = np.int32) -> "PackedSequences":
-        arrays = [np.asarray(item, dtype=dtype).reshape(-1) for item in arrays]
+        arrays = [np.asarray(item).reshape(-1) for item in arrays]
         values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
-        return cls(values, _offsets(len(item) for item in arrays))
+        limits = np.iinfo(dtype)
+        if len(values) and (values.min() < limits.min or values.max() > limits.max):
+            raise ValueError(f"values {values.min()} .. {values.max()} do not fit in {np.dtype(dtype).name}")
+        return cls(values.astype(dtype, copy=False), _offsets(len(item) for item in arrays))
 
     @property
     def sizes(self) -> np.ndarray:

@@ -201,30 +201,29 @@ def test_a_copy_killed_during_recovery_leaves_no_temporary_behind_the_next_one(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1_4.pt", "checkpoint_last.pt"]
 
 
-def test_unfinished_checkpoint_writes_a_kill_left_are_removed_before_the_run_starts(tmp_path, caplog, monkeypatch):
+def test_unfinished_checkpoint_writes_of_this_run_left_by_a_kill_are_removed(tmp_path, caplog):
     """fairseq writes each save to ``NAME.pt.tmp`` and renames it: a kill before the rename leaves
     a whole checkpoint's bytes that nothing ever removes; so does a recovery copy killed midway.
-    At start they go (a file still growing is another run's write and stays), the rest stays."""
-    from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
+    Removed: this --checkpoint-suffix's, any rank's shard, written before this process started.
+    Kept: another suffix's, one written since (another process writing now), other files."""
+    from slam_fairseq.checkpoint_recovery import remove_interrupted_writes
 
     _save(tmp_path / "checkpoint_1_4.pt", 4.0)
-    _save(tmp_path / "checkpoint_last.pt", 4.0)
-    for name in ("checkpoint_2_8.pt.tmp", "checkpoint_last-shard1.pt.tmp", ".tmp-checkpoint_last.ptab12cd",
-                 "checkpoint_3_9.pt.tmp"):
+    leftovers = ["checkpoint_2_8.pt.tmp", "checkpoint_last-shard1.pt.tmp", ".tmp-checkpoint_last.ptab12cd_x",
+                 "checkpoint.best_loss_2.31.pt.tmp", "checkpoint3.pt.tmp"]
+    kept = ["checkpoint_last_b.pt.tmp", ".tmp-checkpoint_last_b.ptab12cd", "notes.pt.tmp", "checkpoint_best.pt.tmpx"]
+    for name in leftovers + kept + ["checkpoint_4_9.pt.tmp"]:
         (tmp_path / name).write_bytes(b"x" * 4096)
-    (tmp_path / "notes.pt.tmp").write_bytes(b"the user's")
-    growing = tmp_path / "checkpoint_3_9.pt.tmp"
-
-    def write_meanwhile(seconds):  # another process appends while the sweep waits
-        with open(growing, "ab") as out:
-            out.write(b"y")
-    monkeypatch.setattr(time, "sleep", write_meanwhile)
+    started = time.time()
+    for name in leftovers + kept:
+        os.utime(tmp_path / name, (started - 60, started - 60))
+    os.utime(tmp_path / "checkpoint_4_9.pt.tmp", (started + 1, started + 1))  # being written now
     with caplog.at_level(logging.WARNING):
-        recover_checkpoint_dir_on_rank_zero(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1_4.pt", "checkpoint_3_9.pt.tmp",
-                                                          "checkpoint_last.pt", "notes.pt.tmp"]
-    assert "removed 3 unfinished checkpoint writes a kill left (0 MiB): .tmp-checkpoint_last.ptab12cd, " \
-           "checkpoint_2_8.pt.tmp, checkpoint_last-shard1.pt.tmp" in caplog.text
+        removed = remove_interrupted_writes(str(tmp_path), "", written_before=started)
+    assert sorted(removed) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint_1_4.pt", "checkpoint_4_9.pt.tmp", *kept])
+    assert f"removed 5 unfinished checkpoint writes a kill left (0 MiB): {', '.join(sorted(leftovers))}" in caplog.text
+    assert remove_interrupted_writes(str(tmp_path), "_b", written_before=started) == sorted(kept[:2])
 
 
 def test_missing_or_readable_last_is_left_alone_and_an_explicit_restore_file_is_never_substituted(tmp_path):

@@ -36,6 +36,8 @@ def test_packed_sequences_give_read_only_views_of_each_sequence():
         np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError):
         packed[0][0] = 7  # a view of the shared values: writing would change every later read
+    with pytest.raises(ValueError, match="do not fit in int32"):
+        PackedSequences.from_arrays([np.array([1, 2 ** 31 + 5])])
     taken = packed.take([3, 0])
     np.testing.assert_array_equal(taken[0], arrays[3])
     np.testing.assert_array_equal(taken[1], arrays[0])

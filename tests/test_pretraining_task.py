@@ -216,6 +216,17 @@ def test_an_epoch_ending_before_stage_2_leaves_the_pairs_out_and_a_stage_2_updat
     assert task.modalities_left_out(8, 2) == ("pair",) and task.modalities_left_out(9, 2) == ()
     metrics.log_scalar("num_updates", 8, weight=0)
     assert task.modalities_left_out(1, 1) == ()
+    # a resumed mid-epoch checkpoint: fairseq logs the count (6), then loads the saved metrics into
+    # the registry; later counts go to the still-active aggregator, which is the one to read
+    metrics.reset()
+    metrics.log_scalar("num_updates", 5, weight=0)
+    saved = metrics.state_dict()
+    metrics.reset()
+    metrics.log_scalar("num_updates", 6, weight=0)
+    metrics.load_state_dict(saved)
+    metrics.log_scalar("num_updates", 12, weight=0)
+    assert metrics.get_meter("default", "num_updates").val == 5
+    assert task.modalities_left_out(4, 1) == (), "updates 12 .. 15 may reach update 8"
     for other in (make_task(data_dir, stage2_start_update=0), make_task(data_dir, stage2_start_update=-1),
                   make_task(data_dir, stage2_start_update=8, stage1_modalities="speech,text,pair")):
         metrics.log_scalar("num_updates", 0, weight=0)
@@ -316,26 +327,32 @@ def test_cli_stage_switch_checkpoint_and_resume_match_an_uninterrupted_run(data_
 
 
 def test_cli_epochs_before_stage_2_do_not_read_pairs_and_train_as_a_run_that_reads_them(data_dir, tmp_path):
-    """4 updates an epoch, stage 2 from update 8: epoch 2 (updates 4 .. 7) leaves the pairs out
-    (epoch 1 reads them: no update count is logged before it). The same run stopped at update 6
-    and resumed reads them for the rest of epoch 2 (6 + 4 updates may pass update 8), so its equal
-    losses show that leaving them out changes nothing trained."""
+    """4 updates an epoch, stage 2 from update 16: epochs 2 to 4 (updates 4 .. 15) leave the pairs
+    out (epoch 1 reads them: no update count is logged before it), epoch 5 reads them. The same
+    run stopped at update 6 (a first process that loads no pairs: stage 2 is past its
+    --max-update) and resumed mid-epoch trains every update as the whole run, and its resumed
+    process plans epoch 5 from the count of update 16, not from the resumed checkpoint's metrics."""
     criterion, stand_in = _criterion()
 
     def args(save_dir: Path, max_update: int):
         values = _train_args(data_dir, save_dir, criterion, max_update)
-        values[values.index("--stage2-start-update") + 1] = "8"
-        return values
+        values[values.index("--stage2-start-update") + 1] = "16"
+        return values + ["--save-interval-updates", "3"]
 
-    whole = _check(fixtures.run_fairseq(args(tmp_path / "whole", 10), stand_in))
+    whole = _check(fixtures.run_fairseq(args(tmp_path / "whole", 20), stand_in))
     first = _check(fixtures.run_fairseq(args(tmp_path / "split", 6), stand_in))
-    second = _check(fixtures.run_fairseq(args(tmp_path / "split", 10), stand_in))
-    assert "epoch 2: no update of it trains pair: those batches are not read" in whole
-    assert "no update of it trains" not in whole.replace("epoch 2: no update of it trains", "")
-    assert "no update of it trains" not in first + second  # the first loads no pairs (no stage 2 before 6)
+    killed_save = tmp_path / "split" / "checkpoint_2_7.pt.tmp"  # a save a kill stopped before its rename
+    killed_save.write_bytes(b"PK" * 1000)
+    second = _check(fixtures.run_fairseq(args(tmp_path / "split", 20), stand_in))
+    assert not killed_save.exists() and "removed 1 unfinished checkpoint write a kill left" in second
+    for epoch in (2, 3, 4):
+        assert f"epoch {epoch}: no update of it trains pair: those batches are not read" in whole
+        assert f"epoch {epoch}: no update of it trains pair" in second
+    assert "epoch 1: no update" not in whole and "epoch 5: no update" not in whole + second
+    assert "no update of it trains" not in first
     expected = _losses(fixtures.json_log_records(whole))
-    assert [expected[u]["stage"] for u in range(1, 11)] == ["1"] * 8 + ["2"] * 2
-    assert "tlm_text_loss" in expected[9] and "tlm_text_loss" not in expected[8]
+    assert [expected[u]["stage"] for u in range(1, 21)] == ["1"] * 16 + ["2"] * 4
+    assert "tlm_text_loss" in expected[17] and "tlm_text_loss" not in expected[16]
     resumed = _losses(fixtures.json_log_records(first))
     resumed.update(_losses(fixtures.json_log_records(second)))
     assert resumed == expected

@@ -136,14 +136,24 @@ def reset_cached_batches(iterator) -> None:
 
 
 def logged_num_updates() -> Optional[int]:
-    """The trainer's count of finished updates as it last logged it (``num_updates`` of fairseq's
-    root metrics aggregator: ``Trainer.set_num_updates`` logs it on every update and when a
-    checkpoint is loaded), or None when it has not logged one yet (a run's first epoch)."""
+    """The trainer's count of finished updates as it last logged it, or None when it has not
+    logged one yet (a run's first epoch).
+
+    ``Trainer.set_num_updates`` logs ``num_updates`` on every update and when a checkpoint is
+    loaded, into the active root aggregator. Loading a mid-epoch checkpoint's metrics then puts
+    the saved aggregator in the registry (``metrics.get_meter`` reads it) while the active one
+    keeps receiving the count: the registered value stays at the resumed update. The larger of
+    the two is the count."""
     from fairseq.logging import metrics
 
-    meter = metrics.get_meter("default", "num_updates")
-    value = getattr(meter, "val", None)
-    return None if value is None else int(value)
+    values = []
+    for registry in (getattr(metrics, "_active_aggregators", {}), getattr(metrics, "_aggregators", {})):
+        meters = registry.get("default")
+        meter = meters.get("num_updates") if meters is not None else None
+        value = getattr(meter, "val", None)
+        if value is not None:
+            values.append(int(value))
+    return max(values) if values else None
 
 
 def forget_finished_aggregators() -> int:

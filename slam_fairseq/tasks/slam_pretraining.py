@@ -25,6 +25,7 @@ over ``--epoch-modality`` (default: the modality with the most batches); the oth
 import contextlib
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -36,7 +37,7 @@ from omegaconf import II, MISSING
 
 from slam_formats.manifest import ManifestError
 from slam_formats.names import pair_manifest_name, speech_manifest_name
-from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero
+from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero, remove_interrupted_writes
 from slam_fairseq.checkpoint_shards import rank_checkpoint_suffix, sharded_state_world_size
 from slam_fairseq.compat.ddp_backend import use_legacy_ddp_for_several_backward_passes
 from slam_fairseq.compat.fairseq_internals import (forget_finished_aggregators, is_fully_sharded,
@@ -260,6 +261,8 @@ class SlamPretrainingTask(FairseqTask):
         self._stashed_best: Optional[Tuple[float]] = None
         self._train_limits: Optional[Tuple[Optional[int], Optional[int]]] = None
         self._warned_stage_reset = False
+        self._started_at = time.time()  # files this run's earlier processes left are older
+        self._swept_save_dir = False
 
     # -- setup ------------------------------------------------------------------------------------
     @classmethod
@@ -288,6 +291,7 @@ class SlamPretrainingTask(FairseqTask):
         done = logged_num_updates()
         if not self.stage2_reachable or done is None:
             return ()
+        done = max(done, self.num_updates_seen)
         updates_in_epoch = -(-int(steps_per_epoch) // max(int(num_shards), 1))
         if done + updates_in_epoch > int(self.cfg.stage2_start_update):
             return ()
@@ -703,6 +707,19 @@ class SlamPretrainingTask(FairseqTask):
             criterion.log_validation_loss()
         else:
             super().reduce_metrics(logging_outputs, criterion)
+
+    def begin_epoch(self, epoch, model) -> None:
+        """At the first epoch this process trains, before it saves anything: rank 0 removes the
+        unfinished checkpoint writes an earlier, killed process of this run left in the save dir
+        (``checkpoint_recovery.remove_interrupted_writes``: a whole checkpoint each)."""
+        super().begin_epoch(epoch, model)
+        if self._swept_save_dir:
+            return
+        self._swept_save_dir = True
+        save_dir = resolved_option(self.cfg.save_dir)
+        if save_dir is not None and rank_and_world_size()[0] == 0:
+            remove_interrupted_writes(str(save_dir), resolved_option(self.cfg.checkpoint_suffix) or "",
+                                      written_before=self._started_at)
 
     def begin_valid_epoch(self, epoch, model) -> None:
         """Before a validation whose stage does not log ``--best-checkpoint-metric`` (an objective
