@@ -37,6 +37,11 @@ left is skipped with a note, and a child process that overruns its time is stopp
 as that part's error. Before each part the report says ``"running": <part>``, so a run killed
 from outside still tells where it stopped.
 
+A part in this process that fails and leaves its CUDA context unusable (a sticky error: an
+illegal memory access, a device-side assert) would fail every later part of the process: the
+check then runs the remaining parts in a new process (``--start-part``), on the same data and
+deadline, and the report says so under ``continued``.
+
 Memory: after each part in this process its CUDA cache is emptied, and the free and total CUDA
 memory is recorded before each part that runs in a child process.
 
@@ -127,10 +132,33 @@ def cuda_memory() -> Dict[str, int]:
             "this_process_reserved_mib": torch.cuda.memory_reserved() // 2 ** 20}
 
 
+def cuda_context_problem(cuda: bool) -> Optional[str]:
+    """Why this process can no longer use the GPU, or None: some CUDA errors (an illegal memory
+    access, a device-side assert) stay with the process's context, and every later CUDA call of
+    the process fails with them."""
+    if not cuda:
+        return None
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).item()
+    except Exception as error:  # the sticky error itself
+        return repr(error)[:300]
+    return None
+
+
 def run_parts(parts: List[Part], report: Dict[str, object], deadline: Deadline, cuda: bool,
-              save: Callable[[], None]) -> None:
-    """Run ``parts`` in order into ``report``, calling ``save`` before each and after each."""
+              save: Callable[[], None], start: int = 0,
+              continue_elsewhere: Optional[Callable[[int], None]] = None) -> None:
+    """Run ``parts[start:]`` in order into ``report``, calling ``save`` before each and after each.
+
+    When a part run in this process fails and leaves the CUDA context unusable
+    (:func:`cuda_context_problem`), the report says so under ``continued`` and
+    ``continue_elsewhere(next index)`` runs the rest (in a new process); this returns."""
     for index, part in enumerate(parts):
+        if index < start:
+            continue
         reserve = sum(later.needs for later in parts[index + 1:] if later.headline) if part.headline else 0.0
         seconds = min(part.cap, deadline.remaining() - reserve)
         if seconds < part.needs:
@@ -153,6 +181,14 @@ def run_parts(parts: List[Part], report: Dict[str, object], deadline: Deadline, 
             report.setdefault(part.key, {})[part.name] = result
         report.pop("running", None)
         save()
+        failed_here = isinstance(result, dict) and "error" in result and not part.child
+        problem = cuda_context_problem(cuda) if failed_here and continue_elsewhere is not None else None
+        if problem is not None and index + 1 < len(parts):
+            report["continued"] = (f"{part.label} left this process's CUDA context unusable ({problem}): the parts "
+                                   f"from {parts[index + 1].label} on ran in a new process")
+            save()
+            continue_elsewhere(index + 1)
+            return
 
 
 def _recorded(part: Callable[[], object]) -> object:
@@ -494,6 +530,9 @@ def _markdown(report: Dict[str, object]) -> str:
     lines = [f"# GPU check: {report['preset']} on {report['device_name']}", "",
              f"torch {report['torch']}, {report['when']}, {wall}; time budget {report.get('deadline_s', 'none')} s; "
              f"MFU against {report['peak_tflops']} TFLOP/s ({report['peak_tflops_source']})", ""]
+    for key in ("continued", "continuation_error"):
+        if key in report:
+            lines += [f"{key.replace('_', ' ')}: {report[key]}", ""]
     lines += ["## training runs (synthetic data, stage 2)", "",
               "| run | updates/s | peak CUDA MiB | peak RSS MiB | note |", "| --- | --- | --- | --- | --- |"]
     for name, run in report.get("fairseq_train", {}).items():
@@ -574,6 +613,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--deadline-seconds", type=float, default=float(timeout) if timeout else None,
                         help=f"the whole run's time (default: GPU_CHECK_TIMEOUT); the parts end "
                              f"{DEADLINE_MARGIN_S:.0f} s before it")
+    # the parts from this index on, into the report already in OUT (a continuation, see run_parts)
+    parser.add_argument("--start-part", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     deadline = Deadline(args.deadline_seconds)
     start = time.perf_counter()
@@ -592,6 +633,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "preset": args.preset, "device_name": device_name or "CPU (smoke)", "torch": torch.__version__,
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "deadline_s": args.deadline_seconds,
         "peak_tflops": peak, "peak_tflops_source": peak_source}
+    if args.start_part:
+        report = json.loads((args.out_dir / "gpu_check.json").read_text(encoding="utf-8"))
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     data_dir = args.data_dir or work / "synthetic_data"
@@ -665,8 +708,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
                                                       frames=frames), needs=20),
         Part("quantizer", lambda seconds: _bench_in_process(quantizer_args, module="bench_quantizer"), needs=15),
     ]
+    def continue_elsewhere(index: int) -> None:
+        """The parts from ``index`` on in a new process (a fresh CUDA context), on the same data
+        and deadline; its report becomes this one's."""
+        given = argv if argv is not None else sys.argv[1:]
+        command = [sys.executable, __file__, *given, "--start-part", str(index), "--data-dir", str(data_dir),
+                   "--deadline-seconds", f"{deadline.remaining() + DEADLINE_MARGIN_S:.0f}"]
+        returncode, stdout, stderr, _ = run_child(command, timeout=max(deadline.remaining() + DEADLINE_MARGIN_S / 2, 1))
+        report.clear()
+        report.update(json.loads((args.out_dir / "gpu_check.json").read_text(encoding="utf-8")))
+        if returncode != 0:
+            report["continuation_error"] = f"exit {returncode}: {(stderr or stdout).strip()[-500:]}"
+
     try:
-        run_parts(parts, report, deadline, cuda, lambda: _save(args.out_dir, report))
+        run_parts(parts, report, deadline, cuda, lambda: _save(args.out_dir, report), start=args.start_part,
+                  continue_elsewhere=continue_elsewhere)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["wall_s"] = round(time.perf_counter() - start, 1)
