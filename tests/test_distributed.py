@@ -117,6 +117,23 @@ def test_two_ranks_pretraining_validation_stage_switch_checkpoint_and_resume(dat
     assert dist.read_hashes(whole_dir)[0] == dist.read_hashes(hash_dir)[0]
 
 
+def test_two_ranks_leave_pairs_out_of_stage_1_epochs_and_agree_through_the_switch(data_dir, tmp_path):
+    """5 steps an epoch over 2 ranks: at most 3 updates an epoch (rank 1's last is fairseq's dummy
+    batch, which holds every modality); stage 2 from update 6: epoch 2 (updates 3 .. 5) does not
+    read the pairs, epoch 3 does; the ranks' parameters agree after every update."""
+    hash_dir = tmp_path / "hashes"
+    args = pretraining_args(data_dir, tmp_path / "checkpoints", 8, "--stage2-start-update", "6",
+                            "--ddp-backend", "legacy_ddp", "--disable-validation")
+    finished = dist.train_ranks(args, 2, tmp_path / "logs", dist.hash_env(dist.base_env(), hash_dir))
+    log = finished[0].output
+    assert "epoch 2: no update of it trains pair: those batches are not read" in log
+    assert "epoch 1: no update" not in log and "epoch 3: no update" not in log
+    inner = {int(r["num_updates"]): r for r in _records(log, "train_inner")}
+    assert sorted(inner) == list(range(1, 9))
+    assert all(("tlm_text_loss" in inner[u]) == (u > 6) for u in inner)
+    _assert_same_parameters_on_every_rank(hash_dir, 2, list(range(1, 9)))
+
+
 def test_two_ranks_finetuning_with_a_frozen_encoder(tmp_path):
     import s2t_fixtures
 
