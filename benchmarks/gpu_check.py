@@ -161,16 +161,22 @@ def run_parts(parts: List[Part], report: Dict[str, object], deadline: Deadline, 
             continue
         reserve = sum(later.needs for later in parts[index + 1:] if later.headline) if part.headline else 0.0
         seconds = min(part.cap, deadline.remaining() - reserve)
-        if seconds < part.needs:
-            result: object = {"note": f"skipped: {max(0.0, seconds):.0f} s left for it, it needs about "
-                                      f"{part.needs:.0f} s"}
-        else:
+        result: object = {"note": f"skipped: {max(0.0, seconds):.0f} s left for it, it needs about "
+                                  f"{part.needs:.0f} s"}
+        problem = None
+        if seconds >= part.needs:
             report["running"] = part.label
             save()
             memory = cuda_memory() if cuda and part.child else None
             started = time.perf_counter()
             result = _recorded(lambda: part.run(seconds))
-            release_memory(cuda)
+            if isinstance(result, dict) and "error" in result and not part.child:
+                problem = cuda_context_problem(cuda)
+            if problem is None:  # a broken context cannot even empty its cache
+                try:
+                    release_memory(cuda)
+                except Exception as error:
+                    problem = repr(error)[:300]
             if isinstance(result, dict):
                 result["part_s"] = round(time.perf_counter() - started, 1)
                 if memory is not None:
@@ -181,11 +187,10 @@ def run_parts(parts: List[Part], report: Dict[str, object], deadline: Deadline, 
             report.setdefault(part.key, {})[part.name] = result
         report.pop("running", None)
         save()
-        failed_here = isinstance(result, dict) and "error" in result and not part.child
-        problem = cuda_context_problem(cuda) if failed_here and continue_elsewhere is not None else None
-        if problem is not None and index + 1 < len(parts):
-            report["continued"] = (f"{part.label} left this process's CUDA context unusable ({problem}): the parts "
-                                   f"from {parts[index + 1].label} on ran in a new process")
+        if problem is not None and continue_elsewhere is not None and index + 1 < len(parts):
+            report.setdefault("continued", []).append(
+                f"{part.label} left this process's CUDA context unusable ({problem}): the parts from "
+                f"{parts[index + 1].label} on ran in a new process")
             save()
             continue_elsewhere(index + 1)
             return
@@ -214,12 +219,13 @@ def _text(output) -> str:
     return output or ""
 
 
-def run_child(command: List[str], timeout: float) -> Tuple[Optional[int], str, str, float]:
-    """``command`` in the repository: (return code, None when stopped after ``timeout`` seconds;
-    stdout; stderr; seconds)."""
+def run_child(command: List[str], timeout: Optional[float],
+              cwd: Path = REPO_ROOT) -> Tuple[Optional[int], str, str, float]:
+    """``command`` in ``cwd`` (the repository): (return code, None when stopped after ``timeout``
+    seconds; stdout; stderr; seconds)."""
     start = time.perf_counter()
     try:
-        process = subprocess.run(command, capture_output=True, text=True, cwd=str(REPO_ROOT), env=_child_env(),
+        process = subprocess.run(command, capture_output=True, text=True, cwd=str(cwd), env=_child_env(),
                                  timeout=timeout)
     except subprocess.TimeoutExpired as expired:
         return None, _text(expired.stdout), _text(expired.stderr), time.perf_counter() - start
@@ -530,9 +536,10 @@ def _markdown(report: Dict[str, object]) -> str:
     lines = [f"# GPU check: {report['preset']} on {report['device_name']}", "",
              f"torch {report['torch']}, {report['when']}, {wall}; time budget {report.get('deadline_s', 'none')} s; "
              f"MFU against {report['peak_tflops']} TFLOP/s ({report['peak_tflops_source']})", ""]
-    for key in ("continued", "continuation_error"):
-        if key in report:
-            lines += [f"{key.replace('_', ' ')}: {report[key]}", ""]
+    for note in report.get("continued", []):
+        lines += [f"continued: {note}", ""]
+    if "continuation_error" in report:
+        lines += [f"continuation error: {report['continuation_error']}", ""]
     lines += ["## training runs (synthetic data, stage 2)", "",
               "| run | updates/s | peak CUDA MiB | peak RSS MiB | note |", "| --- | --- | --- | --- | --- |"]
     for name, run in report.get("fairseq_train", {}).items():
@@ -628,6 +635,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     dtype = "bf16" if cuda else "fp32"
     device_name = torch.cuda.get_device_name() if cuda else None
     peak, peak_source = peak_tflops(args.peak_tflops, device_name)
+    args.out_dir = args.out_dir.resolve()  # the benchmark children run in the repository
+    args.data_dir = args.data_dir.resolve() if args.data_dir else None
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report: Dict[str, object] = {
         "preset": args.preset, "device_name": device_name or "CPU (smoke)", "torch": torch.__version__,
@@ -635,6 +644,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         "peak_tflops": peak, "peak_tflops_source": peak_source}
     if args.start_part:
         report = json.loads((args.out_dir / "gpu_check.json").read_text(encoding="utf-8"))
+        if cuda:  # what the stopped process (waiting for this one) still holds of the GPU
+            report["continued_with_cuda_memory"] = cuda_memory()
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     data_dir = args.data_dir or work / "synthetic_data"
@@ -712,9 +723,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         """The parts from ``index`` on in a new process (a fresh CUDA context), on the same data
         and deadline; its report becomes this one's."""
         given = argv if argv is not None else sys.argv[1:]
-        command = [sys.executable, __file__, *given, "--start-part", str(index), "--data-dir", str(data_dir),
-                   "--deadline-seconds", f"{deadline.remaining() + DEADLINE_MARGIN_S:.0f}"]
-        returncode, stdout, stderr, _ = run_child(command, timeout=max(deadline.remaining() + DEADLINE_MARGIN_S / 2, 1))
+        command = [sys.executable, __file__, *given, "--start-part", str(index), "--data-dir", str(data_dir)]
+        if not math.isinf(deadline.remaining()):
+            command += ["--deadline-seconds", f"{deadline.remaining() + DEADLINE_MARGIN_S:.0f}"]
+        left = deadline.remaining()
+        returncode, stdout, stderr, _ = run_child(command, timeout=None if math.isinf(left) else
+                                                  max(left + DEADLINE_MARGIN_S / 2, 5.0), cwd=Path.cwd())
         report.clear()
         report.update(json.loads((args.out_dir / "gpu_check.json").read_text(encoding="utf-8")))
         if returncode != 0:

@@ -16,8 +16,9 @@ exists never sees a gap. Without an intact checkpoint an error names the file an
 touched: a kill does not leave that state (fairseq writes the first file of each save atomically,
 then copies it), and a run starting from scratch would overwrite the save dir's checkpoints.
 The temporaries a kill left (fairseq's ``checkpoint*.pt.tmp`` of a save stopped before its
-rename, an earlier recovery's copy), a whole checkpoint each, are removed by a pre-training run
-when its first epoch begins (:func:`remove_interrupted_writes`).
+rename, an earlier recovery's copy), a whole checkpoint each, are removed by the next training
+process of the run when its first epoch begins (:func:`remove_interrupted_writes_on_rank_zero`,
+from ``slam_pretraining`` and ``slam_speech_to_text``).
 
 An explicit ``--restore-file`` (any name but ``checkpoint_last.pt``) is the user's choice and is
 not substituted: an unreadable one is an error naming it and the intact checkpoints beside it.
@@ -34,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointRecoveryError", "RecoveryResult", "checkpoint_problem", "fairseq_restore_path",
            "intact_checkpoints", "recover_checkpoint_dir", "recover_checkpoint_dir_on_rank_zero",
-           "recover_for_training_args", "repair_best_checkpoint", "atomic_copy", "remove_interrupted_writes"]
+           "recover_for_training_args", "repair_best_checkpoint", "atomic_copy", "remove_interrupted_writes",
+           "remove_interrupted_writes_on_rank_zero"]
 
 DEFAULT_RESTORE_FILE = "checkpoint_last.pt"
 CORRUPT_SUFFIX = ".corrupt"
@@ -133,12 +136,15 @@ def _legacy_load_problem(path: str, size: int) -> Optional[str]:
     return None
 
 
+#: ``checkpoint.best_<metric>_<value><suffix>.pt``: fairseq writes the value as ``{:.3f}`` followed
+#: by a random digit or two (``--keep-best-checkpoints``), so it has 4 or more decimals right before
+#: the suffix; another --checkpoint-suffix's files (``_2``, ``_run_1``) then never match
+_BEST_NAME = r"\.best_.+_-?\d+\.\d{4,}"
+
+
 def _candidate_pattern(suffix: str) -> re.Pattern:
     """The checkpoints fairseq's ``save_checkpoint`` writes (epoch, update, best), with ``suffix``."""
-    tail = re.escape(suffix) + r"\.pt"
-    # checkpoint.best_<metric>_<value><suffix>.pt: the value right before the suffix, so that
-    # another --checkpoint-suffix's files in the same directory never match
-    return re.compile(r"checkpoint(?:\d+|_\d+_\d+|_best|\.best_.+_-?\d+(?:\.\d*)?)" + tail)
+    return re.compile(rf"checkpoint(?:\d+|_\d+_\d+|_best|{_BEST_NAME})" + re.escape(suffix) + r"\.pt")
 
 
 def intact_checkpoints(save_dir: str, suffix: str = "", exclude: Optional[str] = None,
@@ -192,12 +198,16 @@ def _unfinished_write_pattern(suffix: str) -> re.Pattern:
     """Names of the whole-checkpoint temporaries of a run of ``--checkpoint-suffix suffix`` (of
     any rank's shard): fairseq's ``NAME.pt.tmp`` (``torch_persistent_save`` writes the first file
     of a save there, then renames it) and :func:`atomic_copy`'s ``.tmp-NAME.pt<random>``."""
-    name = (r"checkpoint(?:\d+|_\d+_\d+|_best|_last|\.best_.+_-?\d+(?:\.\d*)?)" + re.escape(suffix)
-            + r"(?:-shard\d+)?\.pt")
+    name = rf"checkpoint(?:\d+|_\d+_\d+|_best|_last|{_BEST_NAME})" + re.escape(suffix) + r"(?:-shard\d+)?\.pt"
     return re.compile(rf"{name}\.tmp|{re.escape(TEMPORARY_PREFIX)}{name}[A-Za-z0-9_]+")
 
 
-def remove_interrupted_writes(save_dir: str, suffix: str, written_before: float) -> List[str]:
+#: when this process imported the plugin (fairseq-train does so before it builds anything):
+#: files an earlier process of the run left were last written before it
+PROCESS_STARTED = time.time()
+
+
+def remove_interrupted_writes(save_dir: str, suffix: str, written_before: float = PROCESS_STARTED) -> List[str]:
     """Remove the whole-checkpoint temporaries an earlier, killed process of this run left in
     ``save_dir`` (fairseq never looks at its ``.pt.tmp`` files again): those of this
     ``--checkpoint-suffix`` last written before ``written_before`` (the time this process
@@ -222,6 +232,18 @@ def remove_interrupted_writes(save_dir: str, suffix: str, written_before: float)
         logger.warning(f"{save_dir}: removed {len(removed)} unfinished checkpoint write{plural} "
                        f"a kill left ({freed / 2 ** 20:.0f} MiB): {', '.join(removed[:5])}")
     return removed
+
+
+def remove_interrupted_writes_on_rank_zero(save_dir, suffix) -> List[str]:
+    """:func:`remove_interrupted_writes` on global rank 0 (fairseq's saving rank) of a training
+    run, for its tasks' first ``begin_epoch`` (fairseq calls it only in training, before the
+    process saves anything); nothing when the save dir is not known."""
+    from slam_fairseq.rank_agreement import rank_and_world_size
+
+    save_dir, suffix = resolved_option(save_dir), resolved_option(suffix)
+    if save_dir is None or rank_and_world_size()[0] != 0:
+        return []
+    return remove_interrupted_writes(str(save_dir), str(suffix or ""))
 
 
 def atomic_copy(source: str, destination: str) -> None:

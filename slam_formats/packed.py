@@ -116,6 +116,8 @@ class PackedSequences(_Packed):
     def from_arrays(cls, arrays: Iterable[np.ndarray], dtype: Union[str, np.dtype] = np.int32) -> "PackedSequences":
         arrays = [np.asarray(item).reshape(-1) for item in arrays]
         values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+        if len(values) and values.dtype.kind not in "iub":
+            raise ValueError(f"packed sequences hold integers, not {values.dtype.name}")
         limits = np.iinfo(dtype)
         if len(values) and (values.min() < limits.min or values.max() > limits.max):
             raise ValueError(f"values {values.min()} .. {values.max()} do not fit in {np.dtype(dtype).name}")

@@ -184,6 +184,7 @@ def test_another_suffixs_best_checkpoints_are_never_candidates(tmp_path):
     checkpoint.best_loss_2.3451_b.pt must not replace the other run's checkpoint_last.pt."""
     _age(_save(tmp_path / "checkpoint_1_4.pt", 4.0), 30)
     _save(tmp_path / "checkpoint.best_loss_2.3451_b.pt", 99.0)
+    _save(tmp_path / "checkpoint.best_loss_4.1232_2.pt", 97.0)  # suffix "_2": not a value of 4.1232_2
     _save(tmp_path / "checkpoint.best_loss_2.3451-shard0.pt", 98.0)
     _save(tmp_path / "checkpoint.best_loss_2.3452.pt", 5.0)
     assert intact_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint.best_loss_2.3452.pt"),
@@ -210,8 +211,9 @@ def test_unfinished_checkpoint_writes_of_this_run_left_by_a_kill_are_removed(tmp
 
     _save(tmp_path / "checkpoint_1_4.pt", 4.0)
     leftovers = ["checkpoint_2_8.pt.tmp", "checkpoint_last-shard1.pt.tmp", ".tmp-checkpoint_last.ptab12cd_x",
-                 "checkpoint.best_loss_2.31.pt.tmp", "checkpoint3.pt.tmp"]
-    kept = ["checkpoint_last_b.pt.tmp", ".tmp-checkpoint_last_b.ptab12cd", "notes.pt.tmp", "checkpoint_best.pt.tmpx"]
+                 "checkpoint.best_loss_2.3101.pt.tmp", "checkpoint3.pt.tmp"]
+    kept = ["checkpoint_last_b.pt.tmp", ".tmp-checkpoint_last_b.ptab12cd", "notes.pt.tmp", "checkpoint_best.pt.tmpx",
+            "checkpoint.best_loss_4.1232_2.pt.tmp", "checkpoint.best_loss_4.1232_run_1.pt.tmp"]
     for name in leftovers + kept + ["checkpoint_4_9.pt.tmp"]:
         (tmp_path / name).write_bytes(b"x" * 4096)
     started = time.time()
@@ -224,6 +226,7 @@ def test_unfinished_checkpoint_writes_of_this_run_left_by_a_kill_are_removed(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint_1_4.pt", "checkpoint_4_9.pt.tmp", *kept])
     assert f"removed 5 unfinished checkpoint writes a kill left (0 MiB): {', '.join(sorted(leftovers))}" in caplog.text
     assert remove_interrupted_writes(str(tmp_path), "_b", written_before=started) == sorted(kept[:2])
+    assert remove_interrupted_writes(str(tmp_path), "_2", written_before=started) == [kept[4]]
 
 
 def test_missing_or_readable_last_is_left_alone_and_an_explicit_restore_file_is_never_substituted(tmp_path):
@@ -406,7 +409,9 @@ _RECOVER_AS_RANK = (
     "    recover_checkpoint_dir_on_rank_zero(save_dir)\n"
     "    print('went on')\n"
     "except Exception as error:\n"
-    "    print(f'raised {type(error).__name__}: {error}')\n"
+    "    print(f'raised {type(error).__name__}: {error}', flush=True)\n"
+    "dist.barrier()  # both ranks are done before either tears gloo down (else an abort at exit)\n"
+    "dist.destroy_process_group()\n"
 )
 
 

@@ -16,11 +16,12 @@ search, and task ``slam_speech_to_text`` through fairseq's own command-line tool
 """
 from __future__ import annotations
 
-import logging
-
 import itertools
+import logging
 import math
+import os
 import re
+import time
 from types import SimpleNamespace
 
 import editdistance
@@ -730,3 +731,21 @@ def test_training_with_the_task_equals_speech_to_text(trained, tmp_path):
         losses[task] = re.findall(r"\| (?:loss|nll_loss|ctc_loss) [0-9.]+", log)
         assert len(losses[task]) >= 9, log[-3000:]
     assert losses["slam_speech_to_text"] == losses["speech_to_text"]
+
+
+def test_the_task_removes_what_a_killed_save_left_at_its_first_epoch_only(trained, tmp_path):
+    """``slam_speech_to_text`` in training: rank 0 removes this --checkpoint-suffix's unfinished
+    checkpoint writes (``NAME.pt.tmp``, a whole checkpoint each) when its first epoch begins."""
+    task, models, _, _ = load_for_generation(trained)
+    past = time.time() - 3600
+    leftover, other_run = tmp_path / "checkpoint_3_90.pt.tmp", tmp_path / "checkpoint_last_b.pt.tmp"
+    for path in (leftover, other_run):
+        path.write_bytes(b"PK" * 100)
+        os.utime(path, (past, past))
+    task.args.save_dir, task.args.checkpoint_suffix = str(tmp_path), ""
+    task.begin_epoch(1, models[0])
+    assert not leftover.exists() and other_run.exists()
+    leftover.write_bytes(b"PK")
+    os.utime(leftover, (past, past))
+    task.begin_epoch(2, models[0])
+    assert leftover.exists(), "only at the first epoch of the process"

@@ -75,22 +75,37 @@ def test_gpu_check_cpu_smoke_writes_its_json_and_markdown(tmp_path):
 
 def test_a_part_that_breaks_the_cuda_context_hands_the_rest_to_a_new_process(tmp_path, monkeypatch):
     """A sticky CUDA error (an illegal memory access) in a part run in the check's own process
-    would fail every later part there: the check runs them in a new process instead. Here the
-    SDPA part raises and the context probe says the context is gone (on the CPU, stood in for);
-    the new process is a real, unpatched one, which runs the largest-batch, curves, profile,
-    host-sync and quantizer parts into the same report."""
-    def broken(*args, **kwargs):
+    fails every later CUDA call there, emptying the cache included: the check runs the remaining
+    parts in a new process instead. Here (on the CPU, stood in for) the SDPA part raises and the
+    cache release after it raises too; the parts after it would raise in this process. The new
+    process is a real, unpatched one, which runs them into the same report."""
+    broke = []
+
+    def sdpa_breaking_the_context(*args, **kwargs):
+        broke.append(True)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def release(cuda):
+        if broke:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (empty_cache)")
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("ran in the process whose context is broken")
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setattr(gpu_check, "sdpa_kernels", broken)
-    monkeypatch.setattr(gpu_check, "cuda_context_problem", lambda cuda: "RuntimeError('illegal memory access')")
-    report = gpu_check.main([str(tmp_path), "--cpu-smoke", "--deadline-seconds", "280"])
-    on_disk = json.loads((tmp_path / "gpu_check.json").read_text())
+    monkeypatch.setattr(gpu_check, "sdpa_kernels", sdpa_breaking_the_context)
+    monkeypatch.setattr(gpu_check, "release_memory", release)
+    for name in ("largest_batch", "profile_update", "host_syncs"):
+        monkeypatch.setattr(gpu_check, name, not_here)
+    monkeypatch.chdir(tmp_path)
+    report = gpu_check.main(["out", "--cpu-smoke", "--deadline-seconds", "280"])
+    out = tmp_path / "out"
+    on_disk = json.loads((out / "gpu_check.json").read_text())
     assert on_disk == report and "continuation_error" not in report, report.get("continuation_error")
-    assert report["continued"] == ("sdpa_kernels left this process's CUDA context unusable (RuntimeError('illegal "
-                                   "memory access')): the parts from largest_batch: plain on ran in a new process")
+    assert report["continued"] == ["sdpa_kernels left this process's CUDA context unusable (RuntimeError('CUDA "
+                                   "error: an illegal memory access was encountered (empty_cache)')): the parts "
+                                   "from largest_batch: plain on ran in a new process"]
     assert "illegal memory access was encountered" in report["sdpa_kernels"]["error"]
     assert report["bench_pretraining"]["ratio"] > 0 and report["fairseq_train"], "the parts before are kept"
     for name in ("plain", "checkpoint_activations"):
@@ -98,8 +113,9 @@ def test_a_part_that_breaks_the_cuda_context_hands_the_rest_to_a_new_process(tmp
     assert report["curves"]["returncode"] == 0 and "aten::" in report["profile"]["table"]
     assert "count" in report["host_syncs"] and report["quantizer"]["returncode"] == 0
     assert "running" not in report and report["wall_s"] > 0
-    assert "continued: sdpa_kernels left" in (tmp_path / "gpu_check.md").read_text()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]
+    assert "continued: sdpa_kernels left" in (out / "gpu_check.md").read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"], "a relative OUT is the caller's"
+    assert sorted(path.name for path in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
 
 
 def test_gpu_check_skips_the_parts_it_has_no_time_for(tmp_path):

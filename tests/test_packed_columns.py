@@ -38,6 +38,8 @@ def test_packed_sequences_give_read_only_views_of_each_sequence():
         packed[0][0] = 7  # a view of the shared values: writing would change every later read
     with pytest.raises(ValueError, match="do not fit in int32"):
         PackedSequences.from_arrays([np.array([1, 2 ** 31 + 5])])
+    with pytest.raises(ValueError, match="integers, not float64"):
+        PackedSequences.from_arrays([np.array([1.7])])
     taken = packed.take([3, 0])
     np.testing.assert_array_equal(taken[0], arrays[3])
     np.testing.assert_array_equal(taken[1], arrays[0])

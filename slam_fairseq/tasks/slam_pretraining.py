@@ -25,7 +25,6 @@ over ``--epoch-modality`` (default: the modality with the most batches); the oth
 import contextlib
 import functools
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +36,8 @@ from omegaconf import II, MISSING
 
 from slam_formats.manifest import ManifestError
 from slam_formats.names import pair_manifest_name, speech_manifest_name
-from slam_fairseq.checkpoint_recovery import recover_checkpoint_dir_on_rank_zero, remove_interrupted_writes
+from slam_fairseq.checkpoint_recovery import (recover_checkpoint_dir_on_rank_zero,
+                                              remove_interrupted_writes_on_rank_zero)
 from slam_fairseq.checkpoint_shards import rank_checkpoint_suffix, sharded_state_world_size
 from slam_fairseq.compat.ddp_backend import use_legacy_ddp_for_several_backward_passes
 from slam_fairseq.compat.fairseq_internals import (forget_finished_aggregators, is_fully_sharded,
@@ -261,7 +261,6 @@ class SlamPretrainingTask(FairseqTask):
         self._stashed_best: Optional[Tuple[float]] = None
         self._train_limits: Optional[Tuple[Optional[int], Optional[int]]] = None
         self._warned_stage_reset = False
-        self._started_at = time.time()  # files this run's earlier processes left are older
         self._swept_save_dir = False
 
     # -- setup ------------------------------------------------------------------------------------
@@ -711,15 +710,11 @@ class SlamPretrainingTask(FairseqTask):
     def begin_epoch(self, epoch, model) -> None:
         """At the first epoch this process trains, before it saves anything: rank 0 removes the
         unfinished checkpoint writes an earlier, killed process of this run left in the save dir
-        (``checkpoint_recovery.remove_interrupted_writes``: a whole checkpoint each)."""
+        (``checkpoint_recovery.remove_interrupted_writes_on_rank_zero``: a whole checkpoint each)."""
         super().begin_epoch(epoch, model)
-        if self._swept_save_dir:
-            return
-        self._swept_save_dir = True
-        save_dir = resolved_option(self.cfg.save_dir)
-        if save_dir is not None and rank_and_world_size()[0] == 0:
-            remove_interrupted_writes(str(save_dir), resolved_option(self.cfg.checkpoint_suffix) or "",
-                                      written_before=self._started_at)
+        if not self._swept_save_dir:
+            self._swept_save_dir = True
+            remove_interrupted_writes_on_rank_zero(self.cfg.save_dir, self.cfg.checkpoint_suffix)
 
     def begin_valid_epoch(self, epoch, model) -> None:
         """Before a validation whose stage does not log ``--best-checkpoint-metric`` (an objective

@@ -28,6 +28,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.speech_to_text import SpeechToTextTask
 from fairseq.utils import safe_getattr
 
+from slam_fairseq.checkpoint_recovery import remove_interrupted_writes_on_rank_zero
 from slam_fairseq.compat.fairseq_internals import forget_finished_aggregators
 from slam_fairseq.decoding.ctc_greedy import CTCGreedyGenerator
 from slam_fairseq.decoding.ctc_lexicon_search import (
@@ -73,6 +74,16 @@ class SlamSpeechToTextTask(SpeechToTextTask):
                             help="lexicon: added for each word written")
         parser.add_argument("--lexicon-oov-score", type=float, default=-10.0, metavar="S",
                             help="lexicon: added for each word outside the lexicon; -inf writes lexicon words only")
+
+    def begin_epoch(self, epoch, model) -> None:
+        """fairseq's; at the first epoch this process trains, rank 0 removes the unfinished
+        checkpoint writes an earlier, killed process of the run left
+        (``checkpoint_recovery.remove_interrupted_writes_on_rank_zero``)."""
+        super().begin_epoch(epoch, model)
+        if not getattr(self, "_swept_save_dir", False):
+            self._swept_save_dir = True
+            remove_interrupted_writes_on_rank_zero(getattr(self.args, "save_dir", None),
+                                                   getattr(self.args, "checkpoint_suffix", ""))
 
     def reduce_metrics(self, logging_outputs, criterion) -> None:
         """fairseq's, and its per-update leftovers in the metrics registry dropped
