@@ -724,11 +724,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         and deadline; its report becomes this one's."""
         given = argv if argv is not None else sys.argv[1:]
         command = [sys.executable, __file__, *given, "--start-part", str(index), "--data-dir", str(data_dir)]
-        if not math.isinf(deadline.remaining()):
-            command += ["--deadline-seconds", f"{deadline.remaining() + DEADLINE_MARGIN_S:.0f}"]
-        left = deadline.remaining()
-        returncode, stdout, stderr, _ = run_child(command, timeout=None if math.isinf(left) else
-                                                  max(left + DEADLINE_MARGIN_S / 2, 5.0), cwd=Path.cwd())
+        left, timeout = deadline.remaining(), None
+        if not math.isinf(left):
+            command += ["--deadline-seconds", f"{left + DEADLINE_MARGIN_S:.0f}"]
+            timeout = max(left + DEADLINE_MARGIN_S / 2, 5.0)
+        returncode, stdout, stderr, _ = run_child(command, timeout=timeout, cwd=Path.cwd())
         report.clear()
         report.update(json.loads((args.out_dir / "gpu_check.json").read_text(encoding="utf-8")))
         if returncode != 0:

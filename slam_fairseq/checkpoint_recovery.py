@@ -39,7 +39,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Set, Tuple
 
 from slam_fairseq.compat.fairseq_internals import resolved_option
 
@@ -140,11 +140,14 @@ def _legacy_load_problem(path: str, size: int) -> Optional[str]:
 #: by a random digit or two (``--keep-best-checkpoints``), so it has 4 or more decimals right before
 #: the suffix; another --checkpoint-suffix's files (``_2``, ``_run_1``) then never match
 _BEST_NAME = r"\.best_.+_-?\d+\.\d{4,}"
+#: the names of fairseq's saves but ``checkpoint_last``, between ``checkpoint`` and the suffix:
+#: epoch, epoch and update, best, best of a metric
+_SAVE_NAMES = rf"\d+|_\d+_\d+|_best|{_BEST_NAME}"
 
 
 def _candidate_pattern(suffix: str) -> re.Pattern:
     """The checkpoints fairseq's ``save_checkpoint`` writes (epoch, update, best), with ``suffix``."""
-    return re.compile(rf"checkpoint(?:\d+|_\d+_\d+|_best|{_BEST_NAME})" + re.escape(suffix) + r"\.pt")
+    return re.compile(rf"checkpoint(?:{_SAVE_NAMES})" + re.escape(suffix) + r"\.pt")
 
 
 def intact_checkpoints(save_dir: str, suffix: str = "", exclude: Optional[str] = None,
@@ -198,7 +201,7 @@ def _unfinished_write_pattern(suffix: str) -> re.Pattern:
     """Names of the whole-checkpoint temporaries of a run of ``--checkpoint-suffix suffix`` (of
     any rank's shard): fairseq's ``NAME.pt.tmp`` (``torch_persistent_save`` writes the first file
     of a save there, then renames it) and :func:`atomic_copy`'s ``.tmp-NAME.pt<random>``."""
-    name = rf"checkpoint(?:\d+|_\d+_\d+|_best|_last|{_BEST_NAME})" + re.escape(suffix) + r"(?:-shard\d+)?\.pt"
+    name = rf"checkpoint(?:{_SAVE_NAMES}|_last)" + re.escape(suffix) + r"(?:-shard\d+)?\.pt"
     return re.compile(rf"{name}\.tmp|{re.escape(TEMPORARY_PREFIX)}{name}[A-Za-z0-9_]+")
 
 
@@ -234,16 +237,22 @@ def remove_interrupted_writes(save_dir: str, suffix: str, written_before: float 
     return removed
 
 
+#: (save dir, suffix) already swept by this process
+_SWEPT: Set[Tuple[str, str]] = set()
+
+
 def remove_interrupted_writes_on_rank_zero(save_dir, suffix) -> List[str]:
     """:func:`remove_interrupted_writes` on global rank 0 (fairseq's saving rank) of a training
-    run, for its tasks' first ``begin_epoch`` (fairseq calls it only in training, before the
-    process saves anything); nothing when the save dir is not known."""
+    run, once per save dir and process: for the tasks' ``begin_epoch``, which fairseq calls only
+    in training, the first time before the process saves anything (a later sweep could meet this
+    run's own save in progress under a skewed clock). Nothing when the save dir is not known."""
     from slam_fairseq.rank_agreement import rank_and_world_size
 
-    save_dir, suffix = resolved_option(save_dir), resolved_option(suffix)
-    if save_dir is None or rank_and_world_size()[0] != 0:
+    save_dir, suffix = resolved_option(save_dir), str(resolved_option(suffix) or "")
+    if save_dir is None or rank_and_world_size()[0] != 0 or (str(save_dir), suffix) in _SWEPT:
         return []
-    return remove_interrupted_writes(str(save_dir), str(suffix or ""))
+    _SWEPT.add((str(save_dir), suffix))
+    return remove_interrupted_writes(str(save_dir), suffix)
 
 
 def atomic_copy(source: str, destination: str) -> None:
@@ -376,17 +385,14 @@ def recover_checkpoint_dir_on_rank_zero(save_dir: str, restore_file: str = DEFAU
 
     Returns the result on rank 0, None on the other ranks.
     """
-    import torch.distributed as dist
-
     from slam_fairseq.checkpoint_shards import recover_sharded_checkpoint_dir
-    from slam_fairseq.rank_agreement import gathered_from_every_rank
+    from slam_fairseq.rank_agreement import gathered_from_every_rank, rank_and_world_size
 
     if any(resolved_option(value) is None for value in (save_dir, restore_file)):
         return None  # a task config built outside fairseq's (no checkpoint settings to follow)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     result = None
     failure: Optional[BaseException] = None
-    if not distributed or dist.get_rank() == 0:
+    if rank_and_world_size()[0] == 0:
         try:
             if shards:
                 result = recover_sharded_checkpoint_dir(save_dir, restore_file, suffix, shards)

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from slam_fairseq.checkpoint_recovery import (CORRUPT_SUFFIX, DEFAULT_RESTORE_FILE, CheckpointRecoveryError,
                                               _being_written, _candidate_pattern, atomic_copy,
                                               checkpoint_problem, fairseq_restore_path, repair_best_checkpoint)
+from slam_fairseq.rank_agreement import rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,7 @@ def sharded_state_world_size(ddp_backend: Optional[str], use_sharded_state: Opti
     its own (:func:`saves_shards`), else 0 (one file per save)."""
     if not saves_shards(ddp_backend, use_sharded_state):
         return 0
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_and_world_size()[1]
 
 
 def rank_checkpoint_suffix(suffix: str, ddp_backend: Optional[str], use_sharded_state: Optional[bool],
@@ -67,9 +66,7 @@ def rank_checkpoint_suffix(suffix: str, ddp_backend: Optional[str], use_sharded_
     if not saves_shards(ddp_backend, use_sharded_state):
         return suffix
     if rank is None:
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = rank_and_world_size()[0]
     return f"{suffix}-shard{rank}"
 
 

@@ -63,6 +63,11 @@ _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE")
 _SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS")
 
 
+def _started_by_torchrun(env: Mapping[str, str]) -> bool:
+    """Whether torchrun's variables are set (they win over SLURM's when both are)."""
+    return all(key in env for key in _TORCHRUN_KEYS)
+
+
 def _given(argv: Sequence[str], flag: str, *aliases: str) -> bool:
     names = (flag, *aliases)
     return any(arg in names or arg.split("=", 1)[0] in names for arg in argv)
@@ -105,7 +110,7 @@ def _trains_on_cuda(argv: Sequence[str], cuda_available: bool) -> bool:
 
 def _rendezvous(env: Mapping[str, str]):
     """(world size, rank, local rank, tcp address) from torchrun's or SLURM's variables, or None."""
-    if all(key in env for key in _TORCHRUN_KEYS):
+    if _started_by_torchrun(env):
         world_size, rank = _int(env, "WORLD_SIZE"), _int(env, "RANK")
         local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not env.get(key)]
@@ -194,7 +199,7 @@ def distributed_args(env: Mapping[str, str], argv: Sequence[str], cuda_available
     if found is None or found[0] <= 1:
         return _single_process_fsdp_args(argv, cuda_available, cuda_device_count)
     world_size, rank, local_rank, address = found
-    slurm = not all(key in env for key in _TORCHRUN_KEYS)  # _rendezvous read SLURM's variables
+    slurm = not _started_by_torchrun(env)  # _rendezvous read SLURM's variables
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the world size {world_size} of the launch environment")
     for flag, expected in (("--distributed-world-size", world_size), ("--distributed-rank", rank)):
@@ -359,7 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     local_tasks = tasks_on_this_node(os.environ)
     if cuda and "--device-id" in added and local_tasks:
         devices = torch.cuda.device_count()
-        bound_per_task = devices == 1 and not all(key in os.environ for key in _TORCHRUN_KEYS)
+        bound_per_task = devices == 1 and not _started_by_torchrun(os.environ)
         if local_tasks > devices and not bound_per_task:
             raise SystemExit(f"slam-fairseq-train: {local_tasks} processes on this node but {devices} CUDA devices; "
                              "start one process per GPU")

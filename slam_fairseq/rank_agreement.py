@@ -27,8 +27,9 @@ def gathered_from_every_rank(value: Any) -> List[Any]:
     pickled, so keep it small."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    _, world_size = rank_and_world_size()
+    if world_size < 2:
         return [value]
-    gathered: List[Any] = [None] * dist.get_world_size()
+    gathered: List[Any] = [None] * world_size
     dist.all_gather_object(gathered, value)
     return gathered

@@ -261,7 +261,6 @@ class SlamPretrainingTask(FairseqTask):
         self._stashed_best: Optional[Tuple[float]] = None
         self._train_limits: Optional[Tuple[Optional[int], Optional[int]]] = None
         self._warned_stage_reset = False
-        self._swept_save_dir = False
 
     # -- setup ------------------------------------------------------------------------------------
     @classmethod
@@ -712,9 +711,7 @@ class SlamPretrainingTask(FairseqTask):
         unfinished checkpoint writes an earlier, killed process of this run left in the save dir
         (``checkpoint_recovery.remove_interrupted_writes_on_rank_zero``: a whole checkpoint each)."""
         super().begin_epoch(epoch, model)
-        if not self._swept_save_dir:
-            self._swept_save_dir = True
-            remove_interrupted_writes_on_rank_zero(self.cfg.save_dir, self.cfg.checkpoint_suffix)
+        remove_interrupted_writes_on_rank_zero(self.cfg.save_dir, self.cfg.checkpoint_suffix)
 
     def begin_valid_epoch(self, epoch, model) -> None:
         """Before a validation whose stage does not log ``--best-checkpoint-metric`` (an objective

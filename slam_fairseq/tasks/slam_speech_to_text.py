@@ -80,10 +80,8 @@ class SlamSpeechToTextTask(SpeechToTextTask):
         checkpoint writes an earlier, killed process of the run left
         (``checkpoint_recovery.remove_interrupted_writes_on_rank_zero``)."""
         super().begin_epoch(epoch, model)
-        if not getattr(self, "_swept_save_dir", False):
-            self._swept_save_dir = True
-            remove_interrupted_writes_on_rank_zero(getattr(self.args, "save_dir", None),
-                                                   getattr(self.args, "checkpoint_suffix", ""))
+        remove_interrupted_writes_on_rank_zero(getattr(self.args, "save_dir", None),
+                                               getattr(self.args, "checkpoint_suffix", ""))
 
     def reduce_metrics(self, logging_outputs, criterion) -> None:
         """fairseq's, and its per-update leftovers in the metrics registry dropped

@@ -55,6 +55,11 @@ CACHED_CYCLES = 1024
 LEFT_OUT_KEY = "left_out_modalities"
 
 
+def _key_parts(key: StepKey) -> Tuple[int, int, Tuple[str, ...]]:
+    """(epoch, step, modalities left out) of a step's key."""
+    return int(key[0]), int(key[1]), tuple(key[2]) if len(key) > 2 else ()
+
+
 def make_modality_batches(dataset: PretrainingModalityDataset, max_tokens: Optional[int],
                           max_sentences: Optional[int], max_positions: Tuple[int, int],
                           seed: int, allow_empty: bool = False) -> List[np.ndarray]:
@@ -176,8 +181,8 @@ class RoundRobinBatchDataset(FairseqDataset):
         order = orders.get(cycle)
         if order is None:
             rng = masking_rng(self.seed, 1, cycle, BATCH_CYCLE_ORDER, extra=[MODALITIES.index(name)])
-            order = orders[cycle] = rng.permutation(len(self.batches[name]))
             count = len(self.batches[name])
+            order = orders[cycle] = rng.permutation(count)
             if len(orders) > min(-(-self.num_steps // count) + 2, CACHED_CYCLES):
                 orders.popitem(last=False)
         else:
@@ -215,8 +220,7 @@ class RoundRobinBatchDataset(FairseqDataset):
         """Items of every modality at this step; examples that raise :class:`BadRowError` are
         left out and listed under ``BAD_ROWS_KEY`` as (manifest, row id, message); the
         modalities the key leaves out are not read, and listed under ``LEFT_OUT_KEY``."""
-        epoch, step = key[:2]
-        left_out = tuple(key[2]) if len(key) > 2 else ()
+        epoch, step, left_out = _key_parts(key)
         items: Dict[str, List[Any]] = {}
         bad_rows = []
         for name, indices in self.step_indices(epoch, step).items():
@@ -249,7 +253,7 @@ class RoundRobinBatchDataset(FairseqDataset):
         if bad_rows:
             batch[BAD_ROWS_KEY] = bad_rows
         if left_out:
-            batch[LEFT_OUT_KEY] = tuple(left_out)
+            batch[LEFT_OUT_KEY] = left_out
         return batch
 
     def set_epoch(self, epoch: int) -> None:
@@ -262,8 +266,7 @@ class RoundRobinBatchDataset(FairseqDataset):
         return True
 
     def num_tokens(self, key: StepKey) -> int:
-        epoch, step = key[:2]
-        left_out = key[2] if len(key) > 2 else ()
+        epoch, step, left_out = _key_parts(key)
         return int(sum(self.datasets[name].sizes[indices].sum()
                        for name, indices in self.step_indices(epoch, step).items() if name not in left_out))
 
@@ -306,7 +309,7 @@ class RoundRobinEpochBatchIterator(iterators.EpochBatchIterator):
         place of a missing one: it must hold what the other ranks' batches hold at any stage)."""
         if len(self.frozen_batches) == 0:
             raise RuntimeError("no batches: the epoch is empty")
-        epoch, step = self.frozen_batches[0][0][:2]
+        epoch, step, _ = _key_parts(self.frozen_batches[0][0])
         return self.collate_fn([self.dataset[(epoch, step)]])
 
     def layout(self) -> Dict[str, Any]:
